@@ -1,0 +1,3 @@
+"""distributed_asac: bias mitigation with Attribute-Specific Adversarial Counterfactuals (ASACs)."""
+
+__version__ = "0.1.0"
