@@ -1,0 +1,74 @@
+"""ASACs: adversarial images that fool the protected classifier C, in pixel space [0, 1] (METHOD.md, ASACs).
+
+An attack is one registered function `(classifier, x, a, eps_list, **options) -> x_adv` where
+- classifier maps images [B, 3, H, W] in [0, 1] to protected logits [B, 2] (C, in eval mode);
+- x [k, 3, H, W] are the clean images and a [k] their true protected labels;
+- eps_list are the magnitudes E (ε = 0 included by the caller);
+- x_adv [|E|, k, 3, H, W] holds the ASAC of image i at magnitude eps_list[j] in x_adv[j, i].
+
+Only the input gets a gradient (`torch.autograd.grad` w.r.t. x): no parameter's .grad is touched, and
+callers run C in eval mode so batch-norm running statistics stay as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .registry import Registry
+
+Classifier = Callable[[torch.Tensor], torch.Tensor]
+Attack = Callable[..., torch.Tensor]
+ATTACKS: Registry[Attack] = Registry("attack")
+
+
+def _input_gradient(classifier: Classifier, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """∇ₓ Σ CE(C(x), a): the sum keeps each image's gradient independent of the batch size."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = F.cross_entropy(classifier(x), a, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x)
+    return grad
+
+
+@ATTACKS.register("fgsm")
+def fgsm(classifier: Classifier, x: torch.Tensor, a: torch.Tensor, eps_list: Sequence[float], **_) -> torch.Tensor:
+    """x' = clip₀¹(x + ε · sign(∇ₓ CE(C(x), a))) for every ε, from ONE gradient (it does not depend on ε)."""
+    direction = _input_gradient(classifier, x, a).sign()  # [k, 3, H, W]
+    eps = torch.as_tensor(eps_list, dtype=x.dtype, device=x.device).view(-1, 1, 1, 1, 1)  # [|E|, 1, 1, 1, 1]
+    return (x.unsqueeze(0) + eps * direction.unsqueeze(0)).clamp_(0.0, 1.0)
+
+
+@ATTACKS.register("pgd")
+def pgd(
+    classifier: Classifier,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    eps_list: Sequence[float],
+    steps: int = 10,
+    **_,
+) -> torch.Tensor:
+    """L∞ PGD per ε: uniform random start in [−ε, ε], `steps` signed steps of 2.5·ε/steps, projection onto
+    the ε-ball and [0, 1] after each step.
+
+    All magnitudes run together as one batch of |E|·k images per step (each image carries its own ε), which
+    is the same computation as one PGD per ε in a fraction of the calls.
+    """
+    n_eps, k = len(eps_list), x.shape[0]
+    eps = torch.as_tensor(eps_list, dtype=x.dtype, device=x.device).repeat_interleave(k).view(-1, 1, 1, 1)  # [|E|·k, 1, 1, 1]
+    clean = x.repeat(n_eps, 1, 1, 1)  # [|E|·k, 3, H, W], row j·k + i is image i at eps_list[j]
+    labels = a.repeat(n_eps)
+    step_size = 2.5 * eps / steps
+    adv = (clean + (torch.rand_like(clean) * 2 - 1) * eps).clamp_(0.0, 1.0)
+    for _ in range(steps):
+        grad = _input_gradient(classifier, adv, labels)
+        adv = adv + step_size * grad.sign()
+        adv = torch.min(torch.max(adv, clean - eps), clean + eps).clamp_(0.0, 1.0)
+    return adv.view(n_eps, k, *x.shape[1:])
+
+
+def magnitudes(eps: Sequence[float]) -> list[float]:
+    """E = {0} ∪ eps, sorted ascending, without duplicates: ε = 0 (the clean image) is always included."""
+    return sorted({0.0, *map(float, eps)})

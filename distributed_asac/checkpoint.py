@@ -1,0 +1,49 @@
+"""Model checkpoints as safetensors with the resolved config beside them (no pickle on load)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import Config, config_from_dict, save_config
+from .errors import UserError
+from .models import TwoHeadModel, create_model
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.yaml"
+
+
+def save_checkpoint(state_dict: dict, cfg: Config, folder: Path) -> None:
+    """Write `folder/model.safetensors` and `folder/config.yaml`, each atomically (temp file + rename), so a
+    crash never leaves a half-written checkpoint where a good one stood."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().cpu().contiguous() for name, t in state_dict.items()}
+    tmp = folder / f".{WEIGHTS}.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, folder / WEIGHTS)
+    tmp = folder / f".{CONFIG}.tmp"
+    save_config(cfg, tmp)
+    os.replace(tmp, folder / CONFIG)
+
+
+def load_checkpoint(folder: str | Path) -> tuple[TwoHeadModel, Config]:
+    """Rebuild the model a checkpoint folder describes and load its weights (strictly)."""
+    folder = Path(folder)
+    if not (folder / WEIGHTS).is_file() or not (folder / CONFIG).is_file():
+        raise UserError(
+            f"base_checkpoint {str(folder)!r} is not a checkpoint folder (it needs {WEIGHTS} and {CONFIG}, "
+            "e.g. runs/<experiment>/<run>/probe, written by stages 1–2)"
+        )
+    cfg = config_from_dict(yaml.safe_load((folder / CONFIG).read_text()))
+    model = create_model(cfg.model.backbone)
+    model.load_state_dict(load_file(str(folder / WEIGHTS)))
+    return model, cfg
+
+
+def cpu_state_dict(model: nn.Module) -> dict:
+    """A detached CPU copy of the weights (for keeping the best epoch in memory)."""
+    return {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}

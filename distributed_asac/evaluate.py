@@ -1,0 +1,117 @@
+"""Evaluation that counts every test image exactly once across ranks (METHOD.md, Distributed semantics).
+
+Rank r evaluates images r, r + W, r + 2W, ... (no padding, no duplicates); per-group counts are summed
+across ranks, so the metrics equal a single-process evaluation of the same weights. Per-image predictions
+are gathered to the main process only for `predictions.csv`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .metrics import fairness_report, group_counts
+
+
+@dataclass
+class Evaluation:
+    counts: torch.Tensor  # int64 [2, 2, 2]: counts[y, a, ŷ] of the target head, summed over ranks
+    protected_correct: int  # images whose protected head (C) predicts a correctly
+    flips: Optional[int] = None  # images whose ŷ changes on their counterfactual twin (generated data only)
+    rows: list[tuple] = field(default_factory=list)  # main process: (image_id, y, a, ŷ, score[, ŷ_twin])
+
+    def report(self) -> dict[str, object]:
+        """fairness_report plus the probe's accuracy and the counterfactual flip rate."""
+        n = int(self.counts.sum())
+        report = fairness_report(self.counts)
+        report["protected_ACC"] = 100.0 * self.protected_correct / n if n else math.nan
+        if self.flips is not None:
+            report["CF_flip_rate"] = self.flips / n if n else math.nan
+        return report
+
+
+@torch.no_grad()
+def evaluate(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    twins: Optional[Dataset] = None,
+    num_workers: int = 0,
+) -> Evaluation:
+    """Run `model` (unwrapped, eval mode) on this rank's share of `dataset` and reduce across ranks.
+
+    Every rank runs the same number of forward calls (a rank with one image fewer runs one discarded
+    forward), because a ZeRO-3 model gathers its parameters collectively in each forward.
+    """
+    was_training = model.training
+    model.eval()
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    indices = list(range(rank, len(dataset), world))
+    n_batches = math.ceil(math.ceil(len(dataset) / world) / batch_size)
+
+    def loader(ds: Dataset) -> DataLoader:
+        return DataLoader(Subset(ds, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+    counts = torch.zeros(2, 2, 2, dtype=torch.long, device=device)
+    protected_correct = torch.zeros((), dtype=torch.long, device=device)
+    flips = torch.zeros((), dtype=torch.long, device=device)
+    rows: list[tuple] = []
+    image_ids = getattr(dataset, "image_ids", None)
+    batches = zip(loader(dataset), loader(twins)) if twins is not None else ((b, None) for b in loader(dataset))
+    done = 0
+    for batch, twin_batch in batches:
+        x, y, a, idx = (t.to(device) for t in batch)
+        target_logits, protected_logits = model(x)  # [b, 2] each
+        y_hat = target_logits.argmax(1)
+        counts += group_counts(y, a, y_hat)
+        protected_correct += (protected_logits.argmax(1) == a).sum()
+        score = target_logits.softmax(1)[:, 1]
+        columns = [idx.tolist(), y.tolist(), a.tolist(), y_hat.tolist(), score.tolist()]
+        if twin_batch is not None:
+            twin_hat = model(twin_batch[0].to(device))[0].argmax(1)
+            flips += (twin_hat != y_hat).sum()
+            columns.append(twin_hat.tolist())
+        rows += [(image_ids[r[0]] if image_ids else r[0], *r[1:]) for r in zip(*columns)]
+        done += 1
+    for _ in range(done, n_batches):  # keep forward counts equal across ranks (see docstring)
+        model(dataset[0][0].unsqueeze(0).to(device))
+        if twins is not None:
+            model(dataset[0][0].unsqueeze(0).to(device))
+    model.train(was_training)
+
+    counts = accelerator.reduce(counts, reduction="sum")
+    protected_correct = accelerator.reduce(protected_correct, reduction="sum")
+    flips = accelerator.reduce(flips, reduction="sum")
+    all_rows = gather_object(rows) if world > 1 else rows
+    return Evaluation(
+        counts=counts.cpu(),
+        protected_correct=int(protected_correct),
+        flips=int(flips) if twins is not None else None,
+        rows=sorted(all_rows, key=lambda r: str(r[0])) if accelerator.is_main_process else [],
+    )
+
+
+def write_results(folder: Path, model_name: str, evaluation: Evaluation) -> tuple[Path, Path]:
+    """`results.json` ({model_name: report}) and `predictions.csv` (one row per test image) in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    results = folder / "results.json"
+    results.write_text(json.dumps({model_name: evaluation.report()}, indent=2, allow_nan=True))
+    predictions = folder / "predictions.csv"
+    with predictions.open("w", newline="") as f:
+        writer = csv.writer(f)
+        header = ["image_id", "y", "a", "y_hat", "score"]
+        if evaluation.flips is not None:
+            header.append("y_hat_twin")
+        writer.writerow(header)
+        writer.writerows(evaluation.rows)
+    return results, predictions

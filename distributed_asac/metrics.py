@@ -1,0 +1,78 @@
+"""Fairness and accuracy from per-group counts (METHOD.md, Metrics; paper supplement A.1).
+
+Everything is computed from one integer tensor `counts[y, a, ŷ]` of shape [2, 2, 2]: the number of test
+images with target label y, protected label a and prediction ŷ. Counts add across ranks and batches, so a
+distributed evaluation sums them (never averages per-rank rates) and gets the exact single-process numbers.
+
+A rate over an empty group is undefined: it is NaN, and `empty_groups` says which group was empty.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def group_counts(y: torch.Tensor, a: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
+    """counts[y, a, ŷ] (int64 [2, 2, 2]) from three binary label vectors of equal length."""
+    cell = (y.long() * 4 + a.long() * 2 + y_hat.long()).flatten()
+    return torch.bincount(cell, minlength=8).view(2, 2, 2)
+
+
+def _rate(numerator: torch.Tensor | int, denominator: torch.Tensor | int) -> float:
+    return float(numerator) / float(denominator) if int(denominator) > 0 else math.nan
+
+
+def positive_rate(counts: torch.Tensor, *, y: int | None, a: int) -> float:
+    """P(Ŷ = 1 | Y = y, A = a), or P(Ŷ = 1 | A = a) when y is None."""
+    cells = counts[:, a] if y is None else counts[y, a]  # [..., ŷ]
+    return _rate(cells[..., 1].sum(), cells.sum())
+
+
+def deo(counts: torch.Tensor) -> float:
+    """Difference in Equalized Odds: ½ Σ_{y∈{0,1}} |P(Ŷ=1 | Y=y, A=0) − P(Ŷ=1 | Y=y, A=1)|.
+
+    The mean of the false-positive-rate gap (y = 0) and the true-positive-rate gap (y = 1); fairlearn's
+    `equalized_odds_difference(..., agg="mean")` gives the same number.
+    """
+    return 0.5 * sum(abs(positive_rate(counts, y=y, a=0) - positive_rate(counts, y=y, a=1)) for y in (0, 1))
+
+
+def deop(counts: torch.Tensor) -> float:
+    """Difference in Equalized Opportunity: |P(Ŷ=1 | Y=1, A=0) − P(Ŷ=1 | Y=1, A=1)| (the TPR gap)."""
+    return abs(positive_rate(counts, y=1, a=0) - positive_rate(counts, y=1, a=1))
+
+
+def ddp(counts: torch.Tensor) -> float:
+    """Difference in Demographic Parity: |P(Ŷ=1 | A=0) − P(Ŷ=1 | A=1)|."""
+    return abs(positive_rate(counts, y=None, a=0) - positive_rate(counts, y=None, a=1))
+
+
+def accuracy(counts: torch.Tensor) -> float:
+    """ACC in percent: 100 · (Σ_a counts[0, a, 0] + counts[1, a, 1]) / Σ counts."""
+    correct = counts[0, :, 0].sum() + counts[1, :, 1].sum()
+    return 100.0 * _rate(correct, counts.sum())
+
+
+def empty_groups(counts: torch.Tensor) -> list[str]:
+    """Names of the (Y, A) groups with no image, e.g. ['Y=1,A=0']; their rates are NaN."""
+    return [f"Y={y},A={a}" for y in (0, 1) for a in (0, 1) if int(counts[y, a].sum()) == 0]
+
+
+def fairness_report(counts: torch.Tensor) -> dict[str, object]:
+    """DEO, DEOp, DDP, ACC plus per-group TPR, FPR, positive rate and size, as a JSON-ready dict."""
+    report: dict[str, object] = {
+        "DEO": deo(counts),
+        "DEOp": deop(counts),
+        "DDP": ddp(counts),
+        "ACC": accuracy(counts),
+        "n": int(counts.sum()),
+    }
+    for a in (0, 1):
+        report[f"TPR_a{a}"] = positive_rate(counts, y=1, a=a)
+        report[f"FPR_a{a}"] = positive_rate(counts, y=0, a=a)
+        report[f"positive_rate_a{a}"] = positive_rate(counts, y=None, a=a)
+        report[f"n_a{a}"] = int(counts[:, a].sum())
+    report["empty_groups"] = empty_groups(counts)
+    return report

@@ -1,0 +1,123 @@
+"""One backbone θ with two linear heads: ρ (target, M = M(θ, ρ)) and φ (protected, C = C(θ, φ)).
+
+Inputs are pixel-space images in [0, 1]; normalisation is the model's first layer, so attacks and ε live in
+pixel space (METHOD.md, Models). Backbones sit in a registry: adding one is one decorated function that
+returns (feature extractor, feature dimension, normalisation mean, normalisation std).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torchvision
+from torch import nn
+
+from .errors import UserError
+from .registry import Registry
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+BackboneFactory = Callable[[Optional[str]], tuple[nn.Module, int, tuple, tuple]]
+BACKBONES: Registry[BackboneFactory] = Registry("backbone")
+
+
+class TwoHeadModel(nn.Module):
+    """x [B, 3, H, W] in [0, 1] → (target logits [B, 2], protected logits [B, 2])."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, mean: tuple, std: tuple):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.backbone = backbone
+        self.target_head = nn.Linear(feature_dim, 2)  # ρ
+        self.protected_head = nn.Linear(feature_dim, 2)  # φ
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.backbone((x - self.mean) / self.std)  # [B, feature_dim]
+        return self.target_head(features), self.protected_head(features)
+
+    def target_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """M(θ, ρ)(x)."""
+        return self(x)[0]
+
+    def protected_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """C(θ, φ)(x)."""
+        return self(x)[1]
+
+
+def create_model(backbone: str, weights: Optional[str] = None) -> TwoHeadModel:
+    features, dim, mean, std = BACKBONES.get(backbone)(weights)
+    return TwoHeadModel(features, dim, mean, std)
+
+
+def set_trainable(model: nn.Module, stage: str) -> None:
+    """Which parameters a stage trains: `base` and `finetune` train θ and ρ; `probe` trains φ only.
+
+    Frozen parameters get requires_grad=False, so DDP and DeepSpeed skip them instead of waiting for
+    gradients that never come.
+    """
+    if stage not in ("base", "probe", "finetune"):
+        raise ValueError(f"unknown stage {stage!r}")
+    train_probe_head = stage == "probe"
+    for name, param in model.named_parameters():
+        param.requires_grad = name.startswith("protected_head.") == train_probe_head
+
+
+def _load_local_weights(model: nn.Module, weights: Optional[str], name: str) -> None:
+    """Load a torchvision state dict from a local file into `model` before its classifier is replaced."""
+    if weights is None:
+        return
+    path = Path(weights)
+    if not path.is_file():
+        raise UserError(f"model.weights file {weights!r} not found (give a local torchvision state dict for {name})")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:  # missing, unexpected or wrongly shaped keys
+        raise UserError(
+            f"model.weights {weights!r} does not match {name} ({str(err).splitlines()[0]}); "
+            f"give a torchvision {name} state dict"
+        ) from None
+
+
+def _torchvision(name: str, classifier_attr: str) -> BackboneFactory:
+    def factory(weights: Optional[str]) -> tuple[nn.Module, int, tuple, tuple]:
+        net = getattr(torchvision.models, name)(weights=None)
+        _load_local_weights(net, weights, name)
+        dim = getattr(net, classifier_attr).in_features
+        setattr(net, classifier_attr, nn.Identity())  # the two heads replace the final layer
+        return net, dim, IMAGENET_MEAN, IMAGENET_STD
+
+    return factory
+
+
+for _name, _attr in (("resnet18", "fc"), ("resnet50", "fc"), ("densenet121", "classifier"), ("densenet169", "classifier")):
+    BACKBONES.register(_name)(_torchvision(_name, _attr))
+
+
+@BACKBONES.register("small_cnn")
+def small_cnn(weights: Optional[str]) -> tuple[nn.Module, int, tuple, tuple]:
+    """Four conv-BN-ReLU blocks (≈0.1M parameters) for tests and the CPU demo; has batch norm on purpose."""
+    if weights is not None:
+        raise UserError("model.weights is not supported for small_cnn (it has no pretrained weights)")
+    widths = (16, 32, 64, 128)
+    layers: list[nn.Module] = []
+    in_ch = 3
+    for width in widths:
+        layers += [
+            nn.Conv2d(in_ch, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        ]
+        in_ch = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers), widths[-1], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

@@ -1,0 +1,133 @@
+"""The three stages end to end, each one MLflow run with its results, predictions and checkpoint.
+
+Run folder: `<output_dir>/<experiment>/<timestamp>/` holding `base/`, `probe/` (stages 1–2) and one folder
+per fine-tuned model, each with `results.json`, `predictions.csv`, `model.safetensors` and `config.yaml`,
+plus the run's merged `results.json` and `table.md`. A new folder per invocation: a failed or repeated run
+never overwrites a finished one.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import Config, save_config
+from .data.build import Splits, build_splits
+from .errors import UserError
+from .evaluate import evaluate, write_results
+from .finetune import finetune, model_name
+from .models import TwoHeadModel, create_model
+from .report import format_table
+from .runtime import make_accelerator, seed_everything
+from .stages import train_stage
+from .tracking import Tracker
+
+
+def new_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
+    """A fresh `<output_dir>/<experiment>/<timestamp>` chosen by the main process and shared with all ranks."""
+    name = [time.strftime("%Y%m%d-%H%M%S")]
+    broadcast_object_list(name)
+    base = Path(cfg.output_dir) / cfg.experiment
+    run_dir, suffix = base / name[0], 1
+    while accelerator.is_main_process and run_dir.exists():  # two runs started within one second
+        suffix += 1
+        run_dir = base / f"{name[0]}-{suffix}"
+    path = [str(run_dir)]
+    broadcast_object_list(path)
+    run_dir = Path(path[0])
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True)
+        save_config(cfg, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def finish_model(name: str, model: TwoHeadModel, cfg: Config, splits: Splits, accelerator: Accelerator,
+                 tracker: Tracker, folder: Path) -> dict[str, object]:
+    """Evaluate on test (and twins), write results.json, predictions.csv and the checkpoint, log them all."""
+    evaluation = evaluate(accelerator, model, splits.test, cfg.finetune.batch_size, twins=splits.twins,
+                          num_workers=cfg.data.num_workers)
+    report = evaluation.report()
+    tracker.log_metrics({f"test_{k}": v for k, v in report.items()})
+    if accelerator.is_main_process:
+        files = write_results(folder, name, evaluation)
+        save_checkpoint(model.state_dict(), cfg, folder)
+        for path in (*files, folder / "model.safetensors", folder / "config.yaml"):
+            tracker.log_artifact(path)
+    accelerator.wait_for_everyone()
+    return report
+
+
+def train_base_and_probe(cfg: Config, splits: Splits, accelerator: Accelerator, run_dir: Path,
+                         tags: dict[str, str]) -> tuple[TwoHeadModel, dict[str, dict]]:
+    """Stages 1 and 2 from scratch; the model of `run_dir/probe` is the base checkpoint for stage 3."""
+    model = create_model(cfg.model.backbone, cfg.model.weights).to(accelerator.device)
+    results = {}
+    for stage in ("base", "probe"):
+        with Tracker(cfg, stage, accelerator.is_main_process, {**tags, "stage": stage}) as tracker:
+            model = train_stage(stage, model, splits, cfg, accelerator, tracker)
+            results[stage] = finish_model(stage, model, cfg, splits, accelerator, tracker, run_dir / stage)
+    return model, results
+
+
+def load_base(cfg: Config) -> TwoHeadModel:
+    """The model of `cfg.base_checkpoint`, checked to match the config's backbone."""
+    model, saved = load_checkpoint(cfg.base_checkpoint)
+    if saved.model.backbone != cfg.model.backbone:
+        raise UserError(
+            f"base_checkpoint {cfg.base_checkpoint!r} holds a {saved.model.backbone} but model.backbone is "
+            f"{cfg.model.backbone!r}; set model.backbone={saved.model.backbone} or train a new base"
+        )
+    return model
+
+
+def run_finetune(cfg: Config, base: TwoHeadModel, splits: Splits, accelerator: Accelerator, run_dir: Path,
+                 generator: torch.Generator, tags: dict[str, str]) -> tuple[str, dict[str, object]]:
+    """Stage 3 on a copy of `base` per `cfg.finetune`, evaluated and logged as its own MLflow run."""
+    name = model_name(cfg.finetune)
+    model = copy.deepcopy(base).to(accelerator.device)
+    with Tracker(cfg, name, accelerator.is_main_process, {**tags, "stage": "finetune", "mode": cfg.finetune.mode}) as tracker:
+        model = finetune(model, splits.train, splits.valid, cfg, accelerator, tracker, generator)
+        report = finish_model(name, model, cfg, splits, accelerator, tracker, run_dir / name)
+    return name, report
+
+
+def write_summary(run_dir: Path, results: dict[str, dict], cfg: Config) -> str:
+    """The run's merged results.json and table.md; returns the table."""
+    table = format_table(results, cfg.data.target)
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True))
+    (run_dir / "table.md").write_text(table + "\n")
+    return table
+
+
+def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optional[Accelerator] = None) -> dict:
+    """Stages 1–2 (or the base checkpoint), then stage 3 once per variant of `cfg.finetune` (default: the
+    config's own), all on one Accelerator. Returns {model name: test report}."""
+    accelerator = accelerator or make_accelerator()
+    generator = seed_everything(cfg.seed, accelerator)
+    splits = build_splits(cfg.data, accelerator)
+    run_dir = new_run_dir(cfg, accelerator)
+    tags = {"run_dir": str(run_dir)}
+    if cfg.base_checkpoint:
+        base, results = load_base(cfg), {}
+    else:
+        base, results = train_base_and_probe(cfg, splits, accelerator, run_dir, tags)
+    for overrides in variants or [{}]:
+        variant = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, **overrides))
+        if variant.finetune.mode == "base" and "base" in results:
+            continue  # the base row is already evaluated
+        name, report = run_finetune(variant, base, splits, accelerator, run_dir, generator, tags)
+        results[name] = report
+    if accelerator.is_main_process:
+        table = write_summary(run_dir, results, cfg)
+        print(f"\n{table}\n\nresults: {run_dir}/results.json  (MLflow experiment {cfg.experiment!r})")
+    return results

@@ -1,0 +1,46 @@
+"""The Accelerator, seeding and optimizers: the infrastructure every stage shares."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+
+from .config import Config
+from .errors import UserError
+
+
+def make_accelerator() -> Accelerator:
+    """An Accelerator for this process, refusing the silent CPU launch traps (see launch/README.md).
+
+    On a machine without CUDA the process group must use gloo: DeepSpeed otherwise starts with a backend
+    that Accelerate does not see, and its batch-size check fails.
+    """
+    handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+    accelerator = Accelerator(kwargs_handlers=handlers)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes != launched:
+        raise UserError(
+            f"{launched} processes were launched but Accelerate sees {accelerator.num_processes}: each would train "
+            "alone. On CPU set ACCELERATE_USE_CPU=true for DDP (or use the DeepSpeed config); see launch/README.md"
+        )
+    return accelerator
+
+
+def is_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def seed_everything(seed: int, accelerator: Accelerator) -> torch.Generator:
+    """Seed python, numpy and torch (per rank, so ranks draw different PGD starts) and return a CPU generator
+    for curriculum shuffles that is the same on every rank."""
+    set_seed(seed + accelerator.process_index)
+    return torch.Generator().manual_seed(seed)
+
+
+def adam(params, lr: float, cfg: Config) -> torch.optim.Adam:
+    """Adam with the paper's settings (METHOD.md, Defaults) over the parameters that require grad."""
+    trainable = [p for p in params if p.requires_grad]
+    return torch.optim.Adam(trainable, lr=lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)

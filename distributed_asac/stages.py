@@ -1,0 +1,65 @@
+"""Stage 1 (base: train θ and ρ on the target label) and stage 2 (probe: freeze θ, train φ on the
+protected label), with model selection on the valid split (METHOD.md, The three stages)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .checkpoint import cpu_state_dict
+from .config import Config
+from .data.build import Splits
+from .evaluate import evaluate
+from .models import TwoHeadModel, set_trainable
+from .runtime import adam
+from .tracking import Tracker
+
+# stage → (output of TwoHeadModel.forward it trains, the valid metric that selects the best epoch)
+STAGES = {"base": (0, "ACC"), "probe": (1, "protected_ACC")}
+
+
+def train_stage(
+    stage: str, model: TwoHeadModel, splits: Splits, cfg: Config, accelerator: Accelerator, tracker: Tracker
+) -> TwoHeadModel:
+    """Train `model` for stage `base` or `probe` and return it holding the best epoch's weights (by the
+    stage's valid metric). The probe runs the backbone in eval mode: a frozen θ keeps its batch-norm
+    statistics too, so C is a linear probe on M's features."""
+    head, select_on = STAGES[stage]
+    stage_cfg = cfg.base if stage == "base" else cfg.probe
+    set_trainable(model, stage)
+    optimizer = adam(model.parameters(), stage_cfg.lr, cfg)
+    loader = DataLoader(splits.train, batch_size=stage_cfg.batch_size, shuffle=True, drop_last=True,
+                        num_workers=cfg.data.num_workers)
+    wrapped, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    best_score, best_state = -1.0, cpu_state_dict(model)
+    for epoch in range(stage_cfg.epochs):
+        wrapped.train(stage == "base")
+        loss_sum = torch.zeros((), device=accelerator.device)
+        seen = torch.zeros((), device=accelerator.device)
+        bar = tqdm(loader, desc=f"{stage} epoch {epoch + 1}/{stage_cfg.epochs}", leave=False,
+                   disable=not accelerator.is_main_process)
+        for x, y, a, _ in bar:
+            labels = y if stage == "base" else a
+            loss = F.cross_entropy(wrapped(x)[head], labels)  # logits [b, 2]
+            optimizer.zero_grad()
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
+            optimizer.step()
+            loss_sum += loss.detach() * len(labels)
+            seen += len(labels)
+        train_loss = accelerator.reduce(loss_sum, "sum") / accelerator.reduce(seen, "sum").clamp(min=1)
+        valid = evaluate(accelerator, model, splits.valid, stage_cfg.batch_size, num_workers=cfg.data.num_workers)
+        report = valid.report()
+        tracker.log_metrics({f"{stage}/train_loss": float(train_loss),
+                             **{f"{stage}/valid_{k}": v for k, v in report.items()}}, step=epoch)
+        if accelerator.is_main_process:
+            tqdm.write(f"{stage} epoch {epoch + 1}: train loss {float(train_loss):.4f}, "
+                       f"valid {select_on} {report[select_on]:.2f}")
+        if report[select_on] > best_score:
+            best_score, best_state = report[select_on], cpu_state_dict(model)
+    accelerator.free_memory()  # drop the accelerator's references so the next stage prepares afresh
+    model.load_state_dict(best_state)
+    return model

@@ -1,0 +1,139 @@
+"""FGSM and PGD against direct computations; attacks and scoring leave the models untouched."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distributed_asac.attacks import ATTACKS, fgsm, magnitudes, pgd
+from distributed_asac.config import FinetuneConfig
+from distributed_asac.finetune import MODES, Diagnostics, StepContext
+from distributed_asac.models import create_model
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return create_model("small_cnn").eval()
+
+
+def _batch(k=6, size=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(k, 3, size, size, generator=g), torch.randint(0, 2, (k,), generator=g)
+
+
+def test_magnitudes_always_include_zero():
+    assert magnitudes([0.01, 0.001]) == [0.0, 0.001, 0.01]
+    assert magnitudes([0.0, 0.01, 0.01]) == [0.0, 0.01]
+
+
+def test_fgsm_equals_direct_computation():
+    model = _model()
+    x, a = _batch()
+    eps = [0.0, 0.003, 0.1]
+    adv = fgsm(model.protected_logits, x, a, eps)
+    assert adv.shape == (3, *x.shape)
+    xg = x.clone().requires_grad_(True)
+    F.cross_entropy(model.protected_logits(xg), a).backward()  # mean reduction: same sign
+    for j, e in enumerate(eps):
+        expected = (x + e * xg.grad.sign()).clamp(0, 1)
+        torch.testing.assert_close(adv[j], expected, rtol=0, atol=1e-7)
+    assert torch.equal(adv[0], x)  # ε = 0 is the clean image
+
+
+def test_fgsm_shared_gradient_equals_one_attack_per_eps():
+    model = _model()
+    x, a = _batch()
+    eps = [0.0, 0.001, 0.01, 0.05]
+    together = fgsm(model.protected_logits, x, a, eps)
+    for j, e in enumerate(eps):
+        torch.testing.assert_close(together[j], fgsm(model.protected_logits, x, a, [e])[0], rtol=0, atol=0)
+
+
+def test_pgd_stays_in_ball_and_box():
+    model = _model()
+    x, a = _batch()
+    x[0] = 0.0  # pixels at the box edges exercise the [0, 1] projection
+    x[1] = 1.0
+    eps = [0.0, 0.01, 0.2]
+    adv = pgd(model.protected_logits, x, a, eps, steps=5)
+    assert torch.equal(adv[0], x)
+    for j, e in enumerate(eps):
+        assert (adv[j] - x).abs().max() <= e + 1e-6
+        assert adv[j].min() >= 0 and adv[j].max() <= 1
+    assert (adv[2] - x).abs().max() > 0.1  # it moved
+
+
+def test_pgd_matches_per_eps_runs_with_the_same_random_start():
+    model = _model()
+    x, a = _batch()
+    torch.manual_seed(7)
+    together = pgd(model.protected_logits, x, a, [0.02, 0.05], steps=3)
+    # Rebuild the same starts: pgd draws one uniform tensor for all |E|·k images.
+    torch.manual_seed(7)
+    noise = torch.rand(2 * x.shape[0], *x.shape[1:])
+    for j, e in enumerate([0.02, 0.05]):
+        adv = (x + (noise[j * 6:(j + 1) * 6] * 2 - 1) * e).clamp(0, 1)
+        for _ in range(3):
+            adv.requires_grad_(True)
+            (g,) = torch.autograd.grad(F.cross_entropy(model.protected_logits(adv), a, reduction="sum"), adv)
+            adv = adv.detach() + 2.5 * e / 3 * g.sign()
+            adv = torch.min(torch.max(adv, x - e), x + e).clamp(0, 1)
+        torch.testing.assert_close(together[j], adv, rtol=0, atol=1e-6)
+
+
+def _trained_probe():
+    """A small CNN whose protected head learned a pixel cue (red vs blue), plus held-out data."""
+    torch.manual_seed(0)
+    model = create_model("small_cnn")
+    g = torch.Generator().manual_seed(0)
+
+    def data(n):
+        a = torch.randint(0, 2, (n,), generator=g)
+        x = torch.rand(n, 3, 16, 16, generator=g) * 0.6
+        x[:, 0] += 0.1 * a.view(-1, 1, 1)
+        x[:, 2] += 0.1 * (1 - a).view(-1, 1, 1)
+        return x, a
+
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(100):
+        x, a = data(64)
+        loss = F.cross_entropy(model.protected_logits(x), a)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), data(256)
+
+
+def test_pgd_fools_a_trained_probe_more_than_fgsm():
+    model, (x, a) = _trained_probe()
+    clean_acc = (model.protected_logits(x).argmax(1) == a).float().mean()
+    assert clean_acc > 0.9
+    e = 0.05  # large enough that both attacks fool some images, small enough that neither fools all
+    fooled = {}
+    for name in ("fgsm", "pgd"):
+        adv = ATTACKS.get(name)(model.protected_logits, x, a, [e], steps=10)[0]
+        with torch.no_grad():
+            fooled[name] = (model.protected_logits(adv).argmax(1) != a).float().mean().item()
+    assert fooled["pgd"] > fooled["fgsm"] + 0.05
+    assert fooled["fgsm"] > 1 - clean_acc  # FGSM does something too
+
+
+@pytest.mark.parametrize("attack", ["fgsm", "pgd"])
+@pytest.mark.parametrize("attack_model", ["frozen", "live"])
+def test_attack_and_scoring_change_no_parameter_or_buffer(attack, attack_model):
+    model = create_model("small_cnn").train()  # training mode: eval must be forced inside
+    snapshot = copy.deepcopy(model).requires_grad_(False).eval()
+    before = copy.deepcopy(model.state_dict())
+    x, a = _batch()
+    y = 1 - a
+    cfg = FinetuneConfig(attack=attack, pgd_steps=2)
+    attacked = snapshot if attack_model == "frozen" else model
+    ctx = StepContext(cfg, magnitudes(cfg.eps), attacked, model, torch.Generator().manual_seed(0), Diagnostics(3, torch.device("cpu")))
+    chunks = MODES.get("asac")().make_chunks(ctx, x, y, a)
+    assert len(chunks) == 3
+    assert model.training  # mode restored for the training step
+    after = model.state_dict()
+    for name, tensor in before.items():
+        assert torch.equal(tensor, after[name]), name  # incl. BN running_mean/var and num_batches_tracked
+    assert all(p.grad is None for p in model.parameters())

@@ -1,0 +1,78 @@
+"""Config: defaults ← YAML ← overrides; every bad input is one UserError naming the key."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from distributed_asac.config import Config, config_from_dict, load_config
+from distributed_asac.errors import UserError
+
+
+def test_precedence_yaml_then_overrides(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"experiment": "x", "finetune": {"alpha": 0.3, "eps": [0.02]}, "seed": 5}))
+    cfg = load_config(path, ["finetune.alpha=0.7", "model.backbone=resnet18"])
+    assert cfg.experiment == "x" and cfg.seed == 5
+    assert cfg.finetune.alpha == 0.7  # the override wins over the file
+    assert cfg.finetune.eps == [0.02]
+    assert cfg.model.backbone == "resnet18"
+    assert cfg.finetune.order == Config().finetune.order  # untouched keys keep their defaults
+
+
+def test_types_are_coerced_only_where_safe():
+    cfg = load_config(None, ["finetune.alpha=1", "finetune.eps=0.05", "model.weights=null"])
+    assert isinstance(cfg.finetune.alpha, float) and cfg.finetune.eps == [0.05] and cfg.model.weights is None
+    with pytest.raises(UserError, match="'base.epochs': expected int"):
+        load_config(None, ["base.epochs=2.5"])
+    with pytest.raises(UserError, match="expected int"):
+        load_config(None, ["seed=true"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("finetune.alpah=0.5", "did you mean 'finetune.alpha'"),
+        ("finetune.alpha=1.5", "'finetune.alpha'.*out of range"),
+        ("finetune.eps=[0.01,1.2]", "'finetune.eps'.*outside \\[0, 1\\]"),
+        ("finetune.eps=[-0.1]", "outside"),
+        ("model.backbone=resnet19", "did you mean 'resnet18'"),
+        ("finetune.order=ascend", "did you mean 'ascending'"),
+        ("finetune.attack=pgdd", "did you mean 'pgd'"),
+        ("data.name=celeb", "did you mean 'celeba'"),
+        ("finetune=3", "unknown config key 'finetune'"),
+        ("novalue", "key=value"),
+        ("data.target=Male", "same attribute"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, [override])
+
+
+def test_bad_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("finetune: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="mapping"):
+        load_config(bad)
+
+
+def test_round_trip_through_saved_dict():
+    cfg = load_config(None, ["finetune.eps=[0.03,0.05]", "experiment=rt"])
+    assert config_from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+    assert cfg.flat()["finetune.eps"] == [0.03, 0.05]
+
+
+def test_cli_error_is_one_line_exit_2():
+    proc = subprocess.run(
+        [sys.executable, "-m", "distributed_asac.finetune", "finetune.alpha=2"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: config key 'finetune.alpha'")
+    assert "Traceback" not in proc.stderr

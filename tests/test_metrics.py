@@ -1,0 +1,59 @@
+"""Metrics against hand-computed counts and against fairlearn on random data."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from fairlearn.metrics import demographic_parity_difference, equalized_odds_difference, true_positive_rate
+
+from distributed_asac import metrics
+
+
+def _counts(rows):
+    y, a, y_hat = (torch.tensor(c) for c in zip(*rows))
+    return metrics.group_counts(y, a, y_hat)
+
+
+def test_hand_computed_case():
+    # Group a=0: Y=1 → ŷ 1,1,0 (TPR 2/3); Y=0 → ŷ 0,1 (FPR 1/2).
+    # Group a=1: Y=1 → ŷ 1 (TPR 1);       Y=0 → ŷ 0,0,0 (FPR 0).
+    rows = [(1, 0, 1), (1, 0, 1), (1, 0, 0), (0, 0, 0), (0, 0, 1), (1, 1, 1), (0, 1, 0), (0, 1, 0), (0, 1, 0)]
+    counts = _counts(rows)
+    assert counts.sum() == 9 and counts[1, 0, 1] == 2
+    assert metrics.deop(counts) == pytest.approx(1 - 2 / 3)
+    assert metrics.deo(counts) == pytest.approx(0.5 * ((1 - 2 / 3) + (1 / 2 - 0)))
+    assert metrics.ddp(counts) == pytest.approx(abs(3 / 5 - 1 / 4))  # positives 3 of 5 vs 1 of 4
+    assert metrics.accuracy(counts) == pytest.approx(100 * 7 / 9)
+    report = metrics.fairness_report(counts)
+    assert report["TPR_a0"] == pytest.approx(2 / 3) and report["FPR_a1"] == 0.0 and report["n_a1"] == 4
+
+
+def test_empty_group_gives_nan_and_names_it():
+    counts = _counts([(1, 0, 1), (0, 0, 0), (0, 1, 1)])  # no Y=1 image in group a=1
+    assert math.isnan(metrics.deop(counts)) and math.isnan(metrics.deo(counts))
+    assert not math.isnan(metrics.ddp(counts))
+    assert metrics.empty_groups(counts) == ["Y=1,A=1"]
+
+
+def test_counts_add_across_shards():
+    g = torch.Generator().manual_seed(0)
+    y, a, y_hat = (torch.randint(0, 2, (101,), generator=g) for _ in range(3))
+    whole = metrics.group_counts(y, a, y_hat)
+    parts = sum(metrics.group_counts(y[r::3], a[r::3], y_hat[r::3]) for r in range(3))
+    assert torch.equal(whole, parts)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_against_fairlearn(seed):
+    rng = np.random.default_rng(seed)
+    n = 500
+    a = rng.integers(0, 2, n)
+    y = rng.integers(0, 2, n)
+    y_hat = np.where(rng.random(n) < 0.3 + 0.4 * a, 1 - y, y)  # group-dependent errors
+    counts = metrics.group_counts(torch.tensor(y), torch.tensor(a), torch.tensor(y_hat))
+    assert metrics.deo(counts) == pytest.approx(equalized_odds_difference(y, y_hat, sensitive_features=a, agg="mean"))
+    assert metrics.ddp(counts) == pytest.approx(demographic_parity_difference(y, y_hat, sensitive_features=a))
+    tpr = [true_positive_rate(y[a == g], y_hat[a == g]) for g in (0, 1)]
+    assert metrics.deop(counts) == pytest.approx(abs(tpr[0] - tpr[1]))
+    assert metrics.accuracy(counts) == pytest.approx(100 * np.mean(y == y_hat))

@@ -1,0 +1,47 @@
+"""Every registered backbone builds, normalises inside the model and returns two heads."""
+
+import pytest
+import torch
+
+from distributed_asac.errors import UserError
+from distributed_asac.models import BACKBONES, create_model, set_trainable
+
+
+@pytest.mark.parametrize("name", BACKBONES.names())
+def test_backbone_builds_and_runs(name):
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        target, protected = model(x)
+    assert target.shape == (2, 2) and protected.shape == (2, 2)
+    assert torch.isfinite(target).all()
+    torch.testing.assert_close(model.target_logits(x), target)
+    assert "mean" not in model.state_dict()  # normalisation constants are not checkpoint state
+
+
+def test_set_trainable_partitions_parameters():
+    model = create_model("small_cnn")
+    set_trainable(model, "probe")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"protected_head.weight", "protected_head.bias"}
+    set_trainable(model, "finetune")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "protected_head.weight" not in trainable and "target_head.weight" in trainable
+    assert any(n.startswith("backbone.") for n in trainable)
+
+
+def test_local_weights_file(tmp_path):
+    import torchvision
+    from safetensors.torch import save_file
+
+    net = torchvision.models.resnet18(weights=None)
+    save_file(net.state_dict(), str(tmp_path / "r18.safetensors"))
+    torch.save(net.state_dict(), tmp_path / "r18.pth")
+    for path in ("r18.safetensors", "r18.pth"):
+        model = create_model("resnet18", str(tmp_path / path))
+        torch.testing.assert_close(model.backbone.conv1.weight, net.conv1.weight)
+    with pytest.raises(UserError, match="not found"):
+        create_model("resnet18", str(tmp_path / "nope.pth"))
+    with pytest.raises(UserError, match="does not match resnet50"):
+        create_model("resnet50", str(tmp_path / "r18.pth"))
