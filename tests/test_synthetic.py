@@ -1,0 +1,363 @@
+"""Tests of the controlled-bias synthetic face generator: CelebA formats, bias, twins, regions, errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from distributed_asac.data import synthetic as syn
+from distributed_asac.errors import UserError
+
+N, BIAS, SEED = 200, 0.9, 5
+N_TRAIN, N_VALID, N_TEST = 140, 20, 40
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One small dataset, generated in-process, shared by the read-only tests."""
+    out = tmp_path_factory.mktemp("synthetic") / "data"
+    syn.generate(out, N, BIAS, SEED, workers=1)
+    return out
+
+
+def _lines(path: Path) -> list[str]:
+    text = path.read_text(encoding="ascii")
+    assert text.endswith("\n") and "\r" not in text
+    return text[:-1].split("\n")
+
+
+def _load_csv(path: Path, header: int | None) -> tuple[list[str], list[str], np.ndarray]:
+    """The parsing that torchvision's CelebA loader applies (space-delimited, initial spaces skipped)."""
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle, delimiter=" ", skipinitialspace=True))
+    names: list[str] = []
+    if header is not None:
+        names, rows = rows[header], rows[header + 1:]
+    return names, [row[0] for row in rows], np.array([[int(v) for v in row[1:]] for row in rows])
+
+
+def _table(path: Path) -> dict[str, list[int]]:
+    """filename -> integers of a CelebA-style file with a count line and a header line."""
+    return {line.split()[0]: [int(v) for v in line.split()[1:]] for line in _lines(path)[2:]}
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Formats
+# ---------------------------------------------------------------------------------------------
+
+
+def test_attribute_file_is_celeba_format(dataset: Path) -> None:
+    lines = _lines(dataset / syn.ATTR_FILE)
+    assert lines[0] == str(N)
+    assert lines[1] == "Big_Nose Eyeglasses Male Smiling Wavy_Hair "  # CelebA's trailing space
+    names = [f"{i:06d}.jpg" for i in range(1, N + 1)]
+    row = re.compile(r"^\d{6}\.jpg( -1|  1){5}$")
+    for name, line in zip(names, lines[2:], strict=True):
+        assert row.match(line) and line.startswith(name + " "), line
+    header, index, values = _load_csv(dataset / syn.ATTR_FILE, header=1)
+    assert header[:-1] == list(syn.ATTRIBUTES) and header[-1] == ""
+    assert index == names and values.shape == (N, 5) and set(np.unique(values)) == {-1, 1}
+
+
+def test_images_are_celeba_jpegs(dataset: Path) -> None:
+    files = sorted(p.name for p in (dataset / syn.IMAGE_DIR).iterdir())
+    assert files == [f"{i:06d}.jpg" for i in range(1, N + 1)]
+    for name in files[:: N // 10]:
+        with Image.open(dataset / syn.IMAGE_DIR / name) as image:
+            assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (64, 64))
+
+
+def test_partition_file(dataset: Path) -> None:
+    lines = _lines(dataset / syn.PARTITION_FILE)
+    assert all(re.fullmatch(r"\d{6}\.jpg [012]", line) for line in lines)
+    _, index, values = _load_csv(dataset / syn.PARTITION_FILE, header=None)
+    assert index == [f"{i:06d}.jpg" for i in range(1, N + 1)]
+    assert np.bincount(values[:, 0]).tolist() == [N_TRAIN, N_VALID, N_TEST]
+
+
+def test_landmarks_follow_celeba_layout_and_the_drawn_face(dataset: Path) -> None:
+    lines = _lines(dataset / syn.LANDMARK_FILE)
+    assert lines[0] == str(N) and lines[1] == " ".join(syn.LANDMARK_NAMES)
+    for line in lines[2:]:
+        name, *values = line.split()
+        first, *rest = map(int, values)
+        assert line == f"{name} {first:2d}" + "".join(f"{v:5d}" for v in rest)
+    _, _, marks = _load_csv(dataset / syn.LANDMARK_FILE, header=1)
+    assert ((marks >= 0) & (marks < 64)).all()
+    lex, ley, rex, rey, nx, ny, lmx, lmy, rmx, rmy = marks.T
+    assert (lex < rex).all() and (lex < nx).all() and (nx < rex).all() and (lmx < rmx).all()
+    assert (ny > ley).all() and (lmy > ny).all() and (rmy > ny).all()
+    # The landmarks sit on the drawn features: between the corners of an open smile is lip colour.
+    attrs = _table(dataset / syn.ATTR_FILE)
+    smiling = syn.ATTRIBUTES.index("Smiling")
+    checked = 0
+    for (name, labels), mark in zip(attrs.items(), marks):
+        if labels[smiling] == 1:
+            with Image.open(dataset / syn.IMAGE_DIR / name) as image:
+                r, g, _ = image.getpixel(((mark[6] + mark[8]) // 2, max(mark[7], mark[9]) + 1))
+            assert r > g + 40, (name, r, g)
+            checked += 1
+    assert checked == N // 2
+
+
+def test_region_file_boxes_lie_inside_the_image(dataset: Path) -> None:
+    lines = _lines(dataset / syn.REGION_FILE)
+    assert lines[0] == str(N)
+    assert lines[1].split() == [f"{a}_{c}" for a in syn.REGION_ATTRIBUTES for c in ("x1", "y1", "x2", "y2")]
+    _, _, boxes = _load_csv(dataset / syn.REGION_FILE, header=1)
+    boxes = boxes.reshape(N, len(syn.REGION_ATTRIBUTES), 4)
+    x1, y1, x2, y2 = np.moveaxis(boxes, 2, 0)
+    assert ((0 <= x1) & (x1 < x2) & (x2 <= 64) & (0 <= y1) & (y1 < y2) & (y2 <= 64)).all()
+    # The mouth corners and nose tip fall inside the Smiling and Big_Nose boxes.
+    _, _, marks = _load_csv(dataset / syn.LANDMARK_FILE, header=1)
+    for attribute, points in (("Smiling", [(6, 7), (8, 9)]), ("Big_Nose", [(4, 5)])):
+        box = boxes[:, syn.REGION_ATTRIBUTES.index(attribute)]
+        for px, py in points:
+            assert ((box[:, 0] <= marks[:, px]) & (marks[:, px] < box[:, 2])).all()
+            assert ((box[:, 1] <= marks[:, py]) & (marks[:, py] < box[:, 3])).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bias and splits
+# ---------------------------------------------------------------------------------------------
+
+
+def test_written_labels_have_the_requested_bias_per_split(dataset: Path) -> None:
+    _, _, values = _load_csv(dataset / syn.ATTR_FILE, header=1)
+    _, _, splits = _load_csv(dataset / syn.PARTITION_FILE, header=None)
+    smiling = values[:, syn.ATTRIBUTES.index("Smiling")] == 1
+    male = values[:, syn.ATTRIBUTES.index("Male")] == 1
+    info = json.loads((dataset / syn.INFO_FILE).read_text())
+    for split, name in enumerate(syn.SPLIT_NAMES):
+        s, m = smiling[splits[:, 0] == split], male[splits[:, 0] == split]
+        agree = np.mean(s == m)
+        assert agree == pytest.approx(BIAS if name != "test" else 0.5, abs=1 / len(s))
+        assert np.mean(m) == pytest.approx(0.5, abs=1 / len(s))
+        assert np.mean(s) == pytest.approx(0.5, abs=1 / len(s))
+        assert info["splits"][name]["count"] == len(s)
+        assert info["splits"][name]["p_smiling_eq_male"] == pytest.approx(agree)
+    test = splits[:, 0] == 2
+    cells = [int(np.sum((smiling[test] == a) & (male[test] == b))) for a in (0, 1) for b in (0, 1)]
+    assert cells == [N_TEST // 4] * 4
+
+
+@pytest.mark.parametrize("bias", [0.0, 0.25, 0.5, 0.8, 1.0])
+def test_label_plan_bias_and_independence_at_scale(bias: float) -> None:
+    n = 20_000
+    splits, labels = syn.plan_labels(n, bias, seed=11)
+    stats = syn.split_statistics(splits, labels)
+    assert [stats[s]["count"] for s in syn.SPLIT_NAMES] == [14_000, 2_000, 4_000]
+    for name in ("train", "valid"):
+        assert stats[name]["p_smiling_eq_male"] == pytest.approx(bias, abs=1 / stats[name]["count"])
+    assert list(stats["test"]["cells"].values()) == [1_000] * 4
+    # The other attributes are fair coins, independent of Male.
+    male = labels[:, syn.ATTRIBUTES.index("Male")]
+    for attribute in ("Big_Nose", "Eyeglasses", "Wavy_Hair"):
+        column = labels[:, syn.ATTRIBUTES.index(attribute)]
+        assert abs(column.mean() - 0.5) < 0.02
+        assert abs(column[male].mean() - column[~male].mean()) < 0.04
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism
+# ---------------------------------------------------------------------------------------------
+
+
+def test_output_is_byte_identical_across_runs_and_worker_counts(dataset: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    syn.generate(again, N, BIAS, SEED, workers=2)
+    expected, actual = _tree(dataset), _tree(again)
+    assert sorted(actual) == sorted(expected)
+    assert [name for name in expected if actual[name] != expected[name]] == []
+
+
+def test_another_seed_gives_other_images(dataset: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    syn.generate(other, syn.MIN_IMAGES, BIAS, SEED + 1, workers=1)
+    name = f"{syn.IMAGE_DIR}/000001.jpg"
+    assert (other / name).read_bytes() != (dataset / name).read_bytes()
+
+
+def test_same_arguments_reuse_the_dataset(dataset: Path) -> None:
+    before = {p: p.stat().st_mtime_ns for p in dataset.glob("*.txt")}
+    info = syn.generate(dataset, N, BIAS, SEED, workers=1)
+    assert info == json.loads((dataset / syn.INFO_FILE).read_text())
+    assert {p: p.stat().st_mtime_ns for p in dataset.glob("*.txt")} == before
+
+
+def test_interrupted_run_is_regenerated(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "interrupted"
+    out.mkdir()
+    stamp = {"format_version": syn.FORMAT_VERSION,
+             "args": {"num_images": N, "bias": BIAS, "seed": SEED, "size": [64, 64]}}
+    (out / syn.IN_PROGRESS_FILE).write_text(json.dumps(stamp))
+    (out / syn.IMAGE_DIR).mkdir()
+    (out / syn.IMAGE_DIR / "000001.jpg").write_bytes(b"truncated")
+    syn.generate(out, N, BIAS, SEED, workers=1)
+    assert _tree(out) == _tree(dataset)
+
+
+# ---------------------------------------------------------------------------------------------
+# Counterfactual twins and region boxes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_twins_exist_for_exactly_the_test_images(dataset: Path) -> None:
+    _, index, splits = _load_csv(dataset / syn.PARTITION_FILE, header=None)
+    test_names = [name for name, split in zip(index, splits[:, 0]) if split == 2]
+    lines = _lines(dataset / syn.COUNTERFACTUAL_DIR / syn.COUNTERFACTUAL_INDEX)
+    assert lines[0] == str(len(test_names)) and lines[1] == "image_id twin_file flipped_attribute"
+    assert lines[2:] == [f"{name} img_align_celeba/{name} Male" for name in test_names]
+    twins = sorted(p.name for p in (dataset / syn.COUNTERFACTUAL_DIR / syn.IMAGE_DIR).iterdir())
+    assert twins == test_names
+
+
+def _jpeg(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=syn.JPEG_QUALITY, subsampling=0)
+    return buffer.getvalue()
+
+
+def test_images_and_twins_render_the_written_labels(dataset: Path) -> None:
+    """Each image is its face drawn with its written labels; its twin the same face with Male negated."""
+    labels = _table(dataset / syn.ATTR_FILE)
+    for index in (0, 1, N_TRAIN, N - 2, N - 1):
+        name = syn.image_name(index)
+        attributes = {a: v == 1 for a, v in zip(syn.ATTRIBUTES, labels[name])}
+        face = syn.sample_face(syn.image_rng(SEED, index), (64, 64))
+        assert (dataset / syn.IMAGE_DIR / name).read_bytes() == _jpeg(syn.render(face, attributes))
+        if index >= N - N_TEST:
+            twin = {**attributes, "Male": not attributes["Male"]}
+            twin_file = dataset / syn.COUNTERFACTUAL_DIR / syn.IMAGE_DIR / name
+            assert twin_file.read_bytes() == _jpeg(syn.render(face, twin))
+
+
+def test_twins_differ_only_in_the_male_region(dataset: Path) -> None:
+    boxes = _table(dataset / syn.REGION_FILE)
+    male = syn.REGION_ATTRIBUTES.index("Male")
+    index = _lines(dataset / syn.COUNTERFACTUAL_DIR / syn.COUNTERFACTUAL_INDEX)[2:]
+    names = [line.split()[0] for line in index]
+    for name in names:
+        with Image.open(dataset / syn.IMAGE_DIR / name) as a, \
+                Image.open(dataset / syn.COUNTERFACTUAL_DIR / syn.IMAGE_DIR / name) as b:
+            diff = np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max(axis=2)
+        x1, y1, x2, y2 = boxes[name][4 * male: 4 * male + 4]
+        inside = np.zeros(diff.shape, dtype=bool)
+        inside[y1:y2, x1:x2] = True
+        # JPEG codes 8x8 blocks on their own: blocks clear of the box decode to identical pixels.
+        near = np.zeros(diff.shape, dtype=bool)
+        near[max(0, y1 - 8): y2 + 8, max(0, x1 - 8): x2 + 8] = True
+        assert diff[inside].mean() > 10, name  # the beard appears or disappears
+        assert diff[~inside].mean() < 1.0, name
+        assert diff[~near].max(initial=0) == 0, name
+
+
+@pytest.mark.parametrize("size", [(64, 64), (178, 218)])
+def test_flipping_an_attribute_changes_pixels_only_inside_its_box(size: tuple[int, int]) -> None:
+    rng = np.random.default_rng(0)
+    for index in range(6):
+        face = syn.sample_face(syn.image_rng(SEED, index), size)
+        attributes = {a: bool(v) for a, v in zip(syn.ATTRIBUTES, rng.random(len(syn.ATTRIBUTES)) < 0.5)}
+        image = syn.render(face, attributes).astype(int)
+        boxes = syn.region_boxes(face)
+        for attribute in syn.ATTRIBUTES:
+            x1, y1, x2, y2 = boxes[attribute]
+            assert 0 <= x1 < x2 <= size[0] and 0 <= y1 < y2 <= size[1]
+            flipped = syn.render(face, {**attributes, attribute: not attributes[attribute]}).astype(int)
+            changed = np.abs(flipped - image).max(axis=2) > 0
+            assert changed[y1:y2, x1:x2].sum() >= 4, (index, attribute)
+            changed[y1:y2, x1:x2] = False
+            assert not changed.any(), (index, attribute)
+
+
+def test_faces_vary_in_the_nuisance_draws() -> None:
+    faces = [syn.sample_face(syn.image_rng(SEED, i), (64, 64)) for i in range(20)]
+    for field in ("cx", "cy", "rx", "skin", "hair", "background"):
+        assert len({getattr(f, field) for f in faces}) > 10, field
+
+
+def test_supersampling_keeps_an_integer_factor() -> None:
+    for size in [(32, 32), (64, 64), (178, 218), (1024, 512)]:
+        factor = syn.supersampling_factor(size)
+        assert factor >= 2 and min(size) * factor >= syn.SUPERSAMPLED_MIN_SIDE
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"bias": -0.1}, "--bias"),
+        ({"bias": 1.5}, "--bias"),
+        ({"bias": math.nan}, "--bias"),
+        ({"num_images": syn.MIN_IMAGES - 1}, "--num-images"),
+        ({"seed": -1}, "--seed"),
+        ({"size": (16, 16)}, "--size"),
+        ({"workers": 0}, "--workers"),
+    ],
+)
+def test_bad_arguments_raise_user_error(tmp_path: Path, kwargs: dict, message: str) -> None:
+    args = {"out_dir": tmp_path / "out", "num_images": 100, "bias": 0.5, "seed": 0, **kwargs}
+    with pytest.raises(UserError, match=message):
+        syn.generate(**args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_foreign_or_mismatched_output_folder_is_refused(dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="holds a synthetic dataset made with"):
+        syn.generate(dataset, N, 0.5, SEED, workers=1)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        syn.generate(foreign, N, BIAS, SEED, workers=1)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        "--num-images 100 --bias 0.5 --seed 0",
+        "--out {out} --num-images 100 --bias 2 --seed 0",
+        "--out {out} --num-images lots --bias 0.5 --seed 0",
+        "--out {out} --num-images 100 --bias 0.5 --seed 0 --size 64x",
+        "--out {out} --num-images 100 --bias 0.5 --seed 0 --size big",
+        "--out {out} --num-images 100 --bias 0.5 --seed 0 --size 8",
+    ],
+)
+def test_cli_bad_arguments_exit_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        syn.main(argv.format(out=tmp_path / "out").split())
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_generates_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli"
+    syn.main(["--out", str(out), "--num-images", "40", "--bias", "1", "--seed", "2", "--size", "40x48",
+              "--workers", "1"])
+    assert "P(Smiling == Male): train 1.000" in capsys.readouterr().out
+    with Image.open(out / syn.IMAGE_DIR / "000040.jpg") as image:
+        assert image.size == (40, 48)
+    info = json.loads((out / syn.INFO_FILE).read_text())
+    assert info["args"] == {"num_images": 40, "bias": 1.0, "seed": 2, "size": [40, 48]}
+    assert not (out / syn.IN_PROGRESS_FILE).exists()
