@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast, gather_object
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .metrics import fairness_report, group_counts
@@ -39,6 +39,17 @@ class Evaluation:
         return report
 
 
+def sync_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Give every rank the main process's batch-norm statistics.
+
+    DDP keeps parameters equal, but each rank's last training forward updated its own running statistics;
+    without this, ranks would evaluate slightly different models.
+    """
+    if accelerator.num_processes > 1:
+        for buffer in model.buffers():
+            buffer.copy_(broadcast(buffer.clone(), from_process=0))
+
+
 @torch.no_grad()
 def evaluate(
     accelerator: Accelerator,
@@ -53,6 +64,7 @@ def evaluate(
     Every rank runs the same number of forward calls (a rank with one image fewer runs one discarded
     forward), because a ZeRO-3 model gathers its parameters collectively in each forward.
     """
+    sync_buffers(accelerator, model)
     was_training = model.training
     model.eval()
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device

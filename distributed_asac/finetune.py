@@ -212,10 +212,10 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
                 accelerator.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
                 optimizer.step()
                 for name, value in terms.items():
-                    diagnostics.add(name, value)
+                    diagnostics.add(name, value.detach())
                 diagnostics.add("steps", torch.tensor(1.0))
             diagnostics.add("images", torch.tensor(float(len(x))))
-            bar.set_postfix(loss=f"{float(terms['loss']):.3f}")
+            bar.set_postfix(loss=f"{terms['loss'].item():.3f}")
         metrics = diagnostics.summary(accelerator, eps, time.perf_counter() - start)
         valid = evaluate(accelerator, model, valid_set, ft.batch_size, num_workers=cfg.data.num_workers).report()
         metrics.update({f"valid_{k}": v for k, v in valid.items()})

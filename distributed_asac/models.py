@@ -105,19 +105,24 @@ for _name, _attr in (("resnet18", "fc"), ("resnet50", "fc"), ("densenet121", "cl
 
 @BACKBONES.register("small_cnn")
 def small_cnn(weights: Optional[str]) -> tuple[nn.Module, int, tuple, tuple]:
-    """Four conv-BN-ReLU blocks (≈0.1M parameters) for tests and the CPU demo; has batch norm on purpose."""
+    """A strided stem and three conv-BN-ReLU-pool blocks (≈0.07M parameters) for tests and the CPU demo.
+
+    The stride-2 stem keeps a 64×64 training step near 40 ms on two CPU cores; batch norm is there on
+    purpose, so that the tests of "attacks leave BN statistics alone" test something.
+    """
     if weights is not None:
         raise UserError("model.weights is not supported for small_cnn (it has no pretrained weights)")
-    widths = (16, 32, 64, 128)
+    widths = (16, 32, 64, 64)
     layers: list[nn.Module] = []
     in_ch = 3
-    for width in widths:
+    for i, width in enumerate(widths):
         layers += [
-            nn.Conv2d(in_ch, width, 3, padding=1, bias=False),
+            nn.Conv2d(in_ch, width, 3, stride=2 if i == 0 else 1, padding=1, bias=False),
             nn.BatchNorm2d(width),
             nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
         ]
+        if i > 0:
+            layers.append(nn.MaxPool2d(2))
         in_ch = width
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     return nn.Sequential(*layers), widths[-1], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, save_config
@@ -51,15 +52,30 @@ def new_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
     return run_dir
 
 
+def check_replicas(model: TwoHeadModel, accelerator: Accelerator) -> dict[str, object]:
+    """Gather a digest of every rank's parameters and fail if they differ: ranks that never synchronised
+    (a CPU launch without ACCELERATE_USE_CPU, say) would otherwise pass for a distributed run."""
+    digest = hashlib.sha256()
+    for tensor in model.parameters():
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    digests = gather_object([digest.hexdigest()]) if accelerator.num_processes > 1 else [digest.hexdigest()]
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"ranks ended with different parameters ({len(set(digests))} distinct): not synchronised")
+    return {"world_size": accelerator.num_processes, "parameter_digests": digests}
+
+
 def finish_model(name: str, model: TwoHeadModel, cfg: Config, splits: Splits, accelerator: Accelerator,
                  tracker: Tracker, folder: Path) -> dict[str, object]:
     """Evaluate on test (and twins), write results.json, predictions.csv and the checkpoint, log them all."""
     evaluation = evaluate(accelerator, model, splits.test, cfg.finetune.batch_size, twins=splits.twins,
                           num_workers=cfg.data.num_workers)
     report = evaluation.report()
+    replicas = check_replicas(model, accelerator)
     tracker.log_metrics({f"test_{k}": v for k, v in report.items()})
+    tracker.log_params({"world_size": replicas["world_size"]})
     if accelerator.is_main_process:
         files = write_results(folder, name, evaluation)
+        (folder / "replicas.json").write_text(json.dumps(replicas, indent=2))
         save_checkpoint(model.state_dict(), cfg, folder)
         for path in (*files, folder / "model.safetensors", folder / "config.yaml"):
             tracker.log_artifact(path)
@@ -109,14 +125,24 @@ def write_summary(run_dir: Path, results: dict[str, dict], cfg: Config) -> str:
     return table
 
 
-def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optional[Accelerator] = None) -> dict:
+@dataclasses.dataclass
+class RunOutput:
+    run_dir: Path  # <output_dir>/<experiment>/<timestamp>
+    results: dict[str, dict]  # model name → test report (DEO, DEOp, DDP, ACC, ...)
+
+
+def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optional[Accelerator] = None,
+        parent_run_id: Optional[str] = None) -> RunOutput:
     """Stages 1–2 (or the base checkpoint), then stage 3 once per variant of `cfg.finetune` (default: the
-    config's own), all on one Accelerator. Returns {model name: test report}."""
+    config's own), all on one Accelerator. Every model is one MLflow run, nested under `parent_run_id` if
+    given (a sweep's parent run)."""
     accelerator = accelerator or make_accelerator()
     generator = seed_everything(cfg.seed, accelerator)
     splits = build_splits(cfg.data, accelerator)
     run_dir = new_run_dir(cfg, accelerator)
     tags = {"run_dir": str(run_dir)}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
     if cfg.base_checkpoint:
         base, results = load_base(cfg), {}
     else:
@@ -130,4 +156,4 @@ def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optiona
     if accelerator.is_main_process:
         table = write_summary(run_dir, results, cfg)
         print(f"\n{table}\n\nresults: {run_dir}/results.json  (MLflow experiment {cfg.experiment!r})")
-    return results
+    return RunOutput(run_dir, results)

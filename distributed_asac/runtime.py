@@ -18,9 +18,9 @@ def make_accelerator() -> Accelerator:
     On a machine without CUDA the process group must use gloo: DeepSpeed otherwise starts with a backend
     that Accelerate does not see, and its batch-size check fails.
     """
-    handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
-    accelerator = Accelerator(kwargs_handlers=handlers)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
+    gloo = launched > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if gloo else [])
     if launched > 1 and accelerator.num_processes != launched:
         raise UserError(
             f"{launched} processes were launched but Accelerate sees {accelerator.num_processes}: each would train "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,15 +36,12 @@ def _experiment_id(mlflow, name: str, uri: str) -> str:
 class Tracker:
     """One MLflow run: params (the whole config), metrics, artifacts; FAILED status if the body raises.
 
-    Use as a context manager. On non-main processes, or with tracking.enabled false, every call is a no-op.
+    Use as a context manager; the tag `mlflow.parentRunId` nests the run under another. On non-main processes, or with tracking.enabled false, every call is a no-op.
     """
 
-    def __init__(self, cfg: Config, run_name: str, active: bool, tags: Optional[dict[str, str]] = None,
-                 parent_run_id: Optional[str] = None):
+    def __init__(self, cfg: Config, run_name: str, active: bool, tags: Optional[dict[str, str]] = None):
         self.cfg, self.run_name, self.tags = cfg, run_name, dict(tags or {})
         self.active = active and cfg.tracking.enabled
-        if parent_run_id:
-            self.tags["mlflow.parentRunId"] = parent_run_id
         self.run_id: Optional[str] = None
         self._client = None
 
@@ -73,7 +71,6 @@ class Tracker:
         """Log the finite numbers of `metrics` (NaN rates of empty groups are left out, not logged as NaN)."""
         if self.active:
             from mlflow.entities import Metric
-            import time
 
             now = int(time.time() * 1000)
             batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()

@@ -4,18 +4,22 @@ torchvision's ``CelebA`` refuses to load unless every text file matches its MD5,
 generated CelebA-format dataset (it writes a subset of the attribute columns) and any edited copy, and it
 re-reads the images' labels through Python lists of ints. This loader parses each text file once at
 construction into numpy arrays, keeps only file names and labels in memory (no decoded images), and
-opens each image lazily in ``__getitem__``.
+opens each image lazily in ``__getitem__`` (or reads it from the preprocessed cache, ``cache.py``).
 
 Also here, because every face dataset of this package goes through them: the image pipeline
-(:func:`load_image`, :func:`image_to_tensor`) and attribute lookup by name (:func:`find_attribute`).
+(:func:`load_image`, :func:`image_to_tensor`), attribute lookup by name (:func:`find_attribute`) and
+:class:`FaceDataset`, the base that CelebA and LFW share (lazy or cached images, the bad-image policy).
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
+import math
 import numbers
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -25,6 +29,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import UserError
+from .cache import find_bad_images, open_image_cache
+
+log = logging.getLogger(__name__)
 
 SPLITS: dict[str, int] = {"train": 0, "valid": 1, "test": 2}
 """Split name → value in ``list_eval_partition.txt``."""
@@ -60,6 +67,29 @@ def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
     return left, top, left + side, top + side
 
 
+PIPELINE = "RGB, centred square crop of the shorter side, PIL bilinear (antialiased) resize, uint8 HWC; v1"
+"""What :func:`load_image` does; a cache built by another pipeline is stale."""
+
+
+def _decode(path: str | os.PathLike) -> Image.Image:
+    """The fully decoded RGB image, or :class:`BadImageError` naming the file."""
+    try:
+        with Image.open(path) as image:
+            # convert() forces the full decode, so a truncated file fails here and not later.
+            return image.convert("RGB")
+    except FileNotFoundError as err:
+        raise UserError(f"image file {path} does not exist; restore it or remove it from the list files") from err
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise BadImageError(
+            f"cannot decode image {path} ({err}); replace the file, or skip bad images with on_bad_image='skip'"
+        ) from err
+
+
+def check_image(path: str | os.PathLike) -> None:
+    """Raise :class:`BadImageError` if ``path`` cannot be decoded (what ``on_bad_image='skip'`` scans with)."""
+    _decode(path)
+
+
 def load_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
     """Decode ``path`` → RGB → centred square crop → ``image_size``² bilinear resize; uint8 [S, S, 3].
 
@@ -71,22 +101,42 @@ def load_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
 
     Raises :class:`BadImageError` (a :class:`UserError`) naming the file when it cannot be decoded.
     """
-    try:
-        with Image.open(path) as image:
-            # convert() forces the full decode, so a truncated file fails here and not later.
-            image = image.convert("RGB")
-    except FileNotFoundError as err:
-        raise UserError(f"image file {path} does not exist; restore it or remove it from the list files") from err
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise BadImageError(
-            f"cannot decode image {path} ({err}); replace the file, or skip bad images with on_bad_image='skip'"
-        ) from err
+    image = _decode(path)
     width, height = image.size
     if width != height:
         image = image.crop(center_crop_box(width, height))
     if image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
     return np.array(image, dtype=np.uint8)
+
+
+def mouth_box_from_landmarks(
+    points: np.ndarray, original_size: tuple[int, int], image_size: int, margin: float = 0.25
+) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) around the mouth, in pixels of the loader's output image (x1, y1 exclusive).
+
+    ``points`` are CelebA's 5 landmarks [5, 2] in the original (width, height) image. The box spans the
+    two mouth corners widened by ``margin``·(mouth width) on each side and is half as tall as it is
+    wide, centred on the corners' midpoint, so it holds lips and teeth whether the mouth is closed or
+    open. It is mapped through the centre crop and resize of :func:`load_image` and clipped to the image.
+    """
+    left, right = np.asarray(points, dtype=np.float64)[3:5]
+    width = max(abs(right[0] - left[0]), 1.0)
+    centre_x, centre_y = (left + right) / 2
+    half_width = width / 2 + margin * width
+    half_height = half_width / 2
+    crop_left, crop_top, crop_right, _ = center_crop_box(*original_size)
+    scale = image_size / (crop_right - crop_left)
+
+    def to_output(value: float, offset: int, rounding) -> int:
+        return int(min(max(rounding((value - offset) * scale), 0), image_size))
+
+    return (
+        to_output(centre_x - half_width, crop_left, math.floor),
+        to_output(centre_y - half_height, crop_top, math.floor),
+        to_output(centre_x + half_width, crop_left, math.ceil),
+        to_output(centre_y + half_height, crop_top, math.ceil),
+    )
 
 
 def image_to_tensor(pixels: np.ndarray) -> torch.Tensor:
@@ -372,11 +422,114 @@ def _check_present(folder: Path, names: Sequence[str], what: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# The dataset
+# The datasets
 # --------------------------------------------------------------------------------------------------
 
+BAD_IMAGE_POLICIES = ("error", "skip")
 
-class CelebA(Dataset):
+
+def check_common_arguments(image_size: int, on_bad_image: str) -> None:
+    """The argument checks every face dataset shares."""
+    if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1:
+        raise UserError(f"image_size must be a positive integer, got {image_size!r}")
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+        raise UserError(f"on_bad_image must be one of {', '.join(BAD_IMAGE_POLICIES)}, not {on_bad_image!r}")
+
+
+class FaceDataset(Dataset):
+    """What CelebA and LFW share: binary labels, lazy or cached images, and the bad-image policy.
+
+    Items are ``(image, y, a, i)``: float32 [3, S, S] in [0, 1], target label, protected label, index.
+    A subclass parses its labels, then calls :meth:`_init_images`.
+
+    Bad images (files that exist but do not decode): with ``on_bad_image="error"`` the first read of one
+    raises :class:`BadImageError` naming it (at construction when a cache is used, since building it
+    decodes everything). With ``"skip"`` they are found at construction (by the cache build, or else by
+    a decode-only pass over the split) and left out; ``skipped_images`` lists them.
+    """
+
+    image_ids: list[str]
+    targets: torch.Tensor
+    protected_labels: torch.Tensor
+    attribute_names: list[str]
+    image_size: int
+    skipped_images: list[str]
+
+    def _init_images(
+        self,
+        image_dir: Path,
+        files: list[str],
+        y: np.ndarray,
+        a: np.ndarray,
+        *,
+        name: str,
+        cache_dir: str | os.PathLike | None,
+        on_bad_image: str,
+    ) -> None:
+        """Set up reading ``image_dir/files[k]`` for ``self.image_ids[k]``, then drop bad images if skipping.
+
+        ``name`` (e.g. "celeba-train") names the cache and progress bars.
+        """
+        self._image_dir = image_dir
+        self._files = files
+        self._cache = None
+        if cache_dir is not None:
+            loader = partial(load_image, image_size=self.image_size)
+            self._cache = open_image_cache(
+                cache_dir, name, image_dir, files, loader, image_size=self.image_size, pipeline=PIPELINE
+            )
+            bad = self._cache.bad
+        elif on_bad_image == "skip":
+            bad = find_bad_images(image_dir, files, check_image, desc=f"checking {name} images")
+        else:
+            bad = {}
+        if bad and on_bad_image == "error":
+            first = bad[min(bad)]
+            raise BadImageError(first if len(bad) == 1 else f"{len(bad)} of {len(files)} images cannot be decoded; first: {first}")
+        if bad:
+            log.warning("%s: skipping %d undecodable images (first: %s)", name, len(bad), files[min(bad)])
+        # self._rows[i] is item i's row in files (and in the cache); the labels follow the kept rows.
+        self._rows = np.array([row for row in range(len(files)) if row not in bad], dtype=np.int64)
+        self.skipped_images = [self.image_ids[row] for row in sorted(bad)]
+        if bad:
+            self.image_ids = [self.image_ids[row] for row in self._rows.tolist()]
+        # numpy arrays serve __getitem__ (fast scalar reads); the public tensors share their memory.
+        self._y = np.ascontiguousarray(y[self._rows], dtype=np.int64)
+        self._a = np.ascontiguousarray(a[self._rows], dtype=np.int64)
+        self.targets = torch.from_numpy(self._y)
+        self.protected_labels = torch.from_numpy(self._a)
+
+    @property
+    def num_skipped(self) -> int:
+        """How many undecodable images ``on_bad_image="skip"`` left out."""
+        return len(self.skipped_images)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int, int]:
+        i = self._check_index(i)
+        row = int(self._rows[i])
+        if self._cache is not None:
+            pixels = self._cache.pixels(row)
+        else:
+            pixels = load_image(self.image_path(i), self.image_size)
+        return image_to_tensor(pixels), int(self._y[i]), int(self._a[i]), i
+
+    def image_path(self, i: int) -> str:
+        """The file item ``i`` comes from."""
+        return os.path.join(self._image_dir, self._files[int(self._rows[self._check_index(i)])])
+
+    def _check_index(self, i: int) -> int:
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} is out of range for a dataset of {len(self)} images")
+        return i
+
+
+class CelebA(FaceDataset):
     """One split of CelebA (or of a CelebA-format dataset) with a binary target and protected attribute.
 
     Items are ``(image, y, a, i)``: float32 [3, S, S] in [0, 1], target label, protected label, index.
@@ -385,12 +538,9 @@ class CelebA(Dataset):
     ``counterfactual=True`` (test split only) serves the twins listed in
     ``root/counterfactual/list_counterfactual.txt`` instead of the originals: same ``image_ids`` and
     order, images from the twin files, and each row's ``flipped_attribute`` label negated.
+    ``cache_dir`` reads images from a preprocessed cache there (built on first use, see ``cache.py``);
+    ``on_bad_image`` is ``"error"`` or ``"skip"`` (see :class:`FaceDataset`).
     """
-
-    image_ids: list[str]
-    targets: torch.Tensor
-    protected_labels: torch.Tensor
-    attribute_names: list[str]
 
     def __init__(
         self,
@@ -400,11 +550,13 @@ class CelebA(Dataset):
         protected: str,
         image_size: int = 64,
         counterfactual: bool = False,
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        on_bad_image: str = "error",
     ) -> None:
         if split not in SPLITS:
             raise UserError(f"unknown CelebA split {split!r}; use one of {', '.join(SPLITS)}")
-        if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1:
-            raise UserError(f"image_size must be a positive integer, got {image_size!r}")
+        check_common_arguments(image_size, on_bad_image)
         if counterfactual and split != "test":
             raise UserError(f"counterfactual twins exist for the test split only, not {split!r}; use split='test'")
         self.files = locate_celeba(root)
@@ -419,17 +571,20 @@ class CelebA(Dataset):
             find_attribute(protected, table.names, role="protected", source=self.files.attributes)
         ]
         self.image_ids, signs = self._select_split(table)
-        self._image_dir = self.files.images
-        self._image_files = self.image_ids
         if counterfactual:
-            signs = self._use_twins(signs)
+            image_dir, files, signs = self._twins(signs)
         else:
-            _check_present(self._image_dir, self.image_ids, f"{split} images listed in {PARTITION_FILE}")
-        # Signs → 0/1 labels; numpy arrays serve __getitem__ (fast scalar reads), tensors share their memory.
-        self._y = (signs[:, table.names.index(self.target_name)] > 0).astype(np.int64)
-        self._a = (signs[:, table.names.index(self.protected_name)] > 0).astype(np.int64)
-        self.targets = torch.from_numpy(self._y)
-        self.protected_labels = torch.from_numpy(self._a)
+            image_dir, files = self.files.images, self.image_ids
+            _check_present(image_dir, files, f"{split} images listed in {PARTITION_FILE}")
+        self._init_images(
+            image_dir,
+            files,
+            signs[:, table.names.index(self.target_name)] > 0,
+            signs[:, table.names.index(self.protected_name)] > 0,
+            name=f"celeba-{split}" + ("-twins" if counterfactual else ""),
+            cache_dir=cache_dir,
+            on_bad_image=on_bad_image,
+        )
         self._landmarks: np.ndarray | None = None
 
     def _select_split(self, table: AttributeTable) -> tuple[list[str], np.ndarray]:
@@ -447,8 +602,8 @@ class CelebA(Dataset):
         rows = np.fromiter((row_of[image_id] for image_id in ids), dtype=np.int64, count=len(ids))
         return ids, table.values[rows]
 
-    def _use_twins(self, signs: np.ndarray) -> np.ndarray:
-        """Point the images at the twin files and negate each twin's flipped attribute; returns new signs."""
+    def _twins(self, signs: np.ndarray) -> tuple[Path, list[str], np.ndarray]:
+        """(twin folder, twin files, signs with each twin's flipped attribute negated), in split order."""
         candidates = [self.files.root / COUNTERFACTUAL_DIR, self.files.dataset_dir / COUNTERFACTUAL_DIR]
         listing = next((folder / COUNTERFACTUAL_FILE for folder in candidates if (folder / COUNTERFACTUAL_FILE).is_file()), None)
         if listing is None:
@@ -475,26 +630,9 @@ class CelebA(Dataset):
                     f"{self.files.attributes}; use one of {', '.join(self.attribute_names)}"
                 )
             signs[index, column] = -signs[index, column]
-        self._image_dir = listing.parent
-        self._image_files = [twin_files[row] for row in rows]
-        _check_present(self._image_dir, self._image_files, f"twin images listed in {listing.name}")
-        return signs
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int, int]:
-        i = self._check_index(i)
-        pixels = load_image(os.path.join(self._image_dir, self._image_files[i]), self.image_size)
-        return image_to_tensor(pixels), int(self._y[i]), int(self._a[i]), i
-
-    def _check_index(self, i: int) -> int:
-        i = int(i)
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"index {i} is out of range for a dataset of {len(self)} images")
-        return i
+        files = [twin_files[row] for row in rows]
+        _check_present(listing.parent, files, f"twin images listed in {listing.name}")
+        return listing.parent, files, signs
 
     def landmarks(self, i: int) -> torch.Tensor:
         """int64 [5, 2] (x, y) of eyes, nose and mouth corners, in the original image's pixels.
@@ -505,6 +643,17 @@ class CelebA(Dataset):
         if self._landmarks is None:
             self._landmarks = self._load_landmarks()
         return torch.from_numpy(self._landmarks[self._check_index(i)].copy())
+
+    def mouth_box(self, i: int, margin: float = 0.25) -> torch.Tensor:
+        """int64 [4] (x0, y0, x1, y1), x1/y1 exclusive, around the mouth in item ``i``'s output pixels.
+
+        From the landmarks' mouth corners (see :func:`mouth_box_from_landmarks`): the region where a
+        Smiling classifier's attributions should concentrate.
+        """
+        points = self.landmarks(i).numpy()
+        with Image.open(self.image_path(i)) as image:  # reads the header only
+            original_size = image.size
+        return torch.tensor(mouth_box_from_landmarks(points, original_size, self.image_size, margin), dtype=torch.int64)
 
     def _load_landmarks(self) -> np.ndarray:
         path = self.files.landmarks
@@ -522,7 +671,8 @@ class CelebA(Dataset):
 
     def __repr__(self) -> str:
         kind = "counterfactual twins of " if self.counterfactual else ""
+        cached = ", cached" if self._cache is not None else ""
         return (
-            f"CelebA({kind}{self.split}: {len(self)} images at {self.image_size}px, target={self.target_name}, "
+            f"CelebA({kind}{self.split}: {len(self)} images at {self.image_size}px{cached}, target={self.target_name}, "
             f"protected={self.protected_name}, root={self.files.root} [{self.files.layout}])"
         )

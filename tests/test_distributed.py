@@ -1,0 +1,90 @@
+"""Two-process CPU runs through `accelerate launch`: DDP (gloo) and DeepSpeed ZeRO-2.
+
+Each checks that the run really had world size 2 and that parameters agree across ranks (replicas.json is
+written from digests gathered from both ranks), and that its evaluation on an odd-sized test split equals a
+single-process evaluation of the same final weights.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from distributed_asac import pipeline
+from distributed_asac.checkpoint import load_checkpoint
+from distributed_asac.config import load_config
+from distributed_asac.data.build import build_splits
+from distributed_asac.evaluate import evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))  # the CLI of this venv
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory):
+    """Stages 1–2 once, single process, on a generated set whose test split has an odd size."""
+    tmp = tmp_path_factory.mktemp("dist")
+    overrides = [f"data.root={tmp / 'data'}", f"output_dir={tmp / 'runs'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+                 "data.synthetic_num_images=305", "experiment=base", "base.epochs=1", "probe.epochs=1"]
+    cfg = load_config(REPO / "configs" / "smoke.yaml", overrides)
+    out = pipeline.run(cfg, variants=[{"mode": "base"}])
+    return tmp, overrides, out.run_dir / "probe"
+
+
+def _launch(config_file: str, env_extra: dict, tmp: Path, overrides: list[str], experiment: str) -> Path:
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env.update(env_extra, OMP_NUM_THREADS="1")  # two processes on two cores: one thread each
+    cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "launch" / config_file),
+           "-m", "distributed_asac.finetune", "--config", str(REPO / "configs" / "smoke.yaml"),
+           *overrides, f"experiment={experiment}", "finetune.epochs=1"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (tmp / "runs" / experiment).iterdir()
+    return run_dir / "asac_fgsm"
+
+
+def _check(folder: Path, overrides: list[str]):
+    replicas = json.loads((folder / "replicas.json").read_text())
+    assert replicas["world_size"] == 2
+    assert len(replicas["parameter_digests"]) == 2 and len(set(replicas["parameter_digests"])) == 1
+    reported = json.loads((folder / "results.json").read_text())["asac_fgsm"]
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml", overrides)
+    accelerator = Accelerator(cpu=True)
+    splits = build_splits(cfg.data, accelerator)
+    assert len(splits.test) % 2 == 1  # uneven shards: one rank has one image more
+    model, _ = load_checkpoint(folder)
+    single = evaluate(accelerator, model, splits.test, batch_size=7, twins=splits.twins)
+    assert reported["n"] == len(splits.test)
+    expected = single.report()
+    for key in ("DEO", "DEOp", "DDP", "ACC", "CF_flip_rate", "protected_ACC", "n_a0", "n_a1"):
+        assert reported[key] == pytest.approx(expected[key], abs=1e-12), key
+
+
+def test_ddp_two_cpu_processes(base_checkpoint):
+    tmp, overrides, ckpt = base_checkpoint
+    folder = _launch("cpu_ddp.yaml", {"ACCELERATE_USE_CPU": "true"}, tmp, [*overrides, f"base_checkpoint={ckpt}"], "ddp")
+    _check(folder, overrides)
+
+
+def test_deepspeed_zero2_two_cpu_processes(base_checkpoint):
+    tmp, overrides, ckpt = base_checkpoint
+    folder = _launch("deepspeed_zero2.yaml", {}, tmp, [*overrides, f"base_checkpoint={ckpt}"], "zero2")
+    _check(folder, overrides)
+
+
+def test_unsynchronised_cpu_launch_is_refused(base_checkpoint):
+    """The silent trap: --multi_gpu on CPU without ACCELERATE_USE_CPU starts two lone processes."""
+    tmp, overrides, ckpt = base_checkpoint
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "launch" / "cpu_ddp.yaml"), "-m",
+           "distributed_asac.finetune", *overrides, f"base_checkpoint={ckpt}", "experiment=lone"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "ACCELERATE_USE_CPU=true" in proc.stderr
+    assert not (tmp / "runs" / "lone").exists()
