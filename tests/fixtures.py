@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 # CelebA's list_attr_celeba.txt line 2, byte for byte (single spaces and a trailing space). It is
 # written out here, not imported from the loader, so that the fixture is an independent statement of
@@ -78,15 +78,21 @@ def distinct_colours(n: int, rng: np.random.Generator, avoid: np.ndarray | None 
     return np.stack(colours).astype(np.uint8) if colours else np.zeros((0, 3), np.uint8)
 
 
-def draw_face(size: tuple[int, int], colour: Sequence[int]) -> Image.Image:
-    """A (width, height) image: the centred square of the shorter side in ``colour``, the rest magenta."""
+def draw_face(size: tuple[int, int], colour: Sequence[int], mouth: np.ndarray | None = None) -> Image.Image:
+    """A (width, height) image: the centred square of the shorter side in ``colour``, the rest magenta.
+
+    ``mouth`` (two (x, y) corners) adds a black 3-pixel line between them.
+    """
     width, height = size
     pixels = np.empty((height, width, 3), dtype=np.uint8)
     pixels[:] = BAND_COLOUR
     side = min(width, height)
     top, left = (height - side) // 2, (width - side) // 2
     pixels[top : top + side, left : left + side] = colour
-    return Image.fromarray(pixels)
+    image = Image.fromarray(pixels)
+    if mouth is not None:
+        ImageDraw.Draw(image).line([tuple(corner) for corner in mouth.tolist()], fill=(0, 0, 0), width=3)
+    return image
 
 
 def save_jpeg(image: Image.Image, path: Path) -> None:
@@ -104,6 +110,7 @@ def write_celeba_fixture(
     seed: int = 0,
     interleave_partitions: bool = True,
     torchvision_extras: bool = True,
+    mark_mouth: bool = False,
 ) -> CelebAFixture:
     """Write ``n`` CelebA-format images and list files under ``root``; returns what was written.
 
@@ -112,7 +119,8 @@ def write_celeba_fixture(
     Partitions cycle 0,1,2 (interleaved, so a loader that assumes contiguous splits fails) or, with
     ``interleave_partitions=False``, come in contiguous blocks as in the real file. Every split gets both
     labels of every attribute. ``torchvision_extras`` also writes identity_CelebA.txt and
-    list_bbox_celeba.txt, which torchvision's CelebA insists on reading.
+    list_bbox_celeba.txt, which torchvision's CelebA insists on reading. ``mark_mouth`` draws a black
+    line between the two mouth-corner landmarks.
     """
     if layout not in ("flat", "torchvision"):
         raise ValueError(f"layout must be 'flat' or 'torchvision', not {layout!r}")
@@ -135,8 +143,8 @@ def write_celeba_fixture(
 
     images = dataset_dir / "img_align_celeba"
     images.mkdir(parents=True, exist_ok=True)
-    for image_id, colour in zip(image_ids, colours):
-        save_jpeg(draw_face(size, colour), images / image_id)
+    for image_id, colour, points in zip(image_ids, colours, landmarks):
+        save_jpeg(draw_face(size, colour, points[3:5] if mark_mouth else None), images / image_id)
     header = CELEBA_HEADER if names == list(CELEBA_ATTRIBUTES) else " ".join(names) + " "
     rows = ["".join(f" {v:2d}" for v in row) for row in signs.tolist()]
     _write(dataset_dir / "list_attr_celeba.txt", [str(n), header] + [i + r for i, r in zip(image_ids, rows)])
@@ -197,3 +205,112 @@ def write_counterfactual_fixture(
 def _write(path: Path, lines: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
+
+
+def corrupt_jpeg(path: Path, how: str = "truncate") -> None:
+    """Damage an image file: ``"truncate"`` keeps its first half (PIL: "image file is truncated"),
+    ``"garbage"`` replaces it with bytes that are no image format at all."""
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "garbage":
+        path.write_bytes(bytes(range(256)) * 4)
+    else:
+        raise ValueError(f"how must be 'truncate' or 'garbage', not {how!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# LFW with the attributes of Kumar et al.
+# --------------------------------------------------------------------------------------------------
+
+# The 73 attribute names of lfw_attributes.txt, in file order (written out, not imported from the loader).
+LFW_ATTRIBUTES: tuple[str, ...] = (
+    "Male", "Asian", "White", "Black", "Baby", "Child", "Youth", "Middle Aged", "Senior", "Black Hair",
+    "Blond Hair", "Brown Hair", "Bald", "No Eyewear", "Eyeglasses", "Sunglasses", "Mustache", "Smiling",
+    "Frowning", "Chubby", "Blurry", "Harsh Lighting", "Flash", "Soft Lighting", "Outdoor", "Curly Hair",
+    "Wavy Hair", "Straight Hair", "Receding Hairline", "Bangs", "Sideburns", "Fully Visible Forehead",
+    "Partially Visible Forehead", "Obstructed Forehead", "Bushy Eyebrows", "Arched Eyebrows", "Narrow Eyes",
+    "Eyes Open", "Big Nose", "Pointy Nose", "Big Lips", "Mouth Closed", "Mouth Slightly Open",
+    "Mouth Wide Open", "Teeth Not Visible", "No Beard", "Goatee", "Round Jaw", "Double Chin", "Wearing Hat",
+    "Oval Face", "Square Face", "Round Face", "Color Photo", "Posed Photo", "Attractive Man",
+    "Attractive Woman", "Indian", "Gray Hair", "Bags Under Eyes", "Heavy Makeup", "Rosy Cheeks", "Shiny Skin",
+    "Pale Skin", "5 o' Clock Shadow", "Strong Nose-Mouth Lines", "Wearing Lipstick", "Flushed Face",
+    "High Cheekbones", "Brown Eyes", "Wearing Earrings", "Wearing Necktie", "Wearing Necklace",
+)
+LFW_COMMENT = "# lfw attributes file: scores of the attribute classifiers of Kumar et al. (test fixture)"
+# Invented people, several with more than one space in the name, image counts as uneven as LFW's.
+LFW_PEOPLE: tuple[tuple[str, int], ...] = (
+    ("Ada Quill", 1), ("Ben Arlo Cruz", 6), ("Cora Dale", 2), ("Dev Patel Ray", 4), ("Eli Ford", 1),
+    ("Fay Gunn Hart", 3), ("Gus Ives", 2), ("Hana Jo Kerr", 5), ("Ian Lowe", 1), ("Jun Mori", 3),
+    ("Kai Nash", 2), ("Lea Orr Pike", 4), ("Max Quinn", 1), ("Nia Ross", 2), ("Oto Sato", 3),
+)
+
+
+@dataclass
+class LFWFixture:
+    """What :func:`write_lfw_fixture` wrote. Image ids are ``Person_Name/Person_Name_NNNN.jpg``."""
+
+    root: Path
+    image_dir: Path
+    rows: list[tuple[str, int]]  # (person with spaces, image number) per attribute row, in file order
+    scores: np.ndarray  # float32 [len(rows), 73]
+    colours: dict[str, np.ndarray]  # image id → face colour, for every image written
+    missing_image: str | None  # a row's image id whose file was not written
+    orphan_image: str | None  # an image written without a row
+
+    def label(self, image_id: str, attribute: str) -> int:
+        row = [lfw_image_id(person, number) for person, number in self.rows].index(image_id)
+        return int(self.scores[row, LFW_ATTRIBUTES.index(attribute)] > 0)
+
+    def image_ids(self) -> list[str]:
+        """Ids of the rows that have an image, in file order."""
+        ids = [lfw_image_id(person, number) for person, number in self.rows]
+        return [image_id for image_id in ids if image_id != self.missing_image]
+
+
+def lfw_image_id(person: str, number: int) -> str:
+    folder = person.replace(" ", "_")
+    return f"{folder}/{folder}_{number:04d}.jpg"
+
+
+def write_lfw_fixture(
+    root: Path,
+    people: Sequence[tuple[str, int]] = LFW_PEOPLE,
+    folder: str = "lfw-deepfunneled",
+    size: tuple[int, int] = (250, 250),
+    seed: int = 0,
+    missing_image: bool = True,
+    orphan_image: bool = True,
+) -> LFWFixture:
+    """Write ``lfw_attributes.txt`` and ``folder/<Name>/<Name>_NNNN.jpg`` under ``root``, as LFW ships them.
+
+    The attribute file has the comment line, the ``#<TAB>person<TAB>imagenum<TAB>...`` header and TAB
+    rows of 73 scores. Neighbouring columns get opposite signs (Asian = -Male, Smiling = -Mustache,
+    ...), so a reader that shifts names by one column gets every such label wrong. With
+    ``missing_image`` the last row's image is not written; with ``orphan_image`` one image gets no row.
+    """
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    rows = [(person, number) for person, count in people for number in range(1, count + 1)]
+    scores = rng.normal(0.0, 1.2, size=(len(rows), len(LFW_ATTRIBUTES))).astype(np.float32)
+    scores[:, 1::2] = -scores[:, 0:-1:2]  # each odd column is the negation of its left neighbour
+    orphan = (people[0][0], people[0][1] + 1) if orphan_image else None
+    written = rows[:-1] if missing_image else list(rows)
+    colours = distinct_colours(len(written) + (orphan is not None), rng)
+    image_colours: dict[str, np.ndarray] = {}
+    for (person, number), colour in zip(written + ([orphan] if orphan else []), colours):
+        image_id = lfw_image_id(person, number)
+        save_jpeg(draw_face(size, colour), root / folder / image_id)
+        image_colours[image_id] = colour
+    header = "\t".join(["#", "person", "imagenum", *LFW_ATTRIBUTES])
+    body = ["\t".join([person, str(number), *(f"{v:.6g}" for v in row)]) for (person, number), row in zip(rows, scores.tolist())]
+    _write(root / "lfw_attributes.txt", [LFW_COMMENT, header] + body)
+    return LFWFixture(
+        root=root,
+        image_dir=root / folder,
+        rows=rows,
+        scores=scores,
+        colours=image_colours,
+        missing_image=lfw_image_id(*rows[-1]) if missing_image else None,
+        orphan_image=lfw_image_id(*orphan) if orphan else None,
+    )

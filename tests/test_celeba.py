@@ -6,6 +6,7 @@ import pickle
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -13,9 +14,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from distributed_asac.data.celeba import CelebA
+from distributed_asac.data.celeba import BadImageError, CelebA, mouth_box_from_landmarks
 from distributed_asac.errors import UserError
-from tests.fixtures import CELEBA_ATTRIBUTES, write_celeba_fixture, write_counterfactual_fixture
+from tests.fixtures import CELEBA_ATTRIBUTES, corrupt_jpeg, write_celeba_fixture, write_counterfactual_fixture
 
 SPLIT_VALUES = {"train": 0, "valid": 1, "test": 2}
 JPEG_TOLERANCE = 8 / 255  # flat JPEG colours decode within a few levels (measured worst: 5)
@@ -252,3 +253,58 @@ def test_dataloader_batches_and_pickles(flat):
     assert ds[-1][3] == len(ds) - 1
     with pytest.raises(IndexError):
         ds[len(ds)]
+
+
+def test_mouth_box_maps_landmarks_through_crop_and_resize():
+    # 200×240 image: the crop drops 20 rows at the top, then 200 → 100 halves every coordinate.
+    points = np.array([[70, 110], [130, 110], [100, 130], [80, 150], [120, 150]])
+    # Mouth width 40, widened by 0.25·40 on each side → x 70..130; half as tall → y 135..165.
+    assert mouth_box_from_landmarks(points, (200, 240), 100) == (35, 57, 65, 73)
+    assert mouth_box_from_landmarks(points, (200, 240), 100, margin=0.0) == (40, 60, 60, 70)
+    assert mouth_box_from_landmarks(points + [0, 95], (200, 240), 100)[3] == 100  # clipped to the image
+
+
+def test_mouth_box_holds_the_drawn_mouth(tmp_path):
+    fixture = write_celeba_fixture(tmp_path, n=6, mark_mouth=True)
+    ds = CelebA(tmp_path, "train", "Smiling", "Male", image_size=64)
+    for k, image_id in enumerate(ds.image_ids):
+        image = ds[k][0]
+        face = torch.tensor(fixture.colour(image_id), dtype=torch.float32).view(3, 1, 1) / 255
+        dark = ((face - image).min(dim=0).values > face.min() / 2).nonzero()  # the black line, in (y, x)
+        x0, y0, x1, y1 = ds.mouth_box(k).tolist()
+        assert len(dark) > 0
+        assert x0 <= dark[:, 1].min() and dark[:, 1].max() < x1 and y0 <= dark[:, 0].min() and dark[:, 0].max() < y1
+        assert (x1 - x0) * (y1 - y0) < 0.2 * 64 * 64
+
+
+@pytest.mark.parametrize("how", ["truncate", "garbage"])
+def test_bad_image_is_named_or_skipped(tmp_path, how):
+    fixture = write_celeba_fixture(tmp_path, n=12)
+    victim = fixture.split_ids(1)[2]
+    corrupt_jpeg(fixture.image_path(victim), how)
+    strict = CelebA(tmp_path, "valid", "Smiling", "Male")
+    with pytest.raises(BadImageError, match=rf"cannot decode image .*{victim}.*on_bad_image='skip'"):
+        strict[strict.image_ids.index(victim)]
+    lenient = CelebA(tmp_path, "valid", "Smiling", "Male", on_bad_image="skip")
+    assert lenient.skipped_images == [victim] and lenient.num_skipped == 1
+    assert lenient.image_ids == [i for i in fixture.split_ids(1) if i != victim]
+    assert lenient.targets.tolist() == [fixture.label(i, "Smiling") for i in lenient.image_ids]
+    for k, image_id in enumerate(lenient.image_ids):
+        colour = torch.tensor(fixture.colour(image_id), dtype=torch.float32).view(3, 1, 1) / 255
+        assert (lenient[k][0] - colour).abs().max() <= JPEG_TOLERANCE
+    with pytest.raises(UserError, match="on_bad_image must be one of error, skip"):
+        CelebA(tmp_path, "valid", "Smiling", "Male", on_bad_image="ignore")
+
+
+def test_memory_holds_labels_not_pixels(tmp_path):
+    # The pickled dataset (what it holds) grows with the image count, not with the image size.
+    write_celeba_fixture(tmp_path / "small", n=30, size=(20, 24), torchvision_extras=False)
+    write_celeba_fixture(tmp_path / "large", n=30, size=(178, 218), torchvision_extras=False)
+    small = CelebA(tmp_path / "small", "train", "Smiling", "Male", image_size=16)
+    large = CelebA(tmp_path / "large", "train", "Smiling", "Male", image_size=128)
+    for ds in (small, large):
+        for k in range(len(ds)):
+            ds[k]
+    sizes = [len(pickle.dumps(ds)) for ds in (small, large)]
+    assert abs(sizes[0] - sizes[1]) < 64  # only the longer root path differs
+    assert sizes[1] < 200 * len(large) + 4096  # ids and labels: a few dozen bytes per image

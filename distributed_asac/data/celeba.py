@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -128,7 +128,7 @@ def mouth_box_from_landmarks(
     crop_left, crop_top, crop_right, _ = center_crop_box(*original_size)
     scale = image_size / (crop_right - crop_left)
 
-    def to_output(value: float, offset: int, rounding) -> int:
+    def to_output(value: float, offset: int, rounding: Callable[[float], int]) -> int:
         return int(min(max(rounding((value - offset) * scale), 0), image_size))
 
     return (

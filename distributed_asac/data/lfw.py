@@ -124,8 +124,8 @@ def disk_name(person: str, number: int) -> str:
     return f"{folder}/{folder}_{number:04d}.jpg"
 
 
-def locate_lfw(root: str | os.PathLike, images: str | None = None) -> tuple[Path, Path]:
-    """(attribute file, image folder) under ``root``; ``images`` picks one of IMAGE_FOLDERS."""
+def locate_lfw(root: str | os.PathLike, image_folder: str | None = None) -> tuple[Path, Path]:
+    """(attribute file, image folder) under ``root``; ``image_folder`` picks one of IMAGE_FOLDERS."""
     root = Path(root).expanduser()
     expected = f"{root}/{ATTRIBUTE_FILE} and one image folder of {', '.join(IMAGE_FOLDERS)}"
     if not root.is_dir():
@@ -133,12 +133,12 @@ def locate_lfw(root: str | os.PathLike, images: str | None = None) -> tuple[Path
     attributes = root / ATTRIBUTE_FILE
     if not attributes.is_file():
         raise UserError(f"LFW root {root} has no {ATTRIBUTE_FILE}; the loader expects {expected}")
-    if images is not None:
-        if images not in IMAGE_FOLDERS:
-            raise UserError(f"unknown LFW image folder {images!r}; use one of {', '.join(IMAGE_FOLDERS)}")
-        if not (root / images).is_dir():
-            raise UserError(f"LFW root {root} has no {images}/ folder; extract it there or choose another image folder")
-        return attributes, root / images
+    if image_folder is not None:
+        if image_folder not in IMAGE_FOLDERS:
+            raise UserError(f"unknown LFW image folder {image_folder!r}; use one of {', '.join(IMAGE_FOLDERS)}")
+        if not (root / image_folder).is_dir():
+            raise UserError(f"LFW root {root} has no {image_folder}/ folder; extract it there or choose another image folder")
+        return attributes, root / image_folder
     for name in IMAGE_FOLDERS:
         if (root / name).is_dir():
             return attributes, root / name
@@ -252,7 +252,7 @@ class LFW(FaceDataset):
     ``protected_labels``, ``attribute_names`` (the file's 73 names, with spaces).
 
     ``split_file`` is where the person split is stored: read if it exists (and must have been drawn with
-    ``split_seed``), else drawn and written there. ``images`` picks the image folder (default: the first
+    ``split_seed``), else drawn and written there. ``image_folder`` picks the image folder (default: the first
     of ``lfw-deepfunneled``, ``lfw_funneled``, ``lfw`` that exists). ``cache_dir`` and ``on_bad_image`` are
     as for CelebA.
     """
@@ -267,14 +267,14 @@ class LFW(FaceDataset):
         *,
         split_file: str | os.PathLike,
         split_seed: int = 0,
-        images: str | None = None,
+        image_folder: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         on_bad_image: str = "error",
     ) -> None:
         if split not in SPLITS:
             raise UserError(f"unknown LFW split {split!r}; use one of {', '.join(SPLITS)}")
         check_common_arguments(image_size, on_bad_image)
-        attribute_file, image_dir = locate_lfw(root, images)
+        attribute_file, image_dir = locate_lfw(root, image_folder)
         self.root = Path(root).expanduser()
         self.split = split
         self.image_size = int(image_size)

@@ -1,0 +1,189 @@
+"""Preprocessed image cache: same tensors as the direct loader, staleness, concurrent builders, bad images."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distributed_asac.data import cache as cache_module
+from distributed_asac.data.cache import find_bad_images, open_image_cache
+from distributed_asac.data.celeba import PIPELINE, BadImageError, CelebA, check_image, load_image
+from distributed_asac.data.lfw import LFW
+from distributed_asac.errors import UserError
+from tests.fixtures import (
+    corrupt_jpeg,
+    draw_face,
+    save_jpeg,
+    write_celeba_fixture,
+    write_counterfactual_fixture,
+    write_lfw_fixture,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def images_files(cache_dir: Path) -> list[Path]:
+    return sorted(cache_dir.glob("*/images-*"))
+
+
+def assert_same_items(a, b) -> None:
+    assert len(a) == len(b) and a.image_ids == b.image_ids
+    for k in range(len(a)):
+        image_a, *labels_a = a[k]
+        image_b, *labels_b = b[k]
+        assert torch.equal(image_a, image_b) and labels_a == labels_b
+
+
+@pytest.mark.parametrize("counterfactual", [False, True])
+def test_cached_celeba_equals_direct(tmp_path, counterfactual):
+    fixture = write_celeba_fixture(tmp_path / "data", n=12)
+    write_counterfactual_fixture(fixture)
+    split = "test" if counterfactual else "train"
+    direct = CelebA(fixture.root, split, "Smiling", "Male", image_size=32, counterfactual=counterfactual)
+    cached = CelebA(
+        fixture.root, split, "Smiling", "Male", image_size=32, counterfactual=counterfactual, cache_dir=tmp_path / "cache"
+    )
+    assert_same_items(direct, cached)
+    assert len(images_files(tmp_path / "cache")) == 1
+
+
+def test_cached_lfw_equals_direct(tmp_path):
+    fixture = write_lfw_fixture(tmp_path / "lfw")
+    split_file = tmp_path / "split.json"
+    direct = LFW(fixture.root, "train", "Smiling", "Male", image_size=24, split_file=split_file)
+    cached = LFW(fixture.root, "train", "Smiling", "Male", image_size=24, split_file=split_file, cache_dir=tmp_path / "c")
+    assert_same_items(direct, cached)
+
+
+def test_valid_cache_is_reused_and_read_through_a_memmap(tmp_path):
+    fixture = write_celeba_fixture(tmp_path / "data", n=9)
+    first = CelebA(fixture.root, "valid", "Smiling", "Male", cache_dir=tmp_path / "cache")
+    built = images_files(tmp_path / "cache")
+    stamp = built[0].stat().st_mtime_ns
+    second = CelebA(fixture.root, "valid", "Smiling", "Male", cache_dir=tmp_path / "cache")
+    assert images_files(tmp_path / "cache") == built and built[0].stat().st_mtime_ns == stamp
+    # Other sizes and splits get caches of their own.
+    CelebA(fixture.root, "valid", "Smiling", "Male", image_size=16, cache_dir=tmp_path / "cache")
+    CelebA(fixture.root, "test", "Smiling", "Male", cache_dir=tmp_path / "cache")
+    assert len(images_files(tmp_path / "cache")) == 3
+    # What DataLoader workers receive holds no pixels: they reopen the memmap.
+    payload = pickle.dumps(second)
+    assert len(payload) < built[0].stat().st_size
+    clone = pickle.loads(payload)
+    assert torch.equal(clone[1][0], first[1][0])
+    assert isinstance(np.load(built[0], mmap_mode="r"), np.memmap)
+
+
+def test_changed_source_file_is_detected(tmp_path, caplog):
+    fixture = write_celeba_fixture(tmp_path / "data", n=9)
+    ds = CelebA(fixture.root, "train", "Smiling", "Male", cache_dir=tmp_path / "cache")
+    image_id = ds.image_ids[1]
+    new_colour = (250, 250, 20)
+    save_jpeg(draw_face(fixture.size, new_colour), fixture.image_path(image_id))
+    stat = fixture.image_path(image_id).stat()
+    os.utime(fixture.image_path(image_id), ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+    cache_dir = tmp_path / "cache"
+    files = [fixture.dataset_dir / "img_align_celeba" / i for i in ds.image_ids]
+    with pytest.raises(UserError, match=rf"is stale: 1 source files changed .*first: {image_id}"):
+        open_image_cache(
+            cache_dir, "celeba-train", files[0].parent, [f.name for f in files], partial(load_image, image_size=64),
+            image_size=64, pipeline=PIPELINE, on_stale="error", progress=False,
+        )
+    with caplog.at_level(logging.WARNING):
+        rebuilt = CelebA(fixture.root, "train", "Smiling", "Male", cache_dir=cache_dir)
+    assert "is stale (1 source files changed" in caplog.text
+    colour = torch.tensor(new_colour, dtype=torch.float32).view(3, 1, 1) / 255
+    assert (rebuilt[1][0] - colour).abs().max() <= 8 / 255
+    assert len(images_files(cache_dir)) == 1  # the old build was removed
+
+
+def test_a_different_pipeline_file_list_or_mtime_is_stale(tmp_path):
+    fixture = write_celeba_fixture(tmp_path / "data", n=6)
+    source = fixture.dataset_dir / "img_align_celeba"
+    files = sorted(os.listdir(source))
+    arguments = dict(image_size=8, progress=False, on_stale="error")
+    open_image_cache(tmp_path / "c", "x", source, files, partial(load_image, image_size=8), pipeline="v1", **arguments)
+    stat = (source / files[3]).stat()
+    os.utime(source / files[3], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # same bytes, new mtime
+    with pytest.raises(UserError, match=f"1 source files changed .*first: {files[3]}"):
+        open_image_cache(tmp_path / "c", "x", source, files, partial(load_image, image_size=8), pipeline="v1", **arguments)
+    os.utime(source / files[3], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(UserError, match="its pipeline is 'v1', not 'v2'"):
+        open_image_cache(tmp_path / "c", "x", source, files, partial(load_image, image_size=8), pipeline="v2", **arguments)
+    with pytest.raises(UserError, match=r"the file list changed \(6 cached, 5 now\)"):
+        open_image_cache(tmp_path / "c", "x", source, files[1:], partial(load_image, image_size=8), pipeline="v1", **arguments)
+
+
+CHILD = """
+import logging, sys, time
+from PIL import Image
+import numpy as np
+from distributed_asac.data.cache import open_image_cache
+
+def slow_loader(path):
+    time.sleep(0.1)  # keeps the first builder busy while the second one arrives
+    with Image.open(path) as image:
+        return np.array(image.convert("RGB").resize((8, 8)))
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+source, cache_dir = sys.argv[1], sys.argv[2]
+files = sorted(__import__("os").listdir(source))
+opened = open_image_cache(cache_dir, "race", source, files, slow_loader, image_size=8, pipeline="p", workers=1, progress=False)
+print(opened.path.name)
+"""
+
+
+def test_two_processes_building_at_once_end_with_one_cache(tmp_path):
+    fixture = write_celeba_fixture(tmp_path / "data", n=12, size=(20, 20), torchvision_extras=False)
+    source = fixture.dataset_dir / "img_align_celeba"
+    command = [sys.executable, "-c", CHILD, str(source), str(tmp_path / "cache")]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    children = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    results = [child.communicate(timeout=60) for child in children]
+    assert [child.returncode for child in children] == [0, 0], [err for _, err in results]
+    assert results[0][0] == results[1][0]  # both opened the same build
+    assert sum("built image cache" in err for _, err in results) == 1
+    assert [path.name for path in images_files(tmp_path / "cache")] == [results[0][0].strip()]
+    expected = np.stack([np.array(draw_face((20, 20), c).resize((8, 8))) for c in fixture.colours])
+    assert np.abs(np.load(images_files(tmp_path / "cache")[0]).astype(int) - expected).max() <= 8
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_bad_images_are_recorded_by_the_build(tmp_path, policy):
+    fixture = write_celeba_fixture(tmp_path / "data", n=12)
+    victim = fixture.split_ids(0)[1]
+    corrupt_jpeg(fixture.image_path(victim))
+    arguments = dict(split="train", target="Smiling", protected="Male", cache_dir=tmp_path / "cache")
+    if policy == "error":
+        with pytest.raises(BadImageError, match=rf"cannot decode image .*{victim}"):
+            CelebA(fixture.root, **arguments, on_bad_image="error")
+        return
+    cached = CelebA(fixture.root, **arguments, on_bad_image="skip")
+    direct = CelebA(fixture.root, "train", "Smiling", "Male", on_bad_image="skip")
+    assert cached.skipped_images == direct.skipped_images == [victim]
+    assert victim not in cached.image_ids
+    assert_same_items(direct, cached)
+
+
+def test_parallel_pass_matches_inline(tmp_path, monkeypatch):
+    fixture = write_celeba_fixture(tmp_path / "data", n=10, size=(30, 36), torchvision_extras=False)
+    corrupt_jpeg(fixture.image_path(fixture.image_ids[6]), "garbage")
+    source = fixture.dataset_dir / "img_align_celeba"
+    monkeypatch.setattr(cache_module, "CHUNK", 3)  # several tasks from a few images
+    loader = partial(load_image, image_size=12)
+    arguments = dict(image_size=12, pipeline=PIPELINE, progress=False)
+    inline = open_image_cache(tmp_path / "one", "x", source, fixture.image_ids, loader, workers=1, **arguments)
+    parallel = open_image_cache(tmp_path / "two", "x", source, fixture.image_ids, loader, workers=2, **arguments)
+    assert list(inline.bad) == list(parallel.bad) == [6]
+    assert all(np.array_equal(inline.pixels(k), parallel.pixels(k)) for k in range(10))
+    assert find_bad_images(source, fixture.image_ids, check_image, workers=2, progress=False).keys() == {6}
