@@ -3,7 +3,10 @@
 Every attribute is drawn, so the label causes the pixels:
 
 - ``Male``: a full dark beard along the jaw and chin (a large, high-contrast shape: the easy shortcut).
-- ``Smiling``: a small open smile (a filled half-ellipse) versus a flat closed mouth (a thin line).
+- ``Smiling``: a small open smile (a filled half-ellipse under the lip line) versus the lip line alone.
+  The smile's depth is a per-image draw, uniform from nothing to full: the shallowest smiles look like
+  a closed mouth, so the mouth alone does not settle every label. As in real faces, an ambiguous
+  mouth leaves a biased model free to lean on the protected cue.
 - ``Wavy_Hair``: a wavy hair outline and hairline versus smooth ones.
 - ``Big_Nose``: a large versus a small nose.
 - ``Eyeglasses``: round frames with a bridge and temples.
@@ -204,6 +207,7 @@ class FaceDraws:
     frame: RGB
     iris: RGB
     wave_phase: float
+    smile_depth: float  # fraction of the full smile depth drawn when Smiling (0: looks closed)
     noise: np.ndarray  # (H, W, 3) float32, added at output resolution
 
 
@@ -253,10 +257,11 @@ def sample_face(rng: np.random.Generator, size: tuple[int, int]) -> FaceDraws:
     frame = _rgb(rng.uniform(10, 60, 3))
     iris = _rgb(rng.uniform(20, 110, 3))
     wave_phase = rng.uniform(0.0, 2 * math.pi)
+    smile_depth = rng.uniform(0.0, 1.0)
     noise = rng.normal(0.0, rng.uniform(2.0, 6.0), (height, width, 3)).astype(np.float32)
     return FaceDraws(
         size, factor, cx, cy, rx, ry, skin, hair, background, gradient_angle, shirt, lips, frame, iris,
-        wave_phase, noise,
+        wave_phase, smile_depth, noise,
     )
 
 
@@ -366,21 +371,21 @@ def _mouth_geometry(f: FaceDraws) -> tuple[float, float, float]:
 
 
 def _mouth_corners(f: FaceDraws, smiling: bool) -> tuple[tuple[float, float], tuple[float, float]]:
-    y, half, depth = _mouth_geometry(f)
-    if smiling:
-        return (f.cx - half, y), (f.cx + half, y)
-    y_line = y + 0.25 * depth
-    return (f.cx - 0.85 * half, y_line), (f.cx + 0.85 * half, y_line)
+    """The ends of the lip line: the same for both labels, so only the smile's opening tells them apart."""
+    y, half, _ = _mouth_geometry(f)
+    return (f.cx - half, y), (f.cx + half, y)
 
 
 def _mouth(f: FaceDraws, smiling: bool) -> list[Shape]:
-    """An open smile (the lower half of an ellipse, filled) or a flat closed mouth (a line)."""
+    """The lip line, plus, when smiling, an open smile (the lower half of an ellipse, filled) whose depth
+    is ``f.smile_depth`` of the full depth."""
     y, half, depth = _mouth_geometry(f)
     left, right = _mouth_corners(f, smiling)
+    shapes = [Shape("line", (*left, *right), f.lips, _stroke(f, 0.06))]
     if smiling:
-        points = _ellipse_points(f.cx, y, half, depth, 0.0, math.pi, 32)
-        return [Shape("polygon", _flat(points), f.lips)]
-    return [Shape("line", (*left, *right), f.lips, _stroke(f, 0.06))]
+        points = _ellipse_points(f.cx, y, half, depth * f.smile_depth, 0.0, math.pi, 32)
+        shapes.append(Shape("polygon", _flat(points), f.lips))
+    return shapes
 
 
 def _glasses(f: FaceDraws) -> list[Shape]:
