@@ -4,7 +4,9 @@
 ``CelebA`` without the cache, (c) with the preprocessed cache. Same split, image size, batch size,
 worker count and shuffled order for all three. The clock starts when the first batch arrives (worker
 start-up is not counted) and every source file is read once beforehand, so the page cache is equally
-warm for all. The cache build is timed separately.
+warm for all. The cache build is timed separately. With ``--repeats`` the readers run in rounds
+(a, b, c, a, b, c, ...) and each reports its median, so that load from other processes, which the
+printed load average shows, falls on all three alike.
 
 Usage (from the repository root; the folder is generated if it has no list_attr_celeba.txt)::
 
@@ -18,6 +20,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -101,10 +104,9 @@ def images_per_second(dataset: Dataset, batch_size: int, workers: int, max_image
 
 
 def machine() -> str:
-    model = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-        platform.processor() or "unknown CPU",
-    )
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    model = models[0] if models else platform.processor() or "unknown CPU"
     return f"{model}, {len(os.sched_getaffinity(0))} usable cores, {platform.system()} {platform.release()}"
 
 
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for every reader")
     parser.add_argument("--split", default="train")
     parser.add_argument("--max-images", type=int, default=10**9, help="stop each pass after this many images")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over the three readers; medians reported")
     parser.add_argument("--cache-dir", type=Path, help="default: <data>_cache next to the data")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -144,7 +147,12 @@ def main(argv: list[str] | None = None) -> None:
     build_seconds = time.perf_counter() - started
     cache_bytes = sum(path.stat().st_size for path in cache_dir.rglob("images-*.npy"))
 
-    rates = {name: images_per_second(ds, args.batch_size, args.workers, args.max_images) for name, ds in readers.items()}
+    load_before = os.getloadavg()[0]
+    rounds = [
+        {name: images_per_second(ds, args.batch_size, args.workers, args.max_images) for name, ds in readers.items()}
+        for _ in range(args.repeats)
+    ]
+    rates = {name: statistics.median(r[name] for r in rounds) for name in readers}
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
@@ -155,13 +163,16 @@ def main(argv: list[str] | None = None) -> None:
         "image_size": args.image_size,
         "batch_size": args.batch_size,
         "workers": args.workers,
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "repeats": args.repeats,
         "images_per_second": {name: round(rate, 1) for name, rate in rates.items()},
         "ratio_to_torchvision": {name: round(rate / rates["a_torchvision"], 2) for name, rate in rates.items()},
         "cache_build_seconds": round(build_seconds, 1),
         "cache_megabytes": round(cache_bytes / 1e6, 1),
     }
     print(f"{results['date']} on {results['machine']}")
-    print(f"{results['images']} {args.split} images at {args.image_size}px, batch {args.batch_size}, {args.workers} workers")
+    print(f"{results['images']} {args.split} images at {args.image_size}px, batch {args.batch_size}, {args.workers} workers, "
+          f"median of {args.repeats}, load average {load_before:.2f} before / {os.getloadavg()[0]:.2f} after")
     for name, rate in rates.items():
         print(f"  {name:<14} {rate:9.1f} images/s   {rate / rates['a_torchvision']:6.2f}x (a)")
     print(f"  cache build {build_seconds:.1f} s, {cache_bytes / 1e6:.1f} MB on disk")

@@ -280,7 +280,8 @@ def _run_pass(
 ) -> dict[int, str]:
     """Apply ``loader`` to every file (writing rows into ``images`` if given); returns the bad ones."""
     workers = max(1, min(workers or len(os.sched_getaffinity(0)), -(-len(files) // CHUNK)))
-    tasks = [(str(source_dir), files[start : start + CHUNK], start, loader, images) for start in range(0, len(files), CHUNK)]
+    starts = range(0, len(files), CHUNK)
+    tasks = [(str(source_dir), files[start : start + CHUNK], start, loader, images) for start in starts]
     bad: dict[int, str] = {}
     with tqdm(total=len(files), desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
         if workers == 1:
@@ -288,7 +289,7 @@ def _run_pass(
                 bad.update(_process_chunk(task))
                 bar.update(len(task[1]))
             return bad
-        with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context(loader)) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
             futures = {pool.submit(_process_chunk, task): len(task[1]) for task in tasks}
             for future in as_completed(futures):
                 bad.update(future.result())
@@ -296,15 +297,13 @@ def _run_pass(
     return bad
 
 
-def _pool_context(loader: Callable[[str], Any]) -> multiprocessing.context.BaseContext:
-    """forkserver: workers fork from a clean server process, not from the caller, which may hold threads
-    (torch, DataLoader, tqdm) that a plain fork would copy mid-state. The server imports the loader's
-    module once (the first pool of a process pays it, ~3 s with torch); later pools start at once."""
-    context = multiprocessing.get_context("forkserver")
-    module = getattr(getattr(loader, "func", loader), "__module__", None)
-    if module and module != "__main__":
-        context.set_forkserver_preload([module])
-    return context
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """fork, as DataLoader workers use on Linux. spawn and forkserver re-import the caller's ``__main__``
+    in every worker: a script without a main guard would construct its dataset again there and block on
+    this cache's lock, and a script read from stdin cannot be re-imported at all; each worker would also
+    pay torch's import (~3 s). The forked workers run only the decoder (PIL, numpy): no torch ops, no
+    threads, so the parent's threads and locks are never touched in them."""
+    return multiprocessing.get_context("fork")
 
 
 def _process_chunk(task: tuple[str, list[str], int, Callable[[str], Any], Path | None]) -> dict[int, str]:

@@ -114,7 +114,9 @@ def _raise_first_bad_scores(lines: list[str], header_line: int, path: Path) -> N
                 if not np.isfinite(float(field)):
                     raise ValueError
             except ValueError:
-                raise UserError(f"{path} is malformed at line {number}: score {field.strip()[:20]!r} is not a finite number") from None
+                raise UserError(
+                    f"{path} is malformed at line {number}: score {field.strip()[:20]!r} is not a finite number"
+                ) from None
     raise UserError(f"{path} is malformed: its scores could not be parsed; restore the original file")
 
 
@@ -137,7 +139,9 @@ def locate_lfw(root: str | os.PathLike, image_folder: str | None = None) -> tupl
         if image_folder not in IMAGE_FOLDERS:
             raise UserError(f"unknown LFW image folder {image_folder!r}; use one of {', '.join(IMAGE_FOLDERS)}")
         if not (root / image_folder).is_dir():
-            raise UserError(f"LFW root {root} has no {image_folder}/ folder; extract it there or choose another image folder")
+            raise UserError(
+                f"LFW root {root} has no {image_folder}/ folder; extract it there or choose another image folder"
+            )
         return attributes, root / image_folder
     for name in IMAGE_FOLDERS:
         if (root / name).is_dir():
