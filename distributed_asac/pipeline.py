@@ -61,7 +61,8 @@ def check_replicas(model: TwoHeadModel, accelerator: Accelerator) -> dict[str, o
     digests = gather_object([digest.hexdigest()]) if accelerator.num_processes > 1 else [digest.hexdigest()]
     if len(set(digests)) != 1:
         raise RuntimeError(f"ranks ended with different parameters ({len(set(digests))} distinct): not synchronised")
-    return {"world_size": accelerator.num_processes, "parameter_digests": digests}
+    return {"world_size": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value,
+            "parameter_digests": digests}
 
 
 def finish_model(name: str, model: TwoHeadModel, cfg: Config, splits: Splits, accelerator: Accelerator,

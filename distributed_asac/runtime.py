@@ -21,10 +21,10 @@ def make_accelerator() -> Accelerator:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     gloo = launched > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if gloo else [])
-    if launched > 1 and accelerator.num_processes != launched:
+    if launched > 1 and (accelerator.num_processes != launched or accelerator.distributed_type == DistributedType.NO):
         raise UserError(
-            f"{launched} processes were launched but Accelerate sees {accelerator.num_processes}: each would train "
-            "alone. On CPU set ACCELERATE_USE_CPU=true for DDP (or use the DeepSpeed config); see launch/README.md"
+            f"{launched} processes were launched but Accelerate does not connect them: each would train "
+            "alone. On CPU set ACCELERATE_USE_CPU=true for DDP (or use launch/cpu_ddp.sh); see README.md, Running stage 3"
         )
     return accelerator
 

@@ -48,9 +48,9 @@ def _launch(config_file: str, env_extra: dict, tmp: Path, overrides: list[str], 
     return run_dir / "asac_fgsm"
 
 
-def _check(folder: Path, overrides: list[str]):
+def _check(folder: Path, overrides: list[str], distributed_type: str):
     replicas = json.loads((folder / "replicas.json").read_text())
-    assert replicas["world_size"] == 2
+    assert replicas["world_size"] == 2 and replicas["distributed_type"] == distributed_type
     assert len(replicas["parameter_digests"]) == 2 and len(set(replicas["parameter_digests"])) == 1
     reported = json.loads((folder / "results.json").read_text())["asac_fgsm"]
 
@@ -69,13 +69,13 @@ def _check(folder: Path, overrides: list[str]):
 def test_ddp_two_cpu_processes(base_checkpoint):
     tmp, overrides, ckpt = base_checkpoint
     folder = _launch("cpu_ddp.yaml", {"ACCELERATE_USE_CPU": "true"}, tmp, [*overrides, f"base_checkpoint={ckpt}"], "ddp")
-    _check(folder, overrides)
+    _check(folder, overrides, "MULTI_CPU")
 
 
 def test_deepspeed_zero2_two_cpu_processes(base_checkpoint):
     tmp, overrides, ckpt = base_checkpoint
     folder = _launch("deepspeed_zero2.yaml", {}, tmp, [*overrides, f"base_checkpoint={ckpt}"], "zero2")
-    _check(folder, overrides)
+    _check(folder, overrides, "DEEPSPEED")  # not plain DDP: ACCELERATE_USE_CPU would silently drop DeepSpeed
 
 
 def test_unsynchronised_cpu_launch_is_refused(base_checkpoint):
@@ -83,8 +83,9 @@ def test_unsynchronised_cpu_launch_is_refused(base_checkpoint):
     tmp, overrides, ckpt = base_checkpoint
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "launch" / "cpu_ddp.yaml"), "-m",
-           "distributed_asac.finetune", *overrides, f"base_checkpoint={ckpt}", "experiment=lone"]
+           "distributed_asac.finetune", "--config", str(REPO / "configs" / "smoke.yaml"), *overrides,
+           f"base_checkpoint={ckpt}", "experiment=lone"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "ACCELERATE_USE_CPU=true" in proc.stderr
+    assert "Accelerate does not connect them" in proc.stderr and "ACCELERATE_USE_CPU=true" in proc.stderr
     assert not (tmp / "runs" / "lone").exists()
