@@ -32,6 +32,10 @@ class DataConfig:
     protected: str = "Male"  # attribute C predicts and ASACs flip
     image_size: int = 64  # square side in pixels after center-crop and resize
     num_workers: int = 0  # DataLoader workers per process
+    cache_dir: Optional[str] = None  # a preprocessed uint8 cache (built once, memory-mapped); None: decode JPEGs
+    on_bad_image: str = "error"  # error: name the corrupt file and stop; skip: leave it out, count it, log it
+    split_file: Optional[str] = None  # LFW: person-disjoint split file; None: <output_dir>/<experiment>/lfw_split.json
+    split_seed: int = 0  # LFW: seed of a newly drawn split
     synthetic_num_images: int = 6000  # generated dataset only
     synthetic_bias: float = 0.9  # P(target == protected) in train/valid of the generated dataset
     synthetic_seed: int = 0
@@ -40,7 +44,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "small_cnn"  # see models.BACKBONES
-    weights: Optional[str] = None  # None: random init; a path to a local torchvision state dict
+    weights: Optional[str] = None  # None: random init; "imagenet": torchvision's file in the torch cache; or a path
 
 
 @dataclass
@@ -99,6 +103,7 @@ class Config:
 
 DATASETS = ("synthetic", "celeba", "lfw")
 ATTACK_MODELS = ("frozen", "live")
+BAD_IMAGE_POLICIES = ("error", "skip")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -160,6 +165,7 @@ def validate(cfg: Config) -> None:
     check_name("finetune.order", cfg.finetune.order, ORDERS.names())
     check_name("finetune.mode", cfg.finetune.mode, MODES.names())
     check_name("finetune.attack_model", cfg.finetune.attack_model, ATTACK_MODELS)
+    check_name("data.on_bad_image", cfg.data.on_bad_image, BAD_IMAGE_POLICIES)
     for eps in cfg.finetune.eps:
         if not 0.0 <= eps <= 1.0:
             raise UserError(f"config key 'finetune.eps': {eps} is outside [0, 1] (ε is in pixel units of [0, 1] images)")

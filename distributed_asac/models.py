@@ -66,11 +66,23 @@ def set_trainable(model: nn.Module, stage: str) -> None:
         param.requires_grad = name.startswith("protected_head.") == train_probe_head
 
 
+def _imagenet_file(name: str) -> Path:
+    """torchvision's ImageNet weights of `name` in the local torch cache; never downloaded at run time."""
+    url = torchvision.models.get_model_weights(name).IMAGENET1K_V1.url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    if not path.is_file():
+        raise UserError(
+            f"model.weights=imagenet needs {path.name} in {path.parent} (nothing is downloaded at run time): "
+            f"fetch {url} on a connected machine and copy it there, or set model.weights to a local file"
+        )
+    return path
+
+
 def _load_local_weights(model: nn.Module, weights: Optional[str], name: str) -> None:
     """Load a torchvision state dict from a local file into `model` before its classifier is replaced."""
     if weights is None:
         return
-    path = Path(weights)
+    path = _imagenet_file(name) if weights == "imagenet" else Path(weights)
     if not path.is_file():
         raise UserError(f"model.weights file {weights!r} not found (give a local torchvision state dict for {name})")
     if path.suffix == ".safetensors":

@@ -73,6 +73,7 @@ def finish_model(name: str, model: TwoHeadModel, cfg: Config, splits: Splits, ac
     report = evaluation.report()
     replicas = check_replicas(model, accelerator)
     tracker.log_metrics({f"test_{k}": v for k, v in report.items()})
+    tracker.log_metrics({"data_skipped_images": splits.num_skipped()})
     tracker.log_params({"world_size": replicas["world_size"]})
     if accelerator.is_main_process:
         files = write_results(folder, name, evaluation)
@@ -139,7 +140,7 @@ def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optiona
     given (a sweep's parent run)."""
     accelerator = accelerator or make_accelerator()
     generator = seed_everything(cfg.seed, accelerator)
-    splits = build_splits(cfg.data, accelerator)
+    splits = build_splits(cfg, accelerator)
     run_dir = new_run_dir(cfg, accelerator)
     tags = {"run_dir": str(run_dir)}
     if parent_run_id:

@@ -56,7 +56,7 @@ def _check(folder: Path, overrides: list[str], distributed_type: str):
 
     cfg = load_config(REPO / "configs" / "smoke.yaml", overrides)
     accelerator = Accelerator(cpu=True)
-    splits = build_splits(cfg.data, accelerator)
+    splits = build_splits(cfg, accelerator)
     assert len(splits.test) % 2 == 1  # uneven shards: one rank has one image more
     model, _ = load_checkpoint(folder)
     single = evaluate(accelerator, model, splits.test, batch_size=7, twins=splits.twins)

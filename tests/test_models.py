@@ -45,3 +45,17 @@ def test_local_weights_file(tmp_path):
         create_model("resnet18", str(tmp_path / "nope.pth"))
     with pytest.raises(UserError, match="does not match resnet50"):
         create_model("resnet50", str(tmp_path / "r18.pth"))
+
+
+def test_imagenet_weights_come_from_the_torch_cache_only(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache: nothing may be downloaded
+    with pytest.raises(UserError, match=r"resnet18-f37072fd\.pth in .*checkpoints"):
+        create_model("resnet18", "imagenet")
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    net = torchvision.models.resnet18(weights=None)
+    torch.save(net.state_dict(), cache / "resnet18-f37072fd.pth")
+    model = create_model("resnet18", "imagenet")
+    torch.testing.assert_close(model.backbone.layer1[0].conv1.weight, net.layer1[0].conv1.weight)

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from distributed_asac import pipeline
 from distributed_asac.checkpoint import load_checkpoint
 from distributed_asac.config import Config, load_config
-from distributed_asac.demo import VARIANTS
+from distributed_asac.demo import DEMO_ROWS, row_variants
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ def _smoke(tmp_path, *overrides):
 def smoke_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("smoke")
     cfg = _smoke(tmp_path)
-    out = pipeline.run(cfg, variants=VARIANTS)
+    out = pipeline.run(cfg, variants=row_variants(",".join(DEMO_ROWS)))
     assert out.run_dir.parent == tmp_path / "runs" / "smoke"
     return tmp_path, cfg, out.results, out.run_dir
 

@@ -9,7 +9,9 @@ from typing import Optional
 from accelerate import Accelerator
 from torch.utils.data import Dataset
 
-from ..config import DataConfig
+from ..config import Config
+
+SPLIT_NAMES = ("train", "valid", "test")
 
 
 @dataclass
@@ -19,27 +21,34 @@ class Splits:
     test: Dataset
     twins: Optional[Dataset] = None  # test images with only the protected attribute flipped
 
+    def num_skipped(self) -> int:
+        """Undecodable images left out under `data.on_bad_image: skip`, over all splits."""
+        return sum(getattr(ds, "num_skipped", 0) for ds in (self.train, self.valid, self.test))
 
-def build_splits(cfg: DataConfig, accelerator: Accelerator) -> Splits:
-    """Load the dataset `cfg.name`; the generated one is written first, by the main process only."""
-    from .celeba import CelebA
 
-    if cfg.name == "synthetic":
-        from .synthetic import generate
+def build_splits(cfg: Config, accelerator: Accelerator) -> Splits:
+    """Load the dataset `cfg.data.name`. The main process goes first: it generates the synthetic set,
+    builds the cache and draws the LFW split file, which the other ranks then read."""
+    data = cfg.data
+    with accelerator.main_process_first():
+        if data.name == "synthetic" and accelerator.is_main_process:
+            from .synthetic import generate
 
-        with accelerator.main_process_first():
-            if accelerator.is_main_process:
-                generate(
-                    Path(cfg.root),
-                    num_images=cfg.synthetic_num_images,
-                    bias=cfg.synthetic_bias,
-                    seed=cfg.synthetic_seed,
-                    size=(cfg.image_size, cfg.image_size),
-                )
-    if cfg.name in ("synthetic", "celeba"):
-        splits = Splits(*(CelebA(cfg.root, split, cfg.target, cfg.protected, cfg.image_size)
-                          for split in ("train", "valid", "test")))
-        if cfg.name == "synthetic":
-            splits.twins = CelebA(cfg.root, "test", cfg.target, cfg.protected, cfg.image_size, counterfactual=True)
-        return splits
-    raise NotImplementedError(f"data.name {cfg.name!r} is not wired yet")
+            generate(Path(data.root), num_images=data.synthetic_num_images, bias=data.synthetic_bias,
+                     seed=data.synthetic_seed, size=(data.image_size, data.image_size))
+        common = dict(cache_dir=data.cache_dir, on_bad_image=data.on_bad_image)
+        if data.name == "lfw":
+            from .lfw import LFW
+
+            split_file = data.split_file or str(Path(cfg.output_dir) / cfg.experiment / "lfw_split.json")
+            return Splits(*(LFW(data.root, split, data.target, data.protected, data.image_size,
+                                split_file=split_file, split_seed=data.split_seed, **common)
+                            for split in SPLIT_NAMES))
+        from .celeba import CelebA
+
+        splits = Splits(*(CelebA(data.root, split, data.target, data.protected, data.image_size, **common)
+                          for split in SPLIT_NAMES))
+        if data.name == "synthetic":
+            splits.twins = CelebA(data.root, "test", data.target, data.protected, data.image_size,
+                                  counterfactual=True, **common)
+    return splits
