@@ -72,6 +72,16 @@ class FinetuneConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    """Per-model analysis on the first test images (analysis.py); 0 images turns a part off."""
+
+    robustness_eps: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05])  # 0 is added
+    robustness_images: int = 256
+    ig_images: int = 32
+    ig_steps: int = 32
+
+
+@dataclass
 class TrackingConfig:
     uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     enabled: bool = True
@@ -91,6 +101,7 @@ class Config:
     base: StageConfig = field(default_factory=lambda: StageConfig(epochs=8))
     probe: StageConfig = field(default_factory=lambda: StageConfig(epochs=3))
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,15 +177,17 @@ def validate(cfg: Config) -> None:
     check_name("finetune.mode", cfg.finetune.mode, MODES.names())
     check_name("finetune.attack_model", cfg.finetune.attack_model, ATTACK_MODELS)
     check_name("data.on_bad_image", cfg.data.on_bad_image, BAD_IMAGE_POLICIES)
-    for eps in cfg.finetune.eps:
-        if not 0.0 <= eps <= 1.0:
-            raise UserError(f"config key 'finetune.eps': {eps} is outside [0, 1] (ε is in pixel units of [0, 1] images)")
+    for key in ("finetune.eps", "analysis.robustness_eps"):
+        for eps in _get(cfg, key):
+            if not 0.0 <= eps <= 1.0:
+                raise UserError(f"config key {key!r}: {eps} is outside [0, 1] (ε is in pixel units of [0, 1] images)")
     _in_range("finetune.adv_eps", cfg.finetune.adv_eps, 0.0, 1.0)
     _in_range("finetune.alpha", cfg.finetune.alpha, 0.0, 1.0)
     _in_range("data.synthetic_bias", cfg.data.synthetic_bias, 0.0, 1.0)
     for key in ("data.image_size", "finetune.pgd_steps", "base.batch_size", "probe.batch_size", "finetune.batch_size"):
         _in_range(key, _get(cfg, key), 1, None)
-    for key in ("base.epochs", "probe.epochs", "finetune.epochs", "data.num_workers", "grad_clip"):
+    for key in ("base.epochs", "probe.epochs", "finetune.epochs", "data.num_workers", "grad_clip",
+                "analysis.robustness_images", "analysis.ig_images", "analysis.ig_steps"):
         _in_range(key, _get(cfg, key), 0, None)
     for key in ("base.lr", "probe.lr", "finetune.lr", "adam_eps"):
         if _get(cfg, key) <= 0:

@@ -113,11 +113,13 @@ def evaluate(
     )
 
 
-def write_results(folder: Path, model_name: str, evaluation: Evaluation) -> tuple[Path, Path]:
-    """`results.json` ({model_name: report}) and `predictions.csv` (one row per test image) in `folder`."""
+def write_results(folder: Path, model_name: str, evaluation: Evaluation,
+                  extra: Optional[dict] = None) -> tuple[Path, Path]:
+    """`results.json` ({model_name: report, plus `extra`}) and `predictions.csv` (one row per test image)."""
     folder.mkdir(parents=True, exist_ok=True)
     results = folder / "results.json"
-    results.write_text(json.dumps({model_name: evaluation.report()}, indent=2, allow_nan=True))
+    report = {**evaluation.report(), **(extra or {})}
+    results.write_text(json.dumps({model_name: report}, indent=2, allow_nan=True))
     predictions = folder / "predictions.csv"
     with predictions.open("w", newline="") as f:
         writer = csv.writer(f)

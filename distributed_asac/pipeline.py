@@ -20,6 +20,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
+from .analysis import analyse
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, save_config
 from .data.build import Splits, build_splits
@@ -27,7 +28,7 @@ from .errors import UserError
 from .evaluate import evaluate, write_results
 from .finetune import finetune, model_name
 from .models import TwoHeadModel, create_model
-from .report import format_table
+from .report import format_table, plot_robustness
 from .runtime import make_accelerator, seed_everything
 from .stages import train_stage
 from .tracking import Tracker
@@ -67,7 +68,7 @@ def check_replicas(model: TwoHeadModel, accelerator: Accelerator) -> dict[str, o
 
 def finish_model(name: str, model: TwoHeadModel, cfg: Config, splits: Splits, accelerator: Accelerator,
                  tracker: Tracker, folder: Path) -> dict[str, object]:
-    """Evaluate on test (and twins), write results.json, predictions.csv and the checkpoint, log them all."""
+    """Evaluate on test (and twins), analyse, write results.json, predictions.csv and the checkpoint, log all."""
     evaluation = evaluate(accelerator, model, splits.test, cfg.finetune.batch_size, twins=splits.twins,
                           num_workers=cfg.data.num_workers)
     report = evaluation.report()
@@ -76,9 +77,15 @@ def finish_model(name: str, model: TwoHeadModel, cfg: Config, splits: Splits, ac
     tracker.log_metrics({"data_skipped_images": splits.num_skipped()})
     tracker.log_params({"world_size": replicas["world_size"]})
     if accelerator.is_main_process:
-        files = write_results(folder, name, evaluation)
+        analysis = analyse(model, splits.test, cfg.analysis, cfg.finetune.batch_size, accelerator.device)
+        report.update(analysis)
+        files = write_results(folder, name, evaluation, extra=analysis)
         (folder / "replicas.json").write_text(json.dumps(replicas, indent=2))
         save_checkpoint(model.state_dict(), cfg, folder)
+        for point in analysis.get("robustness", []):
+            tracker.log_metrics({f"robust_{k}_eps_{point['eps']:g}": v for k, v in point.items() if k != "eps"})
+        if "IG_mouth_share" in analysis:
+            tracker.log_metrics({k: analysis[k] for k in ("IG_mouth_share", "mouth_area_share")})
         for path in (*files, folder / "model.safetensors", folder / "config.yaml"):
             tracker.log_artifact(path)
     accelerator.wait_for_everyone()
@@ -120,8 +127,11 @@ def run_finetune(cfg: Config, base: TwoHeadModel, splits: Splits, accelerator: A
 
 
 def write_summary(run_dir: Path, results: dict[str, dict], cfg: Config) -> str:
-    """The run's merged results.json and table.md; returns the table."""
+    """The run's merged results.json, table.md and robustness.png; returns the table."""
     table = format_table(results, cfg.data.target)
+    curves = {name: r["robustness"] for name, r in results.items() if "robustness" in r and name != "probe"}
+    if curves:
+        plot_robustness(curves, run_dir / "robustness.png")
     (run_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True))
     (run_dir / "table.md").write_text(table + "\n")
     return table
