@@ -16,7 +16,7 @@ $(STAMP): requirements.txt setup.py
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m distributed_asac.demo $(ARGS)
+	$(PY) -m distributed_asac.demo --config configs/demo.yaml $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)

@@ -59,7 +59,7 @@ class StageConfig:
 @dataclass
 class FinetuneConfig:
     mode: str = "asac"  # asac | plain | adv_augment | base (see finetune.MODES)
-    epochs: int = 3
+    epochs: int = 2
     batch_size: int = 64  # k: images per process per minibatch
     lr: float = 1e-3
     alpha: float = 0.5  # weight of the clean term in α·CE(x) + (1 − α)·CE(x')

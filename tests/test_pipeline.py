@@ -109,5 +109,7 @@ def test_failed_run_is_marked_and_damages_nothing(smoke_run, tmp_path, monkeypat
     assert first.results["base"]["n"] > 0
 
 
-def test_demo_yaml_documents_the_defaults():
-    assert load_config(REPO / "configs" / "demo.yaml") == Config()
+def test_demo_yaml_is_the_defaults_plus_its_named_departure():
+    demo, defaults = load_config(REPO / "configs" / "demo.yaml").flat(), Config().flat()
+    assert {k for k in defaults if demo[k] != defaults[k]} == {"finetune.pgd_steps"}
+    assert "DEPARTURE" in (REPO / "configs" / "demo.yaml").read_text()
