@@ -1,0 +1,347 @@
+"""Ray Tune sweeps (tune/) on the smoke config: runs, MLflow nesting, base cache, report, failures, resume.
+
+The sweeps run as the CLI does (`python tune/sweep.py` in a subprocess) with every output under a temporary
+folder. Each subprocess carries a marker variable, which Ray's processes inherit; after a sweep ends (or its
+driver is killed) no process may still carry it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from mlflow.entities import ViewType
+from mlflow.tracking import MlflowClient
+
+from distributed_asac.config import load_config
+from tune import report
+from tune.bases import base_key
+from tune.records import RECORD, read_state
+from tune.spec import load_sweep
+from tune.sweep import main
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENT = "sweep-test"
+MARKER = "ASAC_SWEEP_TEST_MARKER"
+AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+def _write_sweep(root: Path, name: str, grids: dict, **extra) -> Path:
+    spec = {"name": name, "base_config": str(REPO / "configs" / "smoke.yaml"), "experiment": EXPERIMENT,
+            "overrides": {"data.root": str(root / "data"), "output_dir": str(root / "runs"),
+                          "tracking.uri": f"sqlite:///{root / 'mlflow.db'}"},
+            "seeds": [0], "resources": {"cpu": 1, "gpu": 0}, "grids": grids, **extra}
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))  # grid order is trial order
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_tmp():
+    """A short Ray temp folder for this module: Ray's socket paths under it must stay below the 107-byte limit
+    of Unix sockets, which pytest's tmp_path can exceed."""
+    folder = tempfile.mkdtemp(prefix="asr-")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _env(marker: str, ray_tmp: str) -> dict[str, str]:
+    return {**os.environ, MARKER: marker, "ASAC_RAY_TEMP_DIR": ray_tmp, "OMP_NUM_THREADS": "1"}
+
+
+def _sweep_cli(*args: str) -> list[str]:
+    return [sys.executable, str(REPO / "tune" / "sweep.py"), *args]
+
+
+def _marked_processes(marker: str) -> dict[int, str]:
+    """pid → command line of the processes whose environment holds this test's marker: the driver and
+    everything Ray started (Ray renames its workers, so the command line alone would not find them)."""
+    found, needle = {}, f"{MARKER}={marker}".encode()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and needle in (proc / "environ").read_bytes().split(b"\0"):
+                found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except OSError:  # exited meanwhile, or not ours to read
+            continue
+    return found
+
+
+def _wait_for(marker: str, allowed: tuple[str, ...] = (), seconds: float = 30.0) -> dict[int, str]:
+    """Wait until every marked process left is one of `allowed` (command-line prefixes); return those left."""
+    deadline = time.time() + seconds
+    while True:
+        left = _marked_processes(marker)
+        done = all(cmd.startswith(allowed) for cmd in left.values()) if allowed else not left
+        if done or time.time() > deadline:
+            return left
+        time.sleep(0.5)
+
+
+def _sweep_dir(root: Path, name: str) -> Path:
+    (folder,) = (root / "runs" / "sweeps" / name).iterdir()
+    return folder
+
+
+def _children(root: Path, parent_id: str):
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    return client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, ray_tmp) -> SimpleNamespace:
+    """Two fine-tunes that start at once (1 and 3 epochs), then a trial whose base checkpoint does not exist.
+    The driver is killed (SIGKILL) as soon as one trial has finished, while the longer one is still running;
+    then the sweep is resumed to its end."""
+    root = tmp_path_factory.mktemp("sweep")
+    path = _write_sweep(root, "main", {"length": {"finetune.epochs": [1, 3]},
+                                       "broken": {"base_checkpoint": [str(root / "no_such_base")]}},
+                        max_concurrent=2)
+    marker = uuid.uuid4().hex
+    driver = subprocess.Popen(_sweep_cli("--config", str(path)), env=_env(marker, ray_tmp), cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((root / "runs" / "sweeps" / "main").glob(f"*/trials/*/{RECORD}")) and time.time() < deadline:
+        assert driver.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(0.2)
+    driver.kill()  # no finally, no signal handler: what a crash or an OOM kill does
+    driver.wait()
+    # Ray's core dies with its driver at once; its two agents first try for 60 s (a fixed timeout in Ray) to
+    # report the raylet's death to the dead GCS, then exit. They are checked again once the sweep has ended.
+    left_after_kill = _wait_for(marker, allowed=AGENTS)
+    folder = _sweep_dir(root, "main")
+    before = {p.parent.name: json.loads(p.read_text()) for p in folder.glob(f"trials/*/{RECORD}")}
+    resumed = subprocess.run(_sweep_cli("--config", str(path), "--resume"), env=_env(marker, ray_tmp), cwd=REPO,
+                             capture_output=True, text=True, timeout=400)
+    return SimpleNamespace(root=root, folder=folder, state=read_state(folder), marker=marker, resumed=resumed,
+                           before=before, left_after_kill=left_after_kill)
+
+
+def test_sweep_finishes_and_records_the_failed_trial(swept):
+    assert swept.resumed.returncode == 1, swept.resumed.stderr[-3000:]  # 1: it ran to the end; a trial failed
+    records = {r["name"]: r for r in map(json.loads, (p.read_text() for p in swept.folder.glob(f"trials/*/{RECORD}")))}
+    assert len(records) == 3
+    failed = [r for r in records.values() if r["status"] == "failed"]
+    assert len(failed) == 1 and "no_such_base" in failed[0]["error"]
+    assert (swept.folder / "trials" / failed[0]["name"] / "error.txt").read_text().strip()
+    finished = [r for r in records.values() if r["status"] == "finished"]
+    assert sorted(r["axes"]["finetune.epochs"] for r in finished) == [1, 3]
+    for r in finished:
+        assert 0 <= r["metrics"]["DEO"] <= 1 and 0 <= r["metrics"]["ACC"] <= 100
+    # Trials ran at once (writing to one sqlite store): the killed attempt's pair, or the resumed pair.
+    spans = sorted((r["started"], r["started"] + r["seconds"]) for r in records.values())
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
+
+
+def test_mlflow_children_nested_under_one_parent(swept):
+    client = MlflowClient(f"sqlite:///{swept.root / 'mlflow.db'}")
+    parent = client.get_run(swept.state["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["sweep_dir"] == str(swept.folder)
+    runs = [r for r in _children(swept.root, parent.info.run_id) if "sweep.trial" in r.data.tags]
+    trials = {r.data.tags["sweep.trial"]: r for r in runs}
+    assert len(runs) == len(trials) == 3  # one run per trial: the killed attempt's run was removed
+    assert set(trials) == {t["name"] for t in swept.state["trials"]}
+    for name, run in trials.items():
+        axes = next(t["axes"] for t in swept.state["trials"] if t["name"] == name)
+        assert run.info.run_name == name
+        if "finetune.epochs" in axes:  # a fine-tune: the pipeline's run, labelled with the trial's axes
+            assert run.info.status == "FINISHED"
+            epochs = axes["finetune.epochs"]
+            assert run.data.params["axis.finetune.epochs"] == str(epochs) == run.data.params["finetune.epochs"]
+            assert run.data.params["axis.seed"] == "0" and run.data.params["data.image_size"] == "32"
+            record = json.loads((swept.folder / "trials" / name / RECORD).read_text())
+            assert run.data.metrics["test_DEO"] == pytest.approx(record["metrics"]["DEO"])
+            assert {"test_DEOp", "test_DDP", "test_ACC", "base_ACC"} <= set(run.data.metrics)
+            assert len(client.get_metric_history(run.info.run_id, "finetune/loss")) == epochs  # per epoch
+        else:
+            assert run.info.status == "FAILED" and "no_such_base" in run.data.tags["error"]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/trials.csv", "report/length.csv", "report/pareto.png"} <= artifacts
+
+
+def test_base_trained_once(swept):
+    stages = [r.data.tags.get("stage") for r in _children(swept.root, swept.state["parent_run_id"])]
+    assert stages.count("base") == 1 and stages.count("probe") == 1
+    entries = [p for p in (swept.root / "runs" / "base_cache").iterdir() if (p / "base.json").is_file()]
+    assert len(entries) == 1
+    assert {t["base_key"] for t in swept.state["trials"] if t["base_key"]} == {entries[0].name}
+
+
+def test_report_has_one_row_per_trial(swept):
+    with (swept.folder / "report" / "trials.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["trial"] for r in rows) == sorted(t["name"] for t in swept.state["trials"])
+    assert sorted(r["status"] for r in rows) == ["failed", "finished", "finished"]
+    with (swept.folder / "report" / "length.csv").open() as f:
+        assert [r["finetune.epochs"] for r in csv.DictReader(f)] == ["1", "3"]
+    text = (swept.folder / "report" / "report.md").read_text()
+    assert "## Grid `length`" in text and "| asac_fgsm | 3 |" in text
+    assert (swept.folder / "report" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| asac_fgsm | 1 |" in swept.resumed.stdout  # the closing summary prints the tables
+
+
+@pytest.mark.slow  # a third Ray start (~45 s here): the fast tests already check no process outlives a sweep
+def test_ctrl_c_stops_the_sweep_and_ray(swept, ray_tmp):
+    """SIGINT while a trial runs (its base is cached): Tune stops it, Ray is shut down, the driver exits 130."""
+    path = _write_sweep(swept.root, "interrupted", {"g": {"finetune.epochs": [3]}})
+    marker = uuid.uuid4().hex
+    driver = subprocess.Popen(_sweep_cli("--config", str(path)), env=_env(marker, ray_tmp), cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not list((swept.root / "runs" / "sweeps" / "interrupted").glob("*/trials/*")):  # the trial has begun
+        assert driver.poll() is None and time.time() < deadline, "the trial never started"
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGINT)
+    _, err = driver.communicate(timeout=120)
+    assert driver.returncode == 130 and "--resume" in err.splitlines()[-1]
+    folder = _sweep_dir(swept.root, "interrupted")
+    assert not list(folder.glob(f"trials/*/{RECORD}"))  # unfinished: --resume would run it
+    parent = MlflowClient(f"sqlite:///{swept.root / 'mlflow.db'}").get_run(read_state(folder)["parent_run_id"])
+    assert parent.info.status == "KILLED" and parent.data.metrics["trials_pending"] == 1
+    assert _wait_for(marker, seconds=20) == {}
+
+
+def test_resume_after_killed_driver_reruns_nothing_finished(swept):
+    assert all(cmd.startswith(AGENTS) for cmd in swept.left_after_kill.values()), swept.left_after_kill
+    assert list(swept.before) == [swept.state["trials"][0]["name"]]  # the 1-epoch trial; 3 epochs still ran
+    assert swept.before[swept.state["trials"][0]["name"]]["status"] == "finished"
+    runs = [r for r in _children(swept.root, swept.state["parent_run_id"]) if "sweep.trial" in r.data.tags]
+    client = MlflowClient(f"sqlite:///{swept.root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    deleted = client.search_runs([experiment], run_view_type=ViewType.DELETED_ONLY)
+    killed = str(swept.folder / "trials" / swept.state["trials"][1]["name"])
+    assert deleted and all(r.data.tags["run_dir"].startswith(killed) for r in deleted)  # its stale run, removed
+    for name, record in swept.before.items():
+        assert json.loads((swept.folder / "trials" / name / RECORD).read_text()) == record  # not run again
+        assert len(list((swept.folder / "trials" / name / EXPERIMENT).iterdir())) == 1  # one pipeline run folder
+        assert {r.info.run_id for r in runs if r.data.tags["sweep.trial"] == name} == set(record["mlflow_run_ids"])
+    assert sorted(p.name for p in (swept.folder / "ray").iterdir()) == ["attempt-1", "attempt-2"]
+    # Nothing of either attempt outlived the resumed sweep (the agents' 60 s have passed by now, or soon).
+    assert _wait_for(swept.marker, seconds=90) == {}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"grids": {"g": {"order": ["ascendng"]}}}, "unknown value 'ascendng'"),
+    ({"grids": {"g": {"alpah": [0.3]}}}, "unknown axis 'alpah' (did you mean 'alpha'?"),
+    ({"grids": {"g": {"finetune.alpah": [0.3]}}}, "unknown config key 'finetune.alpah'"),
+    ({"grids": {"g": {"alpha": [1.5]}}}, "finetune.alpha"),
+    ({"grids": {"g": {"seed": [1, 2]}}}, "top-level 'seeds'"),
+    ({"resources": {"cpu": 1, "gpus": 1}}, "'resources' takes cpu, gpu and processes"),
+    ({"seed": [0]}, "unknown key 'seed' (did you mean 'seeds'?"),
+])
+def test_bad_sweep_file_is_one_error_line(tmp_path, capsys, change, message):
+    change = dict(change)
+    path = _write_sweep(tmp_path, "bad", change.pop("grids", {"g": {"order": ["ascending"]}}), **change)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(path), "--dry-run"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_resume_without_an_earlier_sweep_is_refused(tmp_path, capsys):
+    path = _write_sweep(tmp_path, "fresh", {"g": {"order": ["ascending"]}})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(path), "--resume"])
+    assert exit_info.value.code == 2 and "no earlier sweep 'fresh'" in capsys.readouterr().err
+
+
+def test_paper_grid_shares_its_default_point(tmp_path):
+    """Tables 3–6 around one default: 16 settings × 3 seeds, and one base per backbone and seed."""
+    spec = yaml.safe_load((REPO / "configs" / "sweeps" / "paper_ablations.yaml").read_text())
+    assert spec["base_config"] == "configs/celeba_smiling.yaml"
+    # The CelebA images are not here: check the grids against the smoke config with ResNet-18 as its backbone.
+    spec["base_config"] = str(REPO / "configs" / "smoke.yaml")
+    spec["overrides"].update({"model.backbone": "resnet18", "output_dir": str(tmp_path)})
+    path = tmp_path / "paper.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    sweep = load_sweep(path)
+    assert len(sweep.trials) == 48 and len({t.base_key for t in sweep.trials}) == 12
+    shared = [t for t in sweep.trials if len(t.grids) > 1]
+    assert len(shared) == 3 and set(shared[0].grids) == {"table3_backbone", "table4_order", "table5_eps", "table6_alpha"}
+
+
+def test_base_key_is_the_base_defining_fields():
+    base = load_config(REPO / "configs" / "smoke.yaml")
+    key = base_key(base)
+    for same in ("finetune.alpha=0.3", "finetune.eps=[0.05]", "finetune.order=random", "experiment=x",
+                 "output_dir=/elsewhere", "tracking.uri=sqlite:////x.db", "data.num_workers=2"):
+        assert base_key(load_config(REPO / "configs" / "smoke.yaml", [same])) == key, same
+    for different in ("seed=1", "model.backbone=resnet18", "base.epochs=3", "probe.lr=0.01", "data.root=/other",
+                      "data.image_size=48", "data.target=Young", "data.protected=Young", "grad_clip=0.5"):
+        assert base_key(load_config(REPO / "configs" / "smoke.yaml", [different])) != key, different
+
+
+def _record(name, seed, deo, acc, status="finished", backbone="resnet18", grids=("g",)):
+    return {"name": name, "axes": {"backbone": backbone, "seed": seed}, "grids": list(grids), "status": status,
+            "model": "asac_fgsm" if status == "finished" else None, "error": None if status == "finished" else "boom",
+            "metrics": {"DEO": deo, "DEOp": deo, "DDP": deo, "ACC": acc} if status == "finished" else {},
+            "base": {"DEO": 0.5 + seed, "DEOp": 0.1, "DDP": 0.1, "ACC": 80.0}}
+
+
+def test_report_mean_and_spread_over_seeds(tmp_path):
+    records = [_record("a0", 0, 0.1, 90.0), _record("a1", 1, 0.3, 92.0), _record("a2", 2, None, None, "failed"),
+               _record("b0", 0, 0.2, 95.0, backbone="resnet50")]
+    rows = report.grid_rows(records, ["backbone"])
+    assert [r["model"] for r in rows] == ["base", "base", "asac_fgsm", "asac_fgsm"]  # Table 3: bases first
+    base18 = rows[0]
+    assert base18["stats"]["DEO"][0] == pytest.approx(1.5) and base18["n"] == 3  # three seeds' bases
+    r18 = rows[2]
+    assert r18["stats"]["DEO"] == (pytest.approx(0.2), pytest.approx(math.sqrt(0.02)))
+    assert (r18["n"], r18["total"]) == (2, 3)
+    table = report.markdown_table(rows, ["backbone"])
+    assert "| asac_fgsm | resnet18 | 0.200 ± 0.141 | 0.200 ± 0.141 | 0.200 ± 0.141 | 91.00 ± 1.41 | 2/3 (1 failed) |" in table
+    assert "| asac_fgsm | resnet50 | 0.200 | 0.200 | 0.200 | 95.00 | 1 |" in table
+    paths = report.write_report(records, {"g": ["backbone"]}, tmp_path, "t")
+    assert {p.name for p in paths} == {"report.md", "g.csv", "trials.csv", "pareto.png"}
+    with (tmp_path / "g.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 4
+
+
+def test_pareto_front():
+    points = [(0.1, 90.0), (0.2, 95.0), (0.3, 94.0), (0.05, 85.0), (0.1, 89.0)]
+    assert report.pareto_front(points) == [3, 0, 1]  # (0.3, 94) and (0.1, 89) are dominated
+
+
+@pytest.mark.slow
+def test_smoke_preset_runs_to_the_end(tmp_path, ray_tmp):
+    """configs/sweeps/smoke.yaml itself (6 trials on 2 bases), outputs redirected to tmp_path."""
+    marker = uuid.uuid4().hex
+    proc = subprocess.run(_sweep_cli("--config", "configs/sweeps/smoke.yaml", f"data.root={tmp_path / 'data'}",
+                                     f"output_dir={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"),
+                          env=_env(marker, ray_tmp), cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = _sweep_dir(tmp_path, "smoke")
+    records = [json.loads(p.read_text()) for p in folder.glob(f"trials/*/{RECORD}")]
+    assert len(records) == 6 and all(r["status"] == "finished" for r in records)
+    assert len(list((tmp_path / "runs" / "base_cache").glob("*/base.json"))) == 2
+    assert _wait_for(marker) == {}
+
+
+@pytest.mark.slow
+def test_trial_with_two_accelerate_processes(tmp_path, ray_tmp):
+    """resources.processes: 2 runs the trial's fine-tune under `accelerate launch` (CPU: gloo), both ranks synced."""
+    path = _write_sweep(tmp_path, "ddp", {"g": {"order": ["ascending"]}}, resources={"cpu": 2, "gpu": 0, "processes": 2})
+    marker = uuid.uuid4().hex
+    proc = subprocess.run(_sweep_cli("--config", str(path)), env=_env(marker, ray_tmp), cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record_path,) = _sweep_dir(tmp_path, "ddp").glob(f"trials/*/{RECORD}")
+    record = json.loads(record_path.read_text())
+    replicas = json.loads((Path(record["run_dir"]) / record["model"] / "replicas.json").read_text())
+    assert replicas["world_size"] == 2 and len(set(replicas["parameter_digests"])) == 1
+    base = json.loads(next((tmp_path / "runs" / "base_cache").glob("*/base.json")).read_text())
+    assert json.loads((Path(base["checkpoint"]).parent / "base" / "replicas.json").read_text())["world_size"] == 2
+    assert _wait_for(marker) == {}

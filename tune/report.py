@@ -1,0 +1,221 @@
+"""The sweep's report: a table per grid in the layout of the paper's Tables 3–6, per-trial CSV, Pareto plot.
+
+A grid's table has one row per setting of its axes; each cell is the mean over seeds ± the sample standard
+deviation over seeds (shown when there are two or more), so a reader sees whether a difference between
+rows is larger than the seed-to-seed noise. Grids with an axis that changes the base model (backbone,
+target, dataset) also get the base classifier's rows first, as the paper's Table 3 does.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .bases import is_base_key
+from .spec import AXES
+
+METRICS = (("DEO", "{:.3f}"), ("DEOp", "{:.3f}"), ("DDP", "{:.3f}"), ("ACC", "{:.2f}"))
+
+
+def is_base_axis(axis: str) -> bool:
+    return axis != "seed" and is_base_key(AXES.get(axis, axis))
+
+
+def write_report(records: list[dict[str, Any]], grids: dict[str, list[str]], out_dir: Path, title: str) -> list[Path]:
+    """Write report.md, `<grid>.csv` per grid, trials.csv and pareto.png into `out_dir`; return the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sections, paths = [f"# {title}", "", _summary(records), ""], []
+    for grid, axes in grids.items():
+        rows = grid_rows([r for r in records if grid in r["grids"]], axes)
+        sections += [f"## Grid `{grid}`", "", markdown_table(rows, axes), ""]
+        paths.append(_write_csv(out_dir / f"{grid}.csv", _grid_csv_rows(rows, axes)))
+    sections += ["## Trials", "", _trials_table(records), "", "![fairness-accuracy](pareto.png)", ""]
+    paths.append(_write_csv(out_dir / "trials.csv", _trial_csv_rows(records)))
+    paths.append(plot_pareto(records, out_dir / "pareto.png"))
+    (out_dir / "report.md").write_text("\n".join(sections))
+    return [out_dir / "report.md", *paths]
+
+
+def grid_rows(records: list[dict[str, Any]], axes: list[str]) -> list[dict[str, Any]]:
+    """Rows of one grid: base classifiers (when an axis changes the base), then one per setting of the axes."""
+    base_axes = [a for a in axes if is_base_axis(a)]
+    rows = []
+    if base_axes:
+        bases: dict[str, dict[int, dict]] = {}  # base setting → seed → base metrics (trials share bases)
+        for record in records:
+            if record.get("base"):
+                bases.setdefault(_key(record, base_axes), {})[record["axes"].get("seed")] = record["base"]
+        rows += [_row("base", json.loads(key), list(per_seed.values()), len(per_seed)) for key, per_seed in bases.items()]
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        groups.setdefault(_key(record, axes), []).append(record)
+    for key, group in groups.items():
+        finished = [r["metrics"] for r in group if r["status"] == "finished"]
+        model = next((r["model"] for r in group if r.get("model")), "")
+        row = _row(model, json.loads(key), finished, len(group))
+        row["errors"] = sorted({r["error"] for r in group if r.get("error")})
+        row["pending"] = sum(r["status"] == "pending" for r in group)
+        rows.append(row)
+    return rows
+
+
+def _key(record: dict[str, Any], axes: list[str]) -> str:
+    return json.dumps({a: record["axes"].get(a) for a in axes})
+
+
+def _row(model: str, setting: dict[str, Any], results: list[dict], total: int) -> dict[str, Any]:
+    stats = {}
+    for metric, _ in METRICS:
+        values = [r[metric] for r in results if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+        stats[metric] = (statistics.fmean(values) if values else None,
+                         statistics.stdev(values) if len(values) > 1 else None)
+    return {"model": model, "setting": setting, "stats": stats, "n": len(results), "total": total}
+
+
+def markdown_table(rows: list[dict[str, Any]], axes: list[str]) -> str:
+    header = ["Model", *axes, *(m for m, _ in METRICS), "Seeds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["model"], *(format_setting(row["setting"][a]) for a in axes)]
+        for metric, fmt in METRICS:
+            mean, std = row["stats"][metric]
+            missing = "pending" if row.get("pending") == row["total"] else ("failed" if row["n"] == 0 else "n/a")
+            cells.append(missing if mean is None else fmt.format(mean) + ("" if std is None else " ± " + fmt.format(std)))
+        lines.append("| " + " | ".join(cells + [_seeds_cell(row)]) + " |")
+    return "\n".join(lines)
+
+
+def _seeds_cell(row: dict[str, Any]) -> str:
+    if row["n"] == row["total"]:
+        return str(row["n"])
+    failed = row["total"] - row["n"] - row.get("pending", 0)
+    parts = [f"{failed} failed"] * bool(failed) + [f"{row.get('pending')} pending"] * bool(row.get("pending"))
+    return f"{row['n']}/{row['total']} ({', '.join(parts)})"
+
+
+def format_setting(value: Any) -> str:
+    """ε sets as the paper writes them ({0.001, 0.01}); section mappings as k=v pairs."""
+    if isinstance(value, list):
+        return "{" + ", ".join(map(str, value)) + "}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
+def _summary(records: list[dict[str, Any]]) -> str:
+    counts = {s: sum(r["status"] == s for r in records) for s in ("finished", "failed", "pending")}
+    return (f"{len(records)} trials: {counts['finished']} finished, {counts['failed']} failed, {counts['pending']} pending. "
+            "Cells: mean over seeds ± sample standard deviation over seeds (when 2 or more).")
+
+
+def _trials_table(records: list[dict[str, Any]]) -> str:
+    lines = ["| Trial | Status | " + " | ".join(m for m, _ in METRICS) + " | Error |", "|" + "---|" * (len(METRICS) + 3)]
+    for r in records:
+        cells = [_fmt(r["metrics"].get(m), fmt) for m, fmt in METRICS]
+        error = (r.get("error") or "").replace("|", "/").replace("\n", " ")[:200]
+        lines.append(f"| {r['name']} | {r['status']} | " + " | ".join(cells) + f" | {error} |")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    return fmt.format(value) if isinstance(value, (int, float)) and math.isfinite(value) else "n/a"
+
+
+def _grid_csv_rows(rows: list[dict[str, Any]], axes: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for row in rows:
+        line = {"model": row["model"], **{a: format_setting(row["setting"][a]) for a in axes}}
+        for metric, _ in METRICS:
+            line[f"{metric}_mean"], line[f"{metric}_std"] = row["stats"][metric]
+        line.update(seeds_ok=row["n"], seeds_total=row["total"], errors="; ".join(row.get("errors", [])))
+        out.append(line)
+    return out
+
+
+def _trial_csv_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    axes = list(dict.fromkeys(a for r in records for a in r["axes"]))
+    return [{"trial": r["name"], "status": r["status"], "grids": "+".join(r["grids"]),
+             **{a: format_setting(r["axes"][a]) if a in r["axes"] else "" for a in axes},
+             "model": r.get("model") or "", **{m: r["metrics"].get(m) for m, _ in METRICS},
+             **{f"base_{m}": (r.get("base") or {}).get(m) for m, _ in METRICS},
+             "seconds": r.get("seconds"), "error": r.get("error") or ""} for r in records]
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    fields = list(dict.fromkeys(k for row in rows for k in row)) or ["empty"]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points (DEO, ACC) that no other point beats on both: lower DEO and higher ACC."""
+    def dominated(i: int) -> bool:
+        d, a = points[i]
+        return any(d2 <= d and a2 >= a and (d2, a2) != (d, a) for d2, a2 in points)
+
+    return sorted((i for i in range(len(points)) if not dominated(i)), key=lambda i: points[i])
+
+
+def _points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One point per setting (seeds averaged): every fine-tuned setting, then every distinct base classifier."""
+    finished = [r for r in records if r["status"] == "finished"]
+    settings = [a for a in dict.fromkeys(a for r in records for a in r["axes"]) if a != "seed"]
+    base_axes = [a for a in settings if is_base_axis(a)]
+    points = []
+    for kind, axes, source in (("fine-tuned", settings, "metrics"), ("base", base_axes, "base")):
+        groups: dict[str, dict[Any, dict]] = {}
+        for r in finished:
+            if r.get(source):
+                groups.setdefault(_key(r, axes), {})[r["name"] if kind != "base" else r["axes"].get("seed")] = r[source]
+        for key, results in groups.items():
+            row = _row(kind, json.loads(key), list(results.values()), len(results))
+            if row["stats"]["DEO"][0] is not None and row["stats"]["ACC"][0] is not None:
+                label = ", ".join(format_setting(v) for v in row["setting"].values() if v is not None)
+                points.append({"kind": kind, "label": f"base {label}".strip() if kind == "base" else label or kind, **row})
+    return points
+
+
+def plot_pareto(records: list[dict[str, Any]], path: Path) -> Path:
+    """Scatter of DEO (x, lower is fairer) against ACC (y), error bars over seeds, the Pareto front drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = _points(records)
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    for kind, marker in (("fine-tuned", "o"), ("base", "s")):
+        chosen = [p for p in points if p["kind"] == kind]
+        if chosen:
+            ax.errorbar([p["stats"]["DEO"][0] for p in chosen], [p["stats"]["ACC"][0] for p in chosen],
+                        xerr=[p["stats"]["DEO"][1] or 0 for p in chosen], yerr=[p["stats"]["ACC"][1] or 0 for p in chosen],
+                        fmt=marker, capsize=3, label=kind, alpha=0.8)
+    front = pareto_front([(p["stats"]["DEO"][0], p["stats"]["ACC"][0]) for p in points])
+    if front:
+        ax.step([points[i]["stats"]["DEO"][0] for i in front], [points[i]["stats"]["ACC"][0] for i in front],
+                where="post", color="black", linewidth=1, label="Pareto front")
+        for i in front:
+            ax.annotate(points[i]["label"], (points[i]["stats"]["DEO"][0], points[i]["stats"]["ACC"][0]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("DEO (lower is fairer)")
+    ax.set_ylabel("ACC (%)")
+    ax.set_title("Fairness–accuracy trade-off (mean over seeds)")
+    ax.grid(alpha=0.3)
+    if points:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def summary_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Counts logged on the parent run."""
+    return {f"trials_{s}": float(sum(r["status"] == s for r in records)) for s in ("finished", "failed", "pending")}

@@ -1,0 +1,200 @@
+"""Ray Tune ablation sweeps of ASAC fine-tuning, one MLflow parent run per sweep with a child per trial.
+
+    python tune/sweep.py --config configs/sweeps/smoke.yaml [--address auto|ray://head:10001]
+                         [--resume [SWEEP_DIR]] [--retry-failed] [--dry-run] [key=value ...]
+    python tune/sweep.py --report <parent run id | sweep folder> [tracking.uri=...]
+
+The driver reads and validates the sweep file (every trial's config is built before Ray starts), generates
+the synthetic dataset once, starts Ray, trains each missing base model once (as Ray tasks, before any trial,
+see tune/bases.py), runs the trials with Tune, and writes the report. Exit status: 0 all trials finished,
+1 some failed, 2 bad input, 130 interrupted (continue with --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+if __package__ in (None, ""):  # `python tune/sweep.py` puts tune/ on the path, not the repository
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distributed_asac.config import load_config  # noqa: E402
+from distributed_asac.errors import UserError, exit_on_user_error  # noqa: E402
+from distributed_asac.tracking import tracking_uri  # noqa: E402
+from tune import mlflow_runs  # noqa: E402
+from tune.bases import entry_dir, prepare_data, read_entry  # noqa: E402
+from tune.records import (latest_sweep_dir, load_records, new_sweep_dir, read_record, read_state,  # noqa: E402
+                          trial_folder, write_json)
+from tune.report import format_setting, summary_metrics, write_report  # noqa: E402
+from tune.spec import Sweep, load_sweep  # noqa: E402
+from tune.trial import load_trial_config  # noqa: E402
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python tune/sweep.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="a sweep file, e.g. configs/sweeps/smoke.yaml")
+    parser.add_argument("--address", help="a Ray cluster to join ('auto' or ray://head:10001); default: start Ray here")
+    parser.add_argument("--resume", nargs="?", const="latest", metavar="SWEEP_DIR",
+                        help="continue the latest sweep of this file (or SWEEP_DIR): finished trials are not rerun")
+    parser.add_argument("--retry-failed", action="store_true", help="with --resume: run failed trials again too")
+    parser.add_argument("--dry-run", action="store_true", help="print the trials and exit")
+    parser.add_argument("--report", metavar="RUN_ID_OR_DIR", help="rewrite the report of a sweep and exit")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides for every trial")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    with exit_on_user_error():
+        if args.report:
+            return report_command(args.report, args.overrides)
+        if not args.config:
+            raise UserError("--config is required (a sweep file such as configs/sweeps/smoke.yaml)")
+        sweep = load_sweep(args.config, args.overrides)
+        if args.dry_run:
+            print(describe(sweep))
+            return 0
+        try:
+            code = run_sweep(sweep, args)
+        except KeyboardInterrupt:
+            code = 130
+        if code == 130:
+            print(f"\ninterrupted; continue with: python tune/sweep.py --config {args.config} --resume", file=sys.stderr)
+        return code
+
+
+def describe(sweep: Sweep) -> str:
+    """The --dry-run listing: counts, resources, and one line per trial."""
+    keys = {t.base_key for t in sweep.trials if t.base_key}
+    cached = sum(read_entry(entry_dir(sweep.output_dir, k)) is not None for k in keys)
+    res = sweep.resources
+    lines = [f"sweep {sweep.name!r} ({sweep.path}): {len(sweep.trials)} trials from {len(sweep.grids)} grid(s), "
+             f"{len(keys)} base model(s) ({cached} already cached)",
+             f"base config {sweep.base_config}; MLflow experiment {sweep.experiment!r} at {sweep.tracking_uri}",
+             f"per trial: cpu={res.cpu:g} gpu={res.gpu:g} processes={res.processes}; "
+             f"at most {sweep.max_concurrent or 'as many as fit'} at once", "",
+             "| trial | grids | axes |", "|---|---|---|"]
+    for t in sweep.trials:
+        axes = ", ".join(f"{a}={format_setting(v)}" for a, v in t.axes.items())
+        lines.append(f"| {t.name} | {', '.join(t.grids)} | {axes} |")
+    return "\n".join(lines)
+
+
+def open_sweep(sweep: Sweep, resume: Optional[str]) -> tuple[Path, dict[str, Any]]:
+    """A new sweep folder with its parent run and sweep.json, or the one to resume (its parent reopened)."""
+    if resume:
+        folder = latest_sweep_dir(sweep.output_dir, sweep.name) if resume == "latest" else Path(resume).resolve()
+        state = read_state(folder)
+        if [(t["name"], t["overrides"]) for t in state["trials"]] != [(t.name, t.overrides) for t in sweep.trials]:
+            raise UserError(f"--resume: the trials of {sweep.path} differ from those of {folder}; "
+                            "start a new sweep (without --resume) or restore the file")
+        mlflow_runs.reopen_parent(state["tracking_uri"], state["parent_run_id"])
+        return folder, state
+    folder = new_sweep_dir(sweep.output_dir, sweep.name)
+    state = {"name": sweep.name, "sweep_file": str(sweep.path), "base_config": str(sweep.base_config),
+             "experiment": sweep.experiment, "tracking_uri": sweep.tracking_uri, "grids": sweep.grids,
+             "resources": vars(sweep.resources), "trials": sweep.trial_dicts()}
+    state["parent_run_id"] = mlflow_runs.start_parent(
+        sweep.tracking_uri, sweep.experiment, sweep.name, tags={"sweep_dir": str(folder), "sweep.file": str(sweep.path)},
+        params={"base_config": sweep.base_config, "trials": len(sweep.trials), "grids": json.dumps(sweep.grids),
+                "resources": json.dumps(vars(sweep.resources)), "max_concurrent": sweep.max_concurrent})
+    write_json(folder / "sweep.json", state)
+    return folder, state
+
+
+def trial_jobs(sweep: Sweep, folder: Path, state: dict[str, Any], retry_failed: bool) -> list[dict[str, Any]]:
+    """Jobs of the trials still to run; stale MLflow runs of those trials (from a killed attempt) are deleted."""
+    children = mlflow_runs.child_runs(state["tracking_uri"], state["parent_run_id"])
+    jobs, stale = [], []
+    for trial in sweep.trials:
+        record = read_record(trial_folder(folder, trial.name))
+        if record is not None and (record["status"] == "finished" or not retry_failed):
+            continue
+        job = {"name": trial.name, "base_config": str(sweep.base_config), "overrides": trial.overrides,
+               "folder": str(trial_folder(folder, trial.name)), "parent_run_id": state["parent_run_id"],
+               "tracking_uri": state["tracking_uri"], "experiment": sweep.experiment, "resources": vars(sweep.resources),
+               "axes": trial.axes, "grids": trial.grids, "key": trial.base_key, "output_dir": str(sweep.output_dir)}
+        jobs.append(job)
+        stale += [r.info.run_id for r in mlflow_runs.trial_runs(children, job["folder"], trial.name)]
+    mlflow_runs.delete_runs(state["tracking_uri"], stale)
+    return jobs
+
+
+def run_sweep(sweep: Sweep, args: argparse.Namespace) -> int:
+    """Run the trials that have no finished record, then report; the parent run ends FINISHED or KILLED."""
+    folder, state = open_sweep(sweep, args.resume)
+    print(f"sweep folder {folder}\nMLflow parent run {state['parent_run_id']} ({state['tracking_uri']})", flush=True)
+    jobs = trial_jobs(sweep, folder, state, args.retry_failed)
+    status, start = "KILLED", time.time()
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` gets the same clean shutdown as Ctrl-C
+    try:
+        if jobs:
+            prepare_data([load_trial_config(job) for job in jobs])
+            execute(sweep, jobs, folder, args.address)
+        # Tune returns normally after its own Ctrl-C handling: unfinished trials tell the two apart.
+        status = "FINISHED" if all(r["status"] != "pending" for r in load_records(folder)) else "KILLED"
+    finally:
+        records = load_records(folder)
+        report_dir = folder / "report"
+        write_report(records, sweep.grids, report_dir, f"Sweep {sweep.name}")
+        mlflow_runs.log_report(state["tracking_uri"], state["parent_run_id"], report_dir)
+        mlflow_runs.finish_parent(state["tracking_uri"], state["parent_run_id"], status, summary_metrics(records))
+    print(_closing(records, report_dir, time.time() - start))
+    if status != "FINISHED":
+        return 130
+    return 1 if any(r["status"] == "failed" for r in records) else 0
+
+
+def execute(sweep: Sweep, jobs: list[dict[str, Any]], folder: Path, address: Optional[str]) -> None:
+    """Start Ray, build the missing bases (all before any trial), then run the trials with Tune."""
+    from tune import runner  # imports Ray: only the commands that start it pay for it
+
+    with runner.ray_session(address):
+        runner.check_resources(sweep.resources)
+        entries = {k: read_entry(entry_dir(sweep.output_dir, k)) for k in {j["key"] for j in jobs if j["key"]}}
+        missing = [next(j for j in jobs if j["key"] == k) for k, entry in entries.items() if entry is None]
+        entries.update(runner.build_bases([{**j, "name": f"base-{j['key']}"} for j in missing], sweep.resources))
+        for job in jobs:
+            job["base"] = entries.get(job["key"])
+        attempt = len(list((folder / "ray").glob("attempt-*"))) + 1
+        runner.run_trials(jobs, sweep.resources, sweep.max_concurrent, folder / "ray", f"attempt-{attempt}")
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _closing(records: list[dict[str, Any]], report_dir: Path, seconds: float) -> str:
+    counts = summary_metrics(records)
+    table = (report_dir / "report.md").read_text().split("## Trials")[0]
+    return (f"{table.strip()}\n\n{int(counts['trials_finished'])} finished, {int(counts['trials_failed'])} failed, "
+            f"{int(counts['trials_pending'])} pending in {seconds:.0f} s; report: {report_dir}/report.md")
+
+
+def report_command(target: str, overrides: list[str]) -> int:
+    """--report: rebuild the report from a sweep folder's records or from an MLflow parent run's children."""
+    if Path(target).is_dir():
+        folder = Path(target).resolve()
+        state = read_state(folder)
+        records, grids, uri, run_id = load_records(folder), state["grids"], state["tracking_uri"], state["parent_run_id"]
+        report_dir, title = folder / "report", f"Sweep {state['name']}"
+    else:
+        uri = tracking_uri(load_config(None, overrides))
+        records, parent = mlflow_runs.records_from_mlflow(uri, target)
+        grids, run_id = json.loads(parent.data.params.get("grids", "{}")), target
+        sweep_dir = Path(parent.data.tags.get("sweep_dir", ""))
+        report_dir = sweep_dir / "report" if sweep_dir.is_dir() else Path.cwd() / f"sweep-report-{target[:8]}"
+        title = f"Sweep {parent.info.run_name}"
+    paths = write_report(records, grids, report_dir, title)
+    mlflow_runs.log_report(uri, run_id, report_dir)
+    print("\n".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
