@@ -53,20 +53,32 @@ def pgd(
     """L∞ PGD per ε: uniform random start in [−ε, ε], `steps` signed steps of 2.5·ε/steps, projection onto
     the ε-ball and [0, 1] after each step.
 
-    All magnitudes run together as one batch of |E|·k images per step (each image carries its own ε), which
-    is the same computation as one PGD per ε in a fraction of the calls.
+    All non-zero magnitudes run together as one batch of images per step (each image carries its own ε),
+    which is the same computation as one PGD per ε in a fraction of the calls. At ε = 0 PGD returns the
+    clean image exactly, so those rows cost no gradient.
     """
     n_eps, k = len(eps_list), x.shape[0]
-    eps = torch.as_tensor(eps_list, dtype=x.dtype, device=x.device).repeat_interleave(k).view(-1, 1, 1, 1)  # [|E|·k, 1, 1, 1]
-    clean = x.repeat(n_eps, 1, 1, 1)  # [|E|·k, 3, H, W], row j·k + i is image i at eps_list[j]
-    labels = a.repeat(n_eps)
-    step_size = 2.5 * eps / steps
-    adv = (clean + (torch.rand_like(clean) * 2 - 1) * eps).clamp_(0.0, 1.0)
-    for _ in range(steps):
-        grad = _input_gradient(classifier, adv, labels)
-        adv = adv + step_size * grad.sign()
-        adv = torch.min(torch.max(adv, clean - eps), clean + eps).clamp_(0.0, 1.0)
-    return adv.view(n_eps, k, *x.shape[1:])
+    # Drawn for all |E|·k rows (row j·k + i is image i at eps_list[j]), so that the random stream, and hence
+    # every start, is the same whichever magnitudes are zero.
+    noise = torch.rand((n_eps * k, *x.shape[1:]), dtype=x.dtype, device=x.device).view(n_eps, k, *x.shape[1:])
+    moving = [j for j, e in enumerate(eps_list) if e > 0]
+    adv: dict[int, torch.Tensor] = {}  # magnitude index → its ASACs [k, 3, H, W]
+    if moving:
+        # torch.cat rather than repeat: it keeps x's memory format (channels-last, when finetune asks for it).
+        clean = torch.cat([x] * len(moving))  # [m·k, 3, H, W] for the m moving magnitudes
+        eps = torch.as_tensor([eps_list[j] for j in moving], dtype=x.dtype, device=x.device)
+        eps = eps.repeat_interleave(k).view(-1, 1, 1, 1)  # [m·k, 1, 1, 1]
+        labels = a.repeat(len(moving))
+        step_size = 2.5 * eps / steps
+        # The ε-ball and the [0, 1] box intersect (clean pixels lie in [0, 1]), so projecting onto one and then
+        # the other is one clamp onto the intersection, computed once.
+        low, high = (clean - eps).clamp_(min=0.0), (clean + eps).clamp_(max=1.0)
+        moved = (clean + (noise[moving].flatten(0, 1) * 2 - 1) * eps).clamp_(0.0, 1.0)
+        for _ in range(steps):
+            grad = _input_gradient(classifier, moved, labels)
+            moved = torch.clamp(moved + step_size * grad.sign(), low, high)
+        adv = dict(zip(moving, moved.split(k)))
+    return torch.cat([adv.get(j, x) for j in range(n_eps)]).view(n_eps, k, *x.shape[1:])
 
 
 def magnitudes(eps: Sequence[float]) -> list[float]:

@@ -31,6 +31,10 @@ from .models import TwoHeadModel, set_trainable
 from .registry import Registry
 from .runtime import adam
 
+# Names the phases of a step in torch.profiler traces (benchmarks/bench_step.py); about a microsecond each
+# when no profiler runs. The optimizer labels its own step.
+phase = torch.profiler.record_function
+
 
 @dataclass
 class Chunk:
@@ -39,6 +43,7 @@ class Chunk:
     images: torch.Tensor  # [n, 3, H, W] ASACs (or clean images, for the comparators)
     labels: torch.Tensor  # [n] target labels y
     clean: Optional[torch.Tensor] = None  # [n] minibatch index of each entry's clean image; None: no clean term
+    is_clean: Optional[torch.Tensor] = None  # [n] bool: the entry IS its clean image (ε = 0); None: none known
 
 
 @dataclass
@@ -79,26 +84,36 @@ class Diagnostics:
 
     n_eps: int
     device: torch.device
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # on `device`
+    counts: dict[str, float] = field(default_factory=dict)  # on the host
 
     def add(self, name: str, value: torch.Tensor) -> None:
         value = value.detach().to(self.device, torch.float64)
         self.sums[name] = self.sums[name] + value if name in self.sums else value
+
+    def count(self, name: str, value: float) -> None:
+        """A number the host already knows (steps, images, entries): kept on the host, so that counting
+        costs no host-to-device copy per step; `summary` sends all counts in one tensor."""
+        self.counts[name] = self.counts.get(name, 0.0) + value
 
     def record_asacs(self, scores: torch.Tensor, target_logits: torch.Tensor, protected_logits: torch.Tensor,
                      a: torch.Tensor) -> None:
         """scores [|E|·k], logits [|E|·k, 2] of the current model on the ASACs, a [k]; E[0] = 0 is clean."""
         k = a.numel()
         self.add("ds_sum", scores.view(self.n_eps, k).sum(1))  # [|E|]
-        self.add("ds_count", torch.full((self.n_eps,), float(k)))
+        self.count("ds_count", float(k))  # the same for every ε
         predicted = target_logits.argmax(1).view(self.n_eps, k)
         fooled_c = protected_logits.argmax(1).view(self.n_eps, k)[1:] != a  # [|E| − 1, k]
         self.add("attack_success", fooled_c.sum())
         self.add("m_flipped", (predicted[1:] != predicted[0]).sum())
-        self.add("asac_count", torch.tensor(float(fooled_c.numel())))
+        self.count("asac_count", float(fooled_c.numel()))
 
     def summary(self, accelerator: Accelerator, eps: list[float], seconds: float) -> dict[str, float]:
         totals = {name: accelerator.reduce(value, "sum") for name, value in sorted(self.sums.items())}
+        if self.counts:
+            names = sorted(self.counts)
+            counts = torch.tensor([self.counts[n] for n in names], dtype=torch.float64, device=self.device)
+            totals.update(zip(names, accelerator.reduce(counts, "sum")))
         out: dict[str, float] = {}
         steps = float(totals.pop("steps", torch.tensor(1.0)))
         images = float(totals.pop("images", torch.tensor(0.0)))
@@ -106,7 +121,7 @@ class Diagnostics:
             out[name] = float(totals[name]) / max(steps, 1.0)
         if "ds_sum" in totals:
             for j, e in enumerate(eps):
-                out[f"mean_DS_eps_{e:g}"] = float(totals["ds_sum"][j] / totals["ds_count"][j])
+                out[f"mean_DS_eps_{e:g}"] = float(totals["ds_sum"][j] / totals["ds_count"])
             asacs = max(float(totals["asac_count"]), 1.0)
             out["attack_success_rate"] = float(totals["attack_success"]) / asacs
             out["asac_flips_M_rate"] = float(totals["m_flipped"]) / asacs
@@ -123,17 +138,20 @@ def _base() -> Mode:
 def _asac() -> Mode:
     def make_chunks(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor) -> list[Chunk]:
         n_eps, k = len(ctx.magnitudes), x.shape[0]
-        with eval_mode(ctx.attacked):
+        with phase("asac.attack"), eval_mode(ctx.attacked):
             asacs = ATTACKS.get(ctx.cfg.attack)(ctx.attacked.protected_logits, x, a, ctx.magnitudes,
                                                 steps=ctx.cfg.pgd_steps)  # [|E|, k, 3, H, W]
         entries = asacs.flatten(0, 1)  # [|E|·k, 3, H, W]; entry j·k + i is image i at E[j]
         labels = y.repeat(n_eps)
-        with torch.no_grad(), eval_mode(ctx.scorer):
+        with phase("asac.score"), torch.no_grad(), eval_mode(ctx.scorer):
             target_logits, protected_logits = ctx.scorer(entries)
-        scores = difficulty_scores(target_logits, labels)  # [|E|·k]
-        ctx.diagnostics.record_asacs(scores, target_logits, protected_logits, a)
-        steps = curriculum_chunks(scores, ctx.cfg.order, n_eps, ctx.generator)  # [|E|, k] entry indices
-        return [Chunk(entries[rows], labels[rows], clean=rows % k) for rows in steps]
+        with phase("asac.order"):
+            scores = difficulty_scores(target_logits, labels)  # [|E|·k]
+            ctx.diagnostics.record_asacs(scores, target_logits, protected_logits, a)
+            # The one device-to-host copy of the step: chunk sizes depend on the order, so the host needs it.
+            steps = curriculum_chunks(scores, ctx.cfg.order, n_eps, ctx.generator).cpu()  # [|E|, k] entry indices
+            # Entries j·k + i with j = 0 are ε = E[0] = 0: the clean image itself, bit for bit.
+            return [Chunk(entries[rows], labels[rows], clean=rows % k, is_clean=rows < k) for rows in steps]
 
     return Mode(make_chunks)
 
@@ -164,13 +182,49 @@ def _adv_augment() -> Mode:
 
 
 def chunk_loss(model: nn.Module, x: torch.Tensor, chunk: Chunk, alpha: float) -> dict[str, torch.Tensor]:
-    """The loss terms of one step, from one forward pass: each clean image in the chunk is forwarded once
-    (clean logits are recomputed every step, as the model changes between chunks)."""
+    """The loss terms of one step, from one forward pass in which every distinct image of the chunk appears
+    once: each clean image once, however many of its entries the chunk holds, and an ε = 0 entry not at all
+    beside its clean image, whose logits it shares (clean logits are recomputed every step, as the model
+    changes between chunks)."""
     if chunk.clean is None:
         return plain_loss(model(chunk.images)[0], chunk.labels)
-    unique, inverse = torch.unique(chunk.clean, return_inverse=True)
-    logits = model(torch.cat([x[unique], chunk.images]))[0]  # [u + n, 2]
-    return asac_loss(logits[: len(unique)][inverse], logits[len(unique):], chunk.labels, alpha)
+    unique, inverse = torch.unique(chunk.clean, return_inverse=True)  # u distinct clean images
+    u = len(unique)
+    if chunk.is_clean is None:
+        logits = model(torch.cat([x[unique], chunk.images]))[0]  # [u + n, 2]
+        return asac_loss(logits[:u][inverse], logits[u:], chunk.labels, alpha)
+    perturbed = (~chunk.is_clean).nonzero().squeeze(1)  # [m] entries that differ from their clean image
+    logits = model(torch.cat([x[unique], chunk.images[perturbed]]))[0]  # [u + m, 2]
+    asac_rows = inverse.clone()  # an ε = 0 entry reads its clean image's row ...
+    asac_rows[perturbed] = u + torch.arange(len(perturbed), device=perturbed.device)  # ... the others their own
+    return asac_loss(logits[inverse], logits[asac_rows], chunk.labels, alpha)
+
+
+def train_minibatch(mode: Mode, ctx: StepContext, wrapped: nn.Module, optimizer: torch.optim.Optimizer,
+                    accelerator: Accelerator, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor,
+                    grad_clip: float) -> dict[str, torch.Tensor]:
+    """One local minibatch (x [k, 3, H, W], y [k], a [k]): its chunks, one synchronized optimizer step each.
+    Returns the last step's loss terms; every step's terms go to `ctx.diagnostics`."""
+    if ctx.cfg.channels_last:
+        # oneDNN's native layout: convolutions skip their reorders and max-pooling runs several times faster
+        # on CPU. The attacks, entries and chunk batches all inherit it from x; parameters keep theirs.
+        x = x.contiguous(memory_format=torch.channels_last)
+    chunks = mode.make_chunks(ctx, x, y, a)
+    wrapped.train()
+    for chunk in chunks:
+        with phase("step.forward"):
+            terms = chunk_loss(wrapped, x, chunk, ctx.cfg.alpha)
+        optimizer.zero_grad()
+        with phase("step.backward"):
+            accelerator.backward(terms["loss"])
+        with phase("step.clip"):
+            accelerator.clip_grad_norm_(wrapped.parameters(), grad_clip)
+        optimizer.step()
+        for name, value in terms.items():
+            ctx.diagnostics.add(name, value)
+        ctx.diagnostics.count("steps", 1.0)
+    ctx.diagnostics.count("images", float(len(x)))
+    return terms
 
 
 def model_name(cfg: FinetuneConfig) -> str:
@@ -203,18 +257,7 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
         bar = tqdm(loader, desc=f"finetune epoch {epoch + 1}/{ft.epochs}", leave=False,
                    disable=not accelerator.is_main_process)
         for x, y, a, _ in bar:
-            chunks = mode.make_chunks(ctx, x, y, a)
-            wrapped.train()
-            for chunk in chunks:
-                terms = chunk_loss(wrapped, x, chunk, ft.alpha)
-                optimizer.zero_grad()
-                accelerator.backward(terms["loss"])
-                accelerator.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
-                optimizer.step()
-                for name, value in terms.items():
-                    diagnostics.add(name, value.detach())
-                diagnostics.add("steps", torch.tensor(1.0))
-            diagnostics.add("images", torch.tensor(float(len(x))))
+            terms = train_minibatch(mode, ctx, wrapped, optimizer, accelerator, x, y, a, cfg.grad_clip)
             bar.set_postfix(loss=f"{terms['loss'].item():.3f}")
         metrics = diagnostics.summary(accelerator, eps, time.perf_counter() - start)
         valid = evaluate(accelerator, model, valid_set, ft.batch_size, num_workers=cfg.data.num_workers).report()

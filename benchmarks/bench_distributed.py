@@ -1,0 +1,181 @@
+"""ASAC fine-tuning throughput on 1 process against 2 DDP processes (gloo, CPU) at the same global batch.
+
+The global batch G (default 64) is k × world size: one process trains k = G, two train k = G/2 each, so both
+make the same k·|E| ASAC entries per minibatch and take |E| optimizer steps. Two processes are started the way
+launch/cpu_ddp.sh starts them (`accelerate launch --config_file launch/cpu_ddp.yaml` with
+ACCELERATE_USE_CPU=true; without it the two would never talk). Layouts are processes × intra-op threads:
+1×1 (the baseline), 2×1 (two ranks, a core each) and 1×2 (one process, both cores by threading).
+
+Each process runs `finetune.train_minibatch` on random images of its own and times every minibatch between
+barriers; the step time of a round is the slower rank's. To find the time spent communicating, the same
+minibatch is also run without any communication (DDP's `no_sync` and its forward buffer broadcast switched
+off) in the same rounds: the fraction is 1 − comm-free / synchronised, per round, median. That is the
+exposed cost: all-reduce and broadcast time not hidden behind computation, plus waiting for the slower rank.
+
+Usage (from the repository root)::
+
+    python benchmarks/bench_distributed.py [--backbones small_cnn resnet18] [--global-batch 64] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from accelerate import Accelerator
+
+from _common import REPO, add_common_arguments, describe, machine, markdown_table, median, write_json
+from distributed_asac.attacks import magnitudes
+from distributed_asac.config import Config
+from distributed_asac.finetune import MODES, Diagnostics, StepContext, train_minibatch
+from distributed_asac.models import create_model, set_trainable
+from distributed_asac.runtime import adam, make_accelerator
+
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))  # the CLI of this venv
+
+
+@contextmanager
+def no_communication(accelerator: Accelerator, wrapped: torch.nn.Module) -> Iterator[None]:
+    """Neither gradient all-reduce (no_sync) nor DDP's pre-forward broadcast of batch-norm buffers."""
+    if accelerator.num_processes == 1:
+        yield
+        return
+    # `forward_sync_buffers` is DDP's own switch for the buffer broadcast (set from broadcast_buffers).
+    saved, wrapped.forward_sync_buffers = wrapped.forward_sync_buffers, False
+    try:
+        with accelerator.no_sync(wrapped):
+            yield
+    finally:
+        wrapped.forward_sync_buffers = saved
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank: time `rounds` minibatches with and without communication, interleaved; rank 0 writes JSON."""
+    torch.set_num_threads(args.threads)
+    accelerator = make_accelerator()
+    world = accelerator.num_processes
+    k = args.global_batch // world
+    cfg = Config()
+    torch.manual_seed(0)  # the same initial weights on every rank (DDP broadcasts them anyway)
+    model = create_model(args.backbone).to(accelerator.device)
+    attacked = copy.deepcopy(model).requires_grad_(False).eval()
+    set_trainable(model, "finetune")
+    optimizer = adam(model.parameters(), cfg.finetune.lr, cfg)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    eps = magnitudes(cfg.finetune.eps)
+    ctx = StepContext(cfg.finetune, eps, attacked, model, torch.Generator().manual_seed(0),
+                      Diagnostics(len(eps), accelerator.device))
+    g = torch.Generator().manual_seed(1 + accelerator.process_index)  # each rank its own images
+    x = torch.rand(k, 3, args.image_size, args.image_size, generator=g).to(accelerator.device)
+    y, a = (torch.randint(0, 2, (k,), generator=g).to(accelerator.device) for _ in range(2))
+    mode = MODES.get("asac")()
+    variants = {"synchronised": nullcontext, "comm_free": lambda: no_communication(accelerator, wrapped)}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(args.warmup + args.repeats):
+        for name, context in variants.items():
+            accelerator.wait_for_everyone()
+            start = time.perf_counter()
+            with context():
+                train_minibatch(mode, ctx, wrapped, optimizer, accelerator, x, y, a, cfg.grad_clip)
+            if r >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    # The round's step time is the slower rank's: gather every rank's times.
+    local = torch.tensor([times[name] for name in variants], dtype=torch.float64, device=accelerator.device)
+    slowest = accelerator.gather(local.unsqueeze(0)).amax(0) if world > 1 else local  # [variants, rounds]
+    if accelerator.is_main_process:
+        out = {name: slowest[i].tolist() for i, name in enumerate(variants)}
+        out.update(world_size=world, local_batch=k, threads=torch.get_num_threads(),
+                   distributed_type=accelerator.distributed_type.value)
+        Path(args.out).write_text(json.dumps(out))
+    accelerator.wait_for_everyone()
+
+
+def launch(processes: int, threads: int, args: argparse.Namespace, backbone: str, out: Path) -> dict[str, Any]:
+    """Run `worker` in `processes` processes (1: plain python; more: accelerate launch as cpu_ddp.sh does)."""
+    cmd = [str(Path(__file__).resolve()), "--worker", "--backbone", backbone, "--out", str(out),
+           "--global-batch", str(args.global_batch), "--image-size", str(args.image_size),
+           "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", str(threads)]
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env["OMP_NUM_THREADS"] = str(threads)
+    if processes == 1:
+        cmd = [sys.executable, *cmd]
+    else:
+        env["ACCELERATE_USE_CPU"] = "true"
+        cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "launch" / "cpu_ddp.yaml"),
+               "--num_processes", str(processes), *cmd]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{processes}-process run failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(out.read_text())
+    if result["world_size"] != processes:
+        raise RuntimeError(f"asked for {processes} processes, the run saw world size {result['world_size']}")
+    return result
+
+
+def summarise(run: dict[str, Any], global_batch: int) -> dict[str, Any]:
+    sync, free = run["synchronised"], run["comm_free"]
+    step = median(sync)
+    return {**run, "step_s": step, "images_per_s": global_batch / step,
+            "comm_fraction": median([1.0 - f / s for s, f in zip(sync, free)])}
+
+
+def driver(args: argparse.Namespace) -> dict[str, Any]:
+    info = machine()
+    layouts = [tuple(int(n) for n in layout.split("x")) for layout in args.layouts]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for backbone in args.backbones:
+            runs = {f"{p}x{t}": summarise(launch(p, t, args, backbone, Path(tmp) / f"{backbone}_{p}x{t}.json"),
+                                          args.global_batch) for p, t in layouts}
+            baseline = runs[args.layouts[0]]["images_per_s"]
+            for run in runs.values():
+                run["throughput_over_first"] = run["images_per_s"] / baseline
+            results.append({"backbone": backbone, "runs": runs})
+    print(f"machine: {describe(info)}")
+    print(f"global batch {args.global_batch}, {args.image_size}×{args.image_size}, ASAC (FGSM, |E| = 3); medians of "
+          f"{args.repeats} rounds after {args.warmup} warm-up; layouts are processes × threads\n")
+    rows = [[r["backbone"], layout, f"{run['local_batch']} × {run['world_size']}", 1e3 * run["step_s"],
+             run["images_per_s"], f"{100 * run['comm_fraction']:.1f}%" if run["world_size"] > 1 else "—",
+             run["throughput_over_first"]] for r in results for layout, run in r["runs"].items()]
+    print(markdown_table(["backbone", "layout", "k × ranks", "step ms", "images/s", "step time in communication",
+                          f"throughput / {args.layouts[0]}"], rows))
+    payload = {"benchmark": "distributed", "machine": info, "args": {k: str(v) for k, v in vars(args).items()},
+               "results": results}
+    write_json(args.json, payload)
+    return payload
+
+
+def main(argv: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbones", nargs="+", default=["small_cnn", "resnet18"])
+    parser.add_argument("--global-batch", type=int, default=64, help="k × world size (default 64)")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--layouts", nargs="+", default=["1x1", "2x1", "1x2"],
+                        help="processes x threads each; ratios are to the first (default 1x1 2x1 1x2)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--backbone", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    add_common_arguments(parser, repeats=6)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return None
+    if args.smoke:
+        args.backbones, args.global_batch, args.image_size, args.repeats, args.warmup = ["small_cnn"], 8, 16, 1, 1
+        args.layouts = ["1x1", "2x1"]
+    return driver(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Each benchmark runs end to end at its --smoke size and writes its JSON. Nothing here asserts a timing:
+the numbers belong in BENCHMARKS.md, measured on a quiet machine, not in a test on a shared one."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(tmp_path: Path, name: str, *extra: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), "--smoke", "--json", str(out), *extra]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    assert payload["machine"]["usable_cores"] >= 1
+    return payload
+
+
+def test_bench_attacks_checks_fgsm_equality(tmp_path):
+    pytest.importorskip("torchattacks")
+    (result,) = _run(tmp_path, "bench_attacks", "--backbones", "small_cnn")["results"]
+    assert all(result["checks"]["fgsm_equal"])  # the benchmark compares the same work
+    assert all(result["checks"]["pgd_in_ball_ours"]) and all(result["checks"]["pgd_in_ball_torchattacks"])
+    assert set(result["attacks"]) == {"fgsm", "pgd"}
+
+
+def test_bench_step_reports_ratios_and_profile(tmp_path):
+    variants = ["channels_last_flipped", "eps0_forwarded_again", "bf16_autocast"]
+    (result,) = _run(tmp_path, "bench_step", "--backbones", "small_cnn", "--variants", *variants)["results"]
+    assert result["checks"]["eval_rel_diff_vs_formula"] <= 1e-5
+    assert {"asac_over_plain", "asac_over_bound"} <= set(result)
+    assert len(result["last_chunk_sizes"]) == 3  # |E| chunk steps
+    assert "step.backward" in result["profile"]["phases_ms"]
+    assert set(result["variants"]) == {"default", *variants}
+
+
+def test_bench_e2e_times_both_modes(tmp_path):
+    result = _run(tmp_path, "bench_e2e")["results"]
+    assert set(result["images_per_s"]) == {"plain", "asac"}
+    assert result["asac_time_over_plain"] > 0
+
+
+def test_bench_distributed_runs_two_synchronised_processes(tmp_path):
+    (result,) = _run(tmp_path, "bench_distributed")["results"]
+    assert result["runs"]["2x1"]["world_size"] == 2 and result["runs"]["2x1"]["distributed_type"] == "MULTI_CPU"
+    assert result["runs"]["1x1"]["world_size"] == 1
+
+
+def test_bench_memory_runs_each_size_in_its_own_process(tmp_path):
+    result = _run(tmp_path, "bench_memory")["results"]
+    assert [r["num_images"] for r in result["runs"]] == [200, 400]
+    assert all(r["peak_rss_mib"] > 0 for r in result["runs"])
