@@ -40,7 +40,7 @@ def train_stage(
         loss_sum = torch.zeros((), device=accelerator.device)
         seen = torch.zeros((), device=accelerator.device)
         bar = tqdm(loader, desc=f"{stage} epoch {epoch + 1}/{stage_cfg.epochs}", leave=False,
-                   disable=not accelerator.is_main_process)
+                   disable=True if not accelerator.is_main_process else None)  # None: off when not a terminal
         for x, y, a, _ in bar:
             labels = y if stage == "base" else a
             loss = F.cross_entropy(wrapped(x)[head], labels)  # logits [b, 2]

@@ -20,7 +20,8 @@ def tracking_uri(cfg: Config) -> str:
     return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def _experiment_id(mlflow, name: str, uri: str) -> str:
+def experiment_id(mlflow, name: str, uri: str) -> str:
+    """The id of MLflow experiment `name`, created with an explicit artifact location if it is new."""
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -36,7 +37,8 @@ def _experiment_id(mlflow, name: str, uri: str) -> str:
 class Tracker:
     """One MLflow run: params (the whole config), metrics, artifacts; FAILED status if the body raises.
 
-    Use as a context manager; the tag `mlflow.parentRunId` nests the run under another. On non-main processes, or with tracking.enabled false, every call is a no-op.
+    Use as a context manager; the tag `mlflow.parentRunId` nests the run under another. On non-main
+    processes, or with tracking.enabled false, every call is a no-op.
     """
 
     def __init__(self, cfg: Config, run_name: str, active: bool, tags: Optional[dict[str, str]] = None):
@@ -54,9 +56,9 @@ class Tracker:
         uri = tracking_uri(self.cfg)
         mlflow.set_tracking_uri(uri)
         self._client = MlflowClient(uri)
-        experiment_id = _experiment_id(mlflow, self.cfg.experiment, uri)
+        experiment = experiment_id(mlflow, self.cfg.experiment, uri)
         tags = {"experiment": self.cfg.experiment, **self.tags}
-        run = self._client.create_run(experiment_id, run_name=self.run_name, tags=tags)
+        run = self._client.create_run(experiment, run_name=self.run_name, tags=tags)
         self.run_id = run.info.run_id
         self.log_params(self.cfg.flat())
         return self

@@ -35,8 +35,12 @@ def test_preset_follows_method_defaults(preset):
     create_model(cfg.model.backbone)
 
 
-@pytest.mark.parametrize("preset, writer", [("celeba_smiling", "celeba"), ("celeba_big_nose", "celeba"),
-                                            ("lfw_bags_under_eyes", "lfw"), ("lfw_wavy_hair", "lfw")])
+@pytest.mark.parametrize("preset, writer", [
+    ("celeba_smiling", "celeba"),
+    ("lfw_bags_under_eyes", "lfw"),
+    pytest.param("celeba_big_nose", "celeba", marks=pytest.mark.slow),
+    pytest.param("lfw_wavy_hair", "lfw", marks=pytest.mark.slow),
+])
 def test_preset_trains_on_a_fixture(preset, writer, tmp_path):
     root = tmp_path / writer
     if writer == "celeba":

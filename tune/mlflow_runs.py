@@ -32,10 +32,10 @@ def experiment_id(uri: str, name: str) -> str:
     """The experiment `name`, created with an explicit artifact location (STACK.md, trap 3) if new."""
     import mlflow
 
-    from distributed_asac.tracking import _experiment_id
+    from distributed_asac.tracking import experiment_id
 
     mlflow.set_tracking_uri(uri)
-    return _experiment_id(mlflow, name, uri)
+    return experiment_id(mlflow, name, uri)
 
 
 def start_parent(uri: str, experiment: str, name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
