@@ -15,9 +15,10 @@ All of them use the config's image layout (`finetune.channels_last`). Ratios are
 per-round ratios. A torch.profiler pass over a few ASAC minibatches then splits the step into its phases
 (the `phase` labels of finetune.py) and lists the heaviest operators.
 
-The variants table runs the ASAC minibatch with one thing changed against the default, interleaved likewise:
-`channels_last` flipped; `eps0_forwarded_again`, the step as it was before ε = 0 entries shared their clean
-image's forward; and, when asked for, `bf16_autocast`: bf16 autocast of the training forward (what
+The variants table runs the ASAC minibatch with changes against the default, interleaved likewise:
+`channels_last` flipped; `eps0_forwarded_again`, as before ε = 0 entries shared their clean image's forward;
+`previous_step`, both (NCHW images and ε = 0 entries forwarded again: the CPU work of the step before this
+benchmark's changes); and, when asked for, `bf16_autocast`: bf16 autocast of the training forward (what
 Accelerate's `mixed_precision: bf16` does to a prepared model; very slow on CPUs without bf16 units).
 
 Before timing, a check that the step computes Eq. 5: with the model in eval mode the chunk loss must equal
@@ -54,7 +55,7 @@ from distributed_asac.models import TwoHeadModel, create_model, set_trainable
 from distributed_asac.runtime import adam
 
 GOAL = 1.15  # measured / bound
-VARIANTS = ("channels_last_flipped", "eps0_forwarded_again", "bf16_autocast")
+VARIANTS = ("channels_last_flipped", "eps0_forwarded_again", "previous_step", "bf16_autocast")
 PHASES = ("asac.attack", "asac.score", "asac.order", "step.forward", "step.backward", "step.clip",
           "Optimizer.zero_grad#Adam.zero_grad", "Optimizer.step#Adam.step")
 
@@ -247,12 +248,13 @@ def bench_variants(base: TwoHeadModel, attacked: TwoHeadModel, cfg: Config, acce
                    names: list[str], repeats: int) -> dict[str, dict[str, float]]:
     """The ASAC minibatch with one change each, against the default, interleaved."""
     mode = MODES.get("asac")()
-    flipped = copy.deepcopy(cfg)
-    flipped.finetune.channels_last = not cfg.finetune.channels_last
+    flipped, nchw = copy.deepcopy(cfg), copy.deepcopy(cfg)
+    flipped.finetune.channels_last, nchw.finetune.channels_last = not cfg.finetune.channels_last, False
     builders: dict[str, Callable[[], tuple[Rig, Mode]]] = {
         "default": lambda: (make_rig(base, attacked, cfg, accelerator), mode),
         "channels_last_flipped": lambda: (make_rig(base, attacked, flipped, accelerator), mode),
         "eps0_forwarded_again": lambda: (make_rig(base, attacked, cfg, accelerator), without_eps0_sharing(mode)),
+        "previous_step": lambda: (make_rig(base, attacked, nchw, accelerator), without_eps0_sharing(mode)),
         "bf16_autocast": lambda: (make_rig(base, attacked, cfg, accelerator, bf16=True), mode),
     }
 
@@ -298,10 +300,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=64, help="k, images per minibatch (default: finetune's 64)")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--profile-steps", type=int, default=2)
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS[:2]), choices=VARIANTS,
-                        help=f"each against the default (default: {' '.join(VARIANTS[:2])}; none given: skip)")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS[:3]), choices=VARIANTS,
+                        help=f"each against the default (default: {' '.join(VARIANTS[:3])}; none given: skip)")
     parser.add_argument("--variant-repeats", type=int, default=2)
-    add_common_arguments(parser, repeats=3)
+    add_common_arguments(parser, repeats=5)
     args = parser.parse_args(argv)
     if args.smoke:
         args.batch_size, args.image_size, args.repeats, args.profile_steps, args.variant_repeats = 4, 16, 1, 1, 1

@@ -36,9 +36,11 @@ def _input_gradient(classifier: Classifier, x: torch.Tensor, a: torch.Tensor) ->
 @ATTACKS.register("fgsm")
 def fgsm(classifier: Classifier, x: torch.Tensor, a: torch.Tensor, eps_list: Sequence[float], **_) -> torch.Tensor:
     """x' = clip₀¹(x + ε · sign(∇ₓ CE(C(x), a))) for every ε, from ONE gradient (it does not depend on ε)."""
-    direction = _input_gradient(classifier, x, a).sign()  # [k, 3, H, W]
-    eps = torch.as_tensor(eps_list, dtype=x.dtype, device=x.device).view(-1, 1, 1, 1, 1)  # [|E|, 1, 1, 1, 1]
-    return (x.unsqueeze(0) + eps * direction.unsqueeze(0)).clamp_(0.0, 1.0)
+    direction = _input_gradient(classifier, x, a).sign_()  # [k, 3, H, W]
+    # One fused x + ε·direction per ε (ε = 0 is x itself): no [|E|, k, 3, H, W] temporary for ε·direction,
+    # and torch.cat keeps x's memory format.
+    asacs = [x if e == 0 else torch.add(x, direction, alpha=e).clamp_(0.0, 1.0) for e in eps_list]
+    return torch.cat(asacs).view(len(eps_list), *x.shape)
 
 
 @ATTACKS.register("pgd")
