@@ -12,6 +12,8 @@ install: $(STAMP)
 $(STAMP): requirements.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	# torchattacks (benchmark reference only) pins requests~=2.25 and would break mlflow's requirements: no deps.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps torchattacks==3.5.1
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
