@@ -255,7 +255,7 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
         ctx = StepContext(ft, eps, attacked, model, generator, diagnostics)
         start = time.perf_counter()
         bar = tqdm(loader, desc=f"finetune epoch {epoch + 1}/{ft.epochs}", leave=False,
-                   disable=not accelerator.is_main_process)
+                   disable=True if not accelerator.is_main_process else None)  # None: off when not a terminal
         for x, y, a, _ in bar:
             terms = train_minibatch(mode, ctx, wrapped, optimizer, accelerator, x, y, a, cfg.grad_clip)
             bar.set_postfix(loss=f"{terms['loss'].item():.3f}")
