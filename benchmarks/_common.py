@@ -52,7 +52,7 @@ def machine() -> dict[str, Any]:
 
 
 def describe(info: Mapping[str, Any]) -> str:
-    return (f"{info['cpu']}, {info['usable_cores']} usable cores, {info['torch_threads']} torch threads, "
+    return (f"{info['cpu']}, {info['usable_cores']} usable cores, torch threads: {info['torch_threads']}, "
             f"load {info['load_average_1m_at_start']:.2f} at start, torch {info['torch']}, {info['date']}")
 
 

@@ -102,6 +102,7 @@ def measure(args: argparse.Namespace, num_images: int, root: Path, out: Path) ->
 
 def driver(args: argparse.Namespace) -> dict[str, Any]:
     info = machine()
+    info["torch_threads"] = args.threads  # the workers'; this process only launches them
     with tempfile.TemporaryDirectory() as tmp:
         runs = []
         for n in args.sizes:
