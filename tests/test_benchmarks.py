@@ -1,5 +1,5 @@
 """Each benchmark runs end to end at its --smoke size and writes its JSON. Nothing here asserts a timing:
-the numbers belong in BENCHMARKS.md, measured on a quiet machine, not in a test on a shared one."""
+the numbers belong in the README's Performance section, measured on a quiet machine, not in a test on a shared one."""
 
 import json
 import subprocess
