@@ -12,6 +12,8 @@ barriers; the step time of a round is the slower rank's. To find the time spent 
 minibatch is also run without any communication (DDP's `no_sync` and its forward buffer broadcast switched
 off) in the same rounds: the fraction is 1 − comm-free / synchronised, per round, median. That is the
 exposed cost: all-reduce and broadcast time not hidden behind computation, plus waiting for the slower rank.
+One process runs the same two variants with nothing to switch off, which measures the noise floor. Beside
+it, |E| all-reduces of a gradient-sized buffer timed alone give the raw communication per minibatch.
 
 Usage (from the repository root)::
 
@@ -93,12 +95,27 @@ def worker(args: argparse.Namespace) -> None:
     # The round's step time is the slower rank's: gather every rank's times.
     local = torch.tensor([times[name] for name in variants], dtype=torch.float64, device=accelerator.device)
     slowest = accelerator.gather(local.unsqueeze(0)).amax(0) if world > 1 else local  # [variants, rounds]
+    allreduce = allreduce_seconds(model, accelerator, args.repeats) if world > 1 else 0.0
     if accelerator.is_main_process:
         out = {name: slowest[i].tolist() for i, name in enumerate(variants)}
-        out.update(world_size=world, local_batch=k, threads=torch.get_num_threads(),
+        out.update(world_size=world, local_batch=k, threads=torch.get_num_threads(), allreduce_s=allreduce,
+                   parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
                    distributed_type=accelerator.distributed_type.value)
         Path(args.out).write_text(json.dumps(out))
     accelerator.wait_for_everyone()
+
+
+def allreduce_seconds(model: torch.nn.Module, accelerator: Accelerator, repeats: int) -> float:
+    """Median time of one all-reduce of a gradient-sized float32 buffer, alone: the raw cost DDP pays (in
+    buckets, overlapped with the backward pass) once per optimizer step."""
+    buffer = torch.zeros(sum(p.numel() for p in model.parameters() if p.requires_grad), device=accelerator.device)
+    seconds = []
+    for _ in range(repeats + 1):
+        accelerator.wait_for_everyone()
+        start = time.perf_counter()
+        torch.distributed.all_reduce(buffer)
+        seconds.append(time.perf_counter() - start)
+    return median(seconds[1:])
 
 
 def launch(processes: int, threads: int, args: argparse.Namespace, backbone: str, out: Path) -> dict[str, Any]:
@@ -123,22 +140,26 @@ def launch(processes: int, threads: int, args: argparse.Namespace, backbone: str
     return result
 
 
-def summarise(run: dict[str, Any], global_batch: int) -> dict[str, Any]:
+def summarise(run: dict[str, Any], global_batch: int, steps_per_minibatch: int) -> dict[str, Any]:
+    """Throughput and communication share. With one process both variants run the same code: their
+    "fraction" is then the noise floor of the measurement, reported as such."""
     sync, free = run["synchronised"], run["comm_free"]
     step = median(sync)
     return {**run, "step_s": step, "images_per_s": global_batch / step,
-            "comm_fraction": median([1.0 - f / s for s, f in zip(sync, free)])}
+            "comm_fraction": median([1.0 - f / s for s, f in zip(sync, free)]),
+            "allreduce_fraction": steps_per_minibatch * run["allreduce_s"] / step}
 
 
 def driver(args: argparse.Namespace) -> dict[str, Any]:
     info = machine()
     info["torch_threads"] = "per layout"  # the workers set their own; this process only launches them
     layouts = [tuple(int(n) for n in layout.split("x")) for layout in args.layouts]
+    n_steps = len(magnitudes(Config().finetune.eps))  # optimizer steps, hence all-reduces, per minibatch
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for backbone in args.backbones:
             runs = {f"{p}x{t}": summarise(launch(p, t, args, backbone, Path(tmp) / f"{backbone}_{p}x{t}.json"),
-                                          args.global_batch) for p, t in layouts}
+                                          args.global_batch, n_steps) for p, t in layouts}
             baseline = runs[args.layouts[0]]["images_per_s"]
             for run in runs.values():
                 run["throughput_over_first"] = run["images_per_s"] / baseline
@@ -147,10 +168,12 @@ def driver(args: argparse.Namespace) -> dict[str, Any]:
     print(f"global batch {args.global_batch}, {args.image_size}×{args.image_size}, ASAC (FGSM, |E| = 3); medians of "
           f"{args.repeats} rounds after {args.warmup} warm-up; layouts are processes × threads\n")
     rows = [[r["backbone"], layout, f"{run['local_batch']} × {run['world_size']}", 1e3 * run["step_s"],
-             run["images_per_s"], f"{100 * run['comm_fraction']:.1f}%" if run["world_size"] > 1 else "—",
-             run["throughput_over_first"]] for r in results for layout, run in r["runs"].items()]
-    print(markdown_table(["backbone", "layout", "k × ranks", "step ms", "images/s", "step time in communication",
-                          f"throughput / {args.layouts[0]}"], rows))
+             run["images_per_s"], run["throughput_over_first"],
+             f"{100 * run['comm_fraction']:.1f}%" + (" (noise floor)" if run["world_size"] == 1 else ""),
+             f"{100 * run['allreduce_fraction']:.1f}%" if run["world_size"] > 1 else "—"]
+            for r in results for layout, run in r["runs"].items()]
+    print(markdown_table(["backbone", "layout", "k × ranks", "step ms", "images/s", f"throughput / {args.layouts[0]}",
+                          "step time in communication", "all-reduces alone / step"], rows))
     payload = {"benchmark": "distributed", "machine": info, "args": {k: str(v) for k, v in vars(args).items()},
                "results": results}
     write_json(args.json, payload)
