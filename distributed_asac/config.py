@@ -69,7 +69,7 @@ class FinetuneConfig:
     order: str = "ascending"  # see curriculum.ORDERS
     attack_model: str = "frozen"  # frozen: snapshot of C at stage-3 start; live: current θ
     adv_eps: float = 0.01  # the single PGD ε of the adv_augment comparator
-    channels_last: bool = True  # stage-3 images in NHWC layout: same math, faster on CPU (README, Performance)
+    channels_last: bool = True  # stage-3 images in NHWC layout: same math, faster on CPU (BENCHMARKS.md)
 
 
 @dataclass
