@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .attacks import ATTACKS, magnitudes, pgd
 from .config import Config, FinetuneConfig
 from .curriculum import curriculum_chunks, difficulty_scores
+from .failpoints import failpoint
 from .losses import asac_loss, plain_loss
 from .models import TwoHeadModel, set_trainable
 from .registry import Registry
@@ -267,6 +268,7 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
             shown = {k: metrics[k] for k in ("loss", "attack_success_rate", "valid_ACC", "valid_DEO", "images_per_s")
                      if k in metrics}
             tqdm.write(f"finetune epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+        failpoint("finetune.epoch_end", epoch=epoch + 1)
     accelerator.free_memory()
     return model
 

@@ -27,6 +27,7 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from distributed_asac.config import load_config
+from distributed_asac.failpoints import PAUSE_AT, PAUSE_DIR
 from tune import report
 from tune.bases import base_key
 from tune.records import RECORD, read_state
@@ -101,22 +102,37 @@ def _children(root: Path, parent_id: str):
     return client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
+def _wait_for_files(driver: subprocess.Popen, *patterns: tuple[Path, str]) -> None:
+    """Block until every (folder, glob) pattern matches a file, failing at once if the driver exits first.
+    The files are written by the sweep at the points the test paused it (distributed_asac.failpoints), so
+    this waits on events, never on how fast the machine is; the timeout only bounds a broken run."""
+    give_up = time.monotonic() + 600
+    while not all(list(folder.glob(pattern)) for folder, pattern in patterns):
+        assert driver.poll() is None, "the sweep ended before it reached the point the test waits for"
+        assert time.monotonic() < give_up, f"the sweep never reached {patterns}"
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, ray_tmp) -> SimpleNamespace:
     """Two fine-tunes that start at once (1 and 3 epochs), then a trial whose base checkpoint does not exist.
-    The driver is killed (SIGKILL) as soon as one trial has finished, while the longer one is still running;
-    then the sweep is resumed to its end."""
+    The 3-epoch trial pauses at the end of its second epoch and the broken one before writing its record;
+    the driver is killed (SIGKILL) once the 1-epoch trial has finished and both others are paused, so the
+    kill lands between "one trial finished" and "the others finished" whatever the machine's speed. Then
+    the sweep is resumed (no pause points) to its end."""
     root = tmp_path_factory.mktemp("sweep")
     path = _write_sweep(root, "main", {"length": {"finetune.epochs": [1, 3]},
                                        "broken": {"base_checkpoint": [str(root / "no_such_base")]}},
                         max_concurrent=2)
     marker = uuid.uuid4().hex
-    driver = subprocess.Popen(_sweep_cli("--config", str(path)), env=_env(marker, ray_tmp), cwd=REPO,
+    pauses = root / "pauses"
+    pauses.mkdir()
+    env = {**_env(marker, ray_tmp), PAUSE_DIR: str(pauses),
+           PAUSE_AT: "finetune.epoch_end:epoch=2;trial.before_record:status=failed"}
+    driver = subprocess.Popen(_sweep_cli("--config", str(path)), env=env, cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not list((root / "runs" / "sweeps" / "main").glob(f"*/trials/*/{RECORD}")) and time.time() < deadline:
-        assert driver.poll() is None, "the sweep ended before it could be killed"
-        time.sleep(0.2)
+    _wait_for_files(driver, (root / "runs" / "sweeps" / "main", f"*/trials/*/{RECORD}"),
+                    (pauses, "finetune.epoch_end.*.reached"), (pauses, "trial.before_record.*.reached"))
     driver.kill()  # no finally, no signal handler: what a crash or an OOM kill does
     driver.wait()
     # Ray's core dies with its driver at once; its two agents first try for 60 s (a fixed timeout in Ray) to
@@ -198,12 +214,12 @@ def test_ctrl_c_stops_the_sweep_and_ray(swept, ray_tmp):
     """SIGINT while a trial runs (its base is cached): Tune stops it, Ray is shut down, the driver exits 130."""
     path = _write_sweep(swept.root, "interrupted", {"g": {"finetune.epochs": [3]}})
     marker = uuid.uuid4().hex
-    driver = subprocess.Popen(_sweep_cli("--config", str(path)), env=_env(marker, ray_tmp), cwd=REPO,
+    pauses = swept.root / "interrupted-pauses"
+    pauses.mkdir()
+    env = {**_env(marker, ray_tmp), PAUSE_DIR: str(pauses), PAUSE_AT: "finetune.epoch_end:epoch=1"}
+    driver = subprocess.Popen(_sweep_cli("--config", str(path)), env=env, cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not list((swept.root / "runs" / "sweeps" / "interrupted").glob("*/trials/*")):  # the trial has begun
-        assert driver.poll() is None and time.time() < deadline, "the trial never started"
-        time.sleep(0.2)
+    _wait_for_files(driver, (pauses, "finetune.epoch_end.*.reached"))  # the trial is mid-run, paused
     driver.send_signal(signal.SIGINT)
     _, err = driver.communicate(timeout=120)
     assert driver.returncode == 130 and "--resume" in err.splitlines()[-1]
@@ -216,7 +232,7 @@ def test_ctrl_c_stops_the_sweep_and_ray(swept, ray_tmp):
 
 def test_resume_after_killed_driver_reruns_nothing_finished(swept):
     assert all(cmd.startswith(AGENTS) for cmd in swept.left_after_kill.values()), swept.left_after_kill
-    assert list(swept.before) == [swept.state["trials"][0]["name"]]  # the 1-epoch trial; 3 epochs still ran
+    assert list(swept.before) == [swept.state["trials"][0]["name"]]  # the 1-epoch trial; the others were paused
     assert swept.before[swept.state["trials"][0]["name"]]["status"] == "finished"
     runs = [r for r in _children(swept.root, swept.state["parent_run_id"]) if "sweep.trial" in r.data.tags]
     client = MlflowClient(f"sqlite:///{swept.root / 'mlflow.db'}")

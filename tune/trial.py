@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from distributed_asac.config import Config, load_config
+from distributed_asac.failpoints import failpoint
 
 from . import mlflow_runs
 from .records import read_record, write_record
@@ -66,6 +67,7 @@ def run_trial(job: dict[str, Any]) -> dict[str, Any]:
         (folder / "error.txt").write_text(traceback.format_exc())
         record.update(status="failed", model=None, metrics={}, run_dir=None, error=f"{type(err).__name__}: {err}")
     record.update(started=start, seconds=round(time.time() - start, 1))
+    failpoint("trial.before_record", status=record["status"])
     record["mlflow_run_ids"] = mlflow_runs.label_trial(job, record)
     write_record(folder, record)
     if record["status"] == "failed":

@@ -1,0 +1,37 @@
+"""Pause points: inert unless named, matched on their context, and released by a file the test creates."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from distributed_asac.failpoints import PAUSE_AT, PAUSE_DIR, RELEASE, failpoint
+
+REPO = Path(__file__).resolve().parents[1]
+CHILD = "from distributed_asac.failpoints import failpoint\nfor e in (1, 2, 3):\n    failpoint('x.end', epoch=e)\n    print(e, flush=True)\n"
+
+
+def test_unnamed_or_unmatched_points_do_not_pause(tmp_path, monkeypatch):
+    monkeypatch.setenv(PAUSE_DIR, str(tmp_path))
+    monkeypatch.delenv(PAUSE_AT, raising=False)
+    failpoint("x.end", epoch=2)
+    monkeypatch.setenv(PAUSE_AT, "x.end:epoch=2;y.start")
+    failpoint("x.end", epoch=1)  # wrong context
+    failpoint("x.other", epoch=2)  # wrong name
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_matching_point_announces_itself_and_waits_for_release(tmp_path):
+    env = {**os.environ, PAUSE_AT: "x.end:epoch=2", PAUSE_DIR: str(tmp_path), "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen([sys.executable, "-c", CHILD], env=env, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "1\n"  # epoch 1 passed the point
+    while not list(tmp_path.glob("x.end.*.reached")):  # the child is now held at epoch 2
+        assert child.poll() is None
+        time.sleep(0.01)  # polls the file the child writes; no timing assumed
+    (reached,) = tmp_path.glob("x.end.*.reached")
+    assert reached.name == f"x.end.{child.pid}.reached" and "'epoch': '2'" in reached.read_text()
+    assert child.poll() is None  # still held: nothing printed after epoch 1
+    (tmp_path / RELEASE).touch()
+    rest, _ = child.communicate(timeout=60)
+    assert child.returncode == 0 and rest == "2\n3\n"
