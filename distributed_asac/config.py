@@ -30,7 +30,7 @@ class DataConfig:
     root: str = "data/synthetic"  # dataset folder (generated here when name == synthetic)
     target: str = "Smiling"  # attribute M predicts
     protected: str = "Male"  # attribute C predicts and ASACs flip
-    image_size: int = 64  # square side in pixels after center-crop and resize
+    image_size: int = 48  # square side in pixels after center-crop and resize (the CPU demo's; presets: 128)
     num_workers: int = 0  # DataLoader workers per process
     cache_dir: Optional[str] = None  # a preprocessed uint8 cache (built once, memory-mapped); None: decode JPEGs
     on_bad_image: str = "error"  # error: name the corrupt file and stop; skip: leave it out, count it, log it
@@ -70,6 +70,8 @@ class FinetuneConfig:
     attack_model: str = "frozen"  # frozen: snapshot of C at stage-3 start; live: current θ
     adv_eps: float = 0.01  # the single PGD ε of the adv_augment comparator
     channels_last: bool = True  # stage-3 images in NHWC layout: same math, faster on CPU (BENCHMARKS.md)
+    batchnorm: str = "train"  # train: each chunk is a train-mode batch (the paper); frozen: keep the base's statistics
+    select: str = "last"  # last: keep the last epoch (the paper); balanced_valid: best balanced-valid accuracy
 
 
 @dataclass
@@ -91,7 +93,8 @@ class TrackingConfig:
 @dataclass
 class Config:
     experiment: str = "demo"  # MLflow experiment and run-folder name
-    seed: int = 0
+    seed: int = 0  # the seed of one run (stages 1–3)
+    seeds: Optional[list[int]] = None  # the comparison (python -m distributed_asac.demo) runs once per seed; None: [seed]
     output_dir: str = "runs"
     base_checkpoint: Optional[str] = None  # a folder written by stages 1–2; None: train them first
     grad_clip: float = 1.0
@@ -116,6 +119,8 @@ class Config:
 DATASETS = ("synthetic", "celeba", "lfw")
 ATTACK_MODELS = ("frozen", "live")
 BAD_IMAGE_POLICIES = ("error", "skip")
+BATCHNORM_MODES = ("train", "frozen")
+SELECTION_RULES = ("last", "balanced_valid")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -178,6 +183,8 @@ def validate(cfg: Config) -> None:
     check_name("finetune.mode", cfg.finetune.mode, MODES.names())
     check_name("finetune.attack_model", cfg.finetune.attack_model, ATTACK_MODELS)
     check_name("data.on_bad_image", cfg.data.on_bad_image, BAD_IMAGE_POLICIES)
+    check_name("finetune.batchnorm", cfg.finetune.batchnorm, BATCHNORM_MODES)
+    check_name("finetune.select", cfg.finetune.select, SELECTION_RULES)
     for key in ("finetune.eps", "analysis.robustness_eps"):
         for eps in _get(cfg, key):
             if not 0.0 <= eps <= 1.0:
@@ -195,6 +202,15 @@ def validate(cfg: Config) -> None:
             raise UserError(f"config key {key!r}: must be > 0, got {_get(cfg, key)}")
     if len(cfg.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.adam_betas):
         raise UserError(f"config key 'adam_betas': need two values in [0, 1), got {cfg.adam_betas}")
+    if cfg.seeds is not None:
+        if not cfg.seeds:
+            raise UserError("config key 'seeds': the list is empty; give at least one seed, e.g. seeds=[0,1,2]")
+        if len(set(cfg.seeds)) != len(cfg.seeds):
+            twice = sorted({s for s in cfg.seeds if cfg.seeds.count(s) > 1})
+            raise UserError(f"config key 'seeds': {twice} appear more than once; a seed counted twice would "
+                            "shrink the intervals without new evidence — list each seed once")
+        if min(cfg.seeds) < 0:
+            raise UserError(f"config key 'seeds': seeds must be >= 0, got {min(cfg.seeds)}")
     if cfg.data.target == cfg.data.protected:
         raise UserError("config keys 'data.target' and 'data.protected' name the same attribute; choose two")
 

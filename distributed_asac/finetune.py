@@ -20,14 +20,17 @@ from typing import Callable, Optional
 import torch
 from accelerate import Accelerator
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from .attacks import ATTACKS, magnitudes, pgd
+from .checkpoint import cpu_state_dict
 from .config import Config, FinetuneConfig
 from .curriculum import curriculum_chunks, difficulty_scores
+from .errors import UserError
 from .failpoints import failpoint
 from .losses import asac_loss, plain_loss
+from .metrics import HEADLINE
 from .models import TwoHeadModel, set_trainable
 from .registry import Registry
 from .runtime import adam
@@ -212,6 +215,10 @@ def train_minibatch(mode: Mode, ctx: StepContext, wrapped: nn.Module, optimizer:
         x = x.contiguous(memory_format=torch.channels_last)
     chunks = mode.make_chunks(ctx, x, y, a)
     wrapped.train()
+    if ctx.cfg.batchnorm == "frozen":  # normalise with the base's statistics and never update them
+        for module in wrapped.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     for chunk in chunks:
         with phase("step.forward"):
             terms = chunk_loss(wrapped, x, chunk, ctx.cfg.alpha)
@@ -233,15 +240,34 @@ def model_name(cfg: FinetuneConfig) -> str:
     return f"asac_{cfg.attack}" if cfg.mode == "asac" else cfg.mode
 
 
+def balanced_subset(dataset, seed: int = 0) -> Subset:
+    """The same number of images from each (target, protected) cell of `dataset`, as many as its smallest
+    cell holds, drawn with a fixed seed. On it, accuracy is the mean of the four cells' accuracies, so a
+    model that leans on the protected attribute scores no better than one that does not (the full valid
+    split, biased like train, would reward the shortcut)."""
+    cell = dataset.targets * 2 + dataset.protected_labels  # [n] in 0..3
+    order = torch.randperm(len(cell), generator=torch.Generator().manual_seed(seed))
+    size = min(int((cell == c).sum()) for c in range(4))
+    if size == 0:
+        raise UserError("finetune.select=balanced_valid needs every (target, protected) combination in the "
+                        "valid split, and one is empty; use finetune.select=last")
+    return Subset(dataset, sorted(i for c in range(4) for i in order[cell[order] == c][:size].tolist()))
+
+
 def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator: Accelerator, tracker,
-             generator: torch.Generator) -> TwoHeadModel:
-    """Stage 3 in place on `model` (θ and ρ); returns it. φ stays frozen throughout."""
+             generator: torch.Generator) -> tuple[TwoHeadModel, dict[str, float]]:
+    """Stage 3 in place on `model` (θ and ρ); returns it and a summary of the epochs. φ stays frozen.
+
+    After every epoch (and once before the first) the model is evaluated on valid and on its balanced
+    subset; `finetune.select` says which epoch is kept. The summary holds `selected_epoch` and
+    `balanced_valid_DEO_swing`, the mean |DEO_e − DEO_(e−1)| on the balanced subset over consecutive
+    epochs (epoch 0 is the starting model): how much the fairness of the model jumps between epochs."""
     from .evaluate import evaluate
 
     ft = cfg.finetune
     mode = MODES.get(ft.mode)()
     if mode.make_chunks is None:
-        return model
+        return model, {}
     eps = magnitudes(ft.eps)
     # The frozen snapshot of C is taken before `prepare`, so it is a plain module on every backend.
     attacked = copy.deepcopy(model).requires_grad_(False).eval() if ft.attack_model == "frozen" else model
@@ -251,6 +277,9 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
                         num_workers=cfg.data.num_workers)
     wrapped, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     attacked = attacked.to(accelerator.device)
+    balanced = balanced_subset(valid_set)
+    deo_history = [evaluate(accelerator, model, balanced, ft.batch_size, num_workers=cfg.data.num_workers).report()["DEO"]]
+    best_score, best_state, selected = -1.0, None, ft.epochs
     for epoch in range(ft.epochs):
         diagnostics = Diagnostics(len(eps), accelerator.device)
         ctx = StepContext(ft, eps, attacked, model, generator, diagnostics)
@@ -263,14 +292,25 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
         metrics = diagnostics.summary(accelerator, eps, time.perf_counter() - start)
         valid = evaluate(accelerator, model, valid_set, ft.batch_size, num_workers=cfg.data.num_workers).report()
         metrics.update({f"valid_{k}": v for k, v in valid.items()})
+        balanced_report = evaluate(accelerator, model, balanced, ft.batch_size, num_workers=cfg.data.num_workers).report()
+        metrics.update({f"balanced_valid_{k}": balanced_report[k] for k in HEADLINE})
+        deo_history.append(balanced_report["DEO"])
+        if ft.select == "balanced_valid" and balanced_report["ACC"] > best_score:
+            best_score, best_state, selected = balanced_report["ACC"], cpu_state_dict(model), epoch + 1
         tracker.log_metrics({f"finetune/{k}": v for k, v in metrics.items()}, step=epoch)
         if accelerator.is_main_process:
-            shown = {k: metrics[k] for k in ("loss", "attack_success_rate", "valid_ACC", "valid_DEO", "images_per_s")
+            shown = {k: metrics[k] for k in ("loss", "attack_success_rate", "valid_ACC", "valid_DEO", "balanced_valid_ACC",
+                                             "balanced_valid_DEO", "images_per_s")
                      if k in metrics}
             tqdm.write(f"finetune epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
         failpoint("finetune.epoch_end", epoch=epoch + 1)
     accelerator.free_memory()
-    return model
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    steps = [abs(after - before) for before, after in zip(deo_history, deo_history[1:])]
+    summary = {"selected_epoch": selected, "balanced_valid_DEO_swing": sum(steps) / len(steps) if steps else 0.0}
+    tracker.log_metrics({f"finetune/{k}": v for k, v in summary.items()})
+    return model, summary
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -5,11 +5,13 @@ images with target label y, protected label a and prediction ŷ. Counts add acro
 distributed evaluation sums them (never averages per-rank rates) and gets the exact single-process numbers.
 
 A rate over an empty group is undefined: it is NaN, and `empty_groups` says which group was empty.
+
+Every metric also accepts a batch of count tables, shape [..., 2, 2, 2], and then returns a float64 tensor
+of shape [...] (the bootstrap in `stats.py` evaluates a thousand resamples in one call); a single table gives
+a Python float.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -20,39 +22,54 @@ def group_counts(y: torch.Tensor, a: torch.Tensor, y_hat: torch.Tensor) -> torch
     return torch.bincount(cell, minlength=8).view(2, 2, 2)
 
 
-def _rate(numerator: torch.Tensor | int, denominator: torch.Tensor | int) -> float:
-    return float(numerator) / float(denominator) if int(denominator) > 0 else math.nan
+def _scalar(value: torch.Tensor) -> float | torch.Tensor:
+    return float(value) if value.dim() == 0 else value
 
 
-def positive_rate(counts: torch.Tensor, *, y: int | None, a: int) -> float:
+def _rate(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator in float64, NaN where the denominator is 0 (an empty group)."""
+    denominator = denominator.double()
+    return torch.where(denominator > 0, numerator.double() / denominator.clamp(min=1), torch.nan)
+
+
+def _positive_rate(counts: torch.Tensor, y: int | None, a: int) -> torch.Tensor:
+    cells = counts[..., :, a, :].sum(-2) if y is None else counts[..., y, a, :]  # [..., ŷ]
+    return _rate(cells[..., 1], cells.sum(-1))
+
+
+def positive_rate(counts: torch.Tensor, *, y: int | None, a: int) -> float | torch.Tensor:
     """P(Ŷ = 1 | Y = y, A = a), or P(Ŷ = 1 | A = a) when y is None."""
-    cells = counts[:, a] if y is None else counts[y, a]  # [..., ŷ]
-    return _rate(cells[..., 1].sum(), cells.sum())
+    return _scalar(_positive_rate(counts, y, a))
 
 
-def deo(counts: torch.Tensor) -> float:
+def deo(counts: torch.Tensor) -> float | torch.Tensor:
     """Difference in Equalized Odds: ½ Σ_{y∈{0,1}} |P(Ŷ=1 | Y=y, A=0) − P(Ŷ=1 | Y=y, A=1)|.
 
     The mean of the false-positive-rate gap (y = 0) and the true-positive-rate gap (y = 1); fairlearn's
     `equalized_odds_difference(..., agg="mean")` gives the same number.
     """
-    return 0.5 * sum(abs(positive_rate(counts, y=y, a=0) - positive_rate(counts, y=y, a=1)) for y in (0, 1))
+    gaps = [(_positive_rate(counts, y, 0) - _positive_rate(counts, y, 1)).abs() for y in (0, 1)]
+    return _scalar(0.5 * (gaps[0] + gaps[1]))
 
 
-def deop(counts: torch.Tensor) -> float:
+def deop(counts: torch.Tensor) -> float | torch.Tensor:
     """Difference in Equalized Opportunity: |P(Ŷ=1 | Y=1, A=0) − P(Ŷ=1 | Y=1, A=1)| (the TPR gap)."""
-    return abs(positive_rate(counts, y=1, a=0) - positive_rate(counts, y=1, a=1))
+    return _scalar((_positive_rate(counts, 1, 0) - _positive_rate(counts, 1, 1)).abs())
 
 
-def ddp(counts: torch.Tensor) -> float:
+def ddp(counts: torch.Tensor) -> float | torch.Tensor:
     """Difference in Demographic Parity: |P(Ŷ=1 | A=0) − P(Ŷ=1 | A=1)|."""
-    return abs(positive_rate(counts, y=None, a=0) - positive_rate(counts, y=None, a=1))
+    return _scalar((_positive_rate(counts, None, 0) - _positive_rate(counts, None, 1)).abs())
 
 
-def accuracy(counts: torch.Tensor) -> float:
+def accuracy(counts: torch.Tensor) -> float | torch.Tensor:
     """ACC in percent: 100 · (Σ_a counts[0, a, 0] + counts[1, a, 1]) / Σ counts."""
-    correct = counts[0, :, 0].sum() + counts[1, :, 1].sum()
-    return 100.0 * _rate(correct, counts.sum())
+    correct = counts[..., 0, :, 0].sum(-1) + counts[..., 1, :, 1].sum(-1)
+    return _scalar(100.0 * _rate(correct, counts.sum((-3, -2, -1))))
+
+
+# The headline metrics: what tables show, what intervals and paired verdicts are computed for.
+HEADLINE = {"DEO": deo, "DEOp": deop, "DDP": ddp, "ACC": accuracy}
 
 
 def empty_groups(counts: torch.Tensor) -> list[str]:
@@ -62,13 +79,8 @@ def empty_groups(counts: torch.Tensor) -> list[str]:
 
 def fairness_report(counts: torch.Tensor) -> dict[str, object]:
     """DEO, DEOp, DDP, ACC plus per-group TPR, FPR, positive rate and size, as a JSON-ready dict."""
-    report: dict[str, object] = {
-        "DEO": deo(counts),
-        "DEOp": deop(counts),
-        "DDP": ddp(counts),
-        "ACC": accuracy(counts),
-        "n": int(counts.sum()),
-    }
+    report: dict[str, object] = {name: metric(counts) for name, metric in HEADLINE.items()}
+    report["n"] = int(counts.sum())
     for a in (0, 1):
         report[f"TPR_a{a}"] = positive_rate(counts, y=1, a=a)
         report[f"FPR_a{a}"] = positive_rate(counts, y=0, a=a)

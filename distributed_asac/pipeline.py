@@ -30,12 +30,20 @@ from .finetune import finetune, model_name
 from .models import TwoHeadModel, create_model
 from .report import format_table, plot_robustness
 from .runtime import make_accelerator, seed_everything
+from .stats import bootstrap_interval
 from .stages import train_stage
 from .tracking import Tracker
 
 
-def new_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
-    """A fresh `<output_dir>/<experiment>/<timestamp>` chosen by the main process and shared with all ranks."""
+def new_run_dir(cfg: Config, accelerator: Accelerator, run_dir: Optional[Path] = None) -> Path:
+    """A fresh `<output_dir>/<experiment>/<timestamp>` chosen by the main process and shared with all ranks,
+    or `run_dir` itself when the caller chose it (a comparison's per-seed folder)."""
+    if run_dir is not None:
+        if accelerator.is_main_process:
+            run_dir.mkdir(parents=True)
+            save_config(cfg, run_dir / "config.yaml")
+        accelerator.wait_for_everyone()
+        return run_dir
     name = [time.strftime("%Y%m%d-%H%M%S")]
     broadcast_object_list(name)
     base = Path(cfg.output_dir) / cfg.experiment
@@ -67,11 +75,16 @@ def check_replicas(model: TwoHeadModel, accelerator: Accelerator) -> dict[str, o
 
 
 def finish_model(name: str, model: TwoHeadModel, cfg: Config, splits: Splits, accelerator: Accelerator,
-                 tracker: Tracker, folder: Path) -> dict[str, object]:
-    """Evaluate on test (and twins), analyse, write results.json, predictions.csv and the checkpoint, log all."""
+                 tracker: Tracker, folder: Path, extra: Optional[dict] = None) -> dict[str, object]:
+    """Evaluate on test (and twins), analyse, write results.json (with `extra`, e.g. the fine-tune's summary),
+    predictions.csv and the checkpoint, log all."""
     evaluation = evaluate(accelerator, model, splits.test, cfg.finetune.batch_size, twins=splits.twins,
                           num_workers=cfg.data.num_workers)
-    report = evaluation.report()
+    report = {**evaluation.report(), **(extra or {})}
+    if accelerator.is_main_process:  # 95% percentile bootstrap over the test images (stats.py)
+        y, a, y_hat = (torch.tensor([row[i] for row in evaluation.rows]) for i in (1, 2, 3))
+        report["ci95_bootstrap"] = {name: [interval.low, interval.high]
+                                    for name, interval in bootstrap_interval(y, a, y_hat).items()}
     replicas = check_replicas(model, accelerator)
     tracker.log_metrics({f"test_{k}": v for k, v in report.items()})
     tracker.log_metrics({"data_skipped_images": splits.num_skipped()})
@@ -79,7 +92,8 @@ def finish_model(name: str, model: TwoHeadModel, cfg: Config, splits: Splits, ac
     if accelerator.is_main_process:
         analysis = analyse(model, splits.test, cfg.analysis, cfg.finetune.batch_size, accelerator.device)
         report.update(analysis)
-        files = write_results(folder, name, evaluation, extra=analysis)
+        files = write_results(folder, name, evaluation,
+                              extra={**analysis, **(extra or {}), "ci95_bootstrap": report["ci95_bootstrap"]})
         (folder / "replicas.json").write_text(json.dumps(replicas, indent=2))
         save_checkpoint(model.state_dict(), cfg, folder)
         for point in analysis.get("robustness", []):
@@ -121,8 +135,8 @@ def run_finetune(cfg: Config, base: TwoHeadModel, splits: Splits, accelerator: A
     name = model_name(cfg.finetune)
     model = copy.deepcopy(base).to(accelerator.device)
     with Tracker(cfg, name, accelerator.is_main_process, {**tags, "stage": "finetune", "mode": cfg.finetune.mode}) as tracker:
-        model = finetune(model, splits.train, splits.valid, cfg, accelerator, tracker, generator)
-        report = finish_model(name, model, cfg, splits, accelerator, tracker, run_dir / name)
+        model, summary = finetune(model, splits.train, splits.valid, cfg, accelerator, tracker, generator)
+        report = finish_model(name, model, cfg, splits, accelerator, tracker, run_dir / name, extra=summary)
     return name, report
 
 
@@ -144,14 +158,15 @@ class RunOutput:
 
 
 def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optional[Accelerator] = None,
-        parent_run_id: Optional[str] = None) -> RunOutput:
+        parent_run_id: Optional[str] = None, run_dir: Optional[Path] = None) -> RunOutput:
     """Stages 1–2 (or the base checkpoint), then stage 3 once per variant of `cfg.finetune` (default: the
     config's own), all on one Accelerator. Every model is one MLflow run, nested under `parent_run_id` if
-    given (a sweep's parent run)."""
+    given (a sweep's or a comparison's parent run). Each fine-tune starts from the same base weights AND
+    the same random state (`cfg.seed`), so rows differ only by their method: paired comparisons are fair."""
     accelerator = accelerator or make_accelerator()
-    generator = seed_everything(cfg.seed, accelerator)
+    seed_everything(cfg.seed, accelerator)
     splits = build_splits(cfg, accelerator)
-    run_dir = new_run_dir(cfg, accelerator)
+    run_dir = new_run_dir(cfg, accelerator, run_dir)
     tags = {"run_dir": str(run_dir)}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
@@ -163,6 +178,7 @@ def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optiona
         variant = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, **overrides))
         if variant.finetune.mode == "base" and "base" in results:
             continue  # the base row is already evaluated
+        generator = seed_everything(cfg.seed, accelerator)  # data order, attack starts, curriculum shuffles
         name, report = run_finetune(variant, base, splits, accelerator, run_dir, generator, tags)
         results[name] = report
     if accelerator.is_main_process:

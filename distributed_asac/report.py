@@ -5,24 +5,88 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .stats import Interval
+
 # Row order of the paper's Table 1: the base classifier, the comparators, then the ASAC rows.
 ROW_ORDER = ("base", "plain", "adv_augment", "asac_fgsm", "asac_pgd")
 COLUMNS = (("DEO", "{:.3f}"), ("DEOp", "{:.3f}"), ("DDP", "{:.3f}"), ("ACC", "{:.2f}"), ("CF_flip_rate", "{:.3f}"),
            ("IG_mouth_share", "{:.3f}"))
 
 
+def _cell(value, fmt: str) -> str:
+    """A number, or an interval: `mean ± half-width` (t over seeds) or `value [low, high]` (bootstrap)."""
+    if isinstance(value, Interval):
+        if math.isnan(value.estimate):
+            return "n/a"
+        if math.isnan(value.low):
+            return fmt.format(value.estimate)
+        if value.method.startswith("bootstrap"):
+            return f"{fmt.format(value.estimate)} [{fmt.format(value.low)}, {fmt.format(value.high)}]"
+        return f"{fmt.format(value.estimate)} ± {fmt.format(value.half_width)}"
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return fmt.format(value)
+
+
 def format_table(results: dict[str, dict], label: str) -> str:
-    """Markdown table: one row per model (the probe is not a target classifier and is left out)."""
+    """Markdown table: one row per model (the probe is not a target classifier and is left out). A cell is
+    a number (one run) or an `stats.Interval` (a comparison over seeds)."""
     names = [n for n in ROW_ORDER if n in results] + sorted(n for n in results if n not in ROW_ORDER and n != "probe")
     header = ["Label", "Method", *(c for c, _ in COLUMNS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in names:
-        cells = []
-        for column, fmt in COLUMNS:
-            value = results[name].get(column)
-            cells.append("n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value))
+        cells = [_cell(results[name].get(column), fmt) for column, fmt in COLUMNS]
         lines.append("| " + " | ".join([label, name, *cells]) + " |")
     return "\n".join(lines)
+
+
+def _signed(value: float, fmt: str) -> str:
+    return ("+" if value >= 0 else "−") + fmt.format(abs(value))
+
+
+def format_paired(paired: list[dict]) -> str:
+    """Markdown table of paired differences, one line per (row, reference): each cell `Δ ± half-width` and
+    its verdict (`lower`, `higher`, `no detectable difference`)."""
+    formats = dict(COLUMNS)
+    metrics = list(dict.fromkeys(p["metric"] for p in paired))
+    pairs = list(dict.fromkeys((p["row"], p["reference"]) for p in paired))
+    lines = ["| Paired difference | " + " | ".join(f"Δ{m}" for m in metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
+    for row, reference in pairs:
+        cells = []
+        for metric in metrics:
+            (found,) = [p["interval"] for p in paired if (p["row"], p["reference"], p["metric"]) == (row, reference, metric)]
+            fmt = formats[metric]
+            spread = f" [{fmt.format(found.low)}, {fmt.format(found.high)}]" if found.method.startswith("bootstrap") \
+                else f" ± {fmt.format(found.half_width)}"
+            cells.append("n/a" if math.isnan(found.estimate) else f"{_signed(found.estimate, fmt)}{spread} **{found.verdict()}**")
+        lines.append(f"| {row} − {reference} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_paired(paired: list[dict], path: Path, subtitle: str) -> None:
+    """A forest plot: one panel per metric, each paired difference as a point with its 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = list(dict.fromkeys(p["metric"] for p in paired))
+    fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(3.2 * max(len(metrics), 1), 0.5 + 0.45 * len(paired) / max(len(metrics), 1) + 1.5),
+                             sharey=True, squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        entries = [p for p in paired if p["metric"] == metric]
+        for y, p in enumerate(entries):
+            interval = p["interval"]
+            colour = {"lower": "C0", "higher": "C3"}.get(interval.verdict(), "0.4")
+            ax.errorbar(interval.estimate, y, xerr=[[interval.estimate - interval.low], [interval.high - interval.estimate]],
+                        fmt="o", color=colour, capsize=3)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(range(len(entries)), [f"{p['row']} − {p['reference']}" for p in entries])
+        ax.set_title(f"Δ{metric}")
+    fig.suptitle(subtitle, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_robustness(curves: dict[str, list[dict]], path: Path) -> None:

@@ -1,9 +1,11 @@
 """The sweep's report: a table per grid in the layout of the paper's Tables 3–6, per-trial CSV, Pareto plot.
 
-A grid's table has one row per setting of its axes; each cell is the mean over seeds ± the sample standard
-deviation over seeds (shown when there are two or more), so a reader sees whether a difference between
-rows is larger than the seed-to-seed noise. Grids with an axis that changes the base model (backbone,
-target, dataset) also get the base classifier's rows first, as the paper's Table 3 does.
+A grid's table has one row per setting of its axes; each cell is the mean over seeds ± the half-width of
+its 95% Student-t interval over seeds (shown when there are two or more). Grids with an axis that changes
+the base model (backbone, target, dataset) also get the base classifier's rows first, as the paper's
+Table 3 does. Below each table, every setting is compared with the grid's first setting (its reference:
+list it first), paired by seed — the same base model and test images — as a mean difference with its 95%
+t-interval and a verdict (`lower`, `higher`, `no detectable difference`; distributed_asac/stats.py).
 """
 
 from __future__ import annotations
@@ -11,14 +13,17 @@ from __future__ import annotations
 import csv
 import json
 import math
-import statistics
 from pathlib import Path
 from typing import Any
+
+from distributed_asac.stats import paired_difference, t_interval
 
 from .bases import is_base_key
 from .spec import AXES
 
 METRICS = (("DEO", "{:.3f}"), ("DEOp", "{:.3f}"), ("DDP", "{:.3f}"), ("ACC", "{:.2f}"))
+# Shown in the grid tables beside METRICS when the trials report it (fine-tunes do).
+EXTRA = (("balanced_valid_DEO_swing", "{:.3f}"),)
 
 
 def is_base_axis(axis: str) -> bool:
@@ -30,8 +35,12 @@ def write_report(records: list[dict[str, Any]], grids: dict[str, list[str]], out
     out_dir.mkdir(parents=True, exist_ok=True)
     sections, paths = [f"# {title}", "", _summary(records), ""], []
     for grid, axes in grids.items():
-        rows = grid_rows([r for r in records if grid in r["grids"]], axes)
+        grid_records = [r for r in records if grid in r["grids"]]
+        rows = grid_rows(grid_records, axes)
         sections += [f"## Grid `{grid}`", "", markdown_table(rows, axes), ""]
+        paired = paired_rows(grid_records, axes)
+        if paired:
+            sections += [paired_table(paired, axes), ""]
         paths.append(_write_csv(out_dir / f"{grid}.csv", _grid_csv_rows(rows, axes)))
     sections += ["## Trials", "", _trials_table(records), "", "![fairness-accuracy](pareto.png)", ""]
     paths.append(_write_csv(out_dir / "trials.csv", _trial_csv_rows(records)))
@@ -67,24 +76,71 @@ def _key(record: dict[str, Any], axes: list[str]) -> str:
     return json.dumps({a: record["axes"].get(a) for a in axes})
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _row(model: str, setting: dict[str, Any], results: list[dict], total: int) -> dict[str, Any]:
+    """stats[metric] = (mean over seeds, half-width of its 95% t-interval or None for fewer than 2 seeds)."""
     stats = {}
-    for metric, _ in METRICS:
-        values = [r[metric] for r in results if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
-        stats[metric] = (statistics.fmean(values) if values else None,
-                         statistics.stdev(values) if len(values) > 1 else None)
+    for metric, _ in METRICS + EXTRA:
+        interval = t_interval([r[metric] for r in results if _finite(r.get(metric))])
+        stats[metric] = (None if interval.n == 0 else interval.estimate,
+                         None if interval.n < 2 else interval.half_width)
     return {"model": model, "setting": setting, "stats": stats, "n": len(results), "total": total}
 
 
+def paired_rows(records: list[dict[str, Any]], axes: list[str]) -> list[dict[str, Any]]:
+    """Each fine-tuned setting of a grid against the grid's first setting, paired by seed: per metric the
+    `stats.Interval` of the per-seed differences (seeds where either trial did not finish are left out)."""
+    by_setting: dict[str, dict[Any, dict]] = {}
+    for record in records:
+        if record["status"] == "finished":
+            by_setting.setdefault(_key(record, [a for a in axes if a != "seed"]), {})[record["axes"].get("seed")] = record
+    if len(by_setting) < 2:
+        return []
+    reference_key, *others = by_setting
+    reference = by_setting[reference_key]
+    out = []
+    for key in others:
+        seeds = [s for s in by_setting[key] if s in reference]
+        intervals = {m: paired_difference([by_setting[key][s]["metrics"][m] for s in seeds],
+                                          [reference[s]["metrics"][m] for s in seeds])
+                     for m, _ in METRICS if all(_finite(by_setting[key][s]["metrics"].get(m)) and
+                                                _finite(reference[s]["metrics"].get(m)) for s in seeds)}
+        out.append({"setting": json.loads(key), "reference": json.loads(reference_key), "seeds": seeds,
+                    "intervals": intervals})
+    return out
+
+
+def paired_table(paired: list[dict[str, Any]], axes: list[str]) -> str:
+    shown = [a for a in axes if a != "seed"]
+    reference = ", ".join(f"{a}={format_setting(paired[0]['reference'][a])}" for a in shown)
+    lines = [f"Paired by seed against the reference setting ({reference}): mean difference ± 95% t-interval, verdict.",
+             "", "| " + " | ".join([*shown, *(f"Δ{m}" for m, _ in METRICS), "Seeds"]) + " |",
+             "|" + "---|" * (len(shown) + len(METRICS) + 1)]
+    for row in paired:
+        cells = [format_setting(row["setting"][a]) for a in shown]
+        for metric, fmt in METRICS:
+            interval = row["intervals"].get(metric)
+            if interval is None or math.isnan(interval.low):
+                cells.append("n/a" if interval is None else fmt.format(interval.estimate))
+            else:
+                cells.append(f"{interval.estimate:+{fmt[2:-1]}} ± {fmt.format(interval.half_width)} {interval.verdict()}")
+        lines.append("| " + " | ".join(cells + [str(len(row["seeds"]))]) + " |")
+    return "\n".join(lines)
+
+
 def markdown_table(rows: list[dict[str, Any]], axes: list[str]) -> str:
-    header = ["Model", *axes, *(m for m, _ in METRICS), "Seeds"]
+    extra = [(m, fmt) for m, fmt in EXTRA if any(row["stats"][m][0] is not None for row in rows)]
+    header = ["Model", *axes, *(m for m, _ in METRICS + tuple(extra)), "Seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["model"], *(format_setting(row["setting"][a]) for a in axes)]
-        for metric, fmt in METRICS:
-            mean, std = row["stats"][metric]
+        for metric, fmt in METRICS + tuple(extra):
+            mean, half = row["stats"][metric]
             missing = "pending" if row.get("pending") == row["total"] else ("failed" if row["n"] == 0 else "n/a")
-            cells.append(missing if mean is None else fmt.format(mean) + ("" if std is None else " ± " + fmt.format(std)))
+            cells.append(missing if mean is None else fmt.format(mean) + ("" if half is None else " ± " + fmt.format(half)))
         lines.append("| " + " | ".join(cells + [_seeds_cell(row)]) + " |")
     return "\n".join(lines)
 
@@ -109,7 +165,7 @@ def format_setting(value: Any) -> str:
 def _summary(records: list[dict[str, Any]]) -> str:
     counts = {s: sum(r["status"] == s for r in records) for s in ("finished", "failed", "pending")}
     return (f"{len(records)} trials: {counts['finished']} finished, {counts['failed']} failed, {counts['pending']} pending. "
-            "Cells: mean over seeds ± sample standard deviation over seeds (when 2 or more).")
+            "Cells: mean over seeds ± half-width of the 95% Student-t interval over seeds (when 2 or more).")
 
 
 def _trials_table(records: list[dict[str, Any]]) -> str:
@@ -130,7 +186,7 @@ def _grid_csv_rows(rows: list[dict[str, Any]], axes: list[str]) -> list[dict[str
     for row in rows:
         line = {"model": row["model"], **{a: format_setting(row["setting"][a]) for a in axes}}
         for metric, _ in METRICS:
-            line[f"{metric}_mean"], line[f"{metric}_std"] = row["stats"][metric]
+            line[f"{metric}_mean"], line[f"{metric}_ci95_halfwidth"] = row["stats"][metric]
         line.update(seeds_ok=row["n"], seeds_total=row["total"], errors="; ".join(row.get("errors", [])))
         out.append(line)
     return out

@@ -1,0 +1,145 @@
+"""The comparison `make demo` prints: every row once per seed, then means with intervals and paired verdicts.
+
+    <output_dir>/<experiment>/<timestamp>/
+      config.yaml, results.json, table.md, paired.png    the comparison (results.json: per seed and aggregate)
+      seed_<s>/                                           one pipeline run per seed (base, probe, each row)
+
+For each seed: stages 1–2, then every row fine-tuned from that seed's base with the same random state
+(`pipeline.run`). MLflow: one parent run per invocation (tag `stage=comparison`) holding the aggregate
+metrics, the table and the plot; every per-seed, per-row run is nested under it.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+
+from .config import Config
+from .metrics import HEADLINE
+from .pipeline import new_run_dir, run
+from .report import ROW_ORDER, format_paired, format_table, plot_paired
+from .runtime import make_accelerator
+from .stats import Interval, paired_bootstrap, paired_difference, t_interval
+from .tracking import Tracker
+
+REFERENCES = ("base", "plain")  # every row is compared with the base model and with plain fine-tuning
+SUMMARISED = (*HEADLINE, "CF_flip_rate", "IG_mouth_share")  # metrics shown with an interval over seeds
+
+
+@dataclasses.dataclass
+class ComparisonOutput:
+    run_dir: Path
+    seeds: list[int]
+    per_seed: dict[int, dict[str, dict]]  # seed → row → test report
+    aggregate: dict[str, dict[str, Interval]]  # row → metric → mean over seeds with its interval
+    paired: list[dict]  # {row, reference, metric, interval (the difference), per_seed}
+
+
+def _rows(per_seed: dict[int, dict[str, dict]]) -> list[str]:
+    """The rows every seed produced (the probe is not a target classifier)."""
+    common = set.intersection(*(set(results) - {"probe"} for results in per_seed.values()))
+    return [n for n in ROW_ORDER if n in common] + sorted(common - set(ROW_ORDER))
+
+
+def aggregate(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict[str, Interval]]:
+    """row → metric → the mean over seeds with its 95% t-interval (`stats.t_interval`)."""
+    return {row: {metric: t_interval([results[row][metric] for results in per_seed.values()])
+                  for metric in SUMMARISED if all(metric in results[row] for results in per_seed.values())}
+            for row in _rows(per_seed)}
+
+
+def _predictions(path: Path) -> dict[str, torch.Tensor]:
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    return {column: torch.tensor([int(r[column]) for r in rows]) for column in ("y", "a", "y_hat")}
+
+
+def paired(per_seed: dict[int, dict[str, dict]], run_dir: Path) -> list[dict]:
+    """Each row against each reference, metric by metric. Two or more seeds: the t-interval of the per-seed
+    differences. One seed: the paired bootstrap over the test images (both models' predictions.csv)."""
+    seeds, out = list(per_seed), []
+    for reference in (r for r in REFERENCES if r in _rows(per_seed)):
+        for row in (r for r in _rows(per_seed) if r != reference and r not in REFERENCES[:REFERENCES.index(reference)]):
+            if len(seeds) >= 2:
+                intervals = {m: paired_difference([per_seed[s][row][m] for s in seeds],
+                                                  [per_seed[s][reference][m] for s in seeds]) for m in HEADLINE}
+            else:
+                folder = run_dir / f"seed_{seeds[0]}"
+                ours, theirs = _predictions(folder / row / "predictions.csv"), _predictions(folder / reference / "predictions.csv")
+                intervals = paired_bootstrap(ours["y"], ours["a"], ours["y_hat"], theirs["y_hat"])
+            for metric, interval in intervals.items():
+                out.append({"row": row, "reference": reference, "metric": metric, "interval": interval,
+                            "per_seed": [per_seed[s][row][metric] - per_seed[s][reference][metric] for s in seeds]})
+    return out
+
+
+def _describe(seeds: list[int]) -> str:
+    if len(seeds) >= 2:
+        return (f"mean over {len(seeds)} seeds ({', '.join(map(str, seeds))}) ± the half-width of its 95% "
+                "Student-t interval; differences paired by seed (same base, same test images)")
+    return (f"one seed ({seeds[0]}): values with the half-width of their 95% percentile bootstrap over test "
+            "images; differences by the paired bootstrap (training noise NOT covered: use several seeds)")
+
+
+def write_comparison(out: ComparisonOutput, cfg: Config, tracker: Tracker) -> str:
+    """results.json, table.md and paired.png of the comparison, logged on the parent run; returns the text."""
+    single = len(out.seeds) == 1
+    if single:  # one seed: the bootstrap over test images is the only interval there is
+        (results,) = out.per_seed.values()
+        cells = {row: {m: Interval(results[row][m], *results[row]["ci95_bootstrap"][m], results[row]["n"],
+                                   "bootstrap over test images") if m in HEADLINE else
+                       Interval(results[row][m], math.nan, math.nan, 1, "t over seeds")
+                       for m in out.aggregate[row]} for row in out.aggregate}
+    else:
+        cells = out.aggregate
+    text = "\n\n".join([format_table(cells, cfg.data.target), format_paired(out.paired),
+                        f"Intervals: {_describe(out.seeds)}."])
+    summary = {
+        "seeds": out.seeds,
+        "interval": _describe(out.seeds),
+        "per_seed": {str(s): results for s, results in out.per_seed.items()},
+        "aggregate": {row: {m: i.to_dict() for m, i in metrics.items()} for row, metrics in out.aggregate.items()},
+        "paired": [{**p, "interval": p["interval"].to_dict(), "verdict": p["interval"].verdict()} for p in out.paired],
+    }
+    (out.run_dir / "results.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
+    (out.run_dir / "table.md").write_text(text + "\n")
+    plot_paired(out.paired, out.run_dir / "paired.png", _describe(out.seeds))
+    for row, metrics in out.aggregate.items():
+        tracker.log_metrics({f"{row}_{m}_mean": i.estimate for m, i in metrics.items()})
+        tracker.log_metrics({f"{row}_{m}_ci95_halfwidth": i.half_width for m, i in metrics.items()})
+    for p in out.paired:
+        tracker.log_metrics({f"{p['row']}_minus_{p['reference']}_{p['metric']}": p["interval"].estimate})
+    for name in ("results.json", "table.md", "paired.png", "config.yaml"):
+        tracker.log_artifact(out.run_dir / name)
+    return text
+
+
+def compare(cfg: Config, variants: Optional[list[dict]] = None,
+            accelerator: Optional[Accelerator] = None) -> ComparisonOutput:
+    """The whole comparison once per seed of `cfg.seeds` (or `cfg.seed`), then its summary and verdicts."""
+    accelerator = accelerator or make_accelerator()
+    seeds = list(cfg.seeds or [cfg.seed])
+    run_dir = new_run_dir(cfg, accelerator)
+    tags = {"run_dir": str(run_dir), "stage": "comparison", "seeds": ",".join(map(str, seeds))}
+    with Tracker(cfg, "comparison", accelerator.is_main_process, tags) as tracker:
+        per_seed = {}
+        for seed in seeds:
+            if accelerator.is_main_process:
+                print(f"\n=== seed {seed} ({seeds.index(seed) + 1} of {len(seeds)}) ===", flush=True)
+            out = run(dataclasses.replace(cfg, seed=seed), variants, accelerator, parent_run_id=tracker.run_id,
+                      run_dir=run_dir / f"seed_{seed}")
+            per_seed[seed] = out.results
+        result = ComparisonOutput(run_dir, seeds, per_seed, aggregate(per_seed), [])
+        if accelerator.is_main_process:
+            result.paired = paired(per_seed, run_dir)
+            text = write_comparison(result, cfg, tracker)
+            print(f"\n{text}\n\nresults: {run_dir}/results.json  (MLflow experiment {cfg.experiment!r}, "
+                  f"parent run {tracker.run_id})")
+    return result

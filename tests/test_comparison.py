@@ -1,0 +1,96 @@
+"""The demo's comparison over seeds on the smoke config: results.json, table, plot and MLflow read back."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from distributed_asac import pipeline
+from distributed_asac.comparison import compare
+from distributed_asac.config import load_config
+from distributed_asac.demo import row_variants
+from distributed_asac.stats import bootstrap_interval, paired_difference, t_interval
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compare")
+    cfg = load_config(REPO / "configs" / "smoke.yaml", [
+        f"data.root={tmp / 'data'}", f"output_dir={tmp / 'runs'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+        "seeds=[3,5]", "analysis.ig_images=4", "analysis.robustness_images=32"])
+    return tmp, compare(cfg, variants=row_variants("plain,asac_fgsm"))
+
+
+def test_results_hold_each_seed_and_the_aggregate(compared):
+    tmp, out = compared
+    saved = json.loads((out.run_dir / "results.json").read_text())
+    assert saved["seeds"] == [3, 5] and set(saved["per_seed"]) == {"3", "5"}
+    for seed in ("3", "5"):  # each seed's numbers are its own pipeline run's
+        own = json.loads((out.run_dir / f"seed_{seed}" / "results.json").read_text())
+        assert saved["per_seed"][seed]["asac_fgsm"]["DEO"] == pytest.approx(own["asac_fgsm"]["DEO"])
+    deo = [saved["per_seed"][s]["asac_fgsm"]["DEO"] for s in ("3", "5")]
+    assert saved["aggregate"]["asac_fgsm"]["DEO"]["estimate"] == pytest.approx(sum(deo) / 2)
+    assert saved["aggregate"]["asac_fgsm"]["DEO"]["high"] == pytest.approx(t_interval(deo).high)
+    pairs = {(p["row"], p["reference"], p["metric"]): p for p in saved["paired"]}
+    assert set(pairs) == {(r, ref, m) for r, ref in [("plain", "base"), ("asac_fgsm", "base"), ("asac_fgsm", "plain")]
+                          for m in ("DEO", "DEOp", "DDP", "ACC")}
+    acc = pairs[("asac_fgsm", "plain", "ACC")]
+    by_seed = [saved["per_seed"][s]["asac_fgsm"]["ACC"] - saved["per_seed"][s]["plain"]["ACC"] for s in ("3", "5")]
+    assert acc["per_seed"] == pytest.approx(by_seed)
+    expected = paired_difference([saved["per_seed"][s]["asac_fgsm"]["ACC"] for s in ("3", "5")],
+                                 [saved["per_seed"][s]["plain"]["ACC"] for s in ("3", "5")])
+    assert acc["interval"]["low"] == pytest.approx(expected.low) and acc["verdict"] == expected.verdict()
+    table = (out.run_dir / "table.md").read_text()
+    assert "| Smiling | asac_fgsm |" in table and " ± " in table and "| asac_fgsm − plain |" in table
+    assert (out.run_dir / "paired.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bootstrap_interval_reproduced_from_predictions_csv(compared):
+    tmp, out = compared
+    folder = out.run_dir / "seed_5" / "asac_fgsm"
+    with (folder / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    y, a, y_hat = (torch.tensor([int(r[c]) for r in rows]) for c in ("y", "a", "y_hat"))
+    reported = json.loads((folder / "results.json").read_text())["asac_fgsm"]["ci95_bootstrap"]
+    for name, interval in bootstrap_interval(y, a, y_hat).items():
+        assert reported[name] == pytest.approx([interval.low, interval.high])
+
+
+def test_mlflow_parent_with_every_seed_and_row_nested(compared):
+    tmp, out = compared
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("smoke").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.stage = 'comparison'")
+    assert parent.info.status == "FINISHED" and parent.data.tags["seeds"] == "3,5"
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    names = sorted((r.data.params["seed"], r.info.run_name) for r in children)
+    assert names == sorted((s, n) for s in ("3", "5") for n in ("base", "probe", "plain", "asac_fgsm"))
+    assert parent.data.metrics["asac_fgsm_DEO_mean"] == pytest.approx(out.aggregate["asac_fgsm"]["DEO"].estimate)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"results.json", "table.md", "paired.png", "config.yaml"} <= artifacts
+
+
+def test_a_row_does_not_depend_on_the_rows_before_it(compared):
+    """Each fine-tune starts from the base weights and the seed's random state: asac_fgsm alone, from the saved
+    base, gives bit-identical predictions to asac_fgsm run after plain in the comparison."""
+    tmp, out = compared
+    seed_dir = out.run_dir / "seed_3"
+    cfg = load_config(seed_dir / "config.yaml", [f"base_checkpoint={seed_dir / 'probe'}", "experiment=alone"])
+    alone = pipeline.run(cfg, variants=row_variants("asac_fgsm"))
+    for name in ("predictions.csv", "model.safetensors"):
+        assert (alone.run_dir / "asac_fgsm" / name).read_bytes() == (seed_dir / "asac_fgsm" / name).read_bytes()
+
+
+@pytest.mark.parametrize("seeds, message", [("[]", "the list is empty"), ("[1,2,1]", "[1] appear more than once")])
+def test_bad_seed_lists_give_one_line(tmp_path, seeds, message):
+    proc = subprocess.run([sys.executable, "-m", "distributed_asac.demo", "--config", str(REPO / "configs" / "smoke.yaml"),
+                           f"seeds={seeds}", f"output_dir={tmp_path / 'runs'}"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr
+    assert not (tmp_path / "runs").exists()
