@@ -307,7 +307,7 @@ def _record(name, seed, deo, acc, status="finished", backbone="resnet18", grids=
             "base": {"DEO": 0.5 + seed, "DEOp": 0.1, "DDP": 0.1, "ACC": 80.0}}
 
 
-def test_report_mean_and_spread_over_seeds(tmp_path):
+def test_report_mean_and_interval_over_seeds(tmp_path):
     records = [_record("a0", 0, 0.1, 90.0), _record("a1", 1, 0.3, 92.0), _record("a2", 2, None, None, "failed"),
                _record("b0", 0, 0.2, 95.0, backbone="resnet50")]
     rows = report.grid_rows(records, ["backbone"])
@@ -315,15 +315,36 @@ def test_report_mean_and_spread_over_seeds(tmp_path):
     base18 = rows[0]
     assert base18["stats"]["DEO"][0] == pytest.approx(1.5) and base18["n"] == 3  # three seeds' bases
     r18 = rows[2]
-    assert r18["stats"]["DEO"] == (pytest.approx(0.2), pytest.approx(math.sqrt(0.02)))
+    # two seeds: half-width t_{0.975, 1} · s / √2 = 12.706 · 0.1414 / 1.414 = 1.2706
+    assert r18["stats"]["DEO"] == (pytest.approx(0.2), pytest.approx(12.706205 * math.sqrt(0.02) / math.sqrt(2)))
     assert (r18["n"], r18["total"]) == (2, 3)
     table = report.markdown_table(rows, ["backbone"])
-    assert "| asac_fgsm | resnet18 | 0.200 ± 0.141 | 0.200 ± 0.141 | 0.200 ± 0.141 | 91.00 ± 1.41 | 2/3 (1 failed) |" in table
+    assert "| asac_fgsm | resnet18 | 0.200 ± 1.271 | 0.200 ± 1.271 | 0.200 ± 1.271 | 91.00 ± 12.71 | 2/3 (1 failed) |" in table
     assert "| asac_fgsm | resnet50 | 0.200 | 0.200 | 0.200 | 95.00 | 1 |" in table
     paths = report.write_report(records, {"g": ["backbone"]}, tmp_path, "t")
     assert {p.name for p in paths} == {"report.md", "g.csv", "trials.csv", "pareto.png"}
     with (tmp_path / "g.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 4
+
+
+def test_paired_rows_against_the_grid_reference():
+    # reference alpha 0.5 first; 0.3 lowers DEO by 0.10, 0.11, 0.12 (interval below 0); 0.7 moves it ±0.05
+    records = [_record(f"r{s}", s, 0.5, 90.0) for s in range(3)]
+    records += [_record(f"l{s}", s, 0.4 - 0.01 * s, 91.0 + 0.1 * s) for s in range(3)]
+    records += [_record(f"h{s}", s, 0.5 + (0.05 if s % 2 else -0.05), 90.0) for s in range(3)]
+    for r, alpha in zip(records, [0.5] * 3 + [0.3] * 3 + [0.7] * 3):
+        r["axes"] = {"alpha": alpha, "seed": r["axes"]["seed"]}
+    records.append(_record("l3", 3, 0.1, 99.0))  # a seed the reference lacks: left out of the pairing
+    records[-1]["axes"] = {"alpha": 0.3, "seed": 3}
+    paired = report.paired_rows(records, ["alpha"])
+    assert [(p["setting"], p["reference"], p["seeds"]) for p in paired] == [
+        ({"alpha": 0.3}, {"alpha": 0.5}, [0, 1, 2]), ({"alpha": 0.7}, {"alpha": 0.5}, [0, 1, 2])]
+    lower, unclear = paired[0]["intervals"], paired[1]["intervals"]
+    assert lower["DEO"].estimate == pytest.approx(-0.11) and lower["DEO"].verdict() == "lower"
+    assert lower["ACC"].estimate == pytest.approx(1.1) and lower["ACC"].verdict() == "higher"
+    assert unclear["DEO"].verdict() == "no detectable difference"
+    table = report.paired_table(paired, ["alpha"])
+    assert "reference setting (alpha=0.5)" in table and "| 0.3 | -0.110 ± " in table and " lower |" in table
 
 
 def test_pareto_front():
