@@ -5,7 +5,7 @@ Contenders, each on its own copy of the same model, measured in interleaved roun
 - **asac**: `finetune.train_minibatch` in `asac` mode, as stage 3 runs it: FGSM against the frozen C, the
   difficulty-scoring forward over the k·|E| entries, the curriculum order, then |E| chunk steps.
 - **plain**: the same function in `plain` mode: |E| steps on the k clean images, k·|E| entries in all.
-- **bound**: the work no implementation of METHOD.md can skip, timed piece by piece in the same round:
+- **bound**: the work no implementation of docs/method.md can skip, timed piece by piece in the same round:
   one forward and backward through C for the FGSM input gradient (k images), one no-grad scoring forward
   over the k·|E| entries, and |E| training steps (forward, backward, clipping, Adam) whose batches hold
   exactly the distinct images of that round's ASAC chunks: each clean image once, each perturbed entry

@@ -1,4 +1,4 @@
-"""ASACs: adversarial images that fool the protected classifier C, in pixel space [0, 1] (METHOD.md, ASACs).
+"""ASACs: adversarial images that fool the protected classifier C, in pixel space [0, 1] (docs/method.md, ASACs).
 
 An attack is one registered function `(classifier, x, a, eps_list, **options) -> x_adv` where
 - classifier maps images [B, 3, H, W] in [0, 1] to protected logits [B, 2] (C, in eval mode);

@@ -1,4 +1,4 @@
-"""Evaluation that counts every test image exactly once across ranks (METHOD.md, Distributed semantics).
+"""Evaluation that counts every test image exactly once across ranks (docs/method.md, Distributed semantics).
 
 Rank r evaluates images r, r + W, r + 2W, ... (no padding, no duplicates); per-group counts are summed
 across ranks, so the metrics equal a single-process evaluation of the same weights. Per-image predictions

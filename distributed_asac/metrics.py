@@ -1,4 +1,4 @@
-"""Fairness and accuracy from per-group counts (METHOD.md, Metrics; paper supplement A.1).
+"""Fairness and accuracy from per-group counts (docs/method.md, Metrics; paper supplement A.1).
 
 Everything is computed from one integer tensor `counts[y, a, ŷ]` of shape [2, 2, 2]: the number of test
 images with target label y, protected label a and prediction ŷ. Counts add across ranks and batches, so a

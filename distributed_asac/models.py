@@ -1,7 +1,7 @@
 """One backbone θ with two linear heads: ρ (target, M = M(θ, ρ)) and φ (protected, C = C(θ, φ)).
 
 Inputs are pixel-space images in [0, 1]; normalisation is the model's first layer, so attacks and ε live in
-pixel space (METHOD.md, Models). Backbones sit in a registry: adding one is one decorated function that
+pixel space (docs/method.md, Models). Backbones sit in a registry: adding one is one decorated function that
 returns (feature extractor, feature dimension, normalisation mean, normalisation std).
 """
 

@@ -29,7 +29,7 @@ _MAX_TAG = 5000  # MLflow rejects longer tag values
 
 
 def experiment_id(uri: str, name: str) -> str:
-    """The experiment `name`, created with an explicit artifact location (STACK.md, trap 3) if new."""
+    """The experiment `name`, created with an explicit artifact location (MLflow 3.17 file-store trap, README "Outputs and MLflow") if new."""
     import mlflow
 
     from distributed_asac.tracking import experiment_id

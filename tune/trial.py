@@ -112,7 +112,7 @@ def _launch(job: dict[str, Any], processes: int) -> dict[str, Any]:
     job_path.write_text(json.dumps({**job, "resources": share}, allow_nan=True))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     if float(job["resources"]["gpu"]) == 0:
-        env["ACCELERATE_USE_CPU"] = "true"  # else --multi_gpu on CPU starts ranks that never talk (STACK.md, trap 1)
+        env["ACCELERATE_USE_CPU"] = "true"  # else --multi_gpu on CPU starts ranks that never talk (README, "Running stage 3")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
                "-m", "tune.trial", str(job_path)]
