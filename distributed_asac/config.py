@@ -63,7 +63,10 @@ class FinetuneConfig:
     batch_size: int = 64  # k: images per process per minibatch
     lr: float = 1e-3
     alpha: float = 0.5  # weight of the clean term in α·CE(x) + (1 − α)·CE(x')
-    eps: list[float] = field(default_factory=lambda: [0.001, 0.01])  # E = {0} ∪ eps
+    eps: list[float] = field(default_factory=lambda: [0.001, 0.01])  # E = {0} ∪ eps (eps_mode fixed)
+    eps_mode: str = "fixed"  # fixed: use eps; calibrated: one ε per attack_success_targets, chosen before stage 3
+    attack_success_targets: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])  # shares of ASACs that fool C
+    calibration_images: int = 512  # training images (a fixed sample) on which calibrated ε are chosen
     attack: str = "fgsm"  # see attacks.ATTACKS
     pgd_steps: int = 10
     order: str = "ascending"  # see curriculum.ORDERS
@@ -121,6 +124,7 @@ ATTACK_MODELS = ("frozen", "live")
 BAD_IMAGE_POLICIES = ("error", "skip")
 BATCHNORM_MODES = ("train", "frozen")
 SELECTION_RULES = ("last", "balanced_valid")
+EPS_MODES = ("fixed", "calibrated")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -185,6 +189,14 @@ def validate(cfg: Config) -> None:
     check_name("data.on_bad_image", cfg.data.on_bad_image, BAD_IMAGE_POLICIES)
     check_name("finetune.batchnorm", cfg.finetune.batchnorm, BATCHNORM_MODES)
     check_name("finetune.select", cfg.finetune.select, SELECTION_RULES)
+    check_name("finetune.eps_mode", cfg.finetune.eps_mode, EPS_MODES)
+    for target in cfg.finetune.attack_success_targets:
+        if not 0.0 < target < 1.0:
+            raise UserError(f"config key 'finetune.attack_success_targets': {target} is outside (0, 1); each target "
+                            "is the share of ASACs that should fool C, e.g. [0.25, 0.5, 0.75]")
+    if cfg.finetune.eps_mode == "calibrated" and not cfg.finetune.attack_success_targets:
+        raise UserError("config key 'finetune.attack_success_targets' is empty but finetune.eps_mode is calibrated; "
+                        "give at least one target share, e.g. [0.5]")
     for key in ("finetune.eps", "analysis.robustness_eps"):
         for eps in _get(cfg, key):
             if not 0.0 <= eps <= 1.0:
@@ -192,7 +204,7 @@ def validate(cfg: Config) -> None:
     _in_range("finetune.adv_eps", cfg.finetune.adv_eps, 0.0, 1.0)
     _in_range("finetune.alpha", cfg.finetune.alpha, 0.0, 1.0)
     _in_range("data.synthetic_bias", cfg.data.synthetic_bias, 0.0, 1.0)
-    for key in ("data.image_size", "finetune.pgd_steps", "base.batch_size", "probe.batch_size", "finetune.batch_size"):
+    for key in ("data.image_size", "finetune.pgd_steps", "finetune.calibration_images", "base.batch_size", "probe.batch_size", "finetune.batch_size"):
         _in_range(key, _get(cfg, key), 1, None)
     for key in ("base.epochs", "probe.epochs", "finetune.epochs", "data.num_workers", "grad_clip",
                 "analysis.robustness_images", "analysis.ig_images", "analysis.ig_steps"):

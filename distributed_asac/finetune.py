@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,11 +20,13 @@ from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from .attacks import ATTACKS, magnitudes, pgd
+from .calibration import Calibrated, calibrate_eps
 from .checkpoint import cpu_state_dict
 from .config import Config, FinetuneConfig
 from .curriculum import curriculum_chunks, difficulty_scores
@@ -240,17 +243,33 @@ def model_name(cfg: FinetuneConfig) -> str:
     return f"asac_{cfg.attack}" if cfg.mode == "asac" else cfg.mode
 
 
-def balanced_subset(dataset, seed: int = 0) -> Subset:
+def calibrated_eps(attacked: TwoHeadModel, train_set, ft: FinetuneConfig, accelerator: Accelerator) -> list[Calibrated]:
+    """One ε per `ft.attack_success_targets`, chosen against the frozen C on a fixed sample of training images
+    (calibration.py). The main process chooses and every rank receives its choice (PGD's random starts differ
+    between ranks, and all ranks must train with the same E)."""
+    chosen: list[Optional[list[Calibrated]]] = [None]
+    if accelerator.is_main_process:
+        sample = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[:ft.calibration_images]
+        x, _, a, _ = (torch.stack([torch.as_tensor(train_set[i][j]) for i in sample.tolist()]) for j in range(4))
+        with eval_mode(attacked):
+            chosen[0] = calibrate_eps(ATTACKS.get(ft.attack), attacked.protected_logits, x.to(accelerator.device),
+                                      a.to(accelerator.device), ft.attack_success_targets, steps=ft.pgd_steps)
+        tqdm.write("calibrated ε: " + ", ".join(f"{c.eps:.4g} (fools C on {c.rate:.0%}, target {c.target:.0%})"
+                                                 for c in chosen[0]))
+    broadcast_object_list(chosen)
+    return chosen[0]
+
+
+def balanced_subset(dataset, seed: int = 0) -> Optional[Subset]:
     """The same number of images from each (target, protected) cell of `dataset`, as many as its smallest
-    cell holds, drawn with a fixed seed. On it, accuracy is the mean of the four cells' accuracies, so a
-    model that leans on the protected attribute scores no better than one that does not (the full valid
-    split, biased like train, would reward the shortcut)."""
+    cell holds, drawn with a fixed seed; None when a cell is empty. On it, accuracy is the mean of the four
+    cells' accuracies, so a model that leans on the protected attribute scores no better than one that does
+    not (the full valid split, biased like train, would reward the shortcut)."""
     cell = dataset.targets * 2 + dataset.protected_labels  # [n] in 0..3
     order = torch.randperm(len(cell), generator=torch.Generator().manual_seed(seed))
     size = min(int((cell == c).sum()) for c in range(4))
     if size == 0:
-        raise UserError("finetune.select=balanced_valid needs every (target, protected) combination in the "
-                        "valid split, and one is empty; use finetune.select=last")
+        return None
     return Subset(dataset, sorted(i for c in range(4) for i in order[cell[order] == c][:size].tolist()))
 
 
@@ -268,9 +287,16 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
     mode = MODES.get(ft.mode)()
     if mode.make_chunks is None:
         return model, {}
-    eps = magnitudes(ft.eps)
     # The frozen snapshot of C is taken before `prepare`, so it is a plain module on every backend.
     attacked = copy.deepcopy(model).requires_grad_(False).eval() if ft.attack_model == "frozen" else model
+    summary: dict[str, float] = {}
+    if ft.eps_mode == "calibrated":
+        chosen = calibrated_eps(attacked, train_set, ft, accelerator)
+        summary.update({f"calibrated_eps_{c.target:g}": c.eps for c in chosen})
+        summary.update({f"calibrated_attack_success_{c.target:g}": c.rate for c in chosen})
+        eps = magnitudes([c.eps for c in chosen])
+    else:
+        eps = magnitudes(ft.eps)
     set_trainable(model, "finetune")
     optimizer = adam(model.parameters(), ft.lr, cfg)
     loader = DataLoader(train_set, batch_size=ft.batch_size, shuffle=True, drop_last=True,
@@ -278,7 +304,16 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
     wrapped, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     attacked = attacked.to(accelerator.device)
     balanced = balanced_subset(valid_set)
-    deo_history = [evaluate(accelerator, model, balanced, ft.batch_size, num_workers=cfg.data.num_workers).report()["DEO"]]
+    if balanced is None and ft.select == "balanced_valid":
+        raise UserError("finetune.select=balanced_valid needs every (target, protected) combination in the "
+                        "valid split, and one is empty; use finetune.select=last")
+
+    def evaluate_balanced() -> dict[str, float]:
+        if balanced is None:  # no balanced subset: its metrics are undefined
+            return dict.fromkeys(HEADLINE, math.nan)
+        return evaluate(accelerator, model, balanced, ft.batch_size, num_workers=cfg.data.num_workers).report()
+
+    deo_history = [evaluate_balanced()["DEO"]]
     best_score, best_state, selected = -1.0, None, ft.epochs
     for epoch in range(ft.epochs):
         diagnostics = Diagnostics(len(eps), accelerator.device)
@@ -292,7 +327,7 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
         metrics = diagnostics.summary(accelerator, eps, time.perf_counter() - start)
         valid = evaluate(accelerator, model, valid_set, ft.batch_size, num_workers=cfg.data.num_workers).report()
         metrics.update({f"valid_{k}": v for k, v in valid.items()})
-        balanced_report = evaluate(accelerator, model, balanced, ft.batch_size, num_workers=cfg.data.num_workers).report()
+        balanced_report = evaluate_balanced()
         metrics.update({f"balanced_valid_{k}": balanced_report[k] for k in HEADLINE})
         deo_history.append(balanced_report["DEO"])
         if ft.select == "balanced_valid" and balanced_report["ACC"] > best_score:
@@ -308,7 +343,7 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
     if best_state is not None:
         model.load_state_dict(best_state)
     steps = [abs(after - before) for before, after in zip(deo_history, deo_history[1:])]
-    summary = {"selected_epoch": selected, "balanced_valid_DEO_swing": sum(steps) / len(steps) if steps else 0.0}
+    summary.update(selected_epoch=selected, balanced_valid_DEO_swing=sum(steps) / len(steps) if steps else 0.0)
     tracker.log_metrics({f"finetune/{k}": v for k, v in summary.items()})
     return model, summary
 
