@@ -68,8 +68,25 @@ def accuracy(counts: torch.Tensor) -> float | torch.Tensor:
     return _scalar(100.0 * _rate(correct, counts.sum((-3, -2, -1))))
 
 
+def _group_accuracies(counts: torch.Tensor) -> torch.Tensor:
+    """[..., 2, 2]: accuracy in percent of each (Y = y, A = a) group, NaN for an empty group."""
+    correct = torch.stack([counts[..., 0, :, 0], counts[..., 1, :, 1]], -2)  # [..., y, a]
+    return 100.0 * _rate(correct, counts.sum(-1))
+
+
+def group_accuracy(counts: torch.Tensor, *, y: int, a: int) -> float | torch.Tensor:
+    """Accuracy in percent within the group Y = y, A = a: 100 · counts[y, a, y] / Σ_ŷ counts[y, a, ŷ]."""
+    return _scalar(_group_accuracies(counts)[..., y, a])
+
+
+def worst_group_accuracy(counts: torch.Tensor) -> float | torch.Tensor:
+    """min over the four (Y, A) groups of the group accuracy, in percent (as subpopulation-shift benchmarks
+    report it); NaN if any group is empty."""
+    return _scalar(_group_accuracies(counts).flatten(-2).amin(-1))
+
+
 # The headline metrics: what tables show, what intervals and paired verdicts are computed for.
-HEADLINE = {"DEO": deo, "DEOp": deop, "DDP": ddp, "ACC": accuracy}
+HEADLINE = {"DEO": deo, "DEOp": deop, "DDP": ddp, "ACC": accuracy, "worst_group_ACC": worst_group_accuracy}
 
 
 def empty_groups(counts: torch.Tensor) -> list[str]:
@@ -78,7 +95,7 @@ def empty_groups(counts: torch.Tensor) -> list[str]:
 
 
 def fairness_report(counts: torch.Tensor) -> dict[str, object]:
-    """DEO, DEOp, DDP, ACC plus per-group TPR, FPR, positive rate and size, as a JSON-ready dict."""
+    """The headline metrics plus per-group TPR, FPR, positive rate, size and accuracy, as a JSON-ready dict."""
     report: dict[str, object] = {name: metric(counts) for name, metric in HEADLINE.items()}
     report["n"] = int(counts.sum())
     for a in (0, 1):
@@ -86,5 +103,7 @@ def fairness_report(counts: torch.Tensor) -> dict[str, object]:
         report[f"FPR_a{a}"] = positive_rate(counts, y=0, a=a)
         report[f"positive_rate_a{a}"] = positive_rate(counts, y=None, a=a)
         report[f"n_a{a}"] = int(counts[:, a].sum())
+        for y in (0, 1):
+            report[f"ACC_y{y}_a{a}"] = group_accuracy(counts, y=y, a=a)
     report["empty_groups"] = empty_groups(counts)
     return report

@@ -27,6 +27,9 @@ def test_hand_computed_case():
     assert metrics.accuracy(counts) == pytest.approx(100 * 7 / 9)
     report = metrics.fairness_report(counts)
     assert report["TPR_a0"] == pytest.approx(2 / 3) and report["FPR_a1"] == 0.0 and report["n_a1"] == 4
+    # group accuracies: (y=1, a=0) 2 of 3, (y=0, a=0) 1 of 2, (y=1, a=1) 1 of 1, (y=0, a=1) 3 of 3
+    assert [report[f"ACC_y{y}_a{a}"] for y, a in [(1, 0), (0, 0), (1, 1), (0, 1)]] == pytest.approx([200 / 3, 50, 100, 100])
+    assert metrics.worst_group_accuracy(counts) == pytest.approx(50.0) == report["worst_group_ACC"]
 
 
 def test_empty_group_gives_nan_and_names_it():
@@ -34,6 +37,7 @@ def test_empty_group_gives_nan_and_names_it():
     assert math.isnan(metrics.deop(counts)) and math.isnan(metrics.deo(counts))
     assert not math.isnan(metrics.ddp(counts))
     assert metrics.empty_groups(counts) == ["Y=1,A=1"]
+    assert math.isnan(metrics.worst_group_accuracy(counts))
 
 
 def test_counts_add_across_shards():

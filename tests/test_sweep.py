@@ -303,7 +303,8 @@ def test_base_key_is_the_base_defining_fields():
 def _record(name, seed, deo, acc, status="finished", backbone="resnet18", grids=("g",)):
     return {"name": name, "axes": {"backbone": backbone, "seed": seed}, "grids": list(grids), "status": status,
             "model": "asac_fgsm" if status == "finished" else None, "error": None if status == "finished" else "boom",
-            "metrics": {"DEO": deo, "DEOp": deo, "DDP": deo, "ACC": acc} if status == "finished" else {},
+            "metrics": {"DEO": deo, "DEOp": deo, "DDP": deo, "ACC": acc,
+                        "worst_group_ACC": None if acc is None else acc - 10} if status == "finished" else {},
             "base": {"DEO": 0.5 + seed, "DEOp": 0.1, "DDP": 0.1, "ACC": 80.0}}
 
 
@@ -319,8 +320,8 @@ def test_report_mean_and_interval_over_seeds(tmp_path):
     assert r18["stats"]["DEO"] == (pytest.approx(0.2), pytest.approx(12.706205 * math.sqrt(0.02) / math.sqrt(2)))
     assert (r18["n"], r18["total"]) == (2, 3)
     table = report.markdown_table(rows, ["backbone"])
-    assert "| asac_fgsm | resnet18 | 0.200 ± 1.271 | 0.200 ± 1.271 | 0.200 ± 1.271 | 91.00 ± 12.71 | 2/3 (1 failed) |" in table
-    assert "| asac_fgsm | resnet50 | 0.200 | 0.200 | 0.200 | 95.00 | 1 |" in table
+    assert "| asac_fgsm | resnet18 | 0.200 ± 1.271 | 0.200 ± 1.271 | 0.200 ± 1.271 | 91.00 ± 12.71 | 81.00 ± 12.71 | 2/3 (1 failed) |" in table
+    assert "| asac_fgsm | resnet50 | 0.200 | 0.200 | 0.200 | 95.00 | 85.00 | 1 |" in table
     paths = report.write_report(records, {"g": ["backbone"]}, tmp_path, "t")
     assert {p.name for p in paths} == {"report.md", "g.csv", "trials.csv", "pareto.png"}
     with (tmp_path / "g.csv").open() as f:

@@ -22,9 +22,9 @@ from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 
 from distributed_asac.errors import UserError
+from distributed_asac.metrics import HEADLINE
 
 PARENT_TAG = "mlflow.parentRunId"
-METRICS = ("DEO", "DEOp", "DDP", "ACC")
 _MAX_TAG = 5000  # MLflow rejects longer tag values
 
 
@@ -95,7 +95,7 @@ def label_trial(job: dict[str, Any], record: dict[str, Any]) -> list[str]:
         run_ids = [run.info.run_id]
     else:
         run_ids = [r.info.run_id for r in runs]
-    base = {f"base_{k}": v for k, v in (record.get("base") or {}).items() if k in METRICS and v == v}  # v == v: not NaN
+    base = {f"base_{k}": v for k, v in (record.get("base") or {}).items() if k in HEADLINE and v == v}  # v == v: not NaN
     for run_id in run_ids:
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()],
                          params=[Param(f"axis.{k}", v if isinstance(v, str) else json.dumps(v)) for k, v in job["axes"].items()],
