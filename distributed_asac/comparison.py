@@ -118,6 +118,10 @@ def write_comparison(out: ComparisonOutput, cfg: Config, tracker: Tracker) -> st
         tracker.log_metrics({f"{p['row']}_minus_{p['reference']}_{p['metric']}": p["interval"].estimate})
     for name in ("results.json", "table.md", "paired.png", "config.yaml"):
         tracker.log_artifact(out.run_dir / name)
+    for seed in out.seeds:  # each seed's robustness curves, beside the summary
+        curves = out.run_dir / f"seed_{seed}" / "robustness.png"
+        if curves.is_file():
+            tracker.log_artifact(curves, f"seed_{seed}")
     return text
 
 

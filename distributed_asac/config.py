@@ -39,6 +39,7 @@ class DataConfig:
     synthetic_num_images: int = 6000  # generated dataset only
     synthetic_bias: float = 0.9  # P(target == protected) in train/valid of the generated dataset
     synthetic_seed: int = 0
+    synthetic_beard_strength: float = 1.0  # contrast of the protected cue (the beard) in (0, 1]; 1: full, dark
 
 
 @dataclass
@@ -204,6 +205,9 @@ def validate(cfg: Config) -> None:
     _in_range("finetune.adv_eps", cfg.finetune.adv_eps, 0.0, 1.0)
     _in_range("finetune.alpha", cfg.finetune.alpha, 0.0, 1.0)
     _in_range("data.synthetic_bias", cfg.data.synthetic_bias, 0.0, 1.0)
+    if not 0.0 < cfg.data.synthetic_beard_strength <= 1.0:
+        raise UserError(f"config key 'data.synthetic_beard_strength': {cfg.data.synthetic_beard_strength} is out of "
+                        "range (must be in (0, 1]; 1 is the full beard)")
     for key in ("data.image_size", "finetune.pgd_steps", "finetune.calibration_images", "base.batch_size", "probe.batch_size", "finetune.batch_size"):
         _in_range(key, _get(cfg, key), 1, None)
     for key in ("base.epochs", "probe.epochs", "finetune.epochs", "data.num_workers", "grad_clip",

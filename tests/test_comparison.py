@@ -74,7 +74,8 @@ def test_mlflow_parent_with_every_seed_and_row_nested(compared):
     assert names == sorted((s, n) for s in ("3", "5") for n in ("base", "probe", "plain", "asac_fgsm"))
     assert parent.data.metrics["asac_fgsm_DEO_mean"] == pytest.approx(out.aggregate["asac_fgsm"]["DEO"].estimate)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"results.json", "table.md", "paired.png", "config.yaml"} <= artifacts
+    assert {"results.json", "table.md", "paired.png", "config.yaml", "seed_3", "seed_5"} <= artifacts
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "seed_3")] == ["seed_3/robustness.png"]
 
 
 def test_a_row_does_not_depend_on_the_rows_before_it(compared):

@@ -358,3 +358,51 @@ def test_cli_generates_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture
     info = json.loads((out / syn.INFO_FILE).read_text())
     assert info["args"] == {"num_images": 40, "bias": 1.0, "seed": 2, "size": [40, 48]}
     assert not (out / syn.IN_PROGRESS_FILE).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The protected cue's strength
+# ---------------------------------------------------------------------------------------------
+
+# sha256 over (relative path, bytes) of every file of generate(out, 40, 0.9, 3, (32, 32), workers=1), taken
+# before the beard-strength knob existed: the default must keep existing datasets byte-identical.
+DEFAULT_DIGEST = "42a7f2ff8397d5c308b429123f860842f762cf0d6182945a02f669bbf90829c8"
+
+
+def _digest(root: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, data in _tree(root).items():
+        digest.update(name.encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def test_default_beard_strength_keeps_datasets_byte_identical(tmp_path: Path) -> None:
+    syn.generate(tmp_path / "default", 40, 0.9, 3, (32, 32), workers=1)
+    syn.generate(tmp_path / "explicit", 40, 0.9, 3, (32, 32), workers=1, beard_strength=1.0)
+    assert _digest(tmp_path / "default") == _digest(tmp_path / "explicit") == DEFAULT_DIGEST
+
+
+def test_a_fainter_beard_changes_only_men_and_only_inside_the_beard_box() -> None:
+    face = syn.sample_face(syn.image_rng(0, 7), (64, 64))
+    attributes = {**dict.fromkeys(syn.ATTRIBUTES, False), "Male": True}
+    full, faint = syn.render(face, attributes), syn.render(face, attributes, beard_strength=0.2)
+    woman = {**attributes, "Male": False}
+    assert np.array_equal(syn.render(face, woman), syn.render(face, woman, beard_strength=0.2))
+    x1, y1, x2, y2 = syn.region_boxes(face)["Male"]
+    changed = np.abs(full.astype(int) - faint.astype(int)).sum(2) > 0
+    assert changed.any() and not changed[:y1].any() and not changed[y2:].any()
+    # fainter means closer to the bare face: the beard's contrast against the woman's face shrinks
+    bare = syn.render(face, woman).astype(int)
+    assert np.abs(faint.astype(int) - bare).sum() < 0.5 * np.abs(full.astype(int) - bare).sum()
+
+
+def test_beard_strength_is_part_of_the_dataset_identity(tmp_path: Path) -> None:
+    syn.generate(tmp_path / "d", 40, 0.9, 3, (32, 32), workers=1, beard_strength=0.5)
+    assert json.loads((tmp_path / "d" / "dataset_info.json").read_text())["args"]["beard_strength"] == 0.5
+    with pytest.raises(UserError, match=r"beard_strength=0.5 format_version=1, not .* beard_strength=1.0 format"):
+        syn.generate(tmp_path / "d", 40, 0.9, 3, (32, 32), workers=1)
+    with pytest.raises(UserError, match=r"--beard-strength 0 is out of range"):
+        syn.generate(tmp_path / "e", 40, 0.9, 3, (32, 32), workers=1, beard_strength=0)

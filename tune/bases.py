@@ -87,15 +87,15 @@ def prepare_data(configs: list[Config]) -> None:
     Concurrent runs pointing at one `data.root` would otherwise all start generating into it; two different
     generated datasets sharing a root would overwrite each other, so that is refused.
     """
-    from distributed_asac.data.synthetic import generate
+    from distributed_asac.data.build import generate_synthetic, synthetic_arguments
 
-    wanted: dict[str, tuple] = {}
+    wanted: dict[str, Any] = {}  # data.root → the data config that generates it
     for cfg in configs:
         if cfg.data.name != "synthetic":
             continue
-        args = (cfg.data.synthetic_num_images, cfg.data.synthetic_bias, cfg.data.synthetic_seed, cfg.data.image_size)
-        if wanted.setdefault(cfg.data.root, args) != args:
+        first = wanted.setdefault(cfg.data.root, cfg.data)
+        if synthetic_arguments(first) != synthetic_arguments(cfg.data):
             raise UserError(f"two generated datasets with different settings share data.root {cfg.data.root!r}; "
                             "give each its own data.root")
-    for root, (num_images, bias, seed, size) in wanted.items():
-        generate(Path(root), num_images=num_images, bias=bias, seed=seed, size=(size, size))
+    for data in wanted.values():
+        generate_synthetic(data)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from accelerate import Accelerator
 from torch.utils.data import Dataset
 
-from ..config import Config
+from ..config import Config, DataConfig
 
 SPLIT_NAMES = ("train", "valid", "test")
 
@@ -26,16 +26,26 @@ class Splits:
         return sum(getattr(ds, "num_skipped", 0) for ds in (self.train, self.valid, self.test))
 
 
+def synthetic_arguments(data: DataConfig) -> dict[str, Any]:
+    """The generator's arguments a data config asks for (equal arguments: the same dataset, byte for byte)."""
+    return dict(num_images=data.synthetic_num_images, bias=data.synthetic_bias, seed=data.synthetic_seed,
+                size=(data.image_size, data.image_size), beard_strength=data.synthetic_beard_strength)
+
+
+def generate_synthetic(data: DataConfig) -> None:
+    """Generate (or reuse) the controlled-bias dataset of `data` in `data.root`."""
+    from .synthetic import generate
+
+    generate(Path(data.root), **synthetic_arguments(data))
+
+
 def build_splits(cfg: Config, accelerator: Accelerator) -> Splits:
     """Load the dataset `cfg.data.name`. The main process goes first: it generates the synthetic set,
     builds the cache and draws the LFW split file, which the other ranks then read."""
     data = cfg.data
     with accelerator.main_process_first():
         if data.name == "synthetic" and accelerator.is_main_process:
-            from .synthetic import generate
-
-            generate(Path(data.root), num_images=data.synthetic_num_images, bias=data.synthetic_bias,
-                     seed=data.synthetic_seed, size=(data.image_size, data.image_size))
+            generate_synthetic(data)
         common = dict(cache_dir=data.cache_dir, on_bad_image=data.on_bad_image)
         if data.name == "lfw":
             from .lfw import LFW

@@ -333,11 +333,16 @@ def _fringe(f: FaceDraws, wavy: bool) -> list[Shape]:
     return [Shape("polygon", _flat(np.concatenate([top, edge])), f.hair)]
 
 
-def _beard(f: FaceDraws) -> list[Shape]:
-    """A full beard: the crescent between the jaw and an inner ellipse that stays below the mouth."""
+def _beard(f: FaceDraws, strength: float = 1.0) -> list[Shape]:
+    """A full beard: the crescent between the jaw and an inner ellipse that stays below the mouth. Its colour
+    is the dark hair shade at `strength` 1 and fades toward the skin as strength falls (a faint shadow near 0):
+    the shape and box stay, only the protected cue's contrast changes."""
     outer = _ellipse_points(f.cx, f.cy, 1.04 * f.rx, 1.04 * f.ry, math.radians(12), math.radians(168), 60)
     inner = _ellipse_points(f.cx, f.cy, 0.8 * f.rx, 0.7 * f.ry, math.radians(168), math.radians(12), 60)
-    return [Shape("polygon", _flat(np.concatenate([outer, inner])), _shade(f.hair, 0.7))]
+    colour = _shade(f.hair, 0.7)
+    if strength != 1.0:  # the default draws exactly the colour it always drew
+        colour = _rgb(np.asarray(f.skin, dtype=float) + strength * (np.asarray(colour, dtype=float) - f.skin))
+    return [Shape("polygon", _flat(np.concatenate([outer, inner])), colour)]
 
 
 def _eyes(f: FaceDraws) -> list[Shape]:
@@ -429,8 +434,9 @@ def _background(f: FaceDraws) -> Image.Image:
     return small.resize((width * f.factor, height * f.factor), Image.Resampling.BILINEAR)
 
 
-def render(f: FaceDraws, attributes: Mapping[str, bool]) -> np.ndarray:
-    """The (H, W, 3) uint8 image of face ``f`` with ``attributes`` (a bool per name in ATTRIBUTES)."""
+def render(f: FaceDraws, attributes: Mapping[str, bool], beard_strength: float = 1.0) -> np.ndarray:
+    """The (H, W, 3) uint8 image of face ``f`` with ``attributes`` (a bool per name in ATTRIBUTES); the
+    beard (``Male``) drawn at ``beard_strength`` contrast (1: full, the default)."""
     canvas = _background(f)
     draw = ImageDraw.Draw(canvas)
     # Painter's order: the hair cap sits behind the head; everything else goes on top of the face.
@@ -438,7 +444,7 @@ def render(f: FaceDraws, attributes: Mapping[str, bool]) -> np.ndarray:
     _paint(draw, _hair_back(f, attributes["Wavy_Hair"]))
     _paint(draw, _head(f))
     if attributes["Male"]:
-        _paint(draw, _beard(f))
+        _paint(draw, _beard(f, beard_strength))
     _paint(draw, _fringe(f, attributes["Wavy_Hair"]))
     _paint(draw, _eyes(f))
     _paint(draw, _nose(f, attributes["Big_Nose"]))
@@ -515,6 +521,7 @@ class _Task(NamedTuple):
     seed: int
     size: tuple[int, int]
     rows: list[tuple[int, tuple[bool, ...], bool]]
+    beard_strength: float = 1.0
 
 
 def _render_task(task: _Task) -> list[_Result]:
@@ -525,10 +532,10 @@ def _render_task(task: _Task) -> list[_Result]:
         face = sample_face(image_rng(task.seed, index), task.size)
         attributes = dict(zip(ATTRIBUTES, labels))
         name = image_name(index)
-        _save_jpeg(render(face, attributes), out_dir / IMAGE_DIR / name)
+        _save_jpeg(render(face, attributes, task.beard_strength), out_dir / IMAGE_DIR / name)
         if is_test:
             twin = {**attributes, PROTECTED_ATTRIBUTE: not attributes[PROTECTED_ATTRIBUTE]}
-            _save_jpeg(render(face, twin), out_dir / COUNTERFACTUAL_DIR / IMAGE_DIR / name)
+            _save_jpeg(render(face, twin, task.beard_strength), out_dir / COUNTERFACTUAL_DIR / IMAGE_DIR / name)
         boxes = region_boxes(face)
         region_row = tuple(v for attribute in REGION_ATTRIBUTES for v in boxes[attribute])
         results.append((index, landmarks(face, attributes), region_row))
@@ -536,7 +543,8 @@ def _render_task(task: _Task) -> list[_Result]:
 
 
 def _render_all(
-    out_dir: Path, seed: int, size: tuple[int, int], splits: np.ndarray, labels: np.ndarray, workers: int
+    out_dir: Path, seed: int, size: tuple[int, int], splits: np.ndarray, labels: np.ndarray, workers: int,
+    beard_strength: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render every image across ``workers`` processes; returns (N, 10) landmarks and (N, 20) boxes."""
     num_images = len(splits)
@@ -544,7 +552,7 @@ def _render_all(
         _Task(str(out_dir), seed, size, [
             (i, tuple(bool(v) for v in labels[i]), bool(splits[i] == TEST_SPLIT))
             for i in range(start, min(start + IMAGES_PER_TASK, num_images))
-        ])
+        ], beard_strength)
         for start in range(0, num_images, IMAGES_PER_TASK)
     ]
     marks = np.zeros((num_images, len(LANDMARK_NAMES)), dtype=int)
@@ -616,6 +624,7 @@ def _describe(stamp: Mapping[str, Any]) -> str:
     """``num_images=200 bias=0.9 seed=3 size=[64, 64] format_version=1`` for error messages."""
     args = stamp.get("args") if isinstance(stamp.get("args"), Mapping) else {}
     fields = [f"{key}={args.get(key)}" for key in ("num_images", "bias", "seed", "size")]
+    fields.append(f"beard_strength={args.get('beard_strength', 1.0)}")  # absent from the info at its default
     return " ".join(fields + [f"format_version={stamp.get('format_version')}"])
 
 
@@ -667,7 +676,8 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def _check_args(num_images: int, bias: float, seed: int, size: tuple[int, int], workers: int) -> None:
+def _check_args(num_images: int, bias: float, seed: int, size: tuple[int, int], workers: int,
+                beard_strength: float = 1.0) -> None:
     if not (isinstance(num_images, numbers.Integral) and MIN_IMAGES <= num_images <= MAX_IMAGES):
         raise UserError(
             f"--num-images {num_images} is out of range: pass {MIN_IMAGES}..{MAX_IMAGES} (at least "
@@ -683,6 +693,8 @@ def _check_args(num_images: int, bias: float, seed: int, size: tuple[int, int], 
         raise UserError(f"--size {size} is out of range: each side must be {MIN_SIDE}..{MAX_SIDE} pixels")
     if workers < 1:
         raise UserError(f"--workers {workers} must be at least 1")
+    if not (isinstance(beard_strength, (int, float)) and 0.0 < beard_strength <= 1.0):
+        raise UserError(f"--beard-strength {beard_strength} is out of range: pass a contrast in (0, 1] (1 = full beard)")
 
 
 def generate(
@@ -692,13 +704,16 @@ def generate(
     seed: int,
     size: tuple[int, int] = (64, 64),
     workers: int | None = None,
+    beard_strength: float = 1.0,
 ) -> dict[str, Any]:
     """Generate (or reuse) a controlled-bias face dataset in ``out_dir``; return its info.
 
     ``bias`` is P(Smiling == Male) in train and valid; ``size`` is (width, height); ``workers``
     defaults to one per CPU and never changes the output. A folder already holding a dataset made
-    with the same (num_images, bias, seed, size) is reused as it is. Returns the content of
-    ``dataset_info.json``.
+    with the same (num_images, bias, seed, size, beard_strength) is reused as it is. Returns the content of
+    ``dataset_info.json``. ``beard_strength`` in (0, 1] is the contrast of the protected cue (the beard):
+    1, the default, draws the full dark beard (datasets made before the knob existed are the same bytes);
+    lower values fade it toward the skin, down to a faint shadow.
 
     With ``workers > 1`` the pool uses the spawn start method, so a calling script needs the usual
     ``if __name__ == "__main__":`` guard.
@@ -706,8 +721,10 @@ def generate(
     out_dir = Path(out_dir)
     size = (int(size[0]), int(size[1]))
     workers = default_workers() if workers is None else workers
-    _check_args(num_images, bias, seed, size, workers)
+    _check_args(num_images, bias, seed, size, workers, beard_strength)
     args = {"num_images": num_images, "bias": float(bias), "seed": seed, "size": list(size)}
+    if beard_strength != 1.0:  # absent at the default, so earlier datasets' info still matches
+        args["beard_strength"] = float(beard_strength)
     existing = _existing_dataset(out_dir, args)
     if existing is not None:
         log.info("reusing the synthetic dataset in %s (generated earlier with the same arguments)", out_dir)
@@ -717,7 +734,7 @@ def generate(
     (out_dir / COUNTERFACTUAL_DIR / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
     _write_json(out_dir / IN_PROGRESS_FILE, {"format_version": FORMAT_VERSION, "args": args})
     splits, labels = plan_labels(num_images, bias, seed)
-    marks, boxes = _render_all(out_dir, seed, size, splits, labels, workers)
+    marks, boxes = _render_all(out_dir, seed, size, splits, labels, workers, beard_strength)
     _write_annotations(out_dir, splits, labels, marks, boxes)
     info = {
         "format_version": FORMAT_VERSION,
@@ -761,10 +778,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--size", default="64", help="64 (square) or WIDTHxHEIGHT like 178x218 (default 64)")
     parser.add_argument("--workers", type=int, default=default_workers(),
                         help="processes; the output does not depend on it (default: one per CPU)")
+    parser.add_argument("--beard-strength", type=float, default=1.0,
+                        help="contrast of the protected cue (Male's beard) in (0, 1]; 1 = full dark beard (default)")
     with exit_on_user_error():
         args = parser.parse_args(argv)
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        info = generate(args.out, args.num_images, args.bias, args.seed, parse_size(args.size), args.workers)
+        info = generate(args.out, args.num_images, args.bias, args.seed, parse_size(args.size), args.workers,
+                        args.beard_strength)
         rates = ", ".join(f"{name} {info['splits'][name]['p_smiling_eq_male']:.3f}" for name in SPLIT_NAMES)
         print(f"{args.out}: {args.num_images} images; P(Smiling == Male): {rates}")
 
