@@ -14,6 +14,7 @@ from distributed_asac import pipeline
 from distributed_asac.comparison import compare
 from distributed_asac.config import load_config
 from distributed_asac.demo import row_variants
+from distributed_asac.metrics import HEADLINE
 from distributed_asac.stats import bootstrap_interval, paired_difference, t_interval
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ def test_results_hold_each_seed_and_the_aggregate(compared):
     assert saved["aggregate"]["asac_fgsm"]["DEO"]["high"] == pytest.approx(t_interval(deo).high)
     pairs = {(p["row"], p["reference"], p["metric"]): p for p in saved["paired"]}
     assert set(pairs) == {(r, ref, m) for r, ref in [("plain", "base"), ("asac_fgsm", "base"), ("asac_fgsm", "plain")]
-                          for m in ("DEO", "DEOp", "DDP", "ACC")}
+                          for m in HEADLINE}
     acc = pairs[("asac_fgsm", "plain", "ACC")]
     by_seed = [saved["per_seed"][s]["asac_fgsm"]["ACC"] - saved["per_seed"][s]["plain"]["ACC"] for s in ("3", "5")]
     assert acc["per_seed"] == pytest.approx(by_seed)
