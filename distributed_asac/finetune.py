@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .attacks import ATTACKS, magnitudes, pgd
+from .checkpoint import whole_model
 from .config import Config, FinetuneConfig
 from .curriculum import curriculum_chunks, difficulty_scores
 from .losses import asac_loss, plain_loss
@@ -234,7 +235,8 @@ def model_name(cfg: FinetuneConfig) -> str:
 
 def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator: Accelerator, tracker,
              generator: torch.Generator) -> TwoHeadModel:
-    """Stage 3 in place on `model` (θ and ρ); returns it. φ stays frozen throughout."""
+    """Stage 3 in place on `model` (θ and ρ); returns it (under ZeRO-3 a fresh whole copy: see
+    `whole_model`). φ stays frozen throughout."""
     from .evaluate import evaluate
 
     ft = cfg.finetune
@@ -268,7 +270,7 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
                      if k in metrics}
             tqdm.write(f"finetune epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
     accelerator.free_memory()
-    return model
+    return whole_model(model, cfg.model.backbone)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
