@@ -1,10 +1,14 @@
-"""Model checkpoints as safetensors with the resolved config beside them (no pickle on load)."""
+"""Model checkpoints as safetensors with the resolved config beside them (no pickle on load), and the whole
+weights of a model whose parameters DeepSpeed ZeRO-3 partitioned across ranks."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Optional
 
+import torch
 import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -44,6 +48,40 @@ def load_checkpoint(folder: str | Path) -> tuple[TwoHeadModel, Config]:
     return model, cfg
 
 
-def cpu_state_dict(model: nn.Module) -> dict:
-    """A detached CPU copy of the weights (for keeping the best epoch in memory)."""
-    return {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}
+def is_zero3(model: nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 converted `model`'s parameters: `prepare` partitions them in place, so each
+    rank holds a shard and the module's own tensors are empty placeholders outside a forward."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def whole_state_dict(model: nn.Module) -> dict:
+    """A detached CPU copy of the whole weights, on every rank. A ZeRO-3 model's parameters are gathered
+    first (DeepSpeed's GatheredParameters, an all-gather: every rank must call this, the same times)."""
+    gathered = contextlib.nullcontext()
+    if is_zero3(model):
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    with gathered:
+        return {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}
+
+
+def whole_model(model: TwoHeadModel, backbone: str, state: Optional[dict] = None) -> TwoHeadModel:
+    """`model` as a plain whole module holding `state` (default: its own weights), after its training.
+
+    Any other model is loaded in place. A ZeRO-3 model stays partitioned when its engine is destroyed (and
+    keeps some of DeepSpeed's hooks and module attributes, which a later `prepare` would trip over), so it
+    is rebuilt: a fresh `backbone` model on the same device with the gathered weights, the same trainable
+    flags and mode. Collective for a ZeRO-3 model: every rank must call it.
+    """
+    if not is_zero3(model):
+        if state is not None:
+            model.load_state_dict(state)
+        return model
+    state = whole_state_dict(model) if state is None else state
+    with torch.random.fork_rng(devices=[]):  # the throwaway initialisation must not move the seeded stream
+        fresh = create_model(backbone)
+    fresh.load_state_dict(state)
+    for new, old in zip(fresh.parameters(), model.parameters()):
+        new.requires_grad_(old.requires_grad)
+    return fresh.to(model.mean.device).train(model.training)

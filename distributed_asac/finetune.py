@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .attacks import ATTACKS, magnitudes, pgd
 from .calibration import Calibrated, calibrate_eps
-from .checkpoint import cpu_state_dict
+from .checkpoint import whole_model, whole_state_dict
 from .config import Config, FinetuneConfig
 from .curriculum import curriculum_chunks, difficulty_scores
 from .errors import UserError
@@ -275,7 +275,8 @@ def balanced_subset(dataset, seed: int = 0) -> Optional[Subset]:
 
 def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator: Accelerator, tracker,
              generator: torch.Generator) -> tuple[TwoHeadModel, dict[str, float]]:
-    """Stage 3 in place on `model` (θ and ρ); returns it and a summary of the epochs. φ stays frozen.
+    """Stage 3 in place on `model` (θ and ρ); returns it (under ZeRO-3 a fresh whole copy: see `whole_model`)
+    and a summary of the epochs. φ stays frozen.
 
     After every epoch (and once before the first) the model is evaluated on valid and on its balanced
     subset; `finetune.select` says which epoch is kept. The summary holds `selected_epoch` and
@@ -331,7 +332,7 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
         metrics.update({f"balanced_valid_{k}": balanced_report[k] for k in HEADLINE})
         deo_history.append(balanced_report["DEO"])
         if ft.select == "balanced_valid" and balanced_report["ACC"] > best_score:
-            best_score, best_state, selected = balanced_report["ACC"], cpu_state_dict(model), epoch + 1
+            best_score, best_state, selected = balanced_report["ACC"], whole_state_dict(model), epoch + 1
         tracker.log_metrics({f"finetune/{k}": v for k, v in metrics.items()}, step=epoch)
         if accelerator.is_main_process:
             shown = {k: metrics[k] for k in ("loss", "attack_success_rate", "valid_ACC", "valid_DEO", "balanced_valid_ACC",
@@ -340,12 +341,10 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
             tqdm.write(f"finetune epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
         failpoint("finetune.epoch_end", epoch=epoch + 1)
     accelerator.free_memory()
-    if best_state is not None:
-        model.load_state_dict(best_state)
     steps = [abs(after - before) for before, after in zip(deo_history, deo_history[1:])]
     summary.update(selected_epoch=selected, balanced_valid_DEO_swing=sum(steps) / len(steps) if steps else 0.0)
     tracker.log_metrics({f"finetune/{k}": v for k, v in summary.items()})
-    return model, summary
+    return whole_model(model, cfg.model.backbone, best_state), summary
 
 
 def main(argv: Optional[list[str]] = None) -> None:

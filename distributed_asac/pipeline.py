@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
 from .analysis import analyse
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint, whole_state_dict
 from .config import Config, save_config
 from .data.build import Splits, build_splits
 from .errors import UserError
@@ -29,7 +29,7 @@ from .evaluate import evaluate, write_results
 from .finetune import finetune, model_name
 from .models import TwoHeadModel, create_model
 from .report import format_table, plot_robustness
-from .runtime import make_accelerator, seed_everything
+from .runtime import make_accelerator, seed_everything, zero_stage
 from .stats import bootstrap_interval
 from .stages import train_stage
 from .tracking import Tracker
@@ -62,22 +62,28 @@ def new_run_dir(cfg: Config, accelerator: Accelerator, run_dir: Optional[Path] =
 
 
 def check_replicas(model: TwoHeadModel, accelerator: Accelerator) -> dict[str, object]:
-    """Gather a digest of every rank's parameters and fail if they differ: ranks that never synchronised
-    (a CPU launch without ACCELERATE_USE_CPU, say) would otherwise pass for a distributed run."""
+    """Gather a digest of every rank's whole parameters (gathered first under ZeRO-3) and fail if they differ:
+    ranks that never synchronised (a CPU launch without ACCELERATE_USE_CPU, say) would otherwise pass for a
+    distributed run."""
+    state = whole_state_dict(model)
     digest = hashlib.sha256()
-    for tensor in model.parameters():
-        digest.update(tensor.detach().cpu().numpy().tobytes())
+    for name, _ in model.named_parameters():
+        digest.update(state[name].numpy().tobytes())
     digests = gather_object([digest.hexdigest()]) if accelerator.num_processes > 1 else [digest.hexdigest()]
     if len(set(digests)) != 1:
         raise RuntimeError(f"ranks ended with different parameters ({len(set(digests))} distinct): not synchronised")
     return {"world_size": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value,
-            "parameter_digests": digests}
+            "zero_stage": zero_stage(accelerator), "parameter_digests": digests}
 
 
 def finish_model(name: str, model: TwoHeadModel, cfg: Config, splits: Splits, accelerator: Accelerator,
                  tracker: Tracker, folder: Path, extra: Optional[dict] = None) -> dict[str, object]:
     """Evaluate on test (and twins), analyse, write results.json (with `extra`, e.g. the fine-tune's summary),
-    predictions.csv and the checkpoint, log all."""
+    predictions.csv and the checkpoint, log all.
+
+    `model` must be whole on every rank (train_stage and finetune return plain modules, also after ZeRO-3):
+    the analysis and the checkpoint are the main process's alone, and a ZeRO-3 forward or gather there
+    would wait forever for the other ranks."""
     evaluation = evaluate(accelerator, model, splits.test, cfg.finetune.batch_size, twins=splits.twins,
                           num_workers=cfg.data.num_workers)
     report = {**evaluation.report(), **(extra or {})}
@@ -95,7 +101,7 @@ def finish_model(name: str, model: TwoHeadModel, cfg: Config, splits: Splits, ac
         files = write_results(folder, name, evaluation,
                               extra={**analysis, **(extra or {}), "ci95_bootstrap": report["ci95_bootstrap"]})
         (folder / "replicas.json").write_text(json.dumps(replicas, indent=2))
-        save_checkpoint(model.state_dict(), cfg, folder)
+        save_checkpoint(whole_state_dict(model), cfg, folder)
         for point in analysis.get("robustness", []):
             tracker.log_metrics({f"robust_{k}_eps_{point['eps']:g}": v for k, v in point.items() if k != "eps"})
         if "IG_mouth_share" in analysis:

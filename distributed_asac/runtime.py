@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 from accelerate import Accelerator
@@ -31,6 +32,13 @@ def make_accelerator() -> Accelerator:
 
 def is_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(accelerator: Accelerator) -> Optional[int]:
+    """The DeepSpeed ZeRO stage of the launch (from its DeepSpeed config); None without DeepSpeed."""
+    if not is_deepspeed(accelerator):
+        return None
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage"])
 
 
 def seed_everything(seed: int, accelerator: Accelerator) -> torch.Generator:

@@ -9,7 +9,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpoint import cpu_state_dict
+from .checkpoint import whole_model, whole_state_dict
 from .config import Config
 from .data.build import Splits
 from .evaluate import evaluate
@@ -34,7 +34,7 @@ def train_stage(
     loader = DataLoader(splits.train, batch_size=stage_cfg.batch_size, shuffle=True, drop_last=True,
                         num_workers=cfg.data.num_workers)
     wrapped, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    best_score, best_state = -1.0, cpu_state_dict(model)
+    best_score, best_state = -1.0, whole_state_dict(model)
     for epoch in range(stage_cfg.epochs):
         wrapped.train(stage == "base")
         loss_sum = torch.zeros((), device=accelerator.device)
@@ -59,7 +59,6 @@ def train_stage(
             tqdm.write(f"{stage} epoch {epoch + 1}: train loss {float(train_loss):.4f}, "
                        f"valid {select_on} {report[select_on]:.2f}")
         if report[select_on] > best_score:
-            best_score, best_state = report[select_on], cpu_state_dict(model)
+            best_score, best_state = report[select_on], whole_state_dict(model)  # the same on every rank
     accelerator.free_memory()  # drop the accelerator's references so the next stage prepares afresh
-    model.load_state_dict(best_state)
-    return model
+    return whole_model(model, cfg.model.backbone, best_state)  # a fresh plain module after ZeRO-3

@@ -1,12 +1,13 @@
-"""Two-process CPU runs through `accelerate launch`: DDP (gloo) and DeepSpeed ZeRO-2.
+"""Two-process CPU runs through `accelerate launch`: DDP (gloo), DeepSpeed ZeRO-2 and ZeRO-3.
 
-Each checks that the run really had world size 2 and that parameters agree across ranks (replicas.json is
-written from digests gathered from both ranks), and that its evaluation on an odd-sized test split equals a
-single-process evaluation of the same final weights.
+Each checks that the run really had world size 2, its distributed type and ZeRO stage, and that parameters
+agree across ranks (replicas.json is written from digests gathered from both ranks), and that its evaluation
+on an odd-sized test split equals a single-process evaluation of the same final weights.
 """
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from mlflow.tracking import MlflowClient
 
 from distributed_asac import pipeline
 from distributed_asac.checkpoint import load_checkpoint
@@ -42,17 +44,27 @@ def _launch(config_file: str, env_extra: dict, tmp: Path, overrides: list[str], 
     cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "launch" / config_file),
            "-m", "distributed_asac.finetune", "--config", str(REPO / "configs" / "smoke.yaml"),
            *overrides, f"experiment={experiment}", "finetune.epochs=1"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # A session of its own: on a timeout (a collective one rank never joins hangs) the ranks are killed with
+    # the launcher instead of living on.
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=540)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail(f"launch timed out (a hung collective?): {stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
     (run_dir,) = (tmp / "runs" / experiment).iterdir()
     return run_dir / "asac_fgsm"
 
 
-def _check(folder: Path, overrides: list[str], distributed_type: str):
+def _check(folder: Path, overrides: list[str], distributed_type: str, zero_stage):
     replicas = json.loads((folder / "replicas.json").read_text())
     assert replicas["world_size"] == 2 and replicas["distributed_type"] == distributed_type
+    assert replicas["zero_stage"] == zero_stage
     assert len(replicas["parameter_digests"]) == 2 and len(set(replicas["parameter_digests"])) == 1
-    reported = json.loads((folder / "results.json").read_text())["asac_fgsm"]
+    reported = json.loads((folder / "results.json").read_text())[folder.name]
 
     cfg = load_config(REPO / "configs" / "smoke.yaml", overrides)
     accelerator = Accelerator(cpu=True)
@@ -64,18 +76,50 @@ def _check(folder: Path, overrides: list[str], distributed_type: str):
     expected = single.report()
     for key in ("DEO", "DEOp", "DDP", "ACC", "CF_flip_rate", "protected_ACC", "n_a0", "n_a1"):
         assert reported[key] == pytest.approx(expected[key], abs=1e-12), key
+    return model, splits, accelerator
 
 
 def test_ddp_two_cpu_processes(base_checkpoint):
     tmp, overrides, ckpt = base_checkpoint
     folder = _launch("cpu_ddp.yaml", {"ACCELERATE_USE_CPU": "true"}, tmp, [*overrides, f"base_checkpoint={ckpt}"], "ddp")
-    _check(folder, overrides, "MULTI_CPU")
+    _check(folder, overrides, "MULTI_CPU", zero_stage=None)
 
 
 def test_deepspeed_zero2_two_cpu_processes(base_checkpoint):
     tmp, overrides, ckpt = base_checkpoint
     folder = _launch("deepspeed_zero2.yaml", {}, tmp, [*overrides, f"base_checkpoint={ckpt}"], "zero2")
-    _check(folder, overrides, "DEEPSPEED")  # not plain DDP: ACCELERATE_USE_CPU would silently drop DeepSpeed
+    _check(folder, overrides, "DEEPSPEED", zero_stage=2)  # not plain DDP: ACCELERATE_USE_CPU would drop DeepSpeed
+
+
+def test_deepspeed_zero3_two_cpu_processes(base_checkpoint):
+    """All three stages under ZeRO-3 (no base checkpoint): the best-epoch keep and restore, stage 2 preparing
+    the model again and stage 3 on a copy of it. deepspeed_zero3.json partitions every parameter (persistence
+    threshold 0), so each rank holds half of each tensor while it trains.
+
+    The test metrics come from the whole models the stages hand back. The valid metrics logged during
+    training come from forwards of the partitioned model (DeepSpeed's hooks gather each layer as it runs):
+    stage 3's last epoch ran on the weights that were then saved, and the base checkpoint must hold the
+    epoch with the best logged valid ACC; both are checked against single-process evaluations.
+    """
+    tmp, overrides, _ = base_checkpoint
+    overrides = [*overrides, "base.epochs=4"]  # one epoch gives a constant classifier: equal metrics would prove little
+    folder = _launch("deepspeed_zero3.yaml", {}, tmp, overrides, "zero3")
+    model, splits, accelerator = _check(folder, overrides, "DEEPSPEED", zero_stage=3)
+    base, _, _ = _check(folder.parent / "base", overrides, "DEEPSPEED", zero_stage=3)
+    _check(folder.parent / "probe", overrides, "DEEPSPEED", zero_stage=3)
+
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("zero3").experiment_id])}
+    valid = evaluate(accelerator, model, splits.valid, batch_size=7)
+    assert {row[3] for row in valid.rows} == {0, 1}  # not a constant classifier
+    for key in ("DEO", "DEOp", "DDP", "ACC", "protected_ACC"):
+        logged = runs["asac_fgsm"].data.metrics[f"finetune/valid_{key}"]
+        assert logged == pytest.approx(valid.report()[key], abs=1e-12), key
+
+    history = [m.value for m in client.get_metric_history(runs["base"].info.run_id, "base/valid_ACC")]
+    assert len(history) == 4
+    restored = evaluate(accelerator, base, splits.valid, batch_size=7).report()["ACC"]
+    assert restored == pytest.approx(max(history), abs=1e-12)
 
 
 def test_unsynchronised_cpu_launch_is_refused(base_checkpoint):
