@@ -55,25 +55,39 @@ def box_share(attributions: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     return (attributions * inside).sum((1, 2)) / total
 
 
+def ig_maps(model: torch.nn.Module, dataset: Dataset, indices: list[int], steps: int,
+            device: torch.device) -> torch.Tensor:
+    """|Integrated Gradients| of M's true-class logit, summed over channels: [n, H, W] for the images
+    `indices` of `dataset`, from a black baseline with `steps` Riemann steps (Captum)."""
+    from captum.attr import IntegratedGradients
+
+    model.eval()
+    items = [dataset[i] for i in indices]
+    x = torch.stack([item[0] for item in items]).to(device)
+    y = torch.tensor([item[1] for item in items], device=device)
+    ig = IntegratedGradients(model.target_logits)
+    return ig.attribute(x, baselines=torch.zeros_like(x), target=y, n_steps=steps,
+                        internal_batch_size=256).abs().sum(1).cpu()
+
+
 def ig_mouth_share(model: torch.nn.Module, dataset: Dataset, n_images: int, steps: int,
                    device: torch.device) -> Optional[dict[str, float]]:
     """Mean share of |IG| (summed over channels) in the mouth box, and the share of pixels the box covers
     (what a uniform attribution would get). None when the dataset has no landmarks."""
-    from captum.attr import IntegratedGradients
-
     if not hasattr(dataset, "mouth_box"):
         return None
-    model.eval()
-    n = min(n_images, len(dataset))
-    items = [dataset[i] for i in range(n)]
-    x = torch.stack([item[0] for item in items]).to(device)
-    y = torch.tensor([item[1] for item in items], device=device)
-    boxes = torch.stack([dataset.mouth_box(i) for i in range(n)])
-    ig = IntegratedGradients(model.target_logits)
-    attributions = ig.attribute(x, baselines=torch.zeros_like(x), target=y, n_steps=steps,
-                                internal_batch_size=256).abs().sum(1).cpu()  # [n, H, W]
-    area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).float() / (x.shape[2] * x.shape[3])
+    indices = list(range(min(n_images, len(dataset))))
+    attributions = ig_maps(model, dataset, indices, steps, device)  # [n, H, W]
+    boxes = torch.stack([dataset.mouth_box(i) for i in indices])
+    area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).float() / attributions[0].numel()
     return {"IG_mouth_share": float(box_share(attributions, boxes).mean()), "mouth_area_share": float(area.mean())}
+
+
+def figure_indices(dataset: Dataset, per_group: int = 2) -> list[int]:
+    """The first `per_group` images of each (target, protected) group, groups in the order (y, a) = (0, 0),
+    (0, 1), (1, 0), (1, 1): the fixed images of the IG figure, the same for every model of a run."""
+    groups = dataset.targets * 2 + dataset.protected_labels  # [n]
+    return [i for g in range(4) for i in (groups == g).nonzero().flatten()[:per_group].tolist()]
 
 
 def analyse(model: torch.nn.Module, test: Dataset, cfg: AnalysisConfig, batch_size: int,

@@ -19,8 +19,9 @@ from typing import Optional
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
+from safetensors.torch import load_file, save_file
 
-from .analysis import analyse
+from .analysis import analyse, figure_indices, ig_maps
 from .checkpoint import load_checkpoint, save_checkpoint, whole_state_dict
 from .config import Config, save_config
 from .data.build import Splits, build_splits
@@ -28,7 +29,7 @@ from .errors import UserError
 from .evaluate import evaluate, write_results
 from .finetune import finetune, model_name
 from .models import TwoHeadModel, create_model
-from .report import format_table, plot_robustness
+from .report import ROW_ORDER, format_table, plot_ig_figure, plot_robustness
 from .runtime import make_accelerator, seed_everything, zero_stage
 from .stats import bootstrap_interval
 from .stages import train_stage
@@ -76,6 +77,25 @@ def check_replicas(model: TwoHeadModel, accelerator: Accelerator) -> dict[str, o
             "zero_stage": zero_stage(accelerator), "parameter_digests": digests}
 
 
+IG_FIGURE = "ig_figure.png"  # in the run folder: the paper's Fig. 3 for the models of the run so far
+IG_MAPS = "ig_maps.safetensors"  # in a model's folder: its |IG| on the figure's images
+
+
+def write_ig_figure(model: TwoHeadModel, folder: Path, test, cfg: Config, device: torch.device) -> Path:
+    """Save this model's |IG| on the figure's fixed test images (two per (target, protected) group), then draw
+    the run's figure from every model of the run that has its maps (the base, then the rows in table order)."""
+    indices = figure_indices(test)
+    save_file({"maps": ig_maps(model, test, indices, cfg.analysis.ig_steps, device)}, str(folder / IG_MAPS))
+    run_dir = folder.parent
+    done = {p.parent.name for p in run_dir.glob(f"*/{IG_MAPS}")}
+    names = [n for n in ROW_ORDER if n in done] + sorted(done - set(ROW_ORDER))
+    items = [test[i] for i in indices]
+    plot_ig_figure(torch.stack([item[0] for item in items]), [(int(item[1]), int(item[2])) for item in items],
+                   torch.stack([test.mouth_box(i) for i in indices]),
+                   {n: load_file(str(run_dir / n / IG_MAPS))["maps"] for n in names}, run_dir / IG_FIGURE)
+    return run_dir / IG_FIGURE
+
+
 def finish_model(name: str, model: TwoHeadModel, cfg: Config, splits: Splits, accelerator: Accelerator,
                  tracker: Tracker, folder: Path, extra: Optional[dict] = None) -> dict[str, object]:
     """Evaluate on test (and twins), analyse, write results.json (with `extra`, e.g. the fine-tune's summary),
@@ -97,6 +117,10 @@ def finish_model(name: str, model: TwoHeadModel, cfg: Config, splits: Splits, ac
     tracker.log_params({"world_size": replicas["world_size"]})
     if accelerator.is_main_process:
         analysis = analyse(model, splits.test, cfg.analysis, cfg.finetune.batch_size, accelerator.device)
+        folder.mkdir(parents=True, exist_ok=True)
+        if name != "probe" and cfg.analysis.ig_images > 0 and hasattr(splits.test, "mouth_box"):  # probe's M is base's
+            tracker.log_artifact(write_ig_figure(model, folder, splits.test, cfg, accelerator.device))
+            analysis["ig_figure"] = IG_FIGURE  # relative to the run folder
         report.update(analysis)
         files = write_results(folder, name, evaluation,
                               extra={**analysis, **(extra or {}), "ci95_bootstrap": report["ci95_bootstrap"]})

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
+
 from .stats import Interval
 
 # Row order of the paper's Table 1: the base classifier, the comparators, then the ASAC rows.
@@ -108,3 +110,41 @@ def plot_robustness(curves: dict[str, list[dict]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_ig_figure(images: torch.Tensor, labels: list[tuple[int, int]], boxes: torch.Tensor,
+                   maps: dict[str, torch.Tensor], path: Path) -> int:
+    """The paper's Fig. 3 for one run: a row per image (images [n, 3, H, W] in [0, 1], their (y, a) labels and
+    mouth boxes [n, 4]), the image, then |IG| of each model (maps: name → [n, H, W]) with the mouth box and
+    its share of |IG|. Returns the number of panels drawn (n · (1 + models))."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from .analysis import box_share
+
+    n, columns = len(images), 1 + len(maps)
+    fig, axes = plt.subplots(n, columns, figsize=(1.6 * columns, 1.6 * n + 0.4), squeeze=False)
+    for i in range(n):
+        panels = [("image", images[i].permute(1, 2, 0).numpy(), None)]
+        panels += [(name, m[i].numpy(), float(box_share(m[i:i + 1], boxes[i:i + 1]))) for name, m in maps.items()]
+        for j, (name, picture, share) in enumerate(panels):
+            ax = axes[i, j]
+            ax.imshow(picture, cmap=None if share is None else "inferno")
+            x0, y0, x1, y1 = boxes[i].tolist()
+            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="cyan", lw=1))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=8)
+            if share is None:
+                ax.set_ylabel("y={} a={}".format(*labels[i]), fontsize=7)
+            else:
+                ax.set_xlabel(f"mouth {share:.0%}", fontsize=7)
+    fig.suptitle("|Integrated Gradients| of M's true-class logit (cyan: mouth box)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return n * columns

@@ -62,3 +62,24 @@ def test_robustness_curve_at_zero_is_clean_accuracy_and_c_falls():
     assert curve[0]["target_ACC"] == 100 * float((target.argmax(1) == 1).float().mean())
     assert curve[0]["protected_ACC"] == 100 * float((protected.argmax(1) == 0).float().mean())
     assert curve[1]["protected_ACC"] <= curve[0]["protected_ACC"]  # FGSM against C does not help C
+
+
+def test_ig_figure_has_a_panel_per_image_and_model(tmp_path):
+    from distributed_asac.report import plot_ig_figure
+
+    images = torch.rand(8, 3, 16, 16)
+    boxes = torch.tensor([[4, 8, 12, 12]] * 8)
+    maps = {name: torch.rand(8, 16, 16) for name in ("base", "plain", "asac_fgsm")}
+    panels = plot_ig_figure(images, [(i // 4, i % 2) for i in range(8)], boxes, maps, tmp_path / "fig.png")
+    assert panels == 8 * 4 and (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_figure_indices_take_the_first_images_of_each_group():
+    class Labels:
+        targets = torch.tensor([1, 0, 0, 1, 0, 1, 0, 1, 1])
+        protected_labels = torch.tensor([1, 0, 1, 0, 0, 1, 1, 0, 1])
+
+    from distributed_asac.analysis import figure_indices
+
+    # groups (y, a): 0:(1,1) 1:(0,0) 2:(0,1) 3:(1,0) 4:(0,0) 5:(1,1) 6:(0,1) 7:(1,0) 8:(1,1)
+    assert figure_indices(Labels(), per_group=2) == [1, 4, 2, 6, 3, 7, 0, 5]

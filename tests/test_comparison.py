@@ -77,6 +77,13 @@ def test_mlflow_parent_with_every_seed_and_row_nested(compared):
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.json", "table.md", "paired.png", "config.yaml", "seed_3", "seed_5"} <= artifacts
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "seed_3")] == ["seed_3/robustness.png"]
+    # the paper's Fig. 3: each model's run holds the figure of the run so far; the last row's has every model
+    (last,) = [r for r in children if r.data.params["seed"] == "3" and r.info.run_name == "asac_fgsm"]
+    assert "ig_figure.png" in {a.path for a in client.list_artifacts(last.info.run_id)}
+    seed_dir = out.run_dir / "seed_3"
+    assert (seed_dir / "ig_figure.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.parent.name for p in seed_dir.glob("*/ig_maps.safetensors")) == ["asac_fgsm", "base", "plain"]
+    assert json.loads((seed_dir / "asac_fgsm" / "results.json").read_text())["asac_fgsm"]["ig_figure"] == "ig_figure.png"
 
 
 def test_a_row_does_not_depend_on_the_rows_before_it(compared):
