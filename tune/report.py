@@ -108,8 +108,8 @@ def paired_rows(records: list[dict[str, Any]], axes: list[str]) -> list[dict[str
         seeds = [s for s in by_setting[key] if s in reference]
         intervals = {m: paired_difference([by_setting[key][s]["metrics"][m] for s in seeds],
                                           [reference[s]["metrics"][m] for s in seeds])
-                     for m, _ in METRICS if all(_finite(by_setting[key][s]["metrics"].get(m)) and
-                                                _finite(reference[s]["metrics"].get(m)) for s in seeds)}
+                     for m, _ in METRICS + EXTRA if seeds and all(_finite(by_setting[key][s]["metrics"].get(m)) and
+                                                          _finite(reference[s]["metrics"].get(m)) for s in seeds)}
         out.append({"setting": json.loads(key), "reference": json.loads(reference_key), "seeds": seeds,
                     "intervals": intervals})
     return out
@@ -117,13 +117,14 @@ def paired_rows(records: list[dict[str, Any]], axes: list[str]) -> list[dict[str
 
 def paired_table(paired: list[dict[str, Any]], axes: list[str]) -> str:
     shown = [a for a in axes if a != "seed"]
+    columns = [(m, fmt) for m, fmt in METRICS + EXTRA if any(m in row["intervals"] for row in paired)]
     reference = ", ".join(f"{a}={format_setting(paired[0]['reference'][a])}" for a in shown)
     lines = [f"Paired by seed against the reference setting ({reference}): mean difference ± 95% t-interval, verdict.",
-             "", "| " + " | ".join([*shown, *(f"Δ{m}" for m, _ in METRICS), "Seeds"]) + " |",
-             "|" + "---|" * (len(shown) + len(METRICS) + 1)]
+             "", "| " + " | ".join([*shown, *(f"Δ{m}" for m, _ in columns), "Seeds"]) + " |",
+             "|" + "---|" * (len(shown) + len(columns) + 1)]
     for row in paired:
         cells = [format_setting(row["setting"][a]) for a in shown]
-        for metric, fmt in METRICS:
+        for metric, fmt in columns:
             interval = row["intervals"].get(metric)
             if interval is None or math.isnan(interval.low):
                 cells.append("n/a" if interval is None else fmt.format(interval.estimate))
