@@ -383,3 +383,30 @@ def test_trial_with_two_accelerate_processes(tmp_path, ray_tmp):
     base = json.loads(next((tmp_path / "runs" / "base_cache").glob("*/base.json")).read_text())
     assert json.loads((Path(base["checkpoint"]).parent / "base" / "replicas.json").read_text())["world_size"] == 2
     assert _wait_for(marker) == {}
+
+
+def test_report_merges_sweeps_of_more_seeds(tmp_path):
+    """Seeds added later (a second sweep of the same file with --seeds) report together with the first ones."""
+    from tune import mlflow_runs
+    from tune.records import write_json, write_record
+    from tune.sweep import report_command
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    folders = []
+    for part, seeds in enumerate(([0, 1, 2], [3, 4])):
+        folder = tmp_path / f"sweep{part}"
+        trials = []
+        for s in seeds:
+            for alpha, deo in ((0.5, 0.5), (0.3, 0.4 - 0.01 * s)):
+                record = _record(f"a{alpha}-s{s}", s, deo, 90.0, grids=("alpha",))
+                record["axes"] = {"alpha": alpha, "seed": s}
+                trials.append({"name": record["name"], "overrides": [], "axes": record["axes"], "grids": ["alpha"]})
+                write_record(folder / "trials" / record["name"], record)
+        parent = mlflow_runs.start_parent(uri, "merge-test", f"part{part}", tags={}, params={})
+        write_json(folder / "sweep.json", {"name": "s", "grids": {"alpha": ["alpha"]}, "tracking_uri": uri,
+                                           "parent_run_id": parent, "trials": trials})
+        folders.append(str(folder))
+    assert report_command(folders, []) == 0
+    text = (tmp_path / "sweep0" / "report" / "report.md").read_text()
+    assert "2 sweeps merged" in text and "| 0.3 | -0.120 ± " in text and "lower" in text  # five seeds paired
+    assert text.count("| 5 |") >= 2  # each setting's row counts five seeds

@@ -86,10 +86,15 @@ class Sweep:
         return [asdict(t) for t in self.trials]
 
 
-def load_sweep(path: str | Path, cli_overrides: list[str] | tuple[str, ...] = ()) -> Sweep:
-    """Read and validate a sweep file, building every trial's config (UserError on any problem)."""
+def load_sweep(path: str | Path, cli_overrides: list[str] | tuple[str, ...] = (),
+               seeds: Optional[list[int]] = None) -> Sweep:
+    """Read and validate a sweep file, building every trial's config (UserError on any problem). `seeds`
+    replaces the file's seed list (adding seeds to a study: a new sweep of the same grids, whose report can
+    be merged with the earlier one's by `--report DIR DIR`)."""
     path = Path(path)
     data = _read_yaml(path)
+    if seeds is not None:
+        data = {**data, "seeds": seeds}
     unknown = [k for k in data if k not in TOP_KEYS]
     if unknown:
         raise UserError(f"{path}: unknown key {unknown[0]!r}{suggest(unknown[0], list(TOP_KEYS))}")

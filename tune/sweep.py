@@ -43,9 +43,20 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="continue the latest sweep of this file (or SWEEP_DIR): finished trials are not rerun")
     parser.add_argument("--retry-failed", action="store_true", help="with --resume: run failed trials again too")
     parser.add_argument("--dry-run", action="store_true", help="print the trials and exit")
-    parser.add_argument("--report", metavar="RUN_ID_OR_DIR", help="rewrite the report of a sweep and exit")
+    parser.add_argument("--seeds", type=_seed_list, metavar="S,S,...",
+                        help="run these seeds instead of the file's (e.g. more seeds for a finished study)")
+    parser.add_argument("--report", metavar="RUN_ID_OR_DIR", nargs="+",
+                        help="rewrite the report of a sweep and exit; several sweep folders of the same grids "
+                             "(e.g. seeds added later) give one report over all their trials, in the first")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every trial")
     return parser.parse_args(argv)
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: give integers separated by commas, e.g. 3,4") from None
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -55,7 +66,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return report_command(args.report, args.overrides)
         if not args.config:
             raise UserError("--config is required (a sweep file such as configs/sweeps/smoke.yaml)")
-        sweep = load_sweep(args.config, args.overrides)
+        sweep = load_sweep(args.config, args.overrides, args.seeds)
         if args.dry_run:
             print(describe(sweep))
             return 0
@@ -176,13 +187,23 @@ def _closing(records: list[dict[str, Any]], report_dir: Path, seconds: float) ->
             f"{int(counts['trials_pending'])} pending in {seconds:.0f} s; report: {report_dir}/report.md")
 
 
-def report_command(target: str, overrides: list[str]) -> int:
-    """--report: rebuild the report from a sweep folder's records or from an MLflow parent run's children."""
+def report_command(targets: list[str], overrides: list[str]) -> int:
+    """--report: rebuild the report from sweep folders' records or from an MLflow parent run's children."""
+    target = targets[0]
     if Path(target).is_dir():
         folder = Path(target).resolve()
         state = read_state(folder)
         records, grids, uri, run_id = load_records(folder), state["grids"], state["tracking_uri"], state["parent_run_id"]
         report_dir, title = folder / "report", f"Sweep {state['name']}"
+        for more in targets[1:]:  # the same grids with other seeds: one report over all of them
+            other = read_state(Path(more).resolve())
+            if other["grids"] != grids:
+                raise UserError(f"--report: {more} has other grids than {target}; merge only sweeps of one file")
+            records += load_records(Path(more).resolve())
+        if len(targets) > 1:
+            title += f" ({len(targets)} sweeps merged: {', '.join(Path(t).name for t in targets)})"
+    elif len(targets) > 1:
+        raise UserError("--report: several targets must all be sweep folders, not MLflow run ids")
     else:
         uri = tracking_uri(load_config(None, overrides))
         records, parent = mlflow_runs.records_from_mlflow(uri, target)
