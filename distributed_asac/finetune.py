@@ -272,12 +272,16 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    from .config import help_text
     from .errors import exit_on_user_error
+    from .logs import setup_logging
     from .pipeline import run
 
+    setup_logging()
     parser = argparse.ArgumentParser(
         prog="python -m distributed_asac.finetune",
         description="ASAC fine-tuning (stage 3); trains stages 1–2 first when no base_checkpoint is given.",
+        epilog=help_text(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="experiment YAML (see configs/); defaults: the CPU demo")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. finetune.alpha=0.3")

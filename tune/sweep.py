@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # `python tune/sweep.py` puts tune/ on the path, 
 
 from distributed_asac.config import load_config  # noqa: E402
 from distributed_asac.errors import UserError, exit_on_user_error  # noqa: E402
+from distributed_asac.logs import setup_logging  # noqa: E402
 from distributed_asac.tracking import tracking_uri  # noqa: E402
 from tune import mlflow_runs  # noqa: E402
 from tune.bases import entry_dir, prepare_data, read_entry  # noqa: E402
@@ -49,6 +50,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    setup_logging()
     args = parse_args(argv)
     with exit_on_user_error():
         if args.report:

@@ -64,6 +64,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from distributed_asac.errors import UserError, exit_on_user_error
+from distributed_asac.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -763,7 +764,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="processes; the output does not depend on it (default: one per CPU)")
     with exit_on_user_error():
         args = parser.parse_args(argv)
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        setup_logging()
         info = generate(args.out, args.num_images, args.bias, args.seed, parse_size(args.size), args.workers)
         rates = ", ".join(f"{name} {info['splits'][name]['p_smiling_eq_male']:.3f}" for name in SPLIT_NAMES)
         print(f"{args.out}: {args.num_images} images; P(Smiling == Male): {rates}")
