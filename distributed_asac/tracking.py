@@ -7,8 +7,14 @@ would follow each process's working directory. `MLFLOW_TRACKING_URI` or `trackin
 
 from __future__ import annotations
 
+import functools
+import getpass
 import math
 import os
+import shlex
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -34,10 +40,40 @@ def experiment_id(mlflow, name: str, uri: str) -> str:
         return mlflow.get_experiment_by_name(name).experiment_id
 
 
+@functools.lru_cache(maxsize=None)
+def _git_state() -> tuple[str, str]:
+    """(commit, dirty) of the git checkout this package runs from, or ("unknown", "unknown") when it is not
+    one (an installed package: a checkout that merely contains the environment does not count)."""
+    here = Path(__file__).resolve()
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(here.parent), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        git("ls-files", "--error-unmatch", here.name)  # this file is tracked: the code is the checkout's
+        return git("rev-parse", "HEAD"), str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", "unknown"
+
+
+def provenance() -> dict[str, str]:
+    """Tags that say where a run came from: code version, who, what command, where, how many processes."""
+    commit, dirty = _git_state()
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry and no $USER (some containers)
+        user = "unknown"
+    return {"git_commit": commit, "git_dirty": dirty, "mlflow.source.git.commit": commit, "user": user,
+            "mlflow.user": user, "command": shlex.join([sys.executable, *sys.argv])[:5000], "host": socket.gethostname(),
+            "world_size": os.environ.get("WORLD_SIZE", "1")}  # set by every launcher (accelerate, torchrun)
+
+
 class Tracker:
     """One MLflow run: params (the whole config), metrics, artifacts; FAILED status if the body raises.
 
-    Use as a context manager; the tag `mlflow.parentRunId` nests the run under another. On non-main
+    Use as a context manager; the tag `mlflow.parentRunId` nests the run under another. Every run is tagged
+    with its `provenance` (git commit and dirty flag, user, command, host, world size). On non-main
     processes, or with tracking.enabled false, every call is a no-op.
     """
 
@@ -57,7 +93,7 @@ class Tracker:
         mlflow.set_tracking_uri(uri)
         self._client = MlflowClient(uri)
         experiment = experiment_id(mlflow, self.cfg.experiment, uri)
-        tags = {"experiment": self.cfg.experiment, **self.tags}
+        tags = {"experiment": self.cfg.experiment, **provenance(), **self.tags}
         run = self._client.create_run(experiment, run_name=self.run_name, tags=tags)
         self.run_id = run.info.run_id
         self.log_params(self.cfg.flat())
