@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -91,10 +92,10 @@ class TrackingConfig:
 @dataclass
 class Config:
     experiment: str = "demo"  # MLflow experiment and run-folder name
-    seed: int = 0  # seeds python, numpy and torch (rank r uses seed + r)
+    seed: int = 0  # seeds python, numpy and torch (rank r uses seed + r); >= 0
     output_dir: str = "runs"  # run folders go to <output_dir>/<experiment>/<timestamp>
     base_checkpoint: Optional[str] = None  # a folder written by stages 1–2; None: train them first
-    grad_clip: float = 1.0  # max gradient norm of every step
+    grad_clip: float = 1.0  # max gradient norm of every step (> 0)
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam β1, β2
     adam_eps: float = 1e-8  # Adam ε
     data: DataConfig = field(default_factory=DataConfig)  # the dataset and its loading
@@ -172,8 +173,12 @@ def choices() -> dict[str, list[str]]:
             "finetune.attack_model": list(ATTACK_MODELS), "data.on_bad_image": list(BAD_IMAGE_POLICIES)}
 
 
+SEED_KEYS = ("seed", "data.split_seed", "data.synthetic_seed")
+MAX_SEED = 2**31 - 1  # numpy seeds must lie in [0, 2**32); rank r adds r to `seed`
+
+
 def validate(cfg: Config) -> None:
-    """Range and name checks that types alone cannot express."""
+    """Range and name checks that types alone cannot express (non-finite floats are refused by `_coerce`)."""
     for key, valid in choices().items():
         value = _get(cfg, key)
         if value not in valid:
@@ -182,21 +187,44 @@ def validate(cfg: Config) -> None:
         for eps in _get(cfg, key):
             if not 0.0 <= eps <= 1.0:
                 raise UserError(f"config key {key!r}: {eps} is outside [0, 1] (ε is in pixel units of [0, 1] images)")
+    if not any(eps > 0 for eps in cfg.finetune.eps):
+        # E = {0} ∪ eps: with no ε > 0 an ASAC row is plain fine-tuning under another name.
+        raise UserError(f"config key 'finetune.eps': {cfg.finetune.eps} holds no ε > 0, so ASAC fine-tuning would be "
+                        "plain fine-tuning; give at least one, e.g. finetune.eps=[0.001,0.01] (0 is always added)")
     _in_range("finetune.adv_eps", cfg.finetune.adv_eps, 0.0, 1.0)
     _in_range("finetune.alpha", cfg.finetune.alpha, 0.0, 1.0)
     _in_range("data.synthetic_bias", cfg.data.synthetic_bias, 0.0, 1.0)
     for key in ("data.image_size", "finetune.pgd_steps", "base.batch_size", "probe.batch_size", "finetune.batch_size"):
         _in_range(key, _get(cfg, key), 1, None)
-    for key in ("base.epochs", "probe.epochs", "finetune.epochs", "data.num_workers", "grad_clip",
+    for key in ("base.epochs", "probe.epochs", "finetune.epochs", "data.num_workers",
                 "analysis.robustness_images", "analysis.ig_images", "analysis.ig_steps"):
         _in_range(key, _get(cfg, key), 0, None)
-    for key in ("base.lr", "probe.lr", "finetune.lr", "adam_eps"):
+    for key in SEED_KEYS:
+        _in_range(key, _get(cfg, key), 0, MAX_SEED)
+    for key in ("base.lr", "probe.lr", "finetune.lr", "adam_eps", "grad_clip"):  # grad_clip 0 would zero every gradient
         if _get(cfg, key) <= 0:
-            raise UserError(f"config key {key!r}: must be > 0, got {_get(cfg, key)}")
+            raise UserError(f"config key {key!r}: must be > 0, got {_get(cfg, key)} (default {_get(Config(), key)})")
     if len(cfg.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.adam_betas):
         raise UserError(f"config key 'adam_betas': need two values in [0, 1), got {cfg.adam_betas}")
     if cfg.data.target == cfg.data.protected:
         raise UserError("config keys 'data.target' and 'data.protected' name the same attribute; choose two")
+    name = cfg.experiment
+    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
+        # It names a folder under output_dir: a path there would write outside it.
+        raise UserError(f"config key 'experiment': {name!r} is not a plain folder name; use letters, digits, "
+                        "'-', '_' or '.', without '/' (e.g. experiment=smiling_resnet18)")
+
+
+def check_batch_sizes(cfg: Config, train_size: int, processes: int, stages: tuple[str, ...]) -> None:
+    """Refuse a batch size that gives no training step: the loaders drop the last incomplete batch, so a
+    train split smaller than batch_size × processes would train nothing and report an untrained model."""
+    for stage in stages:
+        key = f"{stage}.batch_size"
+        if _get(cfg, key) * processes > train_size:
+            per = f" × {processes} processes" if processes > 1 else ""
+            raise UserError(f"config key {key!r}: {_get(cfg, key)}{per} is larger than the train split "
+                            f"({train_size} images), which would give no training step; set {key} <= "
+                            f"{train_size // processes}")
 
 
 def _in_range(key: str, value: float, low: float | None, high: float | None) -> None:
@@ -268,6 +296,15 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return [_coerce(key, v, item_type) for v in value]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string; it is a float to everyone else
+            value = float(value)
+        except ValueError:
+            pass
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        default = _get(Config(), key)
+        raise UserError(f"config key {key!r}: {value} is not a finite number; give a finite value "
+                        f"(default {default})")
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # e.g. an experiment named 2024
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
