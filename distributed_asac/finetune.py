@@ -29,7 +29,7 @@ from .curriculum import curriculum_chunks, difficulty_scores
 from .losses import asac_loss, plain_loss
 from .models import TwoHeadModel, set_trainable
 from .registry import Registry
-from .runtime import adam
+from .runtime import adam, check_finite
 
 # Names the phases of a step in torch.profiler traces (benchmarks/bench_step.py); about a microsecond each
 # when no profiler runs. The optimizer labels its own step.
@@ -260,6 +260,7 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
             terms = train_minibatch(mode, ctx, wrapped, optimizer, accelerator, x, y, a, cfg.grad_clip)
             bar.set_postfix(loss=f"{terms['loss'].item():.3f}")
         metrics = diagnostics.summary(accelerator, eps, time.perf_counter() - start)
+        check_finite(f"finetune epoch {epoch + 1}", metrics.get("loss", 0.0), model, "finetune.lr", ft.lr)
         valid = evaluate(accelerator, model, valid_set, ft.batch_size, num_workers=cfg.data.num_workers).report()
         metrics.update({f"valid_{k}": v for k, v in valid.items()})
         tracker.log_metrics({f"finetune/{k}": v for k, v in metrics.items()}, step=epoch)
