@@ -20,10 +20,52 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .config import Config
+from .errors import UserError
 
 
 def tracking_uri(cfg: Config) -> str:
     return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+PROBE_TIMEOUT_S = 5
+
+
+def check_store(cfg: Config) -> None:
+    """Open the tracking store once, before any data or training, and turn whatever stops it into one line:
+    an unreachable server within PROBE_TIMEOUT_S (the MLflow client would retry for minutes), an unknown URI
+    scheme, a file that is no database. Nothing is written to a server."""
+    if not cfg.tracking.enabled:
+        return
+    from urllib.parse import urlparse
+
+    uri = tracking_uri(cfg)
+    where = "tracking.uri" if cfg.tracking.uri else ("$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI")
+                                                     else "the default tracking.uri")
+    fix = "fix it, set tracking.uri=sqlite:///<folder>/mlflow.db, or tracking.enabled=false"
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname or "localhost", port), timeout=PROBE_TIMEOUT_S).close()
+        except OSError as err:
+            reason = err.strerror or type(err).__name__
+            raise UserError(f"MLflow tracking server {uri} ({where}) is unreachable: {reason}; start the server or "
+                            f"{fix}") from None
+    from mlflow.tracking import MlflowClient
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT_S)})
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - a probe: any failure here is the store's, named in one line
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise UserError(f"MLflow tracking store {uri} ({where}) cannot be used: {reason}; {fix}") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def experiment_id(mlflow, name: str, uri: str) -> str:
