@@ -75,3 +75,13 @@ def test_lfw_join_counts_are_logged_on_the_main_rank_only(rank, shown, tmp_path,
     joins = [line for line in out.splitlines() if line.startswith("LFW ") and "without" in line]
     assert len(joins) == (1 if shown else 0), out
     assert err == "a warning\n"  # warnings on every rank, on stderr
+
+
+def test_sweep_resume_does_not_swallow_an_override(tmp_path):
+    from tune.sweep import parse_args
+
+    args = parse_args(["--config", "s.yaml", "--resume", "seed=1", "finetune.epochs=2"])
+    assert args.resume == "latest" and args.overrides == ["seed=1", "finetune.epochs=2"]
+    folder = tmp_path / "a=b"
+    folder.mkdir()
+    assert parse_args(["--config", "s.yaml", "--resume", str(folder)]).resume == str(folder)  # a real folder stays

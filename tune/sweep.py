@@ -46,7 +46,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="print the trials and exit")
     parser.add_argument("--report", metavar="RUN_ID_OR_DIR", help="rewrite the report of a sweep and exit")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every trial")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.resume not in (None, "latest") and "=" in args.resume and not Path(args.resume).is_dir():
+        # `--resume seed=1`: argparse hands the override to --resume's optional folder; it is an override
+        args.overrides.insert(0, args.resume)
+        args.resume = "latest"
+    return args
 
 
 def main(argv: Optional[list[str]] = None) -> int:
