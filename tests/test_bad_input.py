@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from distributed_asac import pipeline
 from distributed_asac.config import load_config
+from tests.fixtures import corrupt_jpeg
 
 REPO = Path(__file__).resolve().parents[1]
 # The earlier run and every row share these: a 120-image generated set (84 train images) at 32 px.
@@ -94,6 +95,16 @@ def unknown_key_in_checkpoint_config(world: World, tmp_path: Path) -> list[str]:
     return [f"base_checkpoint={folder}"]
 
 
+def corrupt_test_image(world: World, tmp_path: Path) -> list[str]:
+    """A copy of the dataset, read as CelebA, whose last test image is a truncated JPEG."""
+    root = tmp_path / "celeba"
+    shutil.copytree(world.root / "data", root)
+    partition = (root / "list_eval_partition.txt").read_text().split()
+    test_images = [name for name, split in zip(partition[::2], partition[1::2]) if split == "2"]
+    corrupt_jpeg(root / "img_align_celeba" / test_images[-1])
+    return ["data.name=celeba", f"data.root={root}"]
+
+
 def base(world: World, tmp_path: Path) -> list[str]:
     return [f"base_checkpoint={world.probe}"]
 
@@ -134,6 +145,8 @@ CASES = {
     # an ASAC row without an ε > 0 is plain fine-tuning
     "eps_empty": Case(["finetune.eps=[]"], r"'finetune\.eps': \[\] holds no ε > 0"),
     "eps_only_zero": Case(["finetune.eps=[0]"], r"'finetune\.eps': \[0\.0\] holds no ε > 0"),
+    # a corrupt test image is found before training, not after it
+    "corrupt_test_image": Case([], r"cannot decode image .*\.jpg .*on_bad_image='skip'", setup=corrupt_test_image),
     # a base checkpoint must match what a base fixes, and be intact
     "base_other_target": Case(["data.target=Big_Nose"], r"trained with data\.target=Smiling but this run has "
                                                          r"data\.target=Big_Nose; set data\.target=Smiling", setup=base),
