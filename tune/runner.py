@@ -2,8 +2,9 @@
 
 Locally Ray runs without a dashboard, with its session files under an explicit temp folder
 ($ASAC_RAY_TEMP_DIR, default <tmp>/asac-ray) and is shut down in a `finally`, on Ctrl-C too. Its core
-processes share the driver's fate (Ray kills them when the driver dies, even on SIGKILL). Ray has no option
-to bind its internal gRPC ports to 127.0.0.1 only: on a shared host, firewall them.
+processes share the driver's fate (Ray kills them when the driver dies, even on SIGKILL). Every local service
+listens on 127.0.0.1 only and requires a token (`tune.sweep.local_ray_environment`, which must run before
+Ray is imported).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-# Set before Ray is imported: no usage reporting, no auth token file in the home folder (STACK.md, trap 4),
-# and trials keep the driver's working directory instead of a per-trial one.
+# Set before Ray is imported: no usage reporting, and trials keep the driver's working directory instead of a
+# per-trial one. Authentication: a local sweep's own token (local_environment); joining a cluster, the
+# cluster's setting from the environment, else off (Ray's default token mode would write a token file into
+# the home folder, STACK.md trap 4).
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
 
 import ray  # noqa: E402
@@ -31,6 +34,7 @@ from .spec import Resources  # noqa: E402
 from .trial import run_trial  # noqa: E402
 
 TEMP_DIR_ENV = "ASAC_RAY_TEMP_DIR"
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-machine mode, node IP 127.0.0.1
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -42,6 +46,8 @@ def temp_dir() -> str:
 def ray_session(address: Optional[str]) -> Iterator[None]:
     """A local Ray instance (address None) or a connection to `address` ('auto', 'ray://head:10001')."""
     if address is None:
+        if os.environ.get(LOOPBACK_ENV) != "0" or os.environ.get("RAY_AUTH_MODE") != "token":
+            raise RuntimeError("a local Ray needs tune.sweep.local_ray_environment() before Ray is imported")
         # Local workers inherit the driver's environment: this makes `tune.*` importable in them.
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir(),

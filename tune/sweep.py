@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
 import signal
 import sys
 import time
@@ -159,6 +161,8 @@ def run_sweep(sweep: Sweep, args: argparse.Namespace) -> int:
 
 def execute(sweep: Sweep, jobs: list[dict[str, Any]], folder: Path, address: Optional[str]) -> None:
     """Start Ray, build the missing bases (all before any trial), then run the trials with Tune."""
+    if address is None:
+        local_ray_environment()
     from tune import runner  # imports Ray: only the commands that start it pay for it
 
     with runner.ray_session(address):
@@ -170,6 +174,19 @@ def execute(sweep: Sweep, jobs: list[dict[str, Any]], folder: Path, address: Opt
             job["base"] = entries.get(job["key"])
         attempt = len(list((folder / "ray").glob("attempt-*"))) + 1
         runner.run_trials(jobs, sweep.resources, sweep.max_concurrent, folder / "ray", f"attempt-{attempt}")
+
+
+def local_ray_environment() -> None:
+    """Settings of a local Ray, read when Ray is imported: every service listens on 127.0.0.1 only (Ray's
+    single-machine mode, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which makes the node IP the loopback address),
+    and token authentication with a fresh random token that lives only in the environment of this process
+    tree (no token file). A cluster (--address) keeps its own settings: see README.md, Ablation sweeps."""
+    wanted = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+    if all(os.environ.get(k) == v for k, v in wanted.items()) and os.environ.get("RAY_AUTH_TOKEN"):
+        return  # made earlier in this process (a second sweep)
+    if "ray" in sys.modules:
+        raise RuntimeError("Ray was imported before its local settings were made")
+    os.environ.update(wanted, RAY_AUTH_TOKEN=secrets.token_hex(32))
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
