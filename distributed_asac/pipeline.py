@@ -64,7 +64,7 @@ def preflight(cfg: Config, accelerator: Accelerator) -> None:
     if accelerator.is_main_process:
         try:
             for path in (Path(cfg.output_dir) / cfg.experiment, *(Path(cfg.output_dir) / cfg.experiment).parents):
-                if path.exists():  # the nearest existing folder on the way must be a writable folder
+                if path.exists():  # the nearest existing path on the way must be a folder
                     if not path.is_dir():
                         raise UserError(f"config key 'output_dir': {str(path)!r} is an existing file, not a folder; "
                                         "set output_dir to a folder (it is created if missing)")
