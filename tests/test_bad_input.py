@@ -105,6 +105,16 @@ def corrupt_test_image(world: World, tmp_path: Path) -> list[str]:
     return ["data.name=celeba", f"data.root={root}"]
 
 
+def corrupt_train_image_in_a_worker(world: World, tmp_path: Path) -> list[str]:
+    """A copy of the dataset, read as CelebA by a DataLoader worker, whose first train image is truncated."""
+    root = tmp_path / "celeba"
+    shutil.copytree(world.root / "data", root)
+    partition = (root / "list_eval_partition.txt").read_text().split()
+    train_images = [name for name, split in zip(partition[::2], partition[1::2]) if split == "0"]
+    corrupt_jpeg(root / "img_align_celeba" / train_images[0])
+    return ["data.name=celeba", f"data.root={root}", "data.num_workers=1"]
+
+
 def base(world: World, tmp_path: Path) -> list[str]:
     return [f"base_checkpoint={world.probe}"]
 
@@ -125,7 +135,7 @@ class Case:
     message: str  # a regular expression the one error line must match
     setup: Optional[Callable[[World, Path], list[str]]] = None  # more overrides, made in the row's tmp_path
     env: dict[str, str] = field(default_factory=dict)
-    diverges: bool = False  # the run starts and must stop: its folder keeps INCOMPLETE, its MLflow run FAILED
+    starts: bool = False  # the run starts and must stop: its folder keeps INCOMPLETE, its MLflow run FAILED
 
 
 CASES = {
@@ -135,9 +145,9 @@ CASES = {
     "eps_item_nan": Case(["finetune.eps=[0.01,.nan]"], r"config key 'finetune\.eps': nan is not a finite"),
     # a diverging loss stops the run before its model is saved or reported (stage 1 and stage 3)
     "base_diverges": Case(["base.lr=1e30"], r"base epoch 1: .*training diverged.*lower base\.lr \(now 1e\+30\)",
-                          diverges=True),
+                          starts=True),
     "finetune_diverges": Case(["finetune.lr=1e30"], r"finetune epoch 1: .*training diverged.*lower finetune\.lr",
-                              setup=base, diverges=True),
+                              setup=base, starts=True),
     # a batch larger than the train split would train nothing (the loaders drop the last batch)
     "base_batch_too_big": Case(["base.batch_size=85"], r"'base\.batch_size': 85 is larger than the train split "
                                                        r"\(84 images\).*set base\.batch_size <= 84"),
@@ -147,6 +157,8 @@ CASES = {
     "eps_only_zero": Case(["finetune.eps=[0]"], r"'finetune\.eps': \[0\.0\] holds no ε > 0"),
     # a corrupt test image is found before training, not after it
     "corrupt_test_image": Case([], r"cannot decode image .*\.jpg .*on_bad_image='skip'", setup=corrupt_test_image),
+    "corrupt_train_image_in_a_worker": Case([], r"^error: cannot decode image .*\.jpg .*on_bad_image='skip'$",
+                                            setup=corrupt_train_image_in_a_worker, starts=True),
     # a base checkpoint must match what a base fixes, and be intact
     "base_other_target": Case(["data.target=Big_Nose"], r"trained with data\.target=Smiling but this run has "
                                                          r"data\.target=Big_Nose; set data\.target=Smiling", setup=base),
@@ -200,7 +212,7 @@ def test_bad_input_is_one_line_and_changes_nothing(name, world, tmp_path):
     new_files = sorted(set(files) - set(before[0]))
     new_runs = [runs[r] for r in set(runs) - set(before[1])]
     assert not (world.root / "x").exists() and not (world.root.parent / "x").exists()
-    if case.diverges:  # the refused run keeps its marker and is FAILED in MLflow; no checkpoint was written
+    if case.starts:  # the stopped run keeps its marker and is FAILED in MLflow; no checkpoint was written
         assert [p.name for p in new_files if p.name in (pipeline.INCOMPLETE, "model.safetensors")] == ["INCOMPLETE"]
         assert [status for status, *_ in new_runs] == ["FAILED"]
     else:  # refused before any run folder or MLflow run
