@@ -1,8 +1,10 @@
-"""A local sweep's Ray: every service listens on the loopback address only, and a client without the
-sweep's token cannot join. Read from the kernel's socket table (/proc/net/tcp, tcp6) of Ray's processes."""
+"""A local sweep's Ray: every service listens on the loopback address only (read from the kernel's socket
+table, /proc/net/tcp and tcp6, of Ray's processes), a client without the sweep's token cannot join, and its
+session folder is private to the user and removed afterwards."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,23 +55,29 @@ def listening(pids):
                 out.append(socket.inet_ntop(family, words))
     return out
 
+import stat, tempfile
 with runner.ray_session(None):
     assert ray.get(ray.remote(lambda: 42).remote()) == 42  # a worker runs: its sockets exist too
+    modes = [stat.S_IMODE(os.stat(os.path.join(tempfile.gettempdir(), name)).st_mode)
+             for name in os.listdir(tempfile.gettempdir())]
     addresses = listening(descendants(os.getpid()))
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}
     intruder = subprocess.run(
         [sys.executable, "-c", f"import ray; ray.init(address={ray.get_runtime_context().gcs_address!r})"],
         env={**env, "RAY_AUTH_TOKEN": "not-the-token"}, capture_output=True, text=True, timeout=120)
-print(json.dumps({"addresses": addresses, "intruder_rc": intruder.returncode,
+print(json.dumps({"addresses": addresses, "intruder_rc": intruder.returncode, "modes": modes,
+                  "left": os.listdir(tempfile.gettempdir()),
                   "intruder_tail": (intruder.stdout + intruder.stderr).strip().splitlines()[-1:]}))
 """
 
 
-def test_local_ray_listens_on_loopback_only_and_needs_the_token():
-    temp = tempfile.mkdtemp(prefix="asr-")  # short: Ray's socket paths must stay under 107 bytes
-    env = {**os.environ, "ASAC_RAY_TEMP_DIR": temp, "OMP_NUM_THREADS": "1",
+def test_local_ray_listens_on_loopback_only_needs_the_token_and_cleans_up(request):
+    temp = tempfile.mkdtemp(prefix="asr-")  # TMPDIR of the probe; short: Ray's socket paths must stay < 107 bytes
+    request.addfinalizer(lambda: shutil.rmtree(temp, ignore_errors=True))
+    env = {**os.environ, "TMPDIR": temp, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS"):
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS",
+                "ASAC_RAY_TEMP_DIR"):
         env.pop(key, None)
     proc = subprocess.run([sys.executable, "-c", PROBE], env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=300)
@@ -78,3 +86,5 @@ def test_local_ray_listens_on_loopback_only_and_needs_the_token():
     assert len(result["addresses"]) >= 3, result  # GCS, raylet, workers: the probe sees Ray's sockets
     assert set(result["addresses"]) <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, result
     assert result["intruder_rc"] != 0, result
+    assert result["modes"] == [0o700], result  # one session folder, private to the user
+    assert result["left"] == [], result  # and gone after the session
