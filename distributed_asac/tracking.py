@@ -31,16 +31,19 @@ PROBE_TIMEOUT_S = 5
 
 
 def check_store(cfg: Config) -> None:
+    """`probe_store` for the tracking URI of `cfg` (nothing when tracking is off)."""
+    if cfg.tracking.enabled:
+        where = "tracking.uri" if cfg.tracking.uri else (
+            "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the default tracking.uri")
+        probe_store(tracking_uri(cfg), where)
+
+
+def probe_store(uri: str, where: str) -> None:
     """Open the tracking store once, before any data or training, and turn whatever stops it into one line:
     an unreachable server within PROBE_TIMEOUT_S (the MLflow client would retry for minutes), an unknown URI
-    scheme, a file that is no database. Nothing is written to a server."""
-    if not cfg.tracking.enabled:
-        return
+    scheme, a file that is no database. `where` says where the URI came from. Nothing is written to a server."""
     from urllib.parse import urlparse
 
-    uri = tracking_uri(cfg)
-    where = "tracking.uri" if cfg.tracking.uri else ("$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI")
-                                                     else "the default tracking.uri")
     fix = "fix it, set tracking.uri=sqlite:///<folder>/mlflow.db, or tracking.enabled=false"
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):

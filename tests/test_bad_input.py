@@ -217,3 +217,16 @@ def test_bad_input_is_one_line_and_changes_nothing(name, world, tmp_path):
         assert [status for status, *_ in new_runs] == ["FAILED"]
     else:  # refused before any run folder or MLflow run
         assert new_files == [] and new_runs == []
+
+
+def test_sweep_with_an_unreachable_tracking_server_stops_before_its_parent_run(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "tune/sweep.py", "--config", "configs/sweeps/smoke.yaml",
+                           "tracking.uri=http://127.0.0.1:9", f"output_dir={tmp_path / 'runs'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and re.match(r"error: MLflow tracking server http://127\.0\.0\.1:9 \(the sweep's "
+                                        r"tracking URI\) is unreachable", lines[0]), proc.stderr[-3000:]
+    assert not (tmp_path / "runs").exists()  # no sweep folder, no data, no base

@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # `python tune/sweep.py` puts tune/ on the path, 
 from distributed_asac.config import load_config  # noqa: E402
 from distributed_asac.errors import UserError, exit_on_user_error  # noqa: E402
 from distributed_asac.logs import setup_logging  # noqa: E402
-from distributed_asac.tracking import tracking_uri  # noqa: E402
+from distributed_asac.tracking import probe_store, tracking_uri  # noqa: E402
 from tune import mlflow_runs  # noqa: E402
 from tune.bases import entry_dir, prepare_data, read_entry  # noqa: E402
 from tune.records import (latest_sweep_dir, load_records, new_sweep_dir, read_record, read_state,  # noqa: E402
@@ -136,6 +136,7 @@ def trial_jobs(sweep: Sweep, folder: Path, state: dict[str, Any], retry_failed: 
 
 def run_sweep(sweep: Sweep, args: argparse.Namespace) -> int:
     """Run the trials that have no finished record, then report; the parent run ends FINISHED or KILLED."""
+    probe_store(sweep.tracking_uri, "the sweep's tracking URI")  # before the parent run: one line, not minutes
     folder, state = open_sweep(sweep, args.resume)
     print(f"sweep folder {folder}\nMLflow parent run {state['parent_run_id']} ({state['tracking_uri']})", flush=True)
     jobs = trial_jobs(sweep, folder, state, args.retry_failed)
