@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -42,9 +43,26 @@ def load_checkpoint(folder: str | Path) -> tuple[TwoHeadModel, Config]:
             f"base_checkpoint {str(folder)!r} is not a checkpoint folder (it needs {WEIGHTS} and {CONFIG}, "
             "e.g. runs/<experiment>/<run>/probe, written by stages 1–2)"
         )
-    cfg = config_from_dict(yaml.safe_load((folder / CONFIG).read_text()))
+    fix = "point base_checkpoint at an intact checkpoint folder or train a new base (leave base_checkpoint unset)"
+    try:
+        data = yaml.safe_load((folder / CONFIG).read_text())
+        if not isinstance(data, dict):
+            raise UserError(f"it holds a {type(data).__name__}, not a mapping of keys")
+        cfg = config_from_dict(data)
+    except (yaml.YAMLError, UnicodeDecodeError, UserError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"checkpoint config {str(folder / CONFIG)!r} is invalid ({reason}); {fix}") from None
     model = create_model(cfg.model.backbone)
-    model.load_state_dict(load_file(str(folder / WEIGHTS)))
+    try:
+        state = load_file(str(folder / WEIGHTS))
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"checkpoint weights {str(folder / WEIGHTS)!r} cannot be read ({err}): truncated or not a "
+                        f"safetensors file; {fix}") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise UserError(f"checkpoint weights {str(folder / WEIGHTS)!r} do not fit a {cfg.model.backbone}, the "
+                        f"backbone its {CONFIG} names (other parameter names or shapes); {fix}") from None
     return model, cfg
 
 

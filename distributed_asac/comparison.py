@@ -23,7 +23,7 @@ from accelerate import Accelerator
 
 from .config import Config
 from .metrics import HEADLINE
-from .pipeline import new_run_dir, run
+from .pipeline import mark_finished, new_run_dir, run
 from .report import ROW_ORDER, format_paired, format_table, plot_paired
 from .runtime import make_accelerator
 from .stats import Interval, paired_bootstrap, paired_difference, t_interval
@@ -144,6 +144,7 @@ def compare(cfg: Config, variants: Optional[list[dict]] = None,
         if accelerator.is_main_process:
             result.paired = paired(per_seed, run_dir)
             text = write_comparison(result, cfg, tracker)
+            mark_finished(run_dir)
             print(f"\n{text}\n\nresults: {run_dir}/results.json  (MLflow experiment {cfg.experiment!r}, "
                   f"parent run {tracker.run_id})")
     return result

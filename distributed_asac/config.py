@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from .registry import suggest
 
 @dataclass
 class DataConfig:
-    name: str = "synthetic"  # synthetic | celeba | lfw
+    name: str = "synthetic"  # which dataset (synthetic: generated on first use)
     root: str = "data/synthetic"  # dataset folder (generated here when name == synthetic)
     target: str = "Smiling"  # attribute M predicts
     protected: str = "Male"  # attribute C predicts and ASACs flip
@@ -38,13 +39,13 @@ class DataConfig:
     split_seed: int = 0  # LFW: seed of a newly drawn split
     synthetic_num_images: int = 6000  # generated dataset only
     synthetic_bias: float = 0.9  # P(target == protected) in train/valid of the generated dataset
-    synthetic_seed: int = 0
+    synthetic_seed: int = 0  # generated dataset only: its random seed (>= 0)
     synthetic_beard_strength: float = 1.0  # contrast of the protected cue (the beard) in (0, 1]; 1: full, dark
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "small_cnn"  # see models.BACKBONES
+    backbone: str = "small_cnn"  # the backbone θ (models.BACKBONES)
     weights: Optional[str] = None  # None: random init; "imagenet": torchvision's file in the torch cache; or a path
 
 
@@ -52,25 +53,25 @@ class ModelConfig:
 class StageConfig:
     """Optimisation of one training stage (Adam, METHOD.md Defaults)."""
 
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3
+    epochs: int = 10  # passes over the train split
+    batch_size: int = 64  # images per process per step
+    lr: float = 1e-3  # Adam learning rate
 
 
 @dataclass
 class FinetuneConfig:
-    mode: str = "asac"  # asac | plain | adv_augment | base (see finetune.MODES)
-    epochs: int = 2
+    mode: str = "asac"  # stage-3 training: ASAC, a comparator, or none (base)
+    epochs: int = 2  # passes over the train split
     batch_size: int = 64  # k: images per process per minibatch
-    lr: float = 1e-3
+    lr: float = 1e-3  # Adam learning rate
     alpha: float = 0.5  # weight of the clean term in α·CE(x) + (1 − α)·CE(x')
     eps: list[float] = field(default_factory=lambda: [0.001, 0.01])  # E = {0} ∪ eps (eps_mode fixed)
     eps_mode: str = "fixed"  # fixed: use eps; calibrated: one ε per attack_success_targets, chosen before stage 3
     attack_success_targets: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])  # shares of ASACs that fool C
     calibration_images: int = 512  # training images (a fixed sample) on which calibrated ε are chosen
-    attack: str = "fgsm"  # see attacks.ATTACKS
-    pgd_steps: int = 10
-    order: str = "ascending"  # see curriculum.ORDERS
+    attack: str = "fgsm"  # how ASACs are made (fgsm: one gradient for all ε; pgd: finetune.pgd_steps)
+    pgd_steps: int = 10  # PGD iterations (attack pgd and the adv_augment comparator)
+    order: str = "ascending"  # curriculum order of the difficulty scores (random: no curriculum)
     attack_model: str = "frozen"  # frozen: snapshot of C at stage-3 start; live: current θ
     adv_eps: float = 0.01  # the single PGD ε of the adv_augment comparator
     channels_last: bool = True  # stage-3 images in NHWC layout: same math, faster on CPU (BENCHMARKS.md)
@@ -82,35 +83,35 @@ class FinetuneConfig:
 class AnalysisConfig:
     """Per-model analysis on the first test images (analysis.py); 0 images turns a part off."""
 
-    robustness_eps: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05])  # 0 is added
-    robustness_images: int = 256
-    ig_images: int = 32
-    ig_steps: int = 32
+    robustness_eps: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05])  # ε of the robustness curve; 0 is added
+    robustness_images: int = 256  # test images of the robustness curve
+    ig_images: int = 32  # test images explained with Integrated Gradients
+    ig_steps: int = 32  # Integrated Gradients path steps
 
 
 @dataclass
 class TrackingConfig:
     uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
-    enabled: bool = True
+    enabled: bool = True  # false: no MLflow logging at all
 
 
 @dataclass
 class Config:
     experiment: str = "demo"  # MLflow experiment and run-folder name
-    seed: int = 0  # the seed of one run (stages 1–3)
+    seed: int = 0  # the seed of one run (stages 1–3): python, numpy and torch (rank r uses seed + r); >= 0
     seeds: Optional[list[int]] = None  # the comparison (python -m distributed_asac.demo) runs once per seed; None: [seed]
-    output_dir: str = "runs"
+    output_dir: str = "runs"  # run folders go to <output_dir>/<experiment>/<timestamp>
     base_checkpoint: Optional[str] = None  # a folder written by stages 1–2; None: train them first
-    grad_clip: float = 1.0
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    adam_eps: float = 1e-8
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    base: StageConfig = field(default_factory=lambda: StageConfig(epochs=8))
-    probe: StageConfig = field(default_factory=lambda: StageConfig(epochs=3))
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    grad_clip: float = 1.0  # max gradient norm of every step (> 0)
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam β1, β2
+    adam_eps: float = 1e-8  # Adam ε
+    data: DataConfig = field(default_factory=DataConfig)  # the dataset and its loading
+    model: ModelConfig = field(default_factory=ModelConfig)  # the shared backbone θ
+    base: StageConfig = field(default_factory=lambda: StageConfig(epochs=8))  # stage 1: M (θ, ρ) on the target
+    probe: StageConfig = field(default_factory=lambda: StageConfig(epochs=3))  # stage 2: C (φ) on the protected attribute, θ frozen
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # stage 3: ASAC fine-tuning or a comparator
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)  # robustness curve and Integrated Gradients
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -169,28 +170,31 @@ def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def validate(cfg: Config) -> None:
-    """Range and name checks that types alone cannot express."""
+def choices() -> dict[str, list[str]]:
+    """The valid names of every key that takes one of a fixed set of names (validation and --help)."""
     # Imported here: the registries live beside the code they name, which itself imports config.
     from .attacks import ATTACKS
     from .curriculum import ORDERS
     from .finetune import MODES
     from .models import BACKBONES
 
-    def check_name(key: str, value: str, valid: list[str] | tuple[str, ...]) -> None:
+    return {"data.name": list(DATASETS), "model.backbone": BACKBONES.names(), "finetune.attack": ATTACKS.names(),
+            "finetune.order": ORDERS.names(), "finetune.mode": MODES.names(),
+            "finetune.attack_model": list(ATTACK_MODELS), "data.on_bad_image": list(BAD_IMAGE_POLICIES),
+            "finetune.batchnorm": list(BATCHNORM_MODES), "finetune.select": list(SELECTION_RULES),
+            "finetune.eps_mode": list(EPS_MODES)}
+
+
+SEED_KEYS = ("seed", "data.split_seed", "data.synthetic_seed")
+MAX_SEED = 2**31 - 1  # numpy seeds must lie in [0, 2**32); rank r adds r to `seed`
+
+
+def validate(cfg: Config) -> None:
+    """Range and name checks that types alone cannot express (non-finite floats are refused by `_coerce`)."""
+    for key, valid in choices().items():
+        value = _get(cfg, key)
         if value not in valid:
             raise UserError(f"config key {key!r}: unknown value {value!r}{suggest(value, list(valid))}")
-
-    check_name("data.name", cfg.data.name, DATASETS)
-    check_name("model.backbone", cfg.model.backbone, BACKBONES.names())
-    check_name("finetune.attack", cfg.finetune.attack, ATTACKS.names())
-    check_name("finetune.order", cfg.finetune.order, ORDERS.names())
-    check_name("finetune.mode", cfg.finetune.mode, MODES.names())
-    check_name("finetune.attack_model", cfg.finetune.attack_model, ATTACK_MODELS)
-    check_name("data.on_bad_image", cfg.data.on_bad_image, BAD_IMAGE_POLICIES)
-    check_name("finetune.batchnorm", cfg.finetune.batchnorm, BATCHNORM_MODES)
-    check_name("finetune.select", cfg.finetune.select, SELECTION_RULES)
-    check_name("finetune.eps_mode", cfg.finetune.eps_mode, EPS_MODES)
     for target in cfg.finetune.attack_success_targets:
         if not 0.0 < target < 1.0:
             raise UserError(f"config key 'finetune.attack_success_targets': {target} is outside (0, 1); each target "
@@ -202,20 +206,27 @@ def validate(cfg: Config) -> None:
         for eps in _get(cfg, key):
             if not 0.0 <= eps <= 1.0:
                 raise UserError(f"config key {key!r}: {eps} is outside [0, 1] (ε is in pixel units of [0, 1] images)")
+    if cfg.finetune.eps_mode == "fixed" and not any(eps > 0 for eps in cfg.finetune.eps):
+        # E = {0} ∪ eps: with no ε > 0 an ASAC row is plain fine-tuning under another name.
+        raise UserError(f"config key 'finetune.eps': {cfg.finetune.eps} holds no ε > 0, so ASAC fine-tuning would be "
+                        "plain fine-tuning; give at least one, e.g. finetune.eps=[0.001,0.01] (0 is always added)")
     _in_range("finetune.adv_eps", cfg.finetune.adv_eps, 0.0, 1.0)
     _in_range("finetune.alpha", cfg.finetune.alpha, 0.0, 1.0)
     _in_range("data.synthetic_bias", cfg.data.synthetic_bias, 0.0, 1.0)
     if not 0.0 < cfg.data.synthetic_beard_strength <= 1.0:
         raise UserError(f"config key 'data.synthetic_beard_strength': {cfg.data.synthetic_beard_strength} is out of "
                         "range (must be in (0, 1]; 1 is the full beard)")
-    for key in ("data.image_size", "finetune.pgd_steps", "finetune.calibration_images", "base.batch_size", "probe.batch_size", "finetune.batch_size"):
+    for key in ("data.image_size", "finetune.pgd_steps", "finetune.calibration_images", "base.batch_size",
+                "probe.batch_size", "finetune.batch_size"):
         _in_range(key, _get(cfg, key), 1, None)
-    for key in ("base.epochs", "probe.epochs", "finetune.epochs", "data.num_workers", "grad_clip",
+    for key in ("base.epochs", "probe.epochs", "finetune.epochs", "data.num_workers",
                 "analysis.robustness_images", "analysis.ig_images", "analysis.ig_steps"):
         _in_range(key, _get(cfg, key), 0, None)
-    for key in ("base.lr", "probe.lr", "finetune.lr", "adam_eps"):
+    for key in SEED_KEYS:
+        _in_range(key, _get(cfg, key), 0, MAX_SEED)
+    for key in ("base.lr", "probe.lr", "finetune.lr", "adam_eps", "grad_clip"):  # grad_clip 0 would zero every gradient
         if _get(cfg, key) <= 0:
-            raise UserError(f"config key {key!r}: must be > 0, got {_get(cfg, key)}")
+            raise UserError(f"config key {key!r}: must be > 0, got {_get(cfg, key)} (default {_get(Config(), key)})")
     if len(cfg.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.adam_betas):
         raise UserError(f"config key 'adam_betas': need two values in [0, 1), got {cfg.adam_betas}")
     if cfg.seeds is not None:
@@ -229,6 +240,23 @@ def validate(cfg: Config) -> None:
             raise UserError(f"config key 'seeds': seeds must be >= 0, got {min(cfg.seeds)}")
     if cfg.data.target == cfg.data.protected:
         raise UserError("config keys 'data.target' and 'data.protected' name the same attribute; choose two")
+    name = cfg.experiment
+    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
+        # It names a folder under output_dir: a path there would write outside it.
+        raise UserError(f"config key 'experiment': {name!r} is not a plain folder name; use letters, digits, "
+                        "'-', '_' or '.', without '/' (e.g. experiment=smiling_resnet18)")
+
+
+def check_batch_sizes(cfg: Config, train_size: int, processes: int, stages: tuple[str, ...]) -> None:
+    """Refuse a batch size that gives no training step: the loaders drop the last incomplete batch, so a
+    train split smaller than batch_size × processes would train nothing and report an untrained model."""
+    for stage in stages:
+        key = f"{stage}.batch_size"
+        if _get(cfg, key) * processes > train_size:
+            per = f" × {processes} processes" if processes > 1 else ""
+            raise UserError(f"config key {key!r}: {_get(cfg, key)}{per} is larger than the train split "
+                            f"({train_size} images), which would give no training step; set {key} <= "
+                            f"{train_size // processes}")
 
 
 def _in_range(key: str, value: float, low: float | None, high: float | None) -> None:
@@ -300,8 +328,78 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return [_coerce(key, v, item_type) for v in value]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string; it is a float to everyone else
+            value = float(value)
+        except ValueError:
+            pass
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        default = _get(Config(), key)
+        raise UserError(f"config key {key!r}: {value} is not a finite number; give a finite value "
+                        f"(default {default})")
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # e.g. an experiment named 2024
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise UserError(f"config key {key!r}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
     return value
+
+
+def describe_keys() -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, meaning) of every config key, from the dataclasses: the meaning is the field's
+    trailing `#` comment (a section's own line comes from its field in the parent), the valid names of a
+    name-valued key are appended from its registry. Feeds --help; a test requires a meaning for every key."""
+    valid = choices()
+    rows: list[tuple[str, str, Any, str]] = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        comments, hints = _field_comments(type(obj)), typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                rows.append((key, "section", None, comments.get(f.name, "")))
+                walk(value, f"{key}.")
+                continue
+            meaning = comments.get(f.name, "")
+            if key in valid:
+                meaning += f" [{' | '.join(valid[key])}]"
+            rows.append((key, _type_name(hints[f.name]), value, meaning.strip()))
+
+    walk(Config(), "")
+    return rows
+
+
+def help_text() -> str:
+    """The config keys as --help lists them (an argparse epilog)."""
+    lines = ["config keys (in the --config YAML, nested by section, or as key=value; lists as [0.001,0.01]):"]
+    for key, kind, default, meaning in describe_keys():
+        if kind == "section":
+            lines.append(f"\n {key}.*: {meaning}")
+        else:
+            shown = yaml.safe_dump(default, default_flow_style=True, width=1000).strip().removesuffix("\n...").strip()
+            lines.append(f"  {key:30} {kind + ' = ' + shown:28} {meaning}")
+    return "\n".join(lines)
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """field name → the `#` comment at the end of its line in the class body."""
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    source = textwrap.dedent(inspect.getsource(cls))
+    by_line = {tok.start[0]: tok.string.lstrip("#").strip()
+               for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    body = ast.parse(source).body[0].body
+    return {node.target.id: by_line[node.end_lineno] for node in body
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.end_lineno in by_line}
+
+
+def _type_name(hint: Any) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return f"{_type_name(args[0])}|null"
+    if typing.get_origin(hint) is list:
+        return f"list[{_type_name(args[0])}]"
+    return hint.__name__

@@ -17,8 +17,9 @@ import time
 from typing import Optional
 
 from .comparison import compare
-from .config import load_config
+from .config import help_text, load_config
 from .errors import UserError, exit_on_user_error
+from .logs import setup_logging
 from .registry import suggest
 
 # Row name → the stage-3 settings that make it (the rows of the paper's Table 1 after the base).
@@ -40,7 +41,9 @@ def row_variants(rows: str) -> list[dict]:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m distributed_asac.demo", description=__doc__.splitlines()[0])
+    setup_logging()
+    parser = argparse.ArgumentParser(prog="python -m distributed_asac.demo", description=__doc__.splitlines()[0],
+                                     epilog=help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="a YAML config (default: the built-in CPU demo)")
     parser.add_argument("--rows", default=",".join(DEMO_ROWS), help=f"comma-separated rows of {', '.join(ROWS)}")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. finetune.epochs=1")

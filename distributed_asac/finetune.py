@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import math
 import time
 from contextlib import contextmanager
@@ -36,7 +37,7 @@ from .losses import asac_loss, plain_loss
 from .metrics import HEADLINE
 from .models import TwoHeadModel, set_trainable
 from .registry import Registry
-from .runtime import adam
+from .runtime import adam, check_finite
 
 # Names the phases of a step in torch.profiler traces (benchmarks/bench_step.py); about a microsecond each
 # when no profiler runs. The optimizer labels its own step.
@@ -326,6 +327,7 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
             terms = train_minibatch(mode, ctx, wrapped, optimizer, accelerator, x, y, a, cfg.grad_clip)
             bar.set_postfix(loss=f"{terms['loss'].item():.3f}")
         metrics = diagnostics.summary(accelerator, eps, time.perf_counter() - start)
+        check_finite(f"finetune epoch {epoch + 1}", metrics.get("loss", 0.0), model, "finetune.lr", ft.lr)
         valid = evaluate(accelerator, model, valid_set, ft.batch_size, num_workers=cfg.data.num_workers).report()
         metrics.update({f"valid_{k}": v for k, v in valid.items()})
         balanced_report = evaluate_balanced()
@@ -348,12 +350,16 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    from .config import help_text
     from .errors import exit_on_user_error
+    from .logs import setup_logging
     from .pipeline import run
 
+    setup_logging()
     parser = argparse.ArgumentParser(
         prog="python -m distributed_asac.finetune",
         description="ASAC fine-tuning (stage 3); trains stages 1–2 first when no base_checkpoint is given.",
+        epilog=help_text(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="experiment YAML (see configs/); defaults: the CPU demo")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. finetune.alpha=0.3")
@@ -361,7 +367,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     with exit_on_user_error():
         from .config import load_config
 
-        run(load_config(args.config, args.overrides))
+        cfg = load_config(args.config, args.overrides)
+        if cfg.seeds and cfg.seeds != [cfg.seed]:
+            logging.getLogger(__name__).warning(
+                "seeds=%s is for the comparison over seeds (python -m distributed_asac.demo); this one run uses "
+                "seed=%d", cfg.seeds, cfg.seed)
+        run(cfg)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .analysis import analyse, figure_indices, ig_maps
 from .checkpoint import load_checkpoint, save_checkpoint, whole_state_dict
-from .config import Config, save_config
+from .config import Config, check_batch_sizes, save_config
 from .data.build import Splits, build_splits
 from .errors import UserError
 from .evaluate import evaluate, write_results
@@ -33,33 +33,59 @@ from .report import ROW_ORDER, format_table, plot_ig_figure, plot_robustness
 from .runtime import make_accelerator, seed_everything, zero_stage
 from .stats import bootstrap_interval
 from .stages import train_stage
-from .tracking import Tracker
+from .tracking import Tracker, check_store
+
+INCOMPLETE = "INCOMPLETE"  # in a run folder until its run finishes: a killed or failed run keeps it
 
 
 def new_run_dir(cfg: Config, accelerator: Accelerator, run_dir: Optional[Path] = None) -> Path:
-    """A fresh `<output_dir>/<experiment>/<timestamp>` chosen by the main process and shared with all ranks,
-    or `run_dir` itself when the caller chose it (a comparison's per-seed folder)."""
-    if run_dir is not None:
-        if accelerator.is_main_process:
-            run_dir.mkdir(parents=True)
-            save_config(cfg, run_dir / "config.yaml")
-        accelerator.wait_for_everyone()
-        return run_dir
-    name = [time.strftime("%Y%m%d-%H%M%S")]
-    broadcast_object_list(name)
-    base = Path(cfg.output_dir) / cfg.experiment
-    run_dir, suffix = base / name[0], 1
-    while accelerator.is_main_process and run_dir.exists():  # two runs started within one second
-        suffix += 1
-        run_dir = base / f"{name[0]}-{suffix}"
-    path = [str(run_dir)]
-    broadcast_object_list(path)
-    run_dir = Path(path[0])
+    """A fresh `<output_dir>/<experiment>/<timestamp>` chosen by the main process and shared with all ranks
+    (or `run_dir` itself when the caller chose it: a comparison's per-seed folder), holding the resolved
+    config and an INCOMPLETE marker until `mark_finished`."""
+    if run_dir is None:
+        name = [time.strftime("%Y%m%d-%H%M%S")]
+        broadcast_object_list(name)
+        base = Path(cfg.output_dir) / cfg.experiment
+        run_dir, suffix = base / name[0], 1
+        while accelerator.is_main_process and run_dir.exists():  # two runs started within one second
+            suffix += 1
+            run_dir = base / f"{name[0]}-{suffix}"
+        path = [str(run_dir)]
+        broadcast_object_list(path)
+        run_dir = Path(path[0])
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True)
+        (run_dir / INCOMPLETE).write_text("this run has not finished (still running, killed or failed); "
+                                          "the file is removed when it finishes\n")
         save_config(cfg, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
     return run_dir
+
+
+def mark_finished(run_dir: Path) -> None:
+    """Remove the INCOMPLETE marker (main process): the run folder now holds a finished run."""
+    (run_dir / INCOMPLETE).unlink()
+
+
+def preflight(cfg: Config, accelerator: Accelerator) -> None:
+    """Refuse, before any data or training, an output_dir that cannot hold run folders and a tracking store
+    that cannot be used. The main process checks; every rank raises the same one-line error."""
+    problem: list[Optional[str]] = [None]
+    if accelerator.is_main_process:
+        try:
+            for path in (Path(cfg.output_dir) / cfg.experiment, *(Path(cfg.output_dir) / cfg.experiment).parents):
+                if path.exists():  # the nearest existing path on the way must be a folder
+                    if not path.is_dir():
+                        raise UserError(f"config key 'output_dir': {str(path)!r} is an existing file, not a folder; "
+                                        "set output_dir to a folder (it is created if missing)")
+                    break
+            check_store(cfg)
+        except UserError as err:
+            problem = [str(err)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(problem)
+    if problem[0]:
+        raise UserError(problem[0])
 
 
 def check_replicas(model: TwoHeadModel, accelerator: Accelerator) -> dict[str, object]:
@@ -148,14 +174,19 @@ def train_base_and_probe(cfg: Config, splits: Splits, accelerator: Accelerator, 
     return model, results
 
 
+BASE_KEYS = ("model.backbone", "data.target", "data.protected", "data.image_size")  # what a base fixes
+
+
 def load_base(cfg: Config) -> TwoHeadModel:
-    """The model of `cfg.base_checkpoint`, checked to match the config's backbone."""
+    """The model of `cfg.base_checkpoint`, checked to match the config on every key that a base fixes."""
     model, saved = load_checkpoint(cfg.base_checkpoint)
-    if saved.model.backbone != cfg.model.backbone:
-        raise UserError(
-            f"base_checkpoint {cfg.base_checkpoint!r} holds a {saved.model.backbone} but model.backbone is "
-            f"{cfg.model.backbone!r}; set model.backbone={saved.model.backbone} or train a new base"
-        )
+    ours, theirs = cfg.flat(), saved.flat()
+    for key in BASE_KEYS:
+        if ours[key] != theirs[key]:
+            raise UserError(
+                f"base_checkpoint {cfg.base_checkpoint!r} was trained with {key}={theirs[key]} but this run has "
+                f"{key}={ours[key]}; set {key}={theirs[key]} or train a new base (leave base_checkpoint unset)"
+            )
     return model
 
 
@@ -194,14 +225,18 @@ def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optiona
     given (a sweep's or a comparison's parent run). Each fine-tune starts from the same base weights AND
     the same random state (`cfg.seed`), so rows differ only by their method: paired comparisons are fair."""
     accelerator = accelerator or make_accelerator()
+    preflight(cfg, accelerator)
     seed_everything(cfg.seed, accelerator)
+    base = load_base(cfg) if cfg.base_checkpoint else None  # before the data: a bad checkpoint costs nothing
     splits = build_splits(cfg, accelerator)
+    check_batch_sizes(cfg, len(splits.train), accelerator.num_processes,
+                      ("finetune",) if base is not None else ("base", "probe", "finetune"))
     run_dir = new_run_dir(cfg, accelerator, run_dir)
     tags = {"run_dir": str(run_dir)}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    if cfg.base_checkpoint:
-        base, results = load_base(cfg), {}
+    if base is not None:
+        results = {}
     else:
         base, results = train_base_and_probe(cfg, splits, accelerator, run_dir, tags)
     for overrides in variants or [{}]:
@@ -213,5 +248,6 @@ def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optiona
         results[name] = report
     if accelerator.is_main_process:
         table = write_summary(run_dir, results, cfg)
+        mark_finished(run_dir)
         print(f"\n{table}\n\nresults: {run_dir}/results.json  (MLflow experiment {cfg.experiment!r})")
     return RunOutput(run_dir, results)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -52,3 +53,14 @@ def adam(params, lr: float, cfg: Config) -> torch.optim.Adam:
     """Adam with the paper's settings (METHOD.md, Defaults) over the parameters that require grad."""
     trainable = [p for p in params if p.requires_grad]
     return torch.optim.Adam(trainable, lr=lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+
+
+def check_finite(what: str, loss: float, model: torch.nn.Module, lr_key: str, lr: float) -> None:
+    """Stop a run whose training diverged (a non-finite loss, or non-finite weights after the last step),
+    before a broken model is evaluated, saved as a checkpoint or reported. Every rank sees the same reduced
+    loss and (synchronised) weights, so every rank raises."""
+    weights_finite = bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
+    if not math.isfinite(loss) or not weights_finite:
+        found = f"the training loss is {loss}" if not math.isfinite(loss) else "the weights are no longer finite"
+        raise UserError(f"{what}: {found} (training diverged), so this model is not saved or reported; lower {lr_key} "
+                        f"(now {lr:g}) or check the data")

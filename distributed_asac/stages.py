@@ -14,7 +14,7 @@ from .config import Config
 from .data.build import Splits
 from .evaluate import evaluate
 from .models import TwoHeadModel, set_trainable
-from .runtime import adam
+from .runtime import adam, check_finite
 from .tracking import Tracker
 
 # stage → (output of TwoHeadModel.forward it trains, the valid metric that selects the best epoch)
@@ -51,6 +51,7 @@ def train_stage(
             loss_sum += loss.detach() * len(labels)
             seen += len(labels)
         train_loss = accelerator.reduce(loss_sum, "sum") / accelerator.reduce(seen, "sum").clamp(min=1)
+        check_finite(f"{stage} epoch {epoch + 1}", float(train_loss), model, f"{stage}.lr", stage_cfg.lr)
         valid = evaluate(accelerator, model, splits.valid, stage_cfg.batch_size, num_workers=cfg.data.num_workers)
         report = valid.report()
         tracker.log_metrics({f"{stage}/train_loss": float(train_loss),

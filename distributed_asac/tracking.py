@@ -7,17 +7,68 @@ would follow each process's working directory. `MLFLOW_TRACKING_URI` or `trackin
 
 from __future__ import annotations
 
+import functools
+import getpass
 import math
 import os
+import shlex
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from .config import Config
+from .errors import UserError
 
 
 def tracking_uri(cfg: Config) -> str:
     return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+PROBE_TIMEOUT_S = 5
+
+
+def check_store(cfg: Config) -> None:
+    """`probe_store` for the tracking URI of `cfg` (nothing when tracking is off)."""
+    if cfg.tracking.enabled:
+        where = "tracking.uri" if cfg.tracking.uri else (
+            "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the default tracking.uri")
+        probe_store(tracking_uri(cfg), where)
+
+
+def probe_store(uri: str, where: str) -> None:
+    """Open the tracking store once, before any data or training, and turn whatever stops it into one line:
+    an unreachable server within PROBE_TIMEOUT_S (the MLflow client would retry for minutes), an unknown URI
+    scheme, a file that is no database. `where` says where the URI came from. Nothing is written to a server."""
+    from urllib.parse import urlparse
+
+    fix = "fix it, set tracking.uri=sqlite:///<folder>/mlflow.db, or tracking.enabled=false"
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname or "localhost", port), timeout=PROBE_TIMEOUT_S).close()
+        except OSError as err:
+            reason = err.strerror or type(err).__name__
+            raise UserError(f"MLflow tracking server {uri} ({where}) is unreachable: {reason}; start the server or "
+                            f"{fix}") from None
+    from mlflow.tracking import MlflowClient
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT_S)})
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - a probe: any failure here is the store's, named in one line
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise UserError(f"MLflow tracking store {uri} ({where}) cannot be used: {reason}; {fix}") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def experiment_id(mlflow, name: str, uri: str) -> str:
@@ -34,10 +85,40 @@ def experiment_id(mlflow, name: str, uri: str) -> str:
         return mlflow.get_experiment_by_name(name).experiment_id
 
 
+@functools.lru_cache(maxsize=None)
+def _git_state() -> tuple[str, str]:
+    """(commit, dirty) of the git checkout this package runs from, or ("unknown", "unknown") when it is not
+    one (an installed package: a checkout that merely contains the environment does not count)."""
+    here = Path(__file__).resolve()
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(here.parent), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        git("ls-files", "--error-unmatch", here.name)  # this file is tracked: the code is the checkout's
+        return git("rev-parse", "HEAD"), str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", "unknown"
+
+
+def provenance() -> dict[str, str]:
+    """Tags that say where a run came from: code version, who, what command, where, how many processes."""
+    commit, dirty = _git_state()
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry and no $USER (some containers)
+        user = "unknown"
+    return {"git_commit": commit, "git_dirty": dirty, "mlflow.source.git.commit": commit, "user": user,
+            "mlflow.user": user, "command": shlex.join([sys.executable, *sys.argv])[:5000], "host": socket.gethostname(),
+            "world_size": os.environ.get("WORLD_SIZE", "1")}  # set by every launcher (accelerate, torchrun)
+
+
 class Tracker:
     """One MLflow run: params (the whole config), metrics, artifacts; FAILED status if the body raises.
 
-    Use as a context manager; the tag `mlflow.parentRunId` nests the run under another. On non-main
+    Use as a context manager; the tag `mlflow.parentRunId` nests the run under another. Every run is tagged
+    with its `provenance` (git commit and dirty flag, user, command, host, world size). On non-main
     processes, or with tracking.enabled false, every call is a no-op.
     """
 
@@ -57,7 +138,7 @@ class Tracker:
         mlflow.set_tracking_uri(uri)
         self._client = MlflowClient(uri)
         experiment = experiment_id(mlflow, self.cfg.experiment, uri)
-        tags = {"experiment": self.cfg.experiment, **self.tags}
+        tags = {"experiment": self.cfg.experiment, **provenance(), **self.tags}
         run = self._client.create_run(experiment, run_name=self.run_name, tags=tags)
         self.run_id = run.info.run_id
         self.log_params(self.cfg.flat())

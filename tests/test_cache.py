@@ -83,6 +83,22 @@ def test_valid_cache_is_reused_and_read_through_a_memmap(tmp_path):
     assert isinstance(np.load(built[0], mmap_mode="r"), np.memmap)
 
 
+@pytest.mark.parametrize("cut", [1, 64])
+def test_a_short_images_file_is_rebuilt(tmp_path, caplog, cut):
+    """The size check counts the .npy header: a file `cut` bytes short is stale, not a traceback later."""
+    fixture = write_celeba_fixture(tmp_path / "data", n=9)
+    CelebA(fixture.root, "valid", "Smiling", "Male", cache_dir=tmp_path / "cache")
+    (images,) = images_files(tmp_path / "cache")
+    whole = images.read_bytes()
+    images.write_bytes(whole[:-cut])
+    with caplog.at_level(logging.WARNING):
+        again = CelebA(fixture.root, "valid", "Smiling", "Male", cache_dir=tmp_path / "cache")
+    assert "missing or incomplete" in caplog.text
+    (rebuilt,) = images_files(tmp_path / "cache")  # a new file (name) replaces the short one
+    assert rebuilt.read_bytes() == whole
+    assert_same_items(CelebA(fixture.root, "valid", "Smiling", "Male"), again)
+
+
 def test_changed_source_file_is_detected(tmp_path, caplog):
     fixture = write_celeba_fixture(tmp_path / "data", n=9)
     ds = CelebA(fixture.root, "train", "Smiling", "Male", cache_dir=tmp_path / "cache")

@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from distributed_asac.errors import UserError
 from distributed_asac.metrics import HEADLINE
+from distributed_asac.tracking import provenance
 
 PARENT_TAG = "mlflow.parentRunId"
 _MAX_TAG = 5000  # MLflow rejects longer tag values
@@ -40,7 +41,7 @@ def experiment_id(uri: str, name: str) -> str:
 
 def start_parent(uri: str, experiment: str, name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
     client = MlflowClient(uri)
-    run = client.create_run(experiment_id(uri, experiment), run_name=name, tags=tags)
+    run = client.create_run(experiment_id(uri, experiment), run_name=name, tags={**provenance(), **tags})
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
     return run.info.run_id
 

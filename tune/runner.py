@@ -1,9 +1,10 @@
 """Every Ray call of the sweep: start (or join) a cluster, build missing bases as tasks, run trials with Tune.
 
 Locally Ray runs without a dashboard, with its session files under an explicit temp folder
-($ASAC_RAY_TEMP_DIR, default <tmp>/asac-ray) and is shut down in a `finally`, on Ctrl-C too. Its core
-processes share the driver's fate (Ray kills them when the driver dies, even on SIGKILL). Ray has no option
-to bind its internal gRPC ports to 127.0.0.1 only: on a shared host, firewall them.
+($ASAC_RAY_TEMP_DIR; default: inside a private <tmp>/asac-ray-* made per sweep and removed after it) and is
+shut down in a `finally`, on Ctrl-C too. Its core processes share the driver's fate (Ray kills them when the
+driver dies, even on SIGKILL). Every local service listens on 127.0.0.1 only and requires a token
+(`tune.sweep.local_ray_environment`, which must run before Ray is imported).
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-# Set before Ray is imported: no usage reporting, no auth token file in the home folder (STACK.md, trap 4),
-# and trials keep the driver's working directory instead of a per-trial one.
+# Set before Ray is imported: no usage reporting, and trials keep the driver's working directory instead of a
+# per-trial one. Authentication: a local sweep's own token (local_environment); joining a cluster, the
+# cluster's setting from the environment, else off (Ray's default token mode would write a token file into
+# the home folder, STACK.md trap 4).
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
 
 import ray  # noqa: E402
@@ -31,28 +34,33 @@ from .spec import Resources  # noqa: E402
 from .trial import run_trial  # noqa: E402
 
 TEMP_DIR_ENV = "ASAC_RAY_TEMP_DIR"
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-machine mode, node IP 127.0.0.1
 REPO = Path(__file__).resolve().parents[1]
-
-
-def temp_dir() -> str:
-    return os.environ.get(TEMP_DIR_ENV) or str(Path(tempfile.gettempdir()) / "asac-ray")
 
 
 @contextmanager
 def ray_session(address: Optional[str]) -> Iterator[None]:
     """A local Ray instance (address None) or a connection to `address` ('auto', 'ray://head:10001')."""
-    if address is None:
-        # Local workers inherit the driver's environment: this makes `tune.*` importable in them.
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir(),
-                 logging_level=logging.WARNING)
-    else:
-        # Remote nodes get the `tune` package shipped with the job; distributed_asac must be installed there.
-        ray.init(address=address, runtime_env={"py_modules": [str(REPO / "tune")]}, logging_level=logging.WARNING)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    with ExitStack() as made:  # a temp folder this session makes is removed after Ray's shutdown
+        if address is None:
+            if os.environ.get(LOOPBACK_ENV) != "0" or os.environ.get("RAY_AUTH_MODE") != "token":
+                raise RuntimeError("a local Ray needs tune.sweep.local_ray_environment() before Ray is imported")
+            # Local workers inherit the driver's environment: this makes `tune.*` importable in them.
+            os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+            # Ray makes its temp folder world-writable (0777): by default it goes inside a folder private to
+            # the user (0700) made for this sweep.
+            folder = os.environ.get(TEMP_DIR_ENV) or os.path.join(made.enter_context(tempfile.TemporaryDirectory(
+                prefix="asac-ray-", ignore_cleanup_errors=True)), "r")
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=folder,
+                     logging_level=logging.WARNING)
+        else:
+            # Remote nodes get the `tune` package shipped with the job; distributed_asac must be installed there.
+            ray.init(address=address, runtime_env={"py_modules": [str(REPO / "tune")]},
+                     logging_level=logging.WARNING)
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 def check_resources(res: Resources) -> None:

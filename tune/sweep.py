@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
 import signal
 import sys
 import time
@@ -25,7 +27,8 @@ if __package__ in (None, ""):  # `python tune/sweep.py` puts tune/ on the path, 
 
 from distributed_asac.config import load_config  # noqa: E402
 from distributed_asac.errors import UserError, exit_on_user_error  # noqa: E402
-from distributed_asac.tracking import tracking_uri  # noqa: E402
+from distributed_asac.logs import setup_logging  # noqa: E402
+from distributed_asac.tracking import probe_store, tracking_uri  # noqa: E402
 from tune import mlflow_runs  # noqa: E402
 from tune.bases import entry_dir, prepare_data, read_entry  # noqa: E402
 from tune.records import (latest_sweep_dir, load_records, new_sweep_dir, read_record, read_state,  # noqa: E402
@@ -49,7 +52,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="rewrite the report of a sweep and exit; several sweep folders of the same grids "
                              "(e.g. seeds added later) give one report over all their trials, in the first")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every trial")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.resume not in (None, "latest") and "=" in args.resume and not Path(args.resume).is_dir():
+        # `--resume seed=1`: argparse hands the override to --resume's optional folder; it is an override
+        args.overrides.insert(0, args.resume)
+        args.resume = "latest"
+    return args
 
 
 def _seed_list(text: str) -> list[int]:
@@ -60,6 +68,7 @@ def _seed_list(text: str) -> list[int]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    setup_logging()
     args = parse_args(argv)
     with exit_on_user_error():
         if args.report:
@@ -138,6 +147,7 @@ def trial_jobs(sweep: Sweep, folder: Path, state: dict[str, Any], retry_failed: 
 
 def run_sweep(sweep: Sweep, args: argparse.Namespace) -> int:
     """Run the trials that have no finished record, then report; the parent run ends FINISHED or KILLED."""
+    probe_store(sweep.tracking_uri, "the sweep's tracking URI")  # before the parent run: one line, not minutes
     folder, state = open_sweep(sweep, args.resume)
     print(f"sweep folder {folder}\nMLflow parent run {state['parent_run_id']} ({state['tracking_uri']})", flush=True)
     jobs = trial_jobs(sweep, folder, state, args.retry_failed)
@@ -163,6 +173,8 @@ def run_sweep(sweep: Sweep, args: argparse.Namespace) -> int:
 
 def execute(sweep: Sweep, jobs: list[dict[str, Any]], folder: Path, address: Optional[str]) -> None:
     """Start Ray, build the missing bases (all before any trial), then run the trials with Tune."""
+    if address is None:
+        local_ray_environment()
     from tune import runner  # imports Ray: only the commands that start it pay for it
 
     with runner.ray_session(address):
@@ -174,6 +186,19 @@ def execute(sweep: Sweep, jobs: list[dict[str, Any]], folder: Path, address: Opt
             job["base"] = entries.get(job["key"])
         attempt = len(list((folder / "ray").glob("attempt-*"))) + 1
         runner.run_trials(jobs, sweep.resources, sweep.max_concurrent, folder / "ray", f"attempt-{attempt}")
+
+
+def local_ray_environment() -> None:
+    """Settings of a local Ray, read when Ray is imported: every service listens on 127.0.0.1 only (Ray's
+    single-machine mode, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which makes the node IP the loopback address),
+    and token authentication with a fresh random token that lives only in the environment of this process
+    tree (no token file). A cluster (--address) keeps its own settings: see README.md, Ablation sweeps."""
+    wanted = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+    if all(os.environ.get(k) == v for k, v in wanted.items()) and os.environ.get("RAY_AUTH_TOKEN"):
+        return  # made earlier in this process (a second sweep)
+    if "ray" in sys.modules:
+        raise RuntimeError("Ray was imported before its local settings were made")
+    os.environ.update(wanted, RAY_AUTH_TOKEN=secrets.token_hex(32))
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

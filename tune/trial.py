@@ -134,6 +134,9 @@ def main(argv: list[str]) -> None:
     """Entry of each process of a launched trial: run the job; rank 0 writes the outcome file."""
     from accelerate import PartialState
 
+    from distributed_asac.logs import setup_logging
+
+    setup_logging()
     job = json.loads(Path(argv[0]).read_text())
     outcome = call_pipeline(job)
     if PartialState().is_main_process:

@@ -51,14 +51,26 @@ def build_splits(cfg: Config, accelerator: Accelerator) -> Splits:
             from .lfw import LFW
 
             split_file = data.split_file or str(Path(cfg.output_dir) / cfg.experiment / "lfw_split.json")
-            return Splits(*(LFW(data.root, split, data.target, data.protected, data.image_size,
-                                split_file=split_file, split_seed=data.split_seed, **common)
-                            for split in SPLIT_NAMES))
-        from .celeba import CelebA
+            splits = Splits(*(LFW(data.root, split, data.target, data.protected, data.image_size,
+                                  split_file=split_file, split_seed=data.split_seed, **common)
+                              for split in SPLIT_NAMES))
+        else:
+            from .celeba import CelebA
 
-        splits = Splits(*(CelebA(data.root, split, data.target, data.protected, data.image_size, **common)
-                          for split in SPLIT_NAMES))
-        if data.name == "synthetic":
-            splits.twins = CelebA(data.root, "test", data.target, data.protected, data.image_size,
-                                  counterfactual=True, **common)
+            splits = Splits(*(CelebA(data.root, split, data.target, data.protected, data.image_size, **common)
+                              for split in SPLIT_NAMES))
+            if data.name == "synthetic":
+                splits.twins = CelebA(data.root, "test", data.target, data.protected, data.image_size,
+                                      counterfactual=True, **common)
+    check_evaluation_images(splits, data.on_bad_image, data.cache_dir)
     return splits
+
+
+def check_evaluation_images(splits: Splits, on_bad_image: str, cache_dir: Optional[str]) -> None:
+    """Under `on_bad_image: error` without a cache images are decoded lazily: a corrupt valid or test image
+    would stop the run only after training. Decode those splits once now (the train split is read from the
+    first step on)."""
+    if on_bad_image == "error" and cache_dir is None:
+        for dataset in (splits.valid, splits.test, splits.twins):
+            if dataset is not None:
+                dataset.check_images()

@@ -156,6 +156,21 @@ def find_bad_images(
 # --------------------------------------------------------------------------------------------------
 
 
+def _npy_shape(path: Path) -> tuple[int, ...] | None:
+    """The shape of the uint8 .npy at ``path`` if its header is intact and the file holds all its bytes
+    (header included), else None."""
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(handle)
+            data_start = handle.tell()
+        complete = path.stat().st_size >= data_start + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    except (OSError, ValueError):
+        return None
+    return tuple(shape) if complete and np.dtype(dtype) == np.uint8 else None
+
+
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
     path = folder / MANIFEST
     try:
@@ -181,7 +196,7 @@ def _staleness(folder: Path, manifest: dict[str, Any], expected: dict[str, Any],
         return f"the file list changed ({len(cached)} cached, {len(files)} now)"
     images = folder / str(manifest.get("images_file"))
     image_size = expected["image_size"]
-    if not images.is_file() or images.stat().st_size < len(files) * image_size * image_size * 3:
+    if _npy_shape(images) != (len(files), image_size, image_size, 3):
         return f"its images file {images.name} is missing or incomplete"
     sizes, mtimes = _stat_files(Path(expected["source_dir"]), files)
     changed = np.flatnonzero((sizes != np.asarray(manifest["sizes"])) | (mtimes != np.asarray(manifest["mtimes_ns"])))

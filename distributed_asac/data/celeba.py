@@ -18,6 +18,7 @@ import logging
 import math
 import numbers
 import os
+import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -505,6 +506,19 @@ class FaceDataset(Dataset):
         self._a = np.ascontiguousarray(a[self._rows], dtype=np.int64)
         self.targets = torch.from_numpy(self._y)
         self.protected_labels = torch.from_numpy(self._a)
+
+    def check_images(self) -> None:
+        """Decode every image of the split once and raise :class:`BadImageError` naming the first that fails.
+        For ``on_bad_image="error"`` without a cache, whose reads are otherwise lazy: the pipeline runs it on
+        the evaluation splits before training, so a corrupt test image is not found after hours of it."""
+        if self._cache is not None:
+            return  # the cache build decoded everything; bad rows were handled at construction
+        bad = find_bad_images(self._image_dir, [self._files[row] for row in self._rows.tolist()], check_image,
+                              progress=sys.stderr.isatty(), desc="checking images")
+        if bad:
+            first = bad[min(bad)]
+            count = "" if len(bad) == 1 else f"{len(bad)} of {len(self)} images cannot be decoded; first: "
+            raise BadImageError(count + first)
 
     @property
     def num_skipped(self) -> int:

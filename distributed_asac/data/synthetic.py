@@ -64,6 +64,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from distributed_asac.errors import UserError, exit_on_user_error
+from distributed_asac.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -782,7 +783,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="contrast of the protected cue (Male's beard) in (0, 1]; 1 = full dark beard (default)")
     with exit_on_user_error():
         args = parser.parse_args(argv)
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        setup_logging()
         info = generate(args.out, args.num_images, args.bias, args.seed, parse_size(args.size), args.workers,
                         args.beard_strength)
         rates = ", ".join(f"{name} {info['splits'][name]['p_smiling_eq_male']:.3f}" for name in SPLIT_NAMES)

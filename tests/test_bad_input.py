@@ -1,0 +1,232 @@
+"""Bad input and faults, as a user meets them through the real CLI: one row per kind.
+
+Every row runs `python -m distributed_asac.finetune` in a subprocess beside a finished earlier run (its
+folder, dataset and MLflow records), and asserts exit status 2, a stderr of exactly one `error: ...` line that
+names the problem, and that nothing of the earlier run, the dataset or the MLflow store changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from distributed_asac import pipeline
+from distributed_asac.config import load_config
+from tests.fixtures import corrupt_jpeg
+
+REPO = Path(__file__).resolve().parents[1]
+# The earlier run and every row share these: a 120-image generated set (84 train images) at 32 px.
+TINY = ["data.synthetic_num_images=120", "base.epochs=1", "probe.epochs=1", "finetune.epochs=1",
+        "analysis.robustness_images=0", "analysis.ig_images=0"]
+
+
+@dataclass
+class World:
+    root: Path  # the working directory of every row: data/, runs/, mlflow.db (the default store)
+    probe: Path  # the earlier run's base checkpoint
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    root = tmp_path_factory.mktemp("bad_input")
+    cfg = load_config(REPO / "configs" / "smoke.yaml", [
+        f"data.root={root / 'data'}", f"output_dir={root / 'runs'}", f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
+        "experiment=earlier", *TINY])
+    out = pipeline.run(cfg, variants=[{"mode": "base"}])
+    assert not (out.run_dir / pipeline.INCOMPLETE).exists()  # a finished run loses its marker
+    return World(root, out.run_dir / "probe")
+
+
+def _snapshot(world: World) -> tuple[dict, dict]:
+    """sha256 of every file under data/ and runs/, and every MLflow run's status, params, metrics and tags."""
+    files = {p: hashlib.sha256(p.read_bytes()).hexdigest()
+             for folder in ("data", "runs") for p in sorted((world.root / folder).rglob("*")) if p.is_file()}
+    client = MlflowClient(f"sqlite:///{world.root / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = {r.info.run_id: (r.info.status, r.info.end_time, r.data.params, r.data.metrics, r.data.tags)
+            for r in client.search_runs(experiments)}
+    return files, runs
+
+
+def _copy_probe(world: World, tmp_path: Path) -> Path:
+    folder = tmp_path / "probe"
+    shutil.copytree(world.probe, folder)
+    return folder
+
+
+def truncated_weights(world: World, tmp_path: Path) -> list[str]:
+    folder = _copy_probe(world, tmp_path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return [f"base_checkpoint={folder}"]
+
+
+def other_backbone(world: World, tmp_path: Path) -> list[str]:
+    """small_cnn weights under a config.yaml that says resnet18 (the run asks for resnet18 too)."""
+    folder = _copy_probe(world, tmp_path)
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    saved["model"]["backbone"] = "resnet18"
+    (folder / "config.yaml").write_text(yaml.safe_dump(saved))
+    return [f"base_checkpoint={folder}", "model.backbone=resnet18"]
+
+
+def invalid_checkpoint_config(world: World, tmp_path: Path) -> list[str]:
+    folder = _copy_probe(world, tmp_path)
+    (folder / "config.yaml").write_text("finetune: [1, 2\n")
+    return [f"base_checkpoint={folder}"]
+
+
+def unknown_key_in_checkpoint_config(world: World, tmp_path: Path) -> list[str]:
+    folder = _copy_probe(world, tmp_path)
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    saved["finetune"]["alpah"] = 0.5
+    (folder / "config.yaml").write_text(yaml.safe_dump(saved))
+    return [f"base_checkpoint={folder}"]
+
+
+def corrupt_test_image(world: World, tmp_path: Path) -> list[str]:
+    """A copy of the dataset, read as CelebA, whose last test image is a truncated JPEG."""
+    root = tmp_path / "celeba"
+    shutil.copytree(world.root / "data", root)
+    partition = (root / "list_eval_partition.txt").read_text().split()
+    test_images = [name for name, split in zip(partition[::2], partition[1::2]) if split == "2"]
+    corrupt_jpeg(root / "img_align_celeba" / test_images[-1])
+    return ["data.name=celeba", f"data.root={root}"]
+
+
+def corrupt_train_image_in_a_worker(world: World, tmp_path: Path) -> list[str]:
+    """A copy of the dataset, read as CelebA by a DataLoader worker, whose first train image is truncated."""
+    root = tmp_path / "celeba"
+    shutil.copytree(world.root / "data", root)
+    partition = (root / "list_eval_partition.txt").read_text().split()
+    train_images = [name for name, split in zip(partition[::2], partition[1::2]) if split == "0"]
+    corrupt_jpeg(root / "img_align_celeba" / train_images[0])
+    return ["data.name=celeba", f"data.root={root}", "data.num_workers=1"]
+
+
+def base(world: World, tmp_path: Path) -> list[str]:
+    return [f"base_checkpoint={world.probe}"]
+
+
+def garbage_sqlite(world: World, tmp_path: Path) -> list[str]:
+    (tmp_path / "garbage.db").write_bytes(os.urandom(4096))
+    return [f"tracking.uri=sqlite:///{tmp_path / 'garbage.db'}"]
+
+
+def output_dir_is_a_file(world: World, tmp_path: Path) -> list[str]:
+    (tmp_path / "a_file").write_text("not a folder\n")
+    return [f"output_dir={tmp_path / 'a_file'}"]
+
+
+@dataclass
+class Case:
+    overrides: list[str]
+    message: str  # a regular expression the one error line must match
+    setup: Optional[Callable[[World, Path], list[str]]] = None  # more overrides, made in the row's tmp_path
+    env: dict[str, str] = field(default_factory=dict)
+    starts: bool = False  # the run starts and must stop: its folder keeps INCOMPLETE, its MLflow run FAILED
+
+
+CASES = {
+    # non-finite values: refused by the config, for any float key
+    "alpha_nan": Case(["finetune.alpha=.nan"], r"config key 'finetune\.alpha': nan is not a finite number"),
+    "lr_inf": Case(["finetune.lr=.inf"], r"config key 'finetune\.lr': inf is not a finite number"),
+    "eps_item_nan": Case(["finetune.eps=[0.01,.nan]"], r"config key 'finetune\.eps': nan is not a finite"),
+    # a diverging loss stops the run before its model is saved or reported (stage 1 and stage 3)
+    "base_diverges": Case(["base.lr=1e30"], r"base epoch 1: .*training diverged.*lower base\.lr \(now 1e\+30\)",
+                          starts=True),
+    "finetune_diverges": Case(["finetune.lr=1e30"], r"finetune epoch 1: .*training diverged.*lower finetune\.lr",
+                              setup=base, starts=True),
+    # a batch larger than the train split would train nothing (the loaders drop the last batch)
+    "base_batch_too_big": Case(["base.batch_size=85"], r"'base\.batch_size': 85 is larger than the train split "
+                                                       r"\(84 images\).*set base\.batch_size <= 84"),
+    "finetune_batch_too_big": Case(["finetune.batch_size=1000"], r"'finetune\.batch_size': 1000 is larger", setup=base),
+    # an ASAC row without an ε > 0 is plain fine-tuning
+    "eps_empty": Case(["finetune.eps=[]"], r"'finetune\.eps': \[\] holds no ε > 0"),
+    "eps_only_zero": Case(["finetune.eps=[0]"], r"'finetune\.eps': \[0\.0\] holds no ε > 0"),
+    # a corrupt test image is found before training, not after it
+    "corrupt_test_image": Case([], r"cannot decode image .*\.jpg .*on_bad_image='skip'", setup=corrupt_test_image),
+    "corrupt_train_image_in_a_worker": Case([], r"^error: cannot decode image .*\.jpg .*on_bad_image='skip'$",
+                                            setup=corrupt_train_image_in_a_worker, starts=True),
+    # a base checkpoint must match what a base fixes, and be intact
+    "base_other_target": Case(["data.target=Big_Nose"], r"trained with data\.target=Smiling but this run has "
+                                                         r"data\.target=Big_Nose; set data\.target=Smiling", setup=base),
+    "base_other_protected": Case(["data.protected=Eyeglasses"], r"data\.protected=Male but", setup=base),
+    "base_other_size": Case(["data.image_size=48"], r"data\.image_size=32 but this run has data\.image_size=48",
+                            setup=base),
+    "base_other_backbone": Case(["model.backbone=resnet18"], r"model\.backbone=small_cnn but", setup=base),
+    "truncated_weights": Case([], r"checkpoint weights .*model\.safetensors' cannot be read", setup=truncated_weights),
+    "weights_of_other_backbone": Case([], r"do not fit a resnet18, the backbone its config\.yaml names",
+                                      setup=other_backbone),
+    "invalid_checkpoint_yaml": Case([], r"checkpoint config .*config\.yaml' is invalid",
+                                    setup=invalid_checkpoint_config),
+    "checkpoint_yaml_unknown_key": Case([], r"is invalid \(unknown config key 'finetune\.alpah'",
+                                        setup=unknown_key_in_checkpoint_config),
+    # tracking: fail fast, before any data or training
+    "server_unreachable": Case([], r"MLflow tracking server http://127\.0\.0\.1:9 \(\$MLFLOW_TRACKING_URI\) is "
+                                   r"unreachable", env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}),
+    "unknown_uri_scheme": Case(["tracking.uri=foo://bar"], r"MLflow tracking store foo://bar \(tracking\.uri\) "
+                                                           r"cannot be used"),
+    "garbage_sqlite": Case([], r"garbage\.db \(tracking\.uri\) cannot be used: .*file is not a database",
+                           setup=garbage_sqlite),
+    "output_dir_is_a_file": Case([], r"config key 'output_dir': .*a_file' is an existing file",
+                                 setup=output_dir_is_a_file),
+    # names and numbers the config refuses
+    "experiment_empty": Case(["experiment="], r"config key 'experiment': '' is not a plain folder name"),
+    "experiment_outside": Case(["experiment=../x"], r"config key 'experiment': '\.\./x' is not a plain folder name"),
+    "seed_negative": Case(["seed=-1"], r"config key 'seed': -1 is out of range"),
+    "synthetic_seed_negative": Case(["data.synthetic_seed=-1"], r"config key 'data\.synthetic_seed': -1 is out"),
+    "grad_clip_zero": Case(["grad_clip=0"], r"config key 'grad_clip': must be > 0"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_line_and_changes_nothing(name, world, tmp_path):
+    case = CASES[name]
+    overrides = [f"data.root={world.root / 'data'}", f"output_dir={world.root / 'runs'}", *TINY,
+                 f"experiment=case_{name}", *case.overrides, *(case.setup(world, tmp_path) if case.setup else [])]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])), **case.env)
+    before = _snapshot(world)
+    proc = subprocess.run([sys.executable, "-m", "distributed_asac.finetune", "--config",
+                           str(REPO / "configs" / "smoke.yaml"), *overrides],
+                          cwd=world.root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    assert re.search(case.message, lines[0]), lines[0]
+    files, runs = _snapshot(world)
+    assert {p: h for p, h in files.items() if p in before[0]} == before[0]  # nothing earlier changed or went
+    assert {r: v for r, v in runs.items() if r in before[1]} == before[1]
+    new_files = sorted(set(files) - set(before[0]))
+    new_runs = [runs[r] for r in set(runs) - set(before[1])]
+    assert not (world.root / "x").exists() and not (world.root.parent / "x").exists()
+    if case.starts:  # the stopped run keeps its marker and is FAILED in MLflow; no checkpoint was written
+        assert [p.name for p in new_files if p.name in (pipeline.INCOMPLETE, "model.safetensors")] == ["INCOMPLETE"]
+        assert [status for status, *_ in new_runs] == ["FAILED"]
+    else:  # refused before any run folder or MLflow run
+        assert new_files == [] and new_runs == []
+
+
+def test_sweep_with_an_unreachable_tracking_server_stops_before_its_parent_run(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "tune/sweep.py", "--config", "configs/sweeps/smoke.yaml",
+                           "tracking.uri=http://127.0.0.1:9", f"output_dir={tmp_path / 'runs'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and re.match(r"error: MLflow tracking server http://127\.0\.0\.1:9 \(the sweep's "
+                                        r"tracking URI\) is unreachable", lines[0]), proc.stderr[-3000:]
+    assert not (tmp_path / "runs").exists()  # no sweep folder, no data, no base

@@ -1,0 +1,96 @@
+"""What every entry point shares: --help generated from the config dataclasses, provenance tags on every
+MLflow run, and logging configured on the main rank only."""
+
+import logging
+import subprocess
+import sys
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from distributed_asac import logs
+from distributed_asac.config import Config, describe_keys, load_config
+from distributed_asac.data.lfw import LFW
+from distributed_asac.tracking import Tracker
+from tests.fixtures import write_lfw_fixture
+
+
+def test_every_config_key_has_a_meaning():
+    rows = describe_keys()
+    keys = [key for key, kind, _, _ in rows if kind != "section"]
+    assert set(keys) == set(Config().flat())
+    assert not [key for key, _, _, meaning in rows if not meaning], "add a trailing # comment to these fields"
+    by_key = {key: (kind, default, meaning) for key, kind, default, meaning in rows}
+    assert by_key["finetune.alpha"] == ("float", 0.5, "weight of the clean term in α·CE(x) + (1 − α)·CE(x')")
+    assert by_key["base.epochs"][1] == 8 and by_key["probe.epochs"][1] == 3  # defaults of the instance, not the class
+    assert by_key["model.weights"][0] == "str|null"
+    assert "[fgsm | pgd]" in by_key["finetune.attack"][2]  # valid names come from the registry
+
+
+@pytest.mark.parametrize("module", ["distributed_asac.finetune", "distributed_asac.demo"])
+def test_help_lists_every_key_with_type_and_default(module):
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith("  ") and line.split()}
+    for key, value in Config().flat().items():
+        assert key in lines, key
+        shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        assert f"= {shown} " in lines[key] or lines[key].rstrip().endswith(f"= {shown}"), lines[key]
+
+
+def test_every_mlflow_run_carries_its_provenance(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "experiment=prov"])
+    with Tracker(cfg, "stage", active=True, tags={"stage": "base"}) as tracker:
+        pass
+    tags = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(tracker.run_id).data.tags
+    assert tags["stage"] == "base" and tags["world_size"] == "3"
+    assert len(tags["git_commit"]) == 40 and tags["git_dirty"] in ("true", "false")  # the tests run from a checkout
+    assert tags["mlflow.source.git.commit"] == tags["git_commit"]
+    assert tags["user"] and tags["host"] and sys.executable in tags["command"]
+
+
+@pytest.fixture()
+def package_loggers():
+    """Restore the package loggers after a test that configures them."""
+    saved = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).level,
+                    logging.getLogger(name).propagate) for name in logs.LOGGERS}
+    yield
+    for name, (handlers, level, propagate) in saved.items():
+        logger = logging.getLogger(name)
+        logger.handlers, logger.level, logger.propagate = handlers, level, propagate
+
+
+@pytest.mark.parametrize("rank, shown", [("0", True), ("1", False)])
+def test_lfw_join_counts_are_logged_on_the_main_rank_only(rank, shown, tmp_path, monkeypatch, capsys,
+                                                          package_loggers):
+    monkeypatch.setenv("RANK", rank)
+    fixture = write_lfw_fixture(tmp_path / "lfw")
+    logs.setup_logging()
+    logs.setup_logging()  # idempotent: still one line per record
+    LFW(fixture.root, "train", "Smiling", "Male", split_file=tmp_path / "split.json")
+    logging.getLogger("distributed_asac.data.cache").warning("a warning")
+    out, err = capsys.readouterr()
+    joins = [line for line in out.splitlines() if line.startswith("LFW ") and "without" in line]
+    assert len(joins) == (1 if shown else 0), out
+    assert err == "a warning\n"  # warnings on every rank, on stderr
+
+
+def test_sweep_resume_does_not_swallow_an_override(tmp_path):
+    from tune.sweep import parse_args
+
+    args = parse_args(["--config", "s.yaml", "--resume", "seed=1", "finetune.epochs=2"])
+    assert args.resume == "latest" and args.overrides == ["seed=1", "finetune.epochs=2"]
+    folder = tmp_path / "a=b"
+    folder.mkdir()
+    assert parse_args(["--config", "s.yaml", "--resume", str(folder)]).resume == str(folder)  # a real folder stays
+
+
+def test_the_sweep_parent_run_carries_provenance(tmp_path):
+    from tune import mlflow_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = mlflow_runs.start_parent(uri, "sweeps", "smoke", tags={"sweep_dir": "x"}, params={"trials": 1})
+    tags = MlflowClient(uri).get_run(run_id).data.tags
+    assert tags["sweep_dir"] == "x" and len(tags["git_commit"]) == 40 and tags["world_size"]
