@@ -33,7 +33,7 @@ from .report import ROW_ORDER, format_table, plot_ig_figure, plot_robustness
 from .runtime import make_accelerator, seed_everything, zero_stage
 from .stats import bootstrap_interval
 from .stages import train_stage
-from .tracking import Tracker, check_store
+from .tracking import Tracker, check_store, close_killed_runs, marker_text
 
 INCOMPLETE = "INCOMPLETE"  # in a run folder until its run finishes: a killed or failed run keeps it
 
@@ -55,8 +55,7 @@ def new_run_dir(cfg: Config, accelerator: Accelerator, run_dir: Optional[Path] =
         run_dir = Path(path[0])
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True)
-        (run_dir / INCOMPLETE).write_text("this run has not finished (still running, killed or failed); "
-                                          "the file is removed when it finishes\n")
+        (run_dir / INCOMPLETE).write_text(marker_text())
         save_config(cfg, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
     return run_dir
@@ -69,7 +68,8 @@ def mark_finished(run_dir: Path) -> None:
 
 def preflight(cfg: Config, accelerator: Accelerator) -> None:
     """Refuse, before any data or training, an output_dir that cannot hold run folders and a tracking store
-    that cannot be used. The main process checks; every rank raises the same one-line error."""
+    that cannot be used (then mark KILLED the runs of this experiment whose process was killed). The main
+    process checks; every rank raises the same one-line error."""
     problem: list[Optional[str]] = [None]
     if accelerator.is_main_process:
         try:
@@ -80,6 +80,7 @@ def preflight(cfg: Config, accelerator: Accelerator) -> None:
                                         "set output_dir to a folder (it is created if missing)")
                     break
             check_store(cfg)
+            close_killed_runs(cfg, INCOMPLETE)
         except UserError as err:
             problem = [str(err)]
     if accelerator.num_processes > 1:

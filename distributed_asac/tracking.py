@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import getpass
+import logging
 import math
 import os
 import shlex
@@ -112,6 +113,55 @@ def provenance() -> dict[str, str]:
     return {"git_commit": commit, "git_dirty": dirty, "mlflow.source.git.commit": commit, "user": user,
             "mlflow.user": user, "command": shlex.join([sys.executable, *sys.argv])[:5000], "host": socket.gethostname(),
             "world_size": os.environ.get("WORLD_SIZE", "1")}  # set by every launcher (accelerate, torchrun)
+
+
+def marker_text() -> str:
+    """What a run folder's INCOMPLETE marker says: whose run it is, for `close_killed_runs`."""
+    return (f"this run has not finished (still running, killed or failed): pid {os.getpid()} on "
+            f"{socket.gethostname()}; the file is removed when the run finishes\n")
+
+
+def close_killed_runs(cfg: Config, marker: str) -> list[str]:
+    """Mark KILLED the MLflow runs still RUNNING whose run folder (<output_dir>/<experiment>/*) keeps its
+    `marker` and whose process, on this host, is gone: a killed run cannot mark itself. Returns their run ids.
+    Runs of other hosts, of live processes or without a readable marker are left alone; a failure here is a
+    warning, never a reason to stop the new run."""
+    if not cfg.tracking.enabled:
+        return []
+    import re
+
+    dead = set()
+    for path in (Path(cfg.output_dir) / cfg.experiment).glob(f"*/{marker}"):
+        found = re.search(r"pid (\d+) on (\S+);", path.read_text(errors="replace"))
+        if found and found.group(2) == socket.gethostname() and not _alive(int(found.group(1))):
+            dead.add(str(path.parent))
+    if not dead:
+        return []
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri(cfg))
+        experiment = client.get_experiment_by_name(cfg.experiment)
+        runs = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'") if experiment else []
+        killed = [r.info.run_id for r in runs if r.data.tags.get("run_dir") in dead]
+        for run_id in killed:
+            client.set_terminated(run_id, status="KILLED")
+    except Exception as err:  # noqa: BLE001 - housekeeping of earlier runs must not stop this one
+        logging.getLogger(__name__).warning("could not mark killed MLflow runs: %s", err)
+        return []
+    if killed:
+        logging.getLogger(__name__).info("marked %d MLflow run(s) of killed processes KILLED", len(killed))
+    return killed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 class Tracker:

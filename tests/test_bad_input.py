@@ -230,3 +230,28 @@ def test_sweep_with_an_unreachable_tracking_server_stops_before_its_parent_run(t
     assert len(lines) == 1 and re.match(r"error: MLflow tracking server http://127\.0\.0\.1:9 \(the sweep's "
                                         r"tracking URI\) is unreachable", lines[0]), proc.stderr[-3000:]
     assert not (tmp_path / "runs").exists()  # no sweep folder, no data, no base
+
+
+def test_a_killed_run_is_marked_killed_by_the_next_run_and_others_are_left_alone(tmp_path):
+    """A killed process cannot end its MLflow run: the next run of the experiment on this host does, for run
+    folders whose INCOMPLETE marker names a dead process. Live processes and other hosts are left alone."""
+    from distributed_asac.tracking import Tracker, close_killed_runs, marker_text
+
+    cfg = load_config(None, [f"output_dir={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                             "experiment=killed"])
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)  # a process that has exited
+    runs = {}
+    for name, text in (("dead", marker_text().replace(f"pid {os.getpid()} ", f"pid {dead_pid} ")),
+                       ("alive", marker_text()),
+                       ("elsewhere", f"pid {dead_pid} on another-host; the file is removed when the run finishes")):
+        folder = Path(cfg.output_dir) / cfg.experiment / name
+        folder.mkdir(parents=True)
+        (folder / pipeline.INCOMPLETE).write_text(text)
+        tracker = Tracker(cfg, name, active=True, tags={"run_dir": str(folder)}).__enter__()  # never exited
+        runs[name] = tracker.run_id
+    assert close_killed_runs(cfg, pipeline.INCOMPLETE) == [runs["dead"]]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert {name: client.get_run(run_id).info.status for name, run_id in runs.items()} == {
+        "dead": "KILLED", "alive": "RUNNING", "elsewhere": "RUNNING"}
+    assert close_killed_runs(cfg, pipeline.INCOMPLETE) == []  # once
