@@ -122,8 +122,9 @@ def marker_text() -> str:
 
 
 def close_killed_runs(cfg: Config, marker: str) -> list[str]:
-    """Mark KILLED the MLflow runs still RUNNING whose run folder (<output_dir>/<experiment>/*) keeps its
-    `marker` and whose process, on this host, is gone: a killed run cannot mark itself. Returns their run ids.
+    """Mark KILLED the MLflow runs still RUNNING whose run folder (<output_dir>/<experiment>/*, or a comparison's
+    seed_<s> folder in it) keeps its `marker` and whose process, on this host, is gone: a killed run cannot mark
+    itself. Returns their run ids.
     Runs of other hosts, of live processes or without a readable marker are left alone; a failure here is a
     warning, never a reason to stop the new run."""
     if not cfg.tracking.enabled:
@@ -131,7 +132,8 @@ def close_killed_runs(cfg: Config, marker: str) -> list[str]:
     import re
 
     dead = set()
-    for path in (Path(cfg.output_dir) / cfg.experiment).glob(f"*/{marker}"):
+    runs_dir = Path(cfg.output_dir) / cfg.experiment
+    for path in [*runs_dir.glob(f"*/{marker}"), *runs_dir.glob(f"*/seed_*/{marker}")]:  # runs; a comparison's seeds
         found = re.search(r"pid (\d+) on (\S+);", path.read_text(errors="replace"))
         if found and found.group(2) == socket.gethostname() and not _alive(int(found.group(1))):
             dead.add(str(path.parent))
