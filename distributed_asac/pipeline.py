@@ -133,7 +133,7 @@ def train_base_and_probe(cfg: Config, splits: Splits, accelerator: Accelerator, 
             model = train_stage(stage, model, splits, cfg, accelerator, tracker, run_dir / stage / "state")
             results[stage] = finish_model(stage, model, cfg, splits, accelerator, tracker, run_dir / stage)
         state.finish(stage, results[stage], accelerator)
-        failpoint("pipeline.between_stages", finished=stage)
+        failpoint("pipeline.between_stages", finished=stage, seed=cfg.seed)
     return model, results
 
 
@@ -160,7 +160,7 @@ def run_finetune(cfg: Config, base: TwoHeadModel, splits: Splits, accelerator: A
                                   run_dir / name / "state")
         report = finish_model(name, model, cfg, splits, accelerator, tracker, run_dir / name, extra=summary)
     state.finish(name, report, accelerator)
-    failpoint("pipeline.between_stages", finished=name)
+    failpoint("pipeline.between_stages", finished=name, seed=cfg.seed)
     return name, report
 
 

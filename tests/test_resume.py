@@ -176,6 +176,52 @@ def test_two_process_run_killed_in_stage_3_resumes_to_the_same_results(tmp_path,
     _same_outputs(resumed, expected, ["asac_fgsm"])
 
 
+@pytest.mark.slow
+def test_killed_comparison_skips_finished_seeds_and_resumes_the_unfinished_one(tmp_path, data):
+    """The demo over seeds [0, 1], killed in seed 1 between stages 2 and 3: seed 0 is read back, seed 1 resumed,
+    and the comparison (per seed, aggregate, paired) equals an uninterrupted one. Three demo launches of two
+    seeds each: 70 s on a quiet moment of this 2-core machine, several minutes under load, hence slow."""
+    def command(out: Path) -> list[str]:
+        overrides = [o for o in _overrides(data, out) if not o.startswith("output_dir")]
+        return [sys.executable, "-m", "distributed_asac.demo", "--config", str(REPO / "configs" / "smoke.yaml"),
+                "--rows", "asac_fgsm", *overrides, f"output_dir={out / 'runs'}", "seeds=[0,1]"]
+
+    folders = {}
+    for name in ("uninterrupted", "killed"):
+        out = tmp_path / name
+        (out / "pauses").mkdir(parents=True)
+        point = "pipeline.between_stages:finished=probe,seed=1"
+        env = _env(out / "pauses", point if name == "killed" else None)
+        with (out / "log").open("w") as log:
+            proc = subprocess.Popen(command(out), cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            deadline = time.monotonic() + WAIT_S
+            while name == "killed" and not list((out / "pauses").glob("pipeline.between_stages.*.reached")):
+                assert proc.poll() is None, (out / "log").read_text()[-3000:]
+                assert time.monotonic() < deadline
+                time.sleep(0.05)  # polls the file the run writes; no timing assumed
+            if name == "killed":
+                os.killpg(proc.pid, signal.SIGKILL)
+            assert proc.wait(timeout=WAIT_S) == (-signal.SIGKILL if name == "killed" else 0)
+        folders[name] = _run_folder(out)
+    killed = folders["killed"]
+    assert (killed / INCOMPLETE).is_file() and not (killed / "seed_0" / INCOMPLETE).exists()
+    assert (killed / "seed_1" / INCOMPLETE).is_file()
+    proc = subprocess.run([*command(tmp_path / "killed"), "resume=latest"], cwd=tmp_path / "killed", env=_env(),
+                          capture_output=True, text=True, timeout=WAIT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "=== seed 0" not in proc.stdout and "=== seed 1" in proc.stdout and "base epoch" not in proc.stdout
+    assert not (killed / INCOMPLETE).exists()
+    for file in ("results.json", "table.md"):
+        assert (killed / file).read_text() == (folders["uninterrupted"] / file).read_text(), file
+    for seed in ("seed_0", "seed_1"):
+        _same_outputs(killed / seed, folders["uninterrupted"] / seed, ["base", "probe", "asac_fgsm"])
+    client = MlflowClient(f"sqlite:///{tmp_path / 'killed' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert sorted(r.info.run_name for r in runs) == sorted(["comparison", *EPOCHS, *EPOCHS])  # no duplicates
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+
 def _fake_run(tmp_path: Path, *overrides: str) -> tuple[Path, list[str]]:
     """A resumable-looking run folder (what pipeline.run writes first), without training anything."""
     base = [f"output_dir={tmp_path / 'runs'}", f"experiment={EXPERIMENT}", *overrides]
