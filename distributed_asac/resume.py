@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import Config, config_from_dict
 from .errors import UserError
+from .failpoints import failpoint
 
 INCOMPLETE = "INCOMPLETE"  # marker of a run folder whose run has not finished (killed, failed or running)
 STATE = "state.json"
@@ -171,6 +172,7 @@ def save_training_state(accelerator: Accelerator, folder: Optional[Path], epoch:
         (tmp / "extra.json").write_text(json.dumps({"epoch": epoch, **meta}, allow_nan=True))
     accelerator.wait_for_everyone()
     if main:
+        failpoint("state.before_rename", stage=folder.parent.name, epoch=epoch)  # a kill here keeps the previous state
         os.replace(tmp, final)  # the new state exists whole or not at all
         for old in folder.glob("epoch_*"):
             if old != final:

@@ -140,12 +140,18 @@ def reference(tmp_path_factory, data) -> Path:
     ("stage.epoch_end:stage=base,epoch=1", "base epoch 2:"),  # in stage 1, after its first epoch's state is saved
     ("finetune.step:epoch=2,step=3", "finetune epoch 2:"),  # in stage 3 mid-epoch: epoch 2 restarts from its start
     ("pipeline.between_stages:finished=probe", "finetune epoch 1:"),  # stages 1-2 finished, stage 3 not begun
+    # during the save of stage 3's last epoch, its files written but not yet renamed into place: the previous
+    # epoch's state is the newest whole one, and the last epoch is redone
+    ("state.before_rename:stage=asac_fgsm,epoch=2", "finetune epoch 2:"),
 ])
 def test_killed_run_resumes_to_the_same_results(point, first_epoch, tmp_path, data, reference):
     overrides = _overrides(data, tmp_path)
     _kill_at(tmp_path, overrides, point)
     killed = _run_folder(tmp_path)
     assert (killed / INCOMPLETE).is_file()
+    if point.startswith("state.before_rename"):
+        saved = sorted(p.name for p in (killed / "asac_fgsm" / "state").iterdir())
+        assert saved == [".epoch_0002.tmp", "epoch_0001"]
     proc = _run(tmp_path, [*overrides, "resume=latest"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resuming {killed}" in proc.stdout
