@@ -182,11 +182,10 @@ def test_two_process_run_killed_in_stage_3_resumes_to_the_same_results(tmp_path,
     _same_outputs(resumed, expected, ["asac_fgsm"])
 
 
-@pytest.mark.slow
 def test_killed_comparison_skips_finished_seeds_and_resumes_the_unfinished_one(tmp_path, data):
     """The demo over seeds [0, 1], killed in seed 1 between stages 2 and 3: seed 0 is read back, seed 1 resumed,
     and the comparison (per seed, aggregate, paired) equals an uninterrupted one. Three demo launches of two
-    seeds each: 70 s on a quiet moment of this 2-core machine, several minutes under load, hence slow."""
+    seeds each: 40-70 s on this 2-core machine (under 2 minutes: not marked slow)."""
     def command(out: Path) -> list[str]:
         overrides = [o for o in _overrides(data, out) if not o.startswith("output_dir")]
         return [sys.executable, "-m", "distributed_asac.demo", "--config", str(REPO / "configs" / "smoke.yaml"),
