@@ -7,6 +7,9 @@
 For each seed: stages 1–2, then every row fine-tuned from that seed's base with the same random state
 (`pipeline.run`). MLflow: one parent run per invocation (tag `stage=comparison`) holding the aggregate
 metrics, the table and the plot; every per-seed, per-row run is nested under it.
+
+`resume=latest` (or a comparison folder) continues a killed comparison: finished seeds are read back from
+their `seed_<s>/results.json`, the unfinished one continues where it stopped (pipeline.run), the rest run.
 """
 
 from __future__ import annotations
@@ -15,16 +18,19 @@ import csv
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 from .config import Config
 from .metrics import HEADLINE
-from .pipeline import mark_finished, new_run_dir, run
+from .pipeline import new_run_dir, run
 from .report import ROW_ORDER, format_paired, format_table, plot_paired
+from .resume import INCOMPLETE, STATE, RunState, find_run, mark_complete, mark_incomplete
 from .runtime import make_accelerator
 from .stats import Interval, paired_bootstrap, paired_difference, t_interval
 from .tracking import Tracker
@@ -130,21 +136,48 @@ def compare(cfg: Config, variants: Optional[list[dict]] = None,
     """The whole comparison once per seed of `cfg.seeds` (or `cfg.seed`), then its summary and verdicts."""
     accelerator = accelerator or make_accelerator()
     seeds = list(cfg.seeds or [cfg.seed])
-    run_dir = new_run_dir(cfg, accelerator)
+    if cfg.resume:
+        run_dir = find_run(cfg, "comparison")
+        cfg = dataclasses.replace(cfg, resume=None)
+        state = RunState.load(run_dir, "comparison", variants, accelerator)
+        if accelerator.is_main_process:
+            mark_incomplete(run_dir)  # the marker names this process now
+    else:
+        run_dir = new_run_dir(cfg, accelerator)
+        state = RunState.create(run_dir, "comparison", variants, accelerator)
     tags = {"run_dir": str(run_dir), "stage": "comparison", "seeds": ",".join(map(str, seeds))}
-    with Tracker(cfg, "comparison", accelerator.is_main_process, tags) as tracker:
+    with Tracker(cfg, "comparison", accelerator.is_main_process, tags, state.run_id("comparison")) as tracker:
+        state.record_run("comparison", tracker.run_id)
         per_seed = {}
         for seed in seeds:
+            folder = run_dir / f"seed_{seed}"
+            status = [_seed_status(folder) if accelerator.is_main_process else None]
+            broadcast_object_list(status)  # the main process's view: ranks must agree
+            if status[0] == "finished":  # the position in the seed list: finished seeds are not run again
+                per_seed[seed] = json.loads((folder / "results.json").read_text())
+                continue
             if accelerator.is_main_process:
                 print(f"\n=== seed {seed} ({seeds.index(seed) + 1} of {len(seeds)}) ===", flush=True)
             out = run(dataclasses.replace(cfg, seed=seed), variants, accelerator, parent_run_id=tracker.run_id,
-                      run_dir=run_dir / f"seed_{seed}")
+                      run_dir=folder, resume=status[0] == "unfinished")
             per_seed[seed] = out.results
         result = ComparisonOutput(run_dir, seeds, per_seed, aggregate(per_seed), [])
         if accelerator.is_main_process:
             result.paired = paired(per_seed, run_dir)
             text = write_comparison(result, cfg, tracker)
-            mark_finished(run_dir)
             print(f"\n{text}\n\nresults: {run_dir}/results.json  (MLflow experiment {cfg.experiment!r}, "
                   f"parent run {tracker.run_id})")
+            mark_complete(run_dir)
+    accelerator.wait_for_everyone()
     return result
+
+
+def _seed_status(folder: Path) -> str:
+    """new (not begun), unfinished (a pipeline run to resume) or finished (its results.json is final)."""
+    if (folder / INCOMPLETE).is_file() and (folder / STATE).is_file():
+        return "unfinished"
+    if folder.is_dir() and not (folder / INCOMPLETE).is_file() and (folder / "results.json").is_file():
+        return "finished"
+    if folder.exists():  # killed while its folder was being made, before anything ran: start it afresh
+        shutil.rmtree(folder)
+    return "new"

@@ -102,6 +102,7 @@ class Config:
     seeds: Optional[list[int]] = None  # the comparison (python -m distributed_asac.demo) runs once per seed; None: [seed]
     output_dir: str = "runs"  # run folders go to <output_dir>/<experiment>/<timestamp>
     base_checkpoint: Optional[str] = None  # a folder written by stages 1–2; None: train them first
+    resume: Optional[str] = None  # "latest" (newest unfinished run of the experiment) or a run folder: continue it
     grad_clip: float = 1.0  # max gradient norm of every step (> 0)
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam β1, β2
     adam_eps: float = 1e-8  # Adam ε

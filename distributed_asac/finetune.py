@@ -17,6 +17,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -37,6 +38,7 @@ from .losses import asac_loss, plain_loss
 from .metrics import HEADLINE
 from .models import TwoHeadModel, set_trainable
 from .registry import Registry
+from .resume import load_training_state, save_training_state
 from .runtime import adam, check_finite
 
 # Names the phases of a step in torch.profiler traces (benchmarks/bench_step.py); about a microsecond each
@@ -275,14 +277,17 @@ def balanced_subset(dataset, seed: int = 0) -> Optional[Subset]:
 
 
 def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator: Accelerator, tracker,
-             generator: torch.Generator) -> tuple[TwoHeadModel, dict[str, float]]:
+             generator: torch.Generator, state_dir: Optional[Path] = None) -> tuple[TwoHeadModel, dict[str, float]]:
     """Stage 3 in place on `model` (θ and ρ); returns it (under ZeRO-3 a fresh whole copy: see `whole_model`)
     and a summary of the epochs. φ stays frozen.
 
     After every epoch (and once before the first) the model is evaluated on valid and on its balanced
     subset; `finetune.select` says which epoch is kept. The summary holds `selected_epoch` and
     `balanced_valid_DEO_swing`, the mean |DEO_e − DEO_(e−1)| on the balanced subset over consecutive
-    epochs (epoch 0 is the starting model): how much the fairness of the model jumps between epochs."""
+    epochs (epoch 0 is the starting model): how much the fairness of the model jumps between epochs.
+
+    With `state_dir`, the full training state (with `generator`) is saved there at every epoch end, and a
+    state found there is resumed: the epoch after it restarts from its saved start (resume.py)."""
     from .evaluate import evaluate
 
     ft = cfg.finetune
@@ -315,17 +320,24 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
             return dict.fromkeys(HEADLINE, math.nan)
         return evaluate(accelerator, model, balanced, ft.batch_size, num_workers=cfg.data.num_workers).report()
 
-    deo_history = [evaluate_balanced()["DEO"]]
-    best_score, best_state, selected = -1.0, None, ft.epochs
-    for epoch in range(ft.epochs):
+    resumed = load_training_state(accelerator, state_dir, loader, generator)
+    if resumed is None:
+        deo_history = [evaluate_balanced()["DEO"]]
+        best_score, best_state, selected, first_epoch = -1.0, None, ft.epochs, 0
+    else:
+        (meta, best), first_epoch = resumed, resumed[0]["epoch"]
+        deo_history, best_score, selected = meta["deo_history"], meta["best_score"], meta["selected"]
+        best_state = best or None
+    for epoch in range(first_epoch, ft.epochs):
         diagnostics = Diagnostics(len(eps), accelerator.device)
         ctx = StepContext(ft, eps, attacked, model, generator, diagnostics)
         start = time.perf_counter()
         bar = tqdm(loader, desc=f"finetune epoch {epoch + 1}/{ft.epochs}", leave=False,
                    disable=True if not accelerator.is_main_process else None)  # None: off when not a terminal
-        for x, y, a, _ in bar:
+        for step, (x, y, a, _) in enumerate(bar, 1):
             terms = train_minibatch(mode, ctx, wrapped, optimizer, accelerator, x, y, a, cfg.grad_clip)
             bar.set_postfix(loss=f"{terms['loss'].item():.3f}")
+            failpoint("finetune.step", epoch=epoch + 1, step=step)
         metrics = diagnostics.summary(accelerator, eps, time.perf_counter() - start)
         check_finite(f"finetune epoch {epoch + 1}", metrics.get("loss", 0.0), model, "finetune.lr", ft.lr)
         valid = evaluate(accelerator, model, valid_set, ft.batch_size, num_workers=cfg.data.num_workers).report()
@@ -341,6 +353,9 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
                                              "balanced_valid_DEO", "images_per_s")
                      if k in metrics}
             tqdm.write(f"finetune epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+        save_training_state(accelerator, state_dir, epoch + 1,
+                            {"deo_history": deo_history, "best_score": best_score, "selected": selected},
+                            best_state or {}, loader, generator)
         failpoint("finetune.epoch_end", epoch=epoch + 1)
     accelerator.free_memory()
     steps = [abs(after - before) for before, after in zip(deo_history, deo_history[1:])]

@@ -3,7 +3,8 @@
 Run folder: `<output_dir>/<experiment>/<timestamp>/` holding `base/`, `probe/` (stages 1–2) and one folder
 per fine-tuned model, each with `results.json`, `predictions.csv`, `model.safetensors` and `config.yaml`,
 plus the run's merged `results.json` and `table.md`. A new folder per invocation: a failed or repeated run
-never overwrites a finished one.
+never overwrites a finished one. `resume=latest` or `resume=<run folder>` continues a killed run in its own
+folder and MLflow runs instead, skipping finished stages (resume.py).
 """
 
 from __future__ import annotations
@@ -22,26 +23,26 @@ from accelerate.utils import broadcast_object_list, gather_object
 from safetensors.torch import load_file, save_file
 
 from .analysis import analyse, figure_indices, ig_maps
-from .checkpoint import load_checkpoint, save_checkpoint, whole_state_dict
+from .checkpoint import WEIGHTS, load_checkpoint, save_checkpoint, whole_state_dict
 from .config import Config, check_batch_sizes, save_config
 from .data.build import Splits, build_splits
 from .errors import UserError
 from .evaluate import evaluate, write_results
+from .failpoints import failpoint
 from .finetune import finetune, model_name
 from .models import TwoHeadModel, create_model
 from .report import ROW_ORDER, format_table, plot_ig_figure, plot_robustness
+from .resume import INCOMPLETE, RunState, find_run, mark_complete, mark_incomplete
 from .runtime import make_accelerator, seed_everything, zero_stage
 from .stats import bootstrap_interval
 from .stages import train_stage
-from .tracking import Tracker, check_store, close_killed_runs, marker_text
-
-INCOMPLETE = "INCOMPLETE"  # in a run folder until its run finishes: a killed or failed run keeps it
+from .tracking import Tracker, check_store, close_killed_runs
 
 
 def new_run_dir(cfg: Config, accelerator: Accelerator, run_dir: Optional[Path] = None) -> Path:
     """A fresh `<output_dir>/<experiment>/<timestamp>` chosen by the main process and shared with all ranks
     (or `run_dir` itself when the caller chose it: a comparison's per-seed folder), holding the resolved
-    config and an INCOMPLETE marker until `mark_finished`."""
+    config and an INCOMPLETE marker until its run finishes (resume.py)."""
     if run_dir is None:
         name = [time.strftime("%Y%m%d-%H%M%S")]
         broadcast_object_list(name)
@@ -55,15 +56,10 @@ def new_run_dir(cfg: Config, accelerator: Accelerator, run_dir: Optional[Path] =
         run_dir = Path(path[0])
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True)
-        (run_dir / INCOMPLETE).write_text(marker_text())
+        mark_incomplete(run_dir)
         save_config(cfg, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
     return run_dir
-
-
-def mark_finished(run_dir: Path) -> None:
-    """Remove the INCOMPLETE marker (main process): the run folder now holds a finished run."""
-    (run_dir / INCOMPLETE).unlink()
 
 
 def preflight(cfg: Config, accelerator: Accelerator) -> None:
@@ -164,14 +160,26 @@ def finish_model(name: str, model: TwoHeadModel, cfg: Config, splits: Splits, ac
 
 
 def train_base_and_probe(cfg: Config, splits: Splits, accelerator: Accelerator, run_dir: Path,
-                         tags: dict[str, str]) -> tuple[TwoHeadModel, dict[str, dict]]:
-    """Stages 1 and 2 from scratch; the model of `run_dir/probe` is the base checkpoint for stage 3."""
+                         tags: dict[str, str], state: RunState) -> tuple[TwoHeadModel, dict[str, dict]]:
+    """Stages 1 and 2 from scratch (or from where a killed attempt left them); the model of `run_dir/probe`
+    is the base checkpoint for stage 3. The model's initialisation and each stage after it start from the
+    random state `cfg.seed`, so a run resumed between stages draws the same numbers as one that was not."""
+    seed_everything(cfg.seed, accelerator)
     model = create_model(cfg.model.backbone, cfg.model.weights).to(accelerator.device)
     results = {}
     for stage in ("base", "probe"):
-        with Tracker(cfg, stage, accelerator.is_main_process, {**tags, "stage": stage}) as tracker:
-            model = train_stage(stage, model, splits, cfg, accelerator, tracker)
+        if state.finished(stage) is not None:  # a resumed run: this stage's model and report are on disk
+            results[stage] = state.finished(stage)
+            model.load_state_dict(load_file(str(run_dir / stage / WEIGHTS)))
+            continue
+        if stage != "base":
+            seed_everything(cfg.seed, accelerator)
+        with Tracker(cfg, stage, accelerator.is_main_process, {**tags, "stage": stage}, state.run_id(stage)) as tracker:
+            state.record_run(stage, tracker.run_id)
+            model = train_stage(stage, model, splits, cfg, accelerator, tracker, run_dir / stage / "state")
             results[stage] = finish_model(stage, model, cfg, splits, accelerator, tracker, run_dir / stage)
+        state.finish(stage, results[stage], accelerator)
+        failpoint("pipeline.between_stages", finished=stage, seed=cfg.seed)
     return model, results
 
 
@@ -192,13 +200,18 @@ def load_base(cfg: Config) -> TwoHeadModel:
 
 
 def run_finetune(cfg: Config, base: TwoHeadModel, splits: Splits, accelerator: Accelerator, run_dir: Path,
-                 generator: torch.Generator, tags: dict[str, str]) -> tuple[str, dict[str, object]]:
+                 generator: torch.Generator, tags: dict[str, str], state: RunState) -> tuple[str, dict[str, object]]:
     """Stage 3 on a copy of `base` per `cfg.finetune`, evaluated and logged as its own MLflow run."""
     name = model_name(cfg.finetune)
     model = copy.deepcopy(base).to(accelerator.device)
-    with Tracker(cfg, name, accelerator.is_main_process, {**tags, "stage": "finetune", "mode": cfg.finetune.mode}) as tracker:
-        model, summary = finetune(model, splits.train, splits.valid, cfg, accelerator, tracker, generator)
+    tags = {**tags, "stage": "finetune", "mode": cfg.finetune.mode}
+    with Tracker(cfg, name, accelerator.is_main_process, tags, state.run_id(name)) as tracker:
+        state.record_run(name, tracker.run_id)
+        model, summary = finetune(model, splits.train, splits.valid, cfg, accelerator, tracker, generator,
+                                  run_dir / name / "state")
         report = finish_model(name, model, cfg, splits, accelerator, tracker, run_dir / name, extra=summary)
+    state.finish(name, report, accelerator)
+    failpoint("pipeline.between_stages", finished=name, seed=cfg.seed)
     return name, report
 
 
@@ -220,35 +233,54 @@ class RunOutput:
 
 
 def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optional[Accelerator] = None,
-        parent_run_id: Optional[str] = None, run_dir: Optional[Path] = None) -> RunOutput:
+        parent_run_id: Optional[str] = None, run_dir: Optional[Path] = None, resume: bool = False) -> RunOutput:
     """Stages 1–2 (or the base checkpoint), then stage 3 once per variant of `cfg.finetune` (default: the
     config's own), all on one Accelerator. Every model is one MLflow run, nested under `parent_run_id` if
     given (a sweep's or a comparison's parent run). Each fine-tune starts from the same base weights AND
-    the same random state (`cfg.seed`), so rows differ only by their method: paired comparisons are fair."""
+    the same random state (`cfg.seed`), so rows differ only by their method: paired comparisons are fair.
+
+    `cfg.resume` (or `resume=True` with the `run_dir` of an unfinished run, as a resumed comparison passes)
+    continues that run in its folder and MLflow runs: finished stages are skipped, an unfinished one
+    continues from its last epoch end, and the results equal an uninterrupted run's."""
     accelerator = accelerator or make_accelerator()
+    if cfg.resume and run_dir is None:
+        run_dir, resume = find_run(cfg, "pipeline"), True
+    cfg = dataclasses.replace(cfg, resume=None)  # what the run's files record: the run's own config
     preflight(cfg, accelerator)
     seed_everything(cfg.seed, accelerator)
     base = load_base(cfg) if cfg.base_checkpoint else None  # before the data: a bad checkpoint costs nothing
     splits = build_splits(cfg, accelerator)
     check_batch_sizes(cfg, len(splits.train), accelerator.num_processes,
                       ("finetune",) if base is not None else ("base", "probe", "finetune"))
-    run_dir = new_run_dir(cfg, accelerator, run_dir)
+    if resume:
+        state = RunState.load(run_dir, "pipeline", variants, accelerator)
+        if accelerator.is_main_process:
+            mark_incomplete(run_dir)  # the marker names this process now
+            print(f"resuming {run_dir} (finished: {', '.join(state.data['finished']) or 'nothing yet'})", flush=True)
+    else:
+        run_dir = new_run_dir(cfg, accelerator, run_dir)
+        state = RunState.create(run_dir, "pipeline", variants, accelerator)
     tags = {"run_dir": str(run_dir)}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     if base is not None:
         results = {}
     else:
-        base, results = train_base_and_probe(cfg, splits, accelerator, run_dir, tags)
+        base, results = train_base_and_probe(cfg, splits, accelerator, run_dir, tags, state)
     for overrides in variants or [{}]:
         variant = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, **overrides))
         if variant.finetune.mode == "base" and "base" in results:
             continue  # the base row is already evaluated
+        name = model_name(variant.finetune)
+        if state.finished(name) is not None:
+            results[name] = state.finished(name)
+            continue
         generator = seed_everything(cfg.seed, accelerator)  # data order, attack starts, curriculum shuffles
-        name, report = run_finetune(variant, base, splits, accelerator, run_dir, generator, tags)
+        name, report = run_finetune(variant, base, splits, accelerator, run_dir, generator, tags, state)
         results[name] = report
     if accelerator.is_main_process:
         table = write_summary(run_dir, results, cfg)
-        mark_finished(run_dir)
+        mark_complete(run_dir)
         print(f"\n{table}\n\nresults: {run_dir}/results.json  (MLflow experiment {cfg.experiment!r})")
+    accelerator.wait_for_everyone()
     return RunOutput(run_dir, results)

@@ -1,7 +1,10 @@
 """Stage 1 (base: train θ and ρ on the target label) and stage 2 (probe: freeze θ, train φ on the
-protected label), with model selection on the valid split (METHOD.md, The three stages)."""
+protected label), with model selection on the valid split (docs/method.md, Three stages)."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +16,9 @@ from .checkpoint import whole_model, whole_state_dict
 from .config import Config
 from .data.build import Splits
 from .evaluate import evaluate
+from .failpoints import failpoint
 from .models import TwoHeadModel, set_trainable
+from .resume import load_training_state, save_training_state
 from .runtime import adam, check_finite
 from .tracking import Tracker
 
@@ -22,11 +27,13 @@ STAGES = {"base": (0, "ACC"), "probe": (1, "protected_ACC")}
 
 
 def train_stage(
-    stage: str, model: TwoHeadModel, splits: Splits, cfg: Config, accelerator: Accelerator, tracker: Tracker
+    stage: str, model: TwoHeadModel, splits: Splits, cfg: Config, accelerator: Accelerator, tracker: Tracker,
+    state_dir: Optional[Path] = None,
 ) -> TwoHeadModel:
     """Train `model` for stage `base` or `probe` and return it holding the best epoch's weights (by the
     stage's valid metric). The probe runs the backbone in eval mode: a frozen θ keeps its batch-norm
-    statistics too, so C is a linear probe on M's features."""
+    statistics too, so C is a linear probe on M's features. With `state_dir`, the full training state is
+    saved there at every epoch end, and a state found there is resumed (resume.py)."""
     head, select_on = STAGES[stage]
     stage_cfg = cfg.base if stage == "base" else cfg.probe
     set_trainable(model, stage)
@@ -35,7 +42,12 @@ def train_stage(
                         num_workers=cfg.data.num_workers)
     wrapped, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     best_score, best_state = -1.0, whole_state_dict(model)
-    for epoch in range(stage_cfg.epochs):
+    first_epoch = 0
+    resumed = load_training_state(accelerator, state_dir, loader)
+    if resumed is not None:
+        (meta, best_state), first_epoch = resumed, resumed[0]["epoch"]
+        best_score = meta["best_score"]
+    for epoch in range(first_epoch, stage_cfg.epochs):
         wrapped.train(stage == "base")
         loss_sum = torch.zeros((), device=accelerator.device)
         seen = torch.zeros((), device=accelerator.device)
@@ -61,5 +73,7 @@ def train_stage(
                        f"valid {select_on} {report[select_on]:.2f}")
         if report[select_on] > best_score:
             best_score, best_state = report[select_on], whole_state_dict(model)  # the same on every rank
+        save_training_state(accelerator, state_dir, epoch + 1, {"best_score": best_score}, best_state, loader)
+        failpoint("stage.epoch_end", stage=stage, epoch=epoch + 1)
     accelerator.free_memory()  # drop the accelerator's references so the next stage prepares afresh
     return whole_model(model, cfg.model.backbone, best_state)  # a fresh plain module after ZeRO-3

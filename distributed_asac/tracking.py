@@ -115,12 +115,6 @@ def provenance() -> dict[str, str]:
             "world_size": os.environ.get("WORLD_SIZE", "1")}  # set by every launcher (accelerate, torchrun)
 
 
-def marker_text() -> str:
-    """What a run folder's INCOMPLETE marker says: whose run it is, for `close_killed_runs`."""
-    return (f"this run has not finished (still running, killed or failed): pid {os.getpid()} on "
-            f"{socket.gethostname()}; the file is removed when the run finishes\n")
-
-
 def close_killed_runs(cfg: Config, marker: str) -> list[str]:
     """Mark KILLED the MLflow runs still RUNNING whose run folder (<output_dir>/<experiment>/*, or a comparison's
     seed_<s> folder in it) keeps its `marker` and whose process, on this host, is gone: a killed run cannot mark
@@ -171,14 +165,17 @@ class Tracker:
 
     Use as a context manager; the tag `mlflow.parentRunId` nests the run under another. Every run is tagged
     with its `provenance` (git commit and dirty flag, user, command, host, world size). On non-main
-    processes, or with tracking.enabled false, every call is a no-op.
+    processes, or with tracking.enabled false, every call is a no-op. `run_id` reopens an existing run (a
+    resumed stage): it is set RUNNING again, and a metric already logged at a step is not logged twice.
     """
 
-    def __init__(self, cfg: Config, run_name: str, active: bool, tags: Optional[dict[str, str]] = None):
+    def __init__(self, cfg: Config, run_name: str, active: bool, tags: Optional[dict[str, str]] = None,
+                 run_id: Optional[str] = None):
         self.cfg, self.run_name, self.tags = cfg, run_name, dict(tags or {})
         self.active = active and cfg.tracking.enabled
-        self.run_id: Optional[str] = None
+        self.run_id: Optional[str] = run_id if self.active else None
         self._client = None
+        self._logged: Optional[dict[str, set[int]]] = None  # reopened run: metric → steps already logged
 
     def __enter__(self) -> "Tracker":
         if not self.active:
@@ -189,6 +186,16 @@ class Tracker:
         uri = tracking_uri(self.cfg)
         mlflow.set_tracking_uri(uri)
         self._client = MlflowClient(uri)
+        if self.run_id is not None:
+            try:
+                self._client.update_run(self.run_id, status="RUNNING")
+            except mlflow.exceptions.MlflowException as err:
+                from .errors import UserError
+
+                raise UserError(f"resume: MLflow run {self.run_id} ({self.run_name}) is not in {uri}: resume from the "
+                                "working directory of the run, or set tracking.uri to its store") from err
+            self._logged = {}
+            return self
         experiment = experiment_id(mlflow, self.cfg.experiment, uri)
         tags = {"experiment": self.cfg.experiment, **provenance(), **self.tags}
         run = self._client.create_run(experiment, run_name=self.run_name, tags=tags)
@@ -209,8 +216,20 @@ class Tracker:
 
             now = int(time.time() * 1000)
             batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
-                     if isinstance(v, (int, float)) and math.isfinite(v)]
+                     if isinstance(v, (int, float)) and math.isfinite(v) and not self._was_logged(k, step or 0)]
             self._client.log_batch(self.run_id, metrics=batch)
+
+    def _was_logged(self, key: str, step: int) -> bool:
+        """In a reopened run: whether the attempt before already logged `key` at `step` (then this is a redone
+        epoch or evaluation, and the history keeps one point per step)."""
+        if self._logged is None:
+            return False
+        if key not in self._logged:
+            self._logged[key] = {m.step for m in self._client.get_metric_history(self.run_id, key)}
+        if step in self._logged[key]:
+            return True
+        self._logged[key].add(step)
+        return False
 
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
         if self.active:

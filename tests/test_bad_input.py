@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from distributed_asac import pipeline
 from distributed_asac.config import load_config
+from distributed_asac.resume import INCOMPLETE
 from tests.fixtures import corrupt_jpeg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def world(tmp_path_factory) -> World:
         f"data.root={root / 'data'}", f"output_dir={root / 'runs'}", f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
         "experiment=earlier", *TINY])
     out = pipeline.run(cfg, variants=[{"mode": "base"}])
-    assert not (out.run_dir / pipeline.INCOMPLETE).exists()  # a finished run loses its marker
+    assert not (out.run_dir / INCOMPLETE).exists()  # a finished run loses its marker
     return World(root, out.run_dir / "probe")
 
 
@@ -213,7 +214,7 @@ def test_bad_input_is_one_line_and_changes_nothing(name, world, tmp_path):
     new_runs = [runs[r] for r in set(runs) - set(before[1])]
     assert not (world.root / "x").exists() and not (world.root.parent / "x").exists()
     if case.starts:  # the stopped run keeps its marker and is FAILED in MLflow; no checkpoint was written
-        assert [p.name for p in new_files if p.name in (pipeline.INCOMPLETE, "model.safetensors")] == ["INCOMPLETE"]
+        assert [p.name for p in new_files if p.name in (INCOMPLETE, "model.safetensors")] == ["INCOMPLETE"]
         assert [status for status, *_ in new_runs] == ["FAILED"]
     else:  # refused before any run folder or MLflow run
         assert new_files == [] and new_runs == []
@@ -235,23 +236,28 @@ def test_sweep_with_an_unreachable_tracking_server_stops_before_its_parent_run(t
 def test_a_killed_run_is_marked_killed_by_the_next_run_and_others_are_left_alone(tmp_path):
     """A killed process cannot end its MLflow run: the next run of the experiment on this host does, for run
     folders whose INCOMPLETE marker names a dead process. Live processes and other hosts are left alone."""
-    from distributed_asac.tracking import Tracker, close_killed_runs, marker_text
+    from distributed_asac.resume import mark_incomplete
+    from distributed_asac.tracking import Tracker, close_killed_runs
 
     cfg = load_config(None, [f"output_dir={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
                              "experiment=killed"])
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(finished.stdout)  # a process that has exited
     runs = {}
-    for name, text in (("dead", marker_text().replace(f"pid {os.getpid()} ", f"pid {dead_pid} ")),
-                       ("alive", marker_text()),
-                       ("elsewhere", f"pid {dead_pid} on another-host; the file is removed when the run finishes")):
+    for name in ("dead", "alive", "elsewhere"):
         folder = Path(cfg.output_dir) / cfg.experiment / name
         folder.mkdir(parents=True)
-        (folder / pipeline.INCOMPLETE).write_text(text)
+        mark_incomplete(folder)  # the marker of a run of this process, on this host
+        text = (folder / INCOMPLETE).read_text()
+        if name == "dead":
+            text = text.replace(f"pid {os.getpid()} ", f"pid {dead_pid} ")
+        elif name == "elsewhere":
+            text = re.sub(r"pid \d+ on \S+;", f"pid {dead_pid} on another-host;", text)
+        (folder / INCOMPLETE).write_text(text)
         tracker = Tracker(cfg, name, active=True, tags={"run_dir": str(folder)}).__enter__()  # never exited
         runs[name] = tracker.run_id
-    assert close_killed_runs(cfg, pipeline.INCOMPLETE) == [runs["dead"]]
+    assert close_killed_runs(cfg, INCOMPLETE) == [runs["dead"]]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert {name: client.get_run(run_id).info.status for name, run_id in runs.items()} == {
         "dead": "KILLED", "alive": "RUNNING", "elsewhere": "RUNNING"}
-    assert close_killed_runs(cfg, pipeline.INCOMPLETE) == []  # once
+    assert close_killed_runs(cfg, INCOMPLETE) == []  # once

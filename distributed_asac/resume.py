@@ -1,0 +1,208 @@
+"""Resuming a killed run inside a stage, with the same numbers as an uninterrupted run.
+
+A run folder (`pipeline.run`'s or a comparison's) holds, besides its outputs:
+
+    INCOMPLETE          written when the folder is made, removed when the run finishes: `resume=latest` takes the
+                        newest folder of the experiment that still has it
+    state.json          kind (pipeline | comparison), world size, fine-tune variants, the MLflow run id of every
+                        stage (so a resumed run logs to the same runs) and the test report of every finished stage
+    <stage>/state/epoch_<e>/   the training state after epoch e of an unfinished stage (the newest only)
+
+The training state of an epoch end is Accelerate's `save_state` (model as safetensors; optimizer and each rank's
+python/numpy/torch RNG states as torch files that Accelerate loads with `weights_only=True`, i.e. without
+running pickled code), plus `extra.safetensors` (the best-epoch weights, the curriculum generator and the
+DataLoader's shuffle generator as tensors) and `extra.json` (the epoch and the selection bookkeeping). It is
+written to a temporary folder and renamed into place, so a kill during a save leaves the previous epoch's state.
+A resumed stage restarts the epoch after the newest saved one from that epoch's saved start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+
+from .config import Config, config_from_dict
+from .errors import UserError
+from .failpoints import failpoint
+
+INCOMPLETE = "INCOMPLETE"  # marker of a run folder whose run has not finished (killed, failed or running)
+STATE = "state.json"
+IGNORED_KEYS = ("resume",)  # config keys that may differ between a run and its resumption
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunState:
+    """`state.json` of a run folder: read by every rank, written by the main process only."""
+
+    def __init__(self, folder: Path, data: dict[str, Any], main: bool):
+        self.folder, self.data, self.main = folder, data, main
+
+    @classmethod
+    def create(cls, folder: Path, kind: str, variants: Optional[list[dict]], accelerator: Accelerator) -> "RunState":
+        state = cls(folder, {"kind": kind, "world_size": accelerator.num_processes, "variants": variants or [{}],
+                             "mlflow_runs": {}, "finished": {}}, accelerator.is_main_process)
+        state._save()
+        accelerator.wait_for_everyone()
+        return state
+
+    @classmethod
+    def load(cls, folder: Path, kind: str, variants: Optional[list[dict]], accelerator: Accelerator) -> "RunState":
+        data = json.loads((folder / STATE).read_text())
+        if data["kind"] != kind:
+            entry = "python -m distributed_asac.demo" if data["kind"] == "comparison" else "python -m distributed_asac.finetune"
+            raise UserError(f"resume: {str(folder)!r} is a {data['kind']} run; resume it with {entry}")
+        if data["world_size"] != accelerator.num_processes:
+            raise UserError(f"resume: {str(folder)!r} ran on {data['world_size']} process(es) but this launch has "
+                            f"{accelerator.num_processes}; resume with the same number of processes")
+        if data["variants"] != (variants or [{}]):
+            raise UserError(f"resume: the fine-tune rows differ from the run's ({data['variants']} in {folder / STATE}, "
+                            f"{variants or [{}]} given); pass the same --rows")
+        return cls(folder, data, accelerator.is_main_process)
+
+    def _save(self) -> None:
+        if self.main:
+            _write_atomic(self.folder / STATE, json.dumps(self.data, indent=2, allow_nan=True))
+
+    def run_id(self, name: str) -> Optional[str]:
+        """The MLflow run of stage `name` if an earlier attempt created it."""
+        return self.data["mlflow_runs"].get(name)
+
+    def record_run(self, name: str, run_id: Optional[str]) -> None:
+        if run_id is not None and self.data["mlflow_runs"].get(name) != run_id:
+            self.data["mlflow_runs"][name] = run_id
+            self._save()
+
+    def finished(self, name: str) -> Optional[dict]:
+        """The test report of stage `name` if it finished (evaluated, written, logged)."""
+        return self.data["finished"].get(name)
+
+    def finish(self, name: str, report: dict, accelerator: Accelerator) -> None:
+        """Mark stage `name` finished with its report, then drop its training state (no longer needed)."""
+        self.data["finished"][name] = json.loads(json.dumps(report, allow_nan=True))
+        self._save()
+        accelerator.wait_for_everyone()
+        if self.main:
+            shutil.rmtree(self.folder / name / "state", ignore_errors=True)
+
+
+def mark_incomplete(folder: Path) -> None:
+    """The marker names the process (pid and host: `tracking.close_killed_runs` reads them) and the way on."""
+    (folder / INCOMPLETE).write_text(
+        f"this run has not finished (running, killed or failed): pid {os.getpid()} on {socket.gethostname()}; "
+        f"continue it with resume=latest or resume={folder} (README: Resuming a killed run)\n")
+
+
+def mark_complete(folder: Path) -> None:
+    (folder / INCOMPLETE).unlink(missing_ok=True)
+
+
+def find_run(cfg: Config, kind: str) -> Path:
+    """The run folder `cfg.resume` names ("latest": the newest unfinished `kind` run of the experiment), checked
+    to be resumable and to have been started with the same config (every key but `IGNORED_KEYS`)."""
+    if cfg.resume == "latest":
+        base = Path(cfg.output_dir) / cfg.experiment
+        candidates = [p for p in (base.iterdir() if base.is_dir() else [])
+                      if (p / INCOMPLETE).is_file() and (p / STATE).is_file() and (p / "config.yaml").is_file()
+                      and json.loads((p / STATE).read_text()).get("kind") == kind]
+        if not candidates:
+            raise UserError(f"resume=latest: no unfinished {kind} run of experiment {cfg.experiment!r} under "
+                            f"{str(base)!r} (a run folder with an {INCOMPLETE} marker)")
+        folder = max(candidates, key=lambda p: ((p / "config.yaml").stat().st_mtime_ns, p.name))
+    else:
+        folder = Path(cfg.resume)
+        if not (folder / "config.yaml").is_file() or not (folder / STATE).is_file():
+            raise UserError(f"resume={cfg.resume}: not a resumable run folder (it needs config.yaml and {STATE}, "
+                            f"as written in runs/<experiment>/<run>/); use resume=latest or a run folder")
+        found = json.loads((folder / STATE).read_text()).get("kind")
+        if found != kind:
+            entry = "python -m distributed_asac.demo" if found == "comparison" else "python -m distributed_asac.finetune"
+            raise UserError(f"resume={cfg.resume}: this folder is a {found} run; resume it with {entry}")
+        if not (folder / INCOMPLETE).is_file():
+            raise UserError(f"resume={cfg.resume}: this run has finished (no {INCOMPLETE} marker); nothing to resume")
+    check_same_config(cfg, folder)
+    return folder
+
+
+def check_same_config(cfg: Config, folder: Path) -> None:
+    saved = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text()) or {}).flat()
+    given = cfg.flat()
+    for key in given:
+        if key in IGNORED_KEYS:
+            continue
+        if saved.get(key) != given[key]:
+            raise UserError(f"resume: config key {key!r} differs from the run's: {saved.get(key)!r} in "
+                            f"{folder / 'config.yaml'}, {given[key]!r} given; resume with the run's config "
+                            "(or start a new run without resume=)")
+
+
+# ---- the training state of one stage at an epoch end ----
+
+def save_training_state(accelerator: Accelerator, folder: Optional[Path], epoch: int, meta: dict[str, Any],
+                        tensors: dict[str, torch.Tensor], loader=None, generator: Optional[torch.Generator] = None) -> None:
+    """Save the state after `epoch` (1-based) to `folder/epoch_<epoch>` atomically; every rank must call this."""
+    if folder is None:
+        return
+    main = accelerator.is_main_process
+    tmp, final = folder / f".epoch_{epoch:04d}.tmp", folder / f"epoch_{epoch:04d}"
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)  # model, optimizer, this rank's RNG states
+    if main:
+        extra = {f"best.{name}": t.detach().cpu().contiguous() for name, t in tensors.items()}
+        if generator is not None:
+            extra["generator.curriculum"] = generator.get_state()
+        shuffle = getattr(loader, "synchronized_generator", None)  # DDP: the sampler's generator, synced from rank 0
+        if shuffle is not None:
+            extra["generator.shuffle"] = shuffle.get_state()
+        extra["torch_rng.rank0"] = torch.get_rng_state()  # checked after load_state (which fails silently)
+        save_file(extra, str(tmp / "extra.safetensors"))
+        (tmp / "extra.json").write_text(json.dumps({"epoch": epoch, **meta}, allow_nan=True))
+    accelerator.wait_for_everyone()
+    if main:
+        failpoint("state.before_rename", stage=folder.parent.name, epoch=epoch)  # a kill here keeps the previous state
+        os.replace(tmp, final)  # the new state exists whole or not at all
+        for old in folder.glob("epoch_*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_training_state(accelerator: Accelerator, folder: Optional[Path], loader=None,
+                        generator: Optional[torch.Generator] = None) -> Optional[tuple[dict, dict[str, torch.Tensor]]]:
+    """Restore the newest state in `folder` into the prepared objects, the RNGs, `loader`'s shuffle generator and
+    `generator`; returns (meta, best-epoch tensors), or None when there is none (a fresh stage)."""
+    states = sorted(folder.glob("epoch_*")) if folder is not None and folder.is_dir() else []
+    if not states:
+        return None
+    latest = states[-1]
+    accelerator.load_state(str(latest))
+    extra = load_file(str(latest / "extra.safetensors"))
+    meta = json.loads((latest / "extra.json").read_text())
+    if accelerator.is_main_process and not torch.equal(torch.get_rng_state(), extra["torch_rng.rank0"]):
+        raise RuntimeError(f"the random states in {latest} were not restored; cannot resume with the same numbers")
+    if generator is not None:
+        generator.set_state(extra["generator.curriculum"])
+    shuffle = getattr(loader, "synchronized_generator", None)
+    if shuffle is not None and "generator.shuffle" in extra:
+        shuffle.set_state(extra["generator.shuffle"])
+    if loader is not None and hasattr(loader, "iteration"):
+        loader.iteration = meta["epoch"]
+    best = {name.removeprefix("best."): t for name, t in extra.items() if name.startswith("best.")}
+    return meta, best
+
