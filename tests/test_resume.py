@@ -163,6 +163,7 @@ def test_killed_run_resumes_to_the_same_results(point, first_epoch, tmp_path, da
     assert _histories(tmp_path, killed) == _histories(reference.parents[2], reference)
 
 
+@pytest.mark.slow  # about 30 s: the one-process kill tests above cover the same code paths in the default run
 def test_two_process_run_killed_in_stage_3_resumes_to_the_same_results(tmp_path, data, reference):
     """DDP (gloo, 2 processes), stage 3 only (on the reference's base): killed mid-epoch 2 on both ranks. About
     90 s here (three 2-process launches), so not marked slow. Its shuffle order comes from the sampler's own
@@ -182,6 +183,7 @@ def test_two_process_run_killed_in_stage_3_resumes_to_the_same_results(tmp_path,
     _same_outputs(resumed, expected, ["asac_fgsm"])
 
 
+@pytest.mark.slow  # about 35 s: two seeds of the demo path, twice
 def test_killed_comparison_skips_finished_seeds_and_resumes_the_unfinished_one(tmp_path, data):
     """The demo over seeds [0, 1], killed in seed 1 between stages 2 and 3: seed 0 is read back, seed 1 resumed,
     and the comparison (per seed, aggregate, paired) equals an uninterrupted one. Three demo launches of two
