@@ -10,7 +10,8 @@ When a process reaches a named point whose `key=value` pairs all match the conte
 `<dir>/<name>.<pid>.reached` and blocks until `<dir>/release` exists. The test waits for the `.reached`
 file, then does what it wants at that exact point (`kill -9`, SIGINT, or creating `release` to go on).
 Matching on the context (the epoch, say) rather than on a hit count keeps a point deterministic when one
-process runs several trials.
+process runs several trials. A paused process whose parent dies (the ranks of a killed `accelerate launch`)
+exits at once, as the kill would have taken it, instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def failpoint(name: str, **context: object) -> None:
     if not any(point == name and all(shown.get(k) == v for k, v in pairs.items()) for point, pairs in _parse(spec)):
         return
     folder = Path(os.environ.get(PAUSE_DIR, "."))
+    parent = os.getppid()
     (folder / f"{name}.{os.getpid()}.reached").write_text(repr(shown))
     while not (folder / RELEASE).exists():  # the test releases (or kills) this process
+        if os.getppid() != parent:  # the launcher was killed (its ranks are orphaned): die with it
+            os._exit(137)
         time.sleep(0.05)

@@ -35,3 +35,31 @@ def test_a_matching_point_announces_itself_and_waits_for_release(tmp_path):
     (tmp_path / RELEASE).touch()
     rest, _ = child.communicate(timeout=60)
     assert child.returncode == 0 and rest == "2\n3\n"
+
+
+def test_a_paused_process_dies_with_its_parent(tmp_path):
+    """The ranks of a killed launcher are orphaned, not killed: paused, they must not wait forever."""
+    parent = ("import subprocess, sys\n"
+              f"child = subprocess.Popen([sys.executable, '-c', {CHILD!r}])\n"
+              "child.wait()\n")
+    env = {**os.environ, PAUSE_AT: "x.end:epoch=1", PAUSE_DIR: str(tmp_path), "PYTHONPATH": str(REPO)}
+    launcher = subprocess.Popen([sys.executable, "-c", parent], env=env, stdout=subprocess.DEVNULL)
+    while not list(tmp_path.glob("x.end.*.reached")):  # the grandchild is paused
+        assert launcher.poll() is None
+        time.sleep(0.01)
+    (reached,) = tmp_path.glob("x.end.*.reached")
+    child_pid = int(reached.name.split(".")[2])
+    launcher.kill()
+    launcher.wait()
+    give_up = time.monotonic() + 60  # bounds a broken failpoint only; the exit comes within one poll
+    while _running(child_pid):
+        assert time.monotonic() < give_up, "the orphaned paused process kept waiting"
+        time.sleep(0.01)
+    assert not (tmp_path / RELEASE).exists()  # it was not released: it left on its own
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
