@@ -1,6 +1,6 @@
 """One typed config per run: dataclass defaults ← YAML file ← `key=value` overrides.
 
-Method hyper-parameters default to METHOD.md (α = 0.5, E = {0, 0.001, 0.01}, FGSM, ascending order,
+Method hyper-parameters default to docs/method.md (α = 0.5, E = {0, 0.001, 0.01}, FGSM, ascending order,
 frozen attack model, Adam 1e-3, clipping at 1.0). Sizes (dataset, backbone, epochs, image size) default
 to the CPU demo on the generated dataset, so that a run with no flags finishes in minutes; the CelebA and
 LFW presets in `configs/` set the paper's sizes (ResNet-18, 50 base epochs, 10 fine-tuning epochs).
@@ -51,7 +51,7 @@ class ModelConfig:
 
 @dataclass
 class StageConfig:
-    """Optimisation of one training stage (Adam, METHOD.md Defaults)."""
+    """Optimisation of one training stage (Adam, docs/method.md Defaults)."""
 
     epochs: int = 10  # passes over the train split
     batch_size: int = 64  # images per process per step

@@ -4,7 +4,7 @@
     python -m distributed_asac.finetune --config ... [key=value ...]          # one process
 
 Each rank makes, scores and orders the ASACs of its own k images; every minibatch gives |E| chunks, one
-synchronized optimizer step each, on every rank (METHOD.md, Distributed semantics). A training mode is one
+synchronized optimizer step each, on every rank (docs/method.md, Distributed semantics). A training mode is one
 registered function that turns a minibatch into the chunks of its optimizer steps.
 """
 
@@ -178,7 +178,7 @@ def _plain() -> Mode:
 
 @MODES.register("adv_augment")
 def _adv_augment() -> Mode:
-    """Zhang & Sang (2020) as METHOD.md reads it: PGD examples against C at one ε (finetune.adv_eps) added to
+    """Zhang & Sang (2020) as docs/method.md reads it: PGD examples against C at one ε (finetune.adv_eps) added to
     the data, plain cross-entropy, no curriculum, no α. The 2k images are shuffled into |E| steps."""
 
     def make_chunks(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor) -> list[Chunk]:

@@ -15,7 +15,7 @@ from .errors import UserError
 
 
 def make_accelerator() -> Accelerator:
-    """An Accelerator for this process, refusing the silent CPU launch traps (see launch/README.md).
+    """An Accelerator for this process, refusing the silent CPU launch traps (README, "Running stage 3").
 
     On a machine without CUDA the process group must use gloo: DeepSpeed otherwise starts with a backend
     that Accelerate does not see, and its batch-size check fails.
@@ -50,7 +50,7 @@ def seed_everything(seed: int, accelerator: Accelerator) -> torch.Generator:
 
 
 def adam(params, lr: float, cfg: Config) -> torch.optim.Adam:
-    """Adam with the paper's settings (METHOD.md, Defaults) over the parameters that require grad."""
+    """Adam with the paper's settings (docs/method.md, Defaults) over the parameters that require grad."""
     trainable = [p for p in params if p.requires_grad]
     return torch.optim.Adam(trainable, lr=lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
 

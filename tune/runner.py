@@ -19,7 +19,7 @@ from typing import Any, Iterator, Optional
 # Set before Ray is imported: no usage reporting, and trials keep the driver's working directory instead of a
 # per-trial one. Authentication: a local sweep's own token (local_environment); joining a cluster, the
 # cluster's setting from the environment, else off (Ray's default token mode would write a token file into
-# the home folder, STACK.md trap 4).
+# the home folder).
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
