@@ -73,8 +73,9 @@ def plot_paired(paired: list[dict], path: Path, subtitle: str) -> None:
     import matplotlib.pyplot as plt
 
     metrics = list(dict.fromkeys(p["metric"] for p in paired))
-    fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(3.2 * max(len(metrics), 1), 0.5 + 0.45 * len(paired) / max(len(metrics), 1) + 1.5),
-                             sharey=True, squeeze=False)
+    panels = max(len(metrics), 1)
+    rows = len(paired) / panels  # pairs per panel
+    fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 2.0 + 0.45 * rows), sharey=True, squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         entries = [p for p in paired if p["metric"] == metric]
         for y, p in enumerate(entries):
