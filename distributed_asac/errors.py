@@ -1,5 +1,6 @@
 """The one exception type that entry points turn into a single clear error line."""
 
+import errno
 import sys
 from contextlib import contextmanager
 
@@ -10,11 +11,21 @@ class UserError(Exception):
 
 @contextmanager
 def exit_on_user_error():
-    """Print a UserError as one line on stderr and exit with status 2 (no traceback)."""
+    """Print a UserError as one line on stderr and exit with status 2 (no traceback). A full disk is the
+    user's to fix too: it gets one line naming the file that could not be written (the files of finished
+    runs are written atomically, so nothing earlier is damaged)."""
     try:
         yield
     except UserError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" while writing {err.filename}" if err.filename else ""
+        print(f"error: no space left on the device{where}; free some space or point output_dir (and the "
+              "tracking store) at another disk, then rerun (resume=latest continues an interrupted run)",
+              file=sys.stderr)
         sys.exit(2)
 
 

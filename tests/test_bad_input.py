@@ -266,3 +266,24 @@ def test_a_killed_run_is_marked_killed_by_the_next_run_and_others_are_left_alone
     assert {name: client.get_run(run_id).info.status for name, run_id in runs.items()} == {
         "dead": "KILLED", "alive": "RUNNING", "elsewhere": "RUNNING"}
     assert close_killed_runs(cfg, INCOMPLETE) == []  # once
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT"])
+def test_a_full_disk_is_one_line(code, capsys):
+    """A full disk (or quota) anywhere under an entry point: one line naming the file, exit status 2."""
+    import errno
+
+    from distributed_asac.errors import exit_on_user_error
+
+    with pytest.raises(SystemExit) as stopped, exit_on_user_error():
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), "/runs/demo/x/model.safetensors")
+    lines = capsys.readouterr().err.splitlines()
+    assert stopped.value.code == 2 and len(lines) == 1
+    assert lines[0].startswith("error: no space left on the device while writing /runs/demo/x/model.safetensors")
+
+
+def test_other_os_errors_are_not_hidden():
+    from distributed_asac.errors import exit_on_user_error
+
+    with pytest.raises(PermissionError), exit_on_user_error():
+        raise PermissionError(13, "Permission denied", "/x")
