@@ -103,3 +103,29 @@ def test_bad_seed_lists_give_one_line(tmp_path, seeds, message):
                            f"seeds={seeds}", f"output_dir={tmp_path / 'runs'}"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_one_seed_reports_bootstrap_intervals_and_paired_bootstrap_verdicts(tmp_path):
+    """With a single seed the only interval is over test images: the table shows [low, high] from each model's
+    bootstrap and the verdicts come from the paired bootstrap of the two models' predictions.csv."""
+    from distributed_asac.stats import paired_bootstrap
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml", [
+        f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'runs'}", "tracking.enabled=false",
+        "seeds=[4]", "analysis.ig_images=0", "analysis.robustness_images=0"])
+    out = compare(cfg, variants=row_variants("plain"))
+    saved = json.loads((out.run_dir / "results.json").read_text())
+    assert saved["seeds"] == [4] and "one seed (4)" in saved["interval"]
+    (pair,) = [p for p in saved["paired"] if p["metric"] == "ACC"]
+    predictions = {}
+    for row in ("plain", "base"):
+        with (out.run_dir / "seed_4" / row / "predictions.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        predictions[row] = {c: torch.tensor([int(r[c]) for r in rows]) for c in ("y", "a", "y_hat")}
+    expected = paired_bootstrap(predictions["plain"]["y"], predictions["plain"]["a"], predictions["plain"]["y_hat"],
+                                predictions["base"]["y_hat"])["ACC"]
+    assert (pair["row"], pair["reference"]) == ("plain", "base")
+    assert pair["interval"]["method"] == "bootstrap over test images"
+    assert [pair["interval"]["low"], pair["interval"]["high"]] == pytest.approx([expected.low, expected.high])
+    table = (out.run_dir / "table.md").read_text()
+    assert "| Smiling | base | " in table and " [" in table and " ± " not in table.split("| Paired")[0]
