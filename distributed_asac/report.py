@@ -15,16 +15,20 @@ COLUMNS = (("DEO", "{:.3f}"), ("DEOp", "{:.3f}"), ("DDP", "{:.3f}"), ("ACC", "{:
            ("CF_flip_rate", "{:.3f}"), ("IG_mouth_share", "{:.3f}"))
 
 
+def _spread(interval: Interval, fmt: str) -> str:
+    """How an interval is shown after its estimate: ` [low, high]` (bootstrap, not symmetric) or ` ± half-width`
+    (t over seeds); nothing when it has no bounds (a single value)."""
+    if math.isnan(interval.low):
+        return ""
+    if interval.method.startswith("bootstrap"):
+        return f" [{fmt.format(interval.low)}, {fmt.format(interval.high)}]"
+    return f" ± {fmt.format(interval.half_width)}"
+
+
 def _cell(value, fmt: str) -> str:
     """A number, or an interval: `mean ± half-width` (t over seeds) or `value [low, high]` (bootstrap)."""
     if isinstance(value, Interval):
-        if math.isnan(value.estimate):
-            return "n/a"
-        if math.isnan(value.low):
-            return fmt.format(value.estimate)
-        if value.method.startswith("bootstrap"):
-            return f"{fmt.format(value.estimate)} [{fmt.format(value.low)}, {fmt.format(value.high)}]"
-        return f"{fmt.format(value.estimate)} ± {fmt.format(value.half_width)}"
+        return "n/a" if math.isnan(value.estimate) else fmt.format(value.estimate) + _spread(value, fmt)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return fmt.format(value)
@@ -58,9 +62,8 @@ def format_paired(paired: list[dict]) -> str:
         for metric in metrics:
             (found,) = [p["interval"] for p in paired if (p["row"], p["reference"], p["metric"]) == (row, reference, metric)]
             fmt = formats[metric]
-            spread = f" [{fmt.format(found.low)}, {fmt.format(found.high)}]" if found.method.startswith("bootstrap") \
-                else f" ± {fmt.format(found.half_width)}"
-            cells.append("n/a" if math.isnan(found.estimate) else f"{_signed(found.estimate, fmt)}{spread} **{found.verdict()}**")
+            shown = f"{_signed(found.estimate, fmt)}{_spread(found, fmt)} **{found.verdict()}**"
+            cells.append("n/a" if math.isnan(found.estimate) else shown)
         lines.append(f"| {row} − {reference} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from accelerate import Accelerator
 from mlflow.tracking import MlflowClient
 
