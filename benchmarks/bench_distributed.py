@@ -42,7 +42,7 @@ from distributed_asac.attacks import magnitudes
 from distributed_asac.config import Config
 from distributed_asac.finetune import MODES, Diagnostics, StepContext, train_minibatch
 from distributed_asac.models import create_model, set_trainable
-from distributed_asac.runtime import adam, make_accelerator
+from distributed_asac.runtime import adam, close_process_group, make_accelerator
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))  # the CLI of this venv
 
@@ -103,6 +103,7 @@ def worker(args: argparse.Namespace) -> None:
                    distributed_type=accelerator.distributed_type.value)
         Path(args.out).write_text(json.dumps(out))
     accelerator.wait_for_everyone()
+    close_process_group()
 
 
 def allreduce_seconds(model: torch.nn.Module, accelerator: Accelerator, repeats: int) -> float:

@@ -21,6 +21,7 @@ from .config import help_text, load_config
 from .errors import UserError, exit_on_user_error
 from .logs import setup_logging
 from .registry import suggest
+from .runtime import close_process_group
 
 # Row name → the stage-3 settings that make it (the rows of the paper's Table 1 after the base).
 ROWS = {
@@ -51,6 +52,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     start = time.perf_counter()
     with exit_on_user_error():
         compare(load_config(args.config, args.overrides), variants=row_variants(args.rows))
+    close_process_group()
     print(f"finished in {time.perf_counter() - start:.0f} s")
 
 

@@ -39,7 +39,7 @@ from .metrics import HEADLINE
 from .models import TwoHeadModel, set_trainable
 from .registry import Registry
 from .resume import load_training_state, save_training_state
-from .runtime import adam, check_finite
+from .runtime import adam, check_finite, close_process_group
 
 # Names the phases of a step in torch.profiler traces (benchmarks/bench_step.py); about a microsecond each
 # when no profiler runs. The optimizer labels its own step.
@@ -388,6 +388,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                 "seeds=%s is for the comparison over seeds (python -m distributed_asac.demo); this one run uses "
                 "seed=%d", cfg.seeds, cfg.seed)
         run(cfg)
+    close_process_group()
 
 
 if __name__ == "__main__":

@@ -64,3 +64,10 @@ def check_finite(what: str, loss: float, model: torch.nn.Module, lr_key: str, lr
         found = f"the training loss is {loss}" if not math.isfinite(loss) else "the weights are no longer finite"
         raise UserError(f"{what}: {found} (training diverged), so this model is not saved or reported; lower {lr_key} "
                         f"(now {lr:g}) or check the data")
+
+
+def close_process_group() -> None:
+    """Destroy the process group at the end of a launched process: left to interpreter exit, gloo's threads can
+    abort the rank ("terminate called without an active exception", exit by SIGABRT) after its work is done."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

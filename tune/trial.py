@@ -28,6 +28,7 @@ from typing import Any
 
 from distributed_asac.config import Config, load_config
 from distributed_asac.failpoints import failpoint
+from distributed_asac.runtime import close_process_group
 
 from . import mlflow_runs
 from .records import read_record, write_record
@@ -144,6 +145,7 @@ def main(argv: list[str]) -> None:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(outcome, allow_nan=True))
         os.replace(tmp, path)
+    close_process_group()
 
 
 if __name__ == "__main__":
