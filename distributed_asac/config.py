@@ -41,6 +41,7 @@ class DataConfig:
     synthetic_bias: float = 0.9  # P(target == protected) in train/valid of the generated dataset
     synthetic_seed: int = 0  # generated dataset only: its random seed (>= 0)
     synthetic_beard_strength: float = 1.0  # contrast of the protected cue (the beard) in (0, 1]; 1: full, dark
+    synthetic_train_twins: bool = False  # also write each train image's Male-flipped twin (the oracle_counterfactual row)
 
 
 @dataclass

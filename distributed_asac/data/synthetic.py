@@ -19,7 +19,8 @@ size): the output is byte-identical whatever the worker count.
 Bias: in train and valid, P(Smiling == Male) = ``bias`` with P(Male) = P(Smiling) = 0.5, realised
 with exact cell counts, so the measured rate is ``bias`` to within 1/(2n).
 The test split has four equal (Smiling, Male) cells, so a biased model shows its bias there. For
-every test image a counterfactual twin is written: the same draws, only ``Male`` flipped.
+every test image a counterfactual twin is written: the same draws, only ``Male`` flipped; with
+``train_twins`` (``--train-twins``) every train image gets its twin too (the oracle_counterfactual row).
 
 Files (CelebA's formats, plus this project's additions)::
 
@@ -28,7 +29,7 @@ Files (CelebA's formats, plus this project's additions)::
     DIR/list_eval_partition.txt                    0/1/2 = train/valid/test (70/10/20)
     DIR/list_landmarks_align_celeba.txt            the 5 CelebA landmarks, pixels of the written image
     DIR/list_regions_celeba.txt                    a box per attribute: x1 y1 inclusive, x2 y2 exclusive
-    DIR/counterfactual/img_align_celeba/<name>     the Male-flipped twin of each test image
+    DIR/counterfactual/img_align_celeba/<name>     the Male-flipped twin of each test (and train) image
     DIR/counterfactual/list_counterfactual.txt     image_id twin_file flipped_attribute
     DIR/dataset_info.json                          args, format version, measured per-split statistics
 
@@ -81,7 +82,7 @@ LANDMARK_NAMES: tuple[str, ...] = (
 )
 SPLIT_NAMES: tuple[str, ...] = ("train", "valid", "test")
 SPLIT_FRACTIONS: tuple[float, ...] = (0.7, 0.1, 0.2)
-TEST_SPLIT = 2
+TRAIN_SPLIT, TEST_SPLIT = 0, 2
 
 IMAGE_DIR = "img_align_celeba"
 COUNTERFACTUAL_DIR = "counterfactual"
@@ -516,7 +517,7 @@ _Result = tuple[int, tuple[int, ...], tuple[int, ...]]
 
 
 class _Task(NamedTuple):
-    """A chunk of images for one worker call: (index, labels in ATTRIBUTES order, is_test) rows."""
+    """A chunk of images for one worker call: (index, labels in ATTRIBUTES order, with_twin) rows."""
 
     out_dir: str
     seed: int
@@ -526,15 +527,15 @@ class _Task(NamedTuple):
 
 
 def _render_task(task: _Task) -> list[_Result]:
-    """Write the images (and test twins) of one chunk; return (index, landmarks, region row) each."""
+    """Write the images (and twins) of one chunk; return (index, landmarks, region row) each."""
     out_dir = Path(task.out_dir)
     results = []
-    for index, labels, is_test in task.rows:
+    for index, labels, with_twin in task.rows:
         face = sample_face(image_rng(task.seed, index), task.size)
         attributes = dict(zip(ATTRIBUTES, labels))
         name = image_name(index)
         _save_jpeg(render(face, attributes, task.beard_strength), out_dir / IMAGE_DIR / name)
-        if is_test:
+        if with_twin:
             twin = {**attributes, PROTECTED_ATTRIBUTE: not attributes[PROTECTED_ATTRIBUTE]}
             _save_jpeg(render(face, twin, task.beard_strength), out_dir / COUNTERFACTUAL_DIR / IMAGE_DIR / name)
         boxes = region_boxes(face)
@@ -545,13 +546,15 @@ def _render_task(task: _Task) -> list[_Result]:
 
 def _render_all(
     out_dir: Path, seed: int, size: tuple[int, int], splits: np.ndarray, labels: np.ndarray, workers: int,
-    beard_strength: float = 1.0,
+    beard_strength: float = 1.0, twins: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Render every image across ``workers`` processes; returns (N, 10) landmarks and (N, 20) boxes."""
+    """Render every image (and its twin where ``twins``, (N,) bool, says; default: the test split's) across
+    ``workers`` processes; returns (N, 10) landmarks and (N, 20) boxes."""
+    twins = splits == TEST_SPLIT if twins is None else twins
     num_images = len(splits)
     tasks = [
         _Task(str(out_dir), seed, size, [
-            (i, tuple(bool(v) for v in labels[i]), bool(splits[i] == TEST_SPLIT))
+            (i, tuple(bool(v) for v in labels[i]), bool(twins[i]))
             for i in range(start, min(start + IMAGES_PER_TASK, num_images))
         ], beard_strength)
         for start in range(0, num_images, IMAGES_PER_TASK)
@@ -583,8 +586,9 @@ def _write_lines(path: Path, lines: Iterable[str]) -> None:
 
 
 def _write_annotations(out_dir: Path, splits: np.ndarray, labels: np.ndarray,
-                       marks: np.ndarray, boxes: np.ndarray) -> None:
-    """The CelebA annotation files, the region file and the counterfactual index."""
+                       marks: np.ndarray, boxes: np.ndarray, twins: np.ndarray) -> None:
+    """The CelebA annotation files, the region file and the counterfactual index (of the images ``twins``,
+    (N,) bool, marks)."""
     n = len(splits)
     names = [image_name(i) for i in range(n)]
     signed = np.where(labels, 1, -1)
@@ -601,10 +605,10 @@ def _write_annotations(out_dir: Path, splits: np.ndarray, labels: np.ndarray,
     _write_lines(out_dir / REGION_FILE, [str(n), region_header] + [
         name + "".join(f"{v:5d}" for v in row) for name, row in zip(names, boxes)
     ])
-    test_names = [name for name, split in zip(names, splits) if split == TEST_SPLIT]
+    twin_names = [name for name, twin in zip(names, twins) if twin]
     _write_lines(out_dir / COUNTERFACTUAL_DIR / COUNTERFACTUAL_INDEX,
-                 [str(len(test_names)), "image_id twin_file flipped_attribute"]
-                 + [f"{name} {IMAGE_DIR}/{name} {PROTECTED_ATTRIBUTE}" for name in test_names])
+                 [str(len(twin_names)), "image_id twin_file flipped_attribute"]
+                 + [f"{name} {IMAGE_DIR}/{name} {PROTECTED_ATTRIBUTE}" for name in twin_names])
 
 
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
@@ -625,6 +629,7 @@ def _describe(stamp: Mapping[str, Any]) -> str:
     """``num_images=200 bias=0.9 seed=3 size=[64, 64] format_version=1`` for error messages."""
     args = stamp.get("args") if isinstance(stamp.get("args"), Mapping) else {}
     fields = [f"{key}={args.get(key)}" for key in ("num_images", "bias", "seed", "size")]
+    fields.append(f"train_twins={args.get('train_twins', False)}")  # absent from the info at its default
     fields.append(f"beard_strength={args.get('beard_strength', 1.0)}")  # absent from the info at its default
     return " ".join(fields + [f"format_version={stamp.get('format_version')}"])
 
@@ -706,6 +711,7 @@ def generate(
     size: tuple[int, int] = (64, 64),
     workers: int | None = None,
     beard_strength: float = 1.0,
+    train_twins: bool = False,
 ) -> dict[str, Any]:
     """Generate (or reuse) a controlled-bias face dataset in ``out_dir``; return its info.
 
@@ -714,7 +720,8 @@ def generate(
     with the same (num_images, bias, seed, size, beard_strength) is reused as it is. Returns the content of
     ``dataset_info.json``. ``beard_strength`` in (0, 1] is the contrast of the protected cue (the beard):
     1, the default, draws the full dark beard (datasets made before the knob existed are the same bytes);
-    lower values fade it toward the skin, down to a faint shadow.
+    lower values fade it toward the skin, down to a faint shadow. ``train_twins`` also writes the Male-flipped twin
+    of every train image (test images always get theirs).
 
     With ``workers > 1`` the pool uses the spawn start method, so a calling script needs the usual
     ``if __name__ == "__main__":`` guard.
@@ -726,6 +733,8 @@ def generate(
     args = {"num_images": num_images, "bias": float(bias), "seed": seed, "size": list(size)}
     if beard_strength != 1.0:  # absent at the default, so earlier datasets' info still matches
         args["beard_strength"] = float(beard_strength)
+    if train_twins:  # likewise absent at the default
+        args["train_twins"] = True
     existing = _existing_dataset(out_dir, args)
     if existing is not None:
         log.info("reusing the synthetic dataset in %s (generated earlier with the same arguments)", out_dir)
@@ -735,8 +744,9 @@ def generate(
     (out_dir / COUNTERFACTUAL_DIR / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
     _write_json(out_dir / IN_PROGRESS_FILE, {"format_version": FORMAT_VERSION, "args": args})
     splits, labels = plan_labels(num_images, bias, seed)
-    marks, boxes = _render_all(out_dir, seed, size, splits, labels, workers, beard_strength)
-    _write_annotations(out_dir, splits, labels, marks, boxes)
+    twins = (splits == TEST_SPLIT) | ((splits == TRAIN_SPLIT) & bool(train_twins))  # (N,) bool: images given a twin
+    marks, boxes = _render_all(out_dir, seed, size, splits, labels, workers, beard_strength, twins)
+    _write_annotations(out_dir, splits, labels, marks, boxes, twins)
     info = {
         "format_version": FORMAT_VERSION,
         "generator": "distributed_asac.data.synthetic",
@@ -746,7 +756,7 @@ def generate(
         "protected_attribute": PROTECTED_ATTRIBUTE,
         "splits": split_statistics(splits, labels),
         "counterfactual": {
-            "count": int(np.sum(splits == TEST_SPLIT)),
+            "count": int(np.sum(twins)),
             "flipped_attribute": PROTECTED_ATTRIBUTE,
             "index": f"{COUNTERFACTUAL_DIR}/{COUNTERFACTUAL_INDEX}",
         },
@@ -781,11 +791,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="processes; the output does not depend on it (default: one per CPU)")
     parser.add_argument("--beard-strength", type=float, default=1.0,
                         help="contrast of the protected cue (Male's beard) in (0, 1]; 1 = full dark beard (default)")
+    parser.add_argument("--train-twins", action="store_true",
+                        help="also write the Male-flipped twin of every train image (test images always get theirs)")
     with exit_on_user_error():
         args = parser.parse_args(argv)
         setup_logging()
         info = generate(args.out, args.num_images, args.bias, args.seed, parse_size(args.size), args.workers,
-                        args.beard_strength)
+                        args.beard_strength, args.train_twins)
         rates = ", ".join(f"{name} {info['splits'][name]['p_smiling_eq_male']:.3f}" for name in SPLIT_NAMES)
         print(f"{args.out}: {args.num_images} images; P(Smiling == Male): {rates}")
 
