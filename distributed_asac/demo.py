@@ -27,8 +27,10 @@ from .runtime import close_process_group
 ROWS = {
     "plain": {"mode": "plain"},
     "adv_augment": {"mode": "adv_augment"},
+    "gan_augment": {"mode": "gan_augment"},
     "asac_fgsm": {"mode": "asac", "attack": "fgsm"},
     "asac_pgd": {"mode": "asac", "attack": "pgd"},
+    "oracle_counterfactual": {"mode": "oracle_counterfactual"},  # needs data.synthetic_train_twins=true
 }
 DEMO_ROWS = ("plain", "asac_fgsm")  # asac_pgd, the slowest row, is left to --rows so three seeds fit minutes
 

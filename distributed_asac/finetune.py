@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .attacks import ATTACKS, magnitudes, pgd
@@ -32,14 +32,17 @@ from .calibration import Calibrated, calibrate_eps
 from .checkpoint import whole_model, whole_state_dict
 from .config import Config, FinetuneConfig
 from .curriculum import curriculum_chunks, difficulty_scores
+from .data.twins import WithTwins, collate_with_twins, train_twins
 from .errors import UserError
 from .failpoints import failpoint
+from .gan import LatentPairs, latent_pairs, load_generator
 from .losses import asac_loss, plain_loss
 from .metrics import HEADLINE
 from .models import TwoHeadModel, set_trainable
 from .registry import Registry
 from .resume import load_training_state, save_training_state
 from .runtime import adam, check_finite, close_process_group
+from .tracking import Tracker
 
 # Names the phases of a step in torch.profiler traces (benchmarks/bench_step.py); about a microsecond each
 # when no profiler runs. The optimizer labels its own step.
@@ -72,6 +75,11 @@ class StepContext:
 class Mode:
     make_chunks: Optional[Callable[[StepContext, torch.Tensor, torch.Tensor, torch.Tensor], list[Chunk]]]
     # None: the mode does not fine-tune (the base row)
+    check: Optional[Callable[[Config], None]] = None  # before any training: raise a UserError for what it cannot run on
+    prepare: Optional[Callable[[Config, TwoHeadModel, Dataset, Accelerator, Tracker], dict[str, float]]] = None
+    # once as stage 3 starts (model: the base, before any step); returns numbers for the fine-tune's summary
+    train_data: Optional[Callable[[Config, Dataset], tuple[Dataset, Callable]]] = None
+    # the dataset and collate function of stage 3's loader in place of the train split's
 
 
 MODES: Registry[Mode] = Registry("training mode")
@@ -176,6 +184,13 @@ def _plain() -> Mode:
     return Mode(make_chunks)
 
 
+def shuffled_chunks(ctx: StepContext, pool: torch.Tensor, labels: torch.Tensor) -> list[Chunk]:
+    """An augmented minibatch (pool [n, 3, H, W], labels [n]) shuffled into |E| steps of plain cross-entropy:
+    the comparators take as many optimizer steps per minibatch as ASAC does."""
+    order = torch.randperm(len(pool), generator=ctx.generator).to(pool.device)
+    return [Chunk(pool[rows], labels[rows]) for rows in order.tensor_split(len(ctx.magnitudes))]
+
+
 @MODES.register("adv_augment")
 def _adv_augment() -> Mode:
     """Zhang & Sang (2020) as docs/method.md reads it: PGD examples against C at one ε (finetune.adv_eps) added to
@@ -184,11 +199,47 @@ def _adv_augment() -> Mode:
     def make_chunks(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor) -> list[Chunk]:
         with eval_mode(ctx.attacked):
             adversarial = pgd(ctx.attacked.protected_logits, x, a, [ctx.cfg.adv_eps], steps=ctx.cfg.pgd_steps)[0]
-        pool, labels = torch.cat([x, adversarial]), torch.cat([y, y])  # [2k, 3, H, W], [2k]
-        order = torch.randperm(len(pool), generator=ctx.generator).to(pool.device)
-        return [Chunk(pool[rows], labels[rows]) for rows in order.tensor_split(len(ctx.magnitudes))]
+        return shuffled_chunks(ctx, torch.cat([x, adversarial]), torch.cat([y, y]))  # [2k, 3, H, W], [2k]
 
     return Mode(make_chunks)
+
+
+@MODES.register("gan_augment")
+def _gan_augment() -> Mode:
+    """Ramaswamy et al. (2021) as docs/method.md reads it: k real images plus k generated ones, k/2 latent pairs
+    (G(z), G(z')) that flip the protected attribute and keep the target, both labelled by the base's M on G(z)
+    (gan.py); plain cross-entropy, shuffled into |E| steps."""
+    made: dict[str, LatentPairs] = {}  # filled by `prepare`
+
+    def check(cfg: Config) -> None:
+        if cfg.gan.checkpoint:
+            load_generator(cfg.gan.checkpoint)
+
+    def prepare(cfg: Config, model: TwoHeadModel, train_set: Dataset, accelerator: Accelerator,
+                tracker: Tracker) -> dict[str, float]:
+        made["pairs"], summary = latent_pairs(cfg, model, train_set, accelerator, tracker)
+        return summary
+
+    def make_chunks(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor) -> list[Chunk]:
+        pairs = made["pairs"].sample(max(1, len(x) // 2), x.device)
+        return shuffled_chunks(ctx, torch.cat([x, pairs.images, pairs.twins]), torch.cat([y, pairs.labels, pairs.labels]))
+
+    return Mode(make_chunks, check=check, prepare=prepare)
+
+
+@MODES.register("oracle_counterfactual")
+def _oracle_counterfactual() -> Mode:
+    """The bound of counterfactual augmentation (generated dataset only): each of the k images with its true twin,
+    the same face with only the protected attribute flipped (data.synthetic_train_twins), under the same label;
+    plain cross-entropy, the 2k images shuffled into |E| steps."""
+
+    def make_chunks(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor) -> list[Chunk]:
+        return shuffled_chunks(ctx, x, y)  # x [2k, 3, H, W]: the loader's collate put the twins beside the images
+
+    def train_data(cfg: Config, train_set: Dataset) -> tuple[Dataset, Callable]:
+        return WithTwins(train_set, train_twins(cfg.data)), collate_with_twins
+
+    return Mode(make_chunks, check=lambda cfg: train_twins(cfg.data), train_data=train_data)
 
 
 def chunk_loss(model: nn.Module, x: torch.Tensor, chunk: Chunk, alpha: float) -> dict[str, torch.Tensor]:
@@ -242,7 +293,7 @@ def train_minibatch(mode: Mode, ctx: StepContext, wrapped: nn.Module, optimizer:
 
 
 def model_name(cfg: FinetuneConfig) -> str:
-    """The row name of a fine-tuned model: 'asac_fgsm', 'plain', 'adv_augment', 'base'."""
+    """The row name of a fine-tuned model: 'asac_fgsm', 'plain', 'adv_augment', 'gan_augment', ..., 'base'."""
     return f"asac_{cfg.attack}" if cfg.mode == "asac" else cfg.mode
 
 
@@ -304,10 +355,13 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
         eps = magnitudes([c.eps for c in chosen])
     else:
         eps = magnitudes(ft.eps)
+    if mode.prepare is not None:  # also before accelerator.prepare: the mode sees the base as a plain module
+        summary.update(mode.prepare(cfg, model, train_set, accelerator, tracker))
     set_trainable(model, "finetune")
     optimizer = adam(model.parameters(), ft.lr, cfg)
-    loader = DataLoader(train_set, batch_size=ft.batch_size, shuffle=True, drop_last=True,
-                        num_workers=cfg.data.num_workers)
+    data, collate = mode.train_data(cfg, train_set) if mode.train_data is not None else (train_set, None)
+    loader = DataLoader(data, batch_size=ft.batch_size, shuffle=True, drop_last=True,
+                        num_workers=cfg.data.num_workers, collate_fn=collate)
     wrapped, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     attacked = attacked.to(accelerator.device)
     balanced = balanced_subset(valid_set)

@@ -29,7 +29,7 @@ from .data.build import Splits, build_splits
 from .errors import UserError
 from .evaluate import evaluate, write_results
 from .failpoints import failpoint
-from .finetune import finetune, model_name
+from .finetune import MODES, finetune, model_name
 from .models import TwoHeadModel, create_model
 from .report import ROW_ORDER, format_table, plot_ig_figure, plot_robustness
 from .resume import INCOMPLETE, RunState, find_run, mark_complete, mark_incomplete
@@ -252,6 +252,10 @@ def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optiona
     splits = build_splits(cfg, accelerator)
     check_batch_sizes(cfg, len(splits.train), accelerator.num_processes,
                       ("finetune",) if base is not None else ("base", "probe", "finetune"))
+    for overrides in variants or [{}]:  # what a row cannot run on (no generator file, no train twins) stops it now
+        mode = MODES.get(overrides.get("mode", cfg.finetune.mode))()
+        if mode.check is not None:
+            mode.check(cfg)
     if resume:
         state = RunState.load(run_dir, "pipeline", variants, accelerator)
         if accelerator.is_main_process:

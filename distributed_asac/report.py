@@ -9,8 +9,9 @@ import torch
 
 from .stats import Interval
 
-# Row order of the paper's Table 1: the base classifier, the comparators, then the ASAC rows.
-ROW_ORDER = ("base", "plain", "adv_augment", "asac_fgsm", "asac_pgd")
+# Row order of the paper's Table 1: the base classifier, the comparators, the ASAC rows, then the bound that true
+# counterfactuals set (generated dataset only).
+ROW_ORDER = ("base", "plain", "adv_augment", "gan_augment", "asac_fgsm", "asac_pgd", "oracle_counterfactual")
 COLUMNS = (("DEO", "{:.3f}"), ("DEOp", "{:.3f}"), ("DDP", "{:.3f}"), ("ACC", "{:.2f}"), ("worst_group_ACC", "{:.2f}"),
            ("CF_flip_rate", "{:.3f}"), ("IG_mouth_share", "{:.3f}"))
 
