@@ -16,7 +16,8 @@ import torch
 
 from distributed_asac.data import cache as cache_module
 from distributed_asac.data.cache import find_bad_images, open_image_cache
-from distributed_asac.data.celeba import PIPELINE, BadImageError, CelebA, check_image, load_image
+from distributed_asac.data.celeba import CelebA
+from distributed_asac.data.images import PIPELINE, BadImageError, check_image, load_image
 from distributed_asac.data.lfw import LFW
 from distributed_asac.errors import UserError
 from tests.fixtures import (

@@ -14,7 +14,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from distributed_asac.data.celeba import BadImageError, CelebA, mouth_box_from_landmarks
+from distributed_asac.data.celeba import CelebA
+from distributed_asac.data.images import BadImageError, mouth_box_from_landmarks
 from distributed_asac.errors import UserError
 from tests.fixtures import CELEBA_ATTRIBUTES, corrupt_jpeg, write_celeba_fixture, write_counterfactual_fixture
 
@@ -308,3 +309,28 @@ def test_memory_holds_labels_not_pixels(tmp_path):
     sizes = [len(pickle.dumps(ds)) for ds in (small, large)]
     assert abs(sizes[0] - sizes[1]) < 64  # only the longer root path differs
     assert sizes[1] < 200 * len(large) + 4096  # ids and labels: a few dozen bytes per image
+
+
+def test_the_format_module_reads_what_it_writes(tmp_path):
+    """The generator's writers and the loader's readers are one module: a round trip returns every value, and the
+    attribute file has CelebA's spacing (a trailing space after the names, values as " %2d")."""
+    from distributed_asac.data import celeba_format as fmt
+
+    ids = [fmt.image_name(i) for i in range(3)]
+    names = ["Male", "Smiling"]
+    present = np.array([[True, False], [False, False], [True, True]])
+    points = np.arange(30).reshape(3, 10) * 7
+    fmt.write_attribute_file(tmp_path / fmt.ATTRIBUTE_FILE, ids, names, present)
+    fmt.write_partition_file(tmp_path / fmt.PARTITION_FILE, ids, [0, 2, 1])
+    fmt.write_landmarks_file(tmp_path / fmt.LANDMARKS_FILE, ids, points)
+    fmt.write_counterfactual_file(tmp_path / fmt.COUNTERFACTUAL_FILE, ids[1:], "Male")
+    assert (tmp_path / fmt.ATTRIBUTE_FILE).read_text().splitlines()[:3] == ["3", "Male Smiling ", "000001.jpg  1 -1"]
+    table = fmt.read_attribute_file(tmp_path / fmt.ATTRIBUTE_FILE)
+    assert (table.image_ids, table.names) == (ids, names)
+    assert np.array_equal(table.values, np.where(present, 1, -1))
+    partition_ids, partitions = fmt.read_partition_file(tmp_path / fmt.PARTITION_FILE)
+    assert (partition_ids, partitions.tolist()) == (ids, [0, 2, 1])
+    landmark_ids, read_points = fmt.read_landmarks_file(tmp_path / fmt.LANDMARKS_FILE)
+    assert landmark_ids == ids and np.array_equal(read_points, points.reshape(3, 5, 2))
+    twin_ids, twin_files, flipped = fmt.read_counterfactual_file(tmp_path / fmt.COUNTERFACTUAL_FILE)
+    assert (twin_ids, twin_files, flipped) == (ids[1:], [f"{fmt.IMAGE_DIR}/{i}" for i in ids[1:]], ["Male"] * 2)

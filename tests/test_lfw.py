@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from distributed_asac.data.celeba import BadImageError
+from distributed_asac.data.images import BadImageError
 from distributed_asac.data.lfw import LFW, person_disjoint_split
 from distributed_asac.errors import UserError
 from tests.fixtures import LFW_ATTRIBUTES, LFW_PEOPLE, corrupt_jpeg, lfw_image_id, write_lfw_fixture

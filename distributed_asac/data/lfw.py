@@ -31,15 +31,14 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .celeba import FaceDataset, check_common_arguments, find_attribute
+from .faces import FaceDataset, check_common_arguments, find_attribute
+from .splits import SPLIT_FRACTIONS, SPLITS
 
 log = logging.getLogger(__name__)
 
 ATTRIBUTE_FILE = "lfw_attributes.txt"
 IMAGE_FOLDERS = ("lfw-deepfunneled", "lfw_funneled", "lfw")
 """Accepted image folders, in the order picked when several exist (best aligned first)."""
-SPLITS = ("train", "valid", "test")
-SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 SPLIT_FORMAT = "distributed_asac/lfw-person-split/1"
 
 
