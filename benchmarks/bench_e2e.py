@@ -25,7 +25,8 @@ import torch
 
 from _common import add_common_arguments, describe, machine, markdown_table, median, write_json
 from distributed_asac.config import Config, load_config
-from distributed_asac.data.build import Splits, build_splits
+from distributed_asac.data.build import build_splits
+from distributed_asac.data.datasets import Splits
 from distributed_asac.finetune import finetune
 from distributed_asac.models import TwoHeadModel, create_model
 from distributed_asac.runtime import make_accelerator, seed_everything

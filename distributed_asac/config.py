@@ -21,6 +21,9 @@ from typing import Any, Optional
 
 import yaml
 
+from .data.datasets import DATASETS, synthetic_arguments
+from .data.faces import BAD_IMAGE_POLICIES
+from .data.synthetic import check_arguments as check_generator_arguments
 from .errors import UserError
 from .registry import suggest
 
@@ -122,9 +125,7 @@ class Config:
         return _flatten(self.to_dict())
 
 
-DATASETS = ("synthetic", "celeba", "lfw")
 ATTACK_MODELS = ("frozen", "live")
-BAD_IMAGE_POLICIES = ("error", "skip")
 BATCHNORM_MODES = ("train", "frozen")
 SELECTION_RULES = ("last", "balanced_valid")
 EPS_MODES = ("fixed", "calibrated")
@@ -179,7 +180,7 @@ def choices() -> dict[str, list[str]]:
     from .finetune import MODES
     from .models import BACKBONES
 
-    return {"data.name": list(DATASETS), "model.backbone": BACKBONES.names(), "finetune.attack": ATTACKS.names(),
+    return {"data.name": DATASETS.names(), "model.backbone": BACKBONES.names(), "finetune.attack": ATTACKS.names(),
             "finetune.order": ORDERS.names(), "finetune.mode": MODES.names(),
             "finetune.attack_model": list(ATTACK_MODELS), "data.on_bad_image": list(BAD_IMAGE_POLICIES),
             "finetune.batchnorm": list(BATCHNORM_MODES), "finetune.select": list(SELECTION_RULES),
@@ -213,10 +214,6 @@ def validate(cfg: Config) -> None:
                         "plain fine-tuning; give at least one, e.g. finetune.eps=[0.001,0.01] (0 is always added)")
     _in_range("finetune.adv_eps", cfg.finetune.adv_eps, 0.0, 1.0)
     _in_range("finetune.alpha", cfg.finetune.alpha, 0.0, 1.0)
-    _in_range("data.synthetic_bias", cfg.data.synthetic_bias, 0.0, 1.0)
-    if not 0.0 < cfg.data.synthetic_beard_strength <= 1.0:
-        raise UserError(f"config key 'data.synthetic_beard_strength': {cfg.data.synthetic_beard_strength} is out of "
-                        "range (must be in (0, 1]; 1 is the full beard)")
     for key in ("data.image_size", "finetune.pgd_steps", "finetune.calibration_images", "base.batch_size",
                 "probe.batch_size", "finetune.batch_size"):
         _in_range(key, _get(cfg, key), 1, None)
@@ -225,6 +222,8 @@ def validate(cfg: Config) -> None:
         _in_range(key, _get(cfg, key), 0, None)
     for key in SEED_KEYS:
         _in_range(key, _get(cfg, key), 0, MAX_SEED)
+    if cfg.data.name == "synthetic":  # the generator's own checks, worded with the config keys
+        check_generator_arguments(**synthetic_arguments(cfg.data), spell=_generator_key)
     for key in ("base.lr", "probe.lr", "finetune.lr", "adam_eps", "grad_clip"):  # grad_clip 0 would zero every gradient
         if _get(cfg, key) <= 0:
             raise UserError(f"config key {key!r}: must be > 0, got {_get(cfg, key)} (default {_get(Config(), key)})")
@@ -258,6 +257,16 @@ def check_batch_sizes(cfg: Config, train_size: int, processes: int, stages: tupl
             raise UserError(f"config key {key!r}: {_get(cfg, key)}{per} is larger than the train split "
                             f"({train_size} images), which would give no training step; set {key} <= "
                             f"{train_size // processes}")
+
+
+# The config key of each argument of the generator (data/synthetic.py), for its error messages.
+GENERATOR_KEYS = {"num_images": "data.synthetic_num_images", "bias": "data.synthetic_bias", "seed": "data.synthetic_seed",
+                  "size": "data.image_size", "beard_strength": "data.synthetic_beard_strength"}
+
+
+def _generator_key(argument: str, value: Any) -> str:
+    shown = value[0] if argument == "size" else value  # the generator draws image_size × image_size
+    return f"config key {GENERATOR_KEYS[argument]!r}: {shown}"
 
 
 def _in_range(key: str, value: float, low: float | None, high: float | None) -> None:

@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from .analysis import analyse, figure_indices, ig_maps
 from .checkpoint import WEIGHTS, load_checkpoint, save_checkpoint, whole_state_dict
 from .config import Config, check_batch_sizes, save_config
-from .data.build import Splits, build_splits
+from .data.build import build_splits
+from .data.datasets import Splits
 from .errors import UserError
 from .evaluate import evaluate, write_results
 from .failpoints import failpoint

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import whole_model, whole_state_dict
 from .config import Config
-from .data.build import Splits
+from .data.datasets import Splits
 from .evaluate import evaluate
 from .failpoints import failpoint
 from .models import TwoHeadModel, set_trainable

@@ -44,6 +44,11 @@ def test_types_are_coerced_only_where_safe():
         ("finetune=3", "unknown config key 'finetune'"),
         ("novalue", "key=value"),
         ("data.target=Male", "same attribute"),
+        # the generated dataset's settings: the generator's own checks, worded with the config key
+        ("data.synthetic_num_images=10", "config key 'data.synthetic_num_images': 10 is out of range: pass 40"),
+        ("data.synthetic_bias=1.5", "config key 'data.synthetic_bias': 1.5 is not a probability"),
+        ("data.synthetic_beard_strength=0", "config key 'data.synthetic_beard_strength': 0.0 is out of range"),
+        ("data.image_size=16", "config key 'data.image_size': 16 is out of range: each side must be 32..1024"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

@@ -87,7 +87,7 @@ def prepare_data(configs: list[Config]) -> None:
     Concurrent runs pointing at one `data.root` would otherwise all start generating into it; two different
     generated datasets sharing a root would overwrite each other, so that is refused.
     """
-    from distributed_asac.data.build import generate_synthetic, synthetic_arguments
+    from distributed_asac.data.datasets import generate_synthetic, synthetic_arguments
 
     wanted: dict[str, Any] = {}  # data.root → the data config that generates it
     for cfg in configs:
