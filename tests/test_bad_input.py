@@ -24,7 +24,6 @@ from mlflow.tracking import MlflowClient
 from distributed_asac import pipeline
 from distributed_asac.config import load_config
 from distributed_asac.resume import INCOMPLETE
-from tests.fixtures import corrupt_jpeg
 
 REPO = Path(__file__).resolve().parents[1]
 # The earlier run and every row share these: a 120-image generated set (84 train images) at 32 px.
@@ -36,17 +35,15 @@ TINY = ["data.synthetic_num_images=120", "base.epochs=1", "probe.epochs=1", "fin
 class World:
     root: Path  # the working directory of every row: data/, runs/, mlflow.db (the default store)
     probe: Path  # the earlier run's base checkpoint
+    corrupt_jpeg: Callable[[Path], None]  # the conftest fixture, for the cases that damage an image
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> World:
+def world(tmp_path_factory, smoke_config, corrupt_jpeg) -> World:
     root = tmp_path_factory.mktemp("bad_input")
-    cfg = load_config(REPO / "configs" / "smoke.yaml", [
-        f"data.root={root / 'data'}", f"output_dir={root / 'runs'}", f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
-        "experiment=earlier", *TINY])
-    out = pipeline.run(cfg, variants=[{"mode": "base"}])
+    out = pipeline.run(smoke_config(root, "experiment=earlier", *TINY), variants=[{"mode": "base"}])
     assert not (out.run_dir / INCOMPLETE).exists()  # a finished run loses its marker
-    return World(root, out.run_dir / "probe")
+    return World(root, out.run_dir / "probe", corrupt_jpeg)
 
 
 def _snapshot(world: World) -> tuple[dict, dict]:
@@ -102,7 +99,7 @@ def corrupt_test_image(world: World, tmp_path: Path) -> list[str]:
     shutil.copytree(world.root / "data", root)
     partition = (root / "list_eval_partition.txt").read_text().split()
     test_images = [name for name, split in zip(partition[::2], partition[1::2]) if split == "2"]
-    corrupt_jpeg(root / "img_align_celeba" / test_images[-1])
+    world.corrupt_jpeg(root / "img_align_celeba" / test_images[-1])
     return ["data.name=celeba", f"data.root={root}"]
 
 
@@ -112,7 +109,7 @@ def corrupt_train_image_in_a_worker(world: World, tmp_path: Path) -> list[str]:
     shutil.copytree(world.root / "data", root)
     partition = (root / "list_eval_partition.txt").read_text().split()
     train_images = [name for name, split in zip(partition[::2], partition[1::2]) if split == "0"]
-    corrupt_jpeg(root / "img_align_celeba" / train_images[0])
+    world.corrupt_jpeg(root / "img_align_celeba" / train_images[0])
     return ["data.name=celeba", f"data.root={root}", "data.num_workers=1"]
 
 

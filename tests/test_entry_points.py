@@ -13,7 +13,6 @@ from distributed_asac import logs
 from distributed_asac.config import Config, describe_keys, load_config
 from distributed_asac.data.lfw import LFW
 from distributed_asac.tracking import Tracker
-from tests.fixtures import write_lfw_fixture
 
 
 def test_every_config_key_has_a_meaning():
@@ -64,7 +63,7 @@ def package_loggers():
 
 @pytest.mark.parametrize("rank, shown", [("0", True), ("1", False)])
 def test_lfw_join_counts_are_logged_on_the_main_rank_only(rank, shown, tmp_path, monkeypatch, capsys,
-                                                          package_loggers):
+                                                          package_loggers, write_lfw_fixture):
     monkeypatch.setenv("RANK", rank)
     fixture = write_lfw_fixture(tmp_path / "lfw")
     logs.setup_logging()
