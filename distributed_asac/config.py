@@ -21,11 +21,15 @@ from typing import Any, Optional
 
 import yaml
 
+from .attacks import ATTACKS
+from .curriculum import ORDERS
 from .data.datasets import DATASETS, synthetic_arguments
 from .data.faces import BAD_IMAGE_POLICIES
 from .data.synthetic import check_arguments as check_generator_arguments
 from .errors import UserError
+from .models import BACKBONES
 from .registry import suggest
+from .rows import MODES
 
 
 @dataclass
@@ -63,7 +67,7 @@ class StageConfig:
 
 @dataclass
 class FinetuneConfig:
-    mode: str = "asac"  # stage-3 training: ASAC, a comparator, or none (base)
+    mode: str = "asac"  # stage-3 training: ASAC, a comparator, or none (base) (rows.MODES)
     epochs: int = 2  # passes over the train split
     batch_size: int = 64  # k: images per process per minibatch
     lr: float = 1e-3  # Adam learning rate
@@ -174,12 +178,6 @@ def save_config(cfg: Config, path: Path) -> None:
 
 def choices() -> dict[str, list[str]]:
     """The valid names of every key that takes one of a fixed set of names (validation and --help)."""
-    # Imported here: the registries live beside the code they name, which itself imports config.
-    from .attacks import ATTACKS
-    from .curriculum import ORDERS
-    from .finetune import MODES
-    from .models import BACKBONES
-
     return {"data.name": DATASETS.names(), "model.backbone": BACKBONES.names(), "finetune.attack": ATTACKS.names(),
             "finetune.order": ORDERS.names(), "finetune.mode": MODES.names(),
             "finetune.attack_model": list(ATTACK_MODELS), "data.on_bad_image": list(BAD_IMAGE_POLICIES),

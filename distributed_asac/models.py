@@ -7,8 +7,9 @@ returns (feature extractor, feature dimension, normalisation mean, normalisation
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torchvision
@@ -64,6 +65,17 @@ def set_trainable(model: nn.Module, stage: str) -> None:
     train_probe_head = stage == "probe"
     for name, param in model.named_parameters():
         param.requires_grad = name.startswith("protected_head.") == train_probe_head
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Attacks and scoring run in eval mode (batch-norm statistics untouched), then the mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def _imagenet_file(name: str) -> Path:

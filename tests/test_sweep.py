@@ -128,11 +128,11 @@ def swept(tmp_path_factory, ray_tmp) -> SimpleNamespace:
     pauses = root / "pauses"
     pauses.mkdir()
     env = {**_env(marker, ray_tmp), PAUSE_DIR: str(pauses),
-           PAUSE_AT: "finetune.epoch_end:epoch=2;trial.before_record:status=failed"}
+           PAUSE_AT: "stage.epoch_end:stage=finetune,epoch=2;trial.before_record:status=failed"}
     driver = subprocess.Popen(_sweep_cli("--config", str(path)), env=env, cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for_files(driver, (root / "runs" / "sweeps" / "main", f"*/trials/*/{RECORD}"),
-                    (pauses, "finetune.epoch_end.*.reached"), (pauses, "trial.before_record.*.reached"))
+                    (pauses, "stage.epoch_end.*.reached"), (pauses, "trial.before_record.*.reached"))
     driver.kill()  # no finally, no signal handler: what a crash or an OOM kill does
     driver.wait()
     # Ray's core dies with its driver at once; its two agents first try for 60 s (a fixed timeout in Ray) to
@@ -216,10 +216,10 @@ def test_ctrl_c_stops_the_sweep_and_ray(swept, ray_tmp):
     marker = uuid.uuid4().hex
     pauses = swept.root / "interrupted-pauses"
     pauses.mkdir()
-    env = {**_env(marker, ray_tmp), PAUSE_DIR: str(pauses), PAUSE_AT: "finetune.epoch_end:epoch=1"}
+    env = {**_env(marker, ray_tmp), PAUSE_DIR: str(pauses), PAUSE_AT: "stage.epoch_end:stage=finetune,epoch=1"}
     driver = subprocess.Popen(_sweep_cli("--config", str(path)), env=env, cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for_files(driver, (pauses, "finetune.epoch_end.*.reached"))  # the trial is mid-run, paused
+    _wait_for_files(driver, (pauses, "stage.epoch_end.*.reached"))  # the trial is mid-run, paused
     driver.send_signal(signal.SIGINT)
     _, err = driver.communicate(timeout=120)
     assert driver.returncode == 130 and "--resume" in err.splitlines()[-1]

@@ -16,14 +16,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from distributed_asac.metrics import HEADLINE
-from distributed_asac.report import COLUMNS
+from distributed_asac.metrics import COLUMNS
 from distributed_asac.stats import paired_difference, t_interval
 
 from .bases import is_base_key
 from .spec import AXES
 
-METRICS = tuple((m, fmt) for m, fmt in COLUMNS if m in HEADLINE)  # the headline metrics, as the demo shows them
+METRICS = tuple((c.name, c.fmt) for c in COLUMNS if c.of_counts is not None)  # the headline metrics, as the demo shows them
 # Shown in the grid tables beside METRICS when the trials report it (fine-tunes do).
 EXTRA = (("balanced_valid_DEO_swing", "{:.3f}"),)
 
