@@ -39,6 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from distributed_asac.errors import UserError, exit_on_user_error
+from distributed_asac.files import atomic_write
 from distributed_asac.logs import setup_logging
 
 from .celeba_format import (ATTRIBUTE_FILE, COUNTERFACTUAL_DIR, COUNTERFACTUAL_FILE, IMAGE_DIR, LANDMARK_COLUMNS,
@@ -151,10 +152,7 @@ def _write_annotations(out_dir: Path, splits: np.ndarray, labels: np.ndarray,
 
 
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    """Write JSON atomically, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def _read_json(path: Path) -> Any:
