@@ -268,22 +268,23 @@ def plot_forest(measurements: list[Measurement], claims: Claims, path: Path) -> 
     rows = list(dict.fromkeys(m.claim.id for m in shown))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.45 * max(len(rows), 4) + 1.5),
                              dpi=120, squeeze=False)
+    colours = dict(zip(regimes, plt.rcParams["axes.prop_cycle"].by_key()["color"] * len(regimes)))
     for ax, panel in zip(axes[0], panels):
         ids = [c for c in rows if any(m.claim.id == c and _scale(m.claim.metric) == panel for m in shown)]
-        for k, regime in enumerate(regimes):
-            chosen = [m for m in shown if m.regime == regime and _scale(m.claim.metric) == panel]
-            offset = (k - (len(regimes) - 1) / 2) * 0.8 / max(len(regimes), 1)
-            ys = [ids.index(m.claim.id) + offset for m in chosen]
-            estimates = [m.interval.estimate for m in chosen]
-            spreads = [0.0 if math.isnan(m.interval.low) else m.interval.half_width for m in chosen]
-            ax.errorbar(estimates, ys, xerr=spreads, fmt="o", capsize=3, markersize=4, label=regime)
+        for row, claim_id in enumerate(ids):
+            here = [m for m in shown if m.claim.id == claim_id]  # in regime order; centred on the claim's tick
+            for k, m in enumerate(here):
+                spread = 0.0 if math.isnan(m.interval.low) else m.interval.half_width
+                ax.errorbar([m.interval.estimate], [row + (k - (len(here) - 1) / 2) * 0.22], xerr=[spread], fmt="o",
+                            capsize=3, markersize=4, color=colours[m.regime])
         ax.axvline(0, color="black", linewidth=0.8)
         ax.set_yticks(range(len(ids)))
+        ax.set_ylim(len(ids) - 0.5, -0.5)  # first claim on top
         ax.set_yticklabels([f"{c}: {next(m.claim.metric for m in shown if m.claim.id == c)}" for c in ids], fontsize=7)
-        ax.invert_yaxis()
         ax.set_xlabel(f"treatment − reference ({panel})")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, title="regime", title_fontsize=7)
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colours[r]) for r in regimes]
+    axes[0][0].legend(handles, regimes, fontsize=7, title="regime", title_fontsize=7)
     fig.suptitle("Claims: paired difference over seeds, 95% t-interval", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
