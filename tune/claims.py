@@ -279,7 +279,7 @@ def plot_forest(measurements: list[Measurement], claims: Claims, path: Path) -> 
                             capsize=3, markersize=4, color=colours[m.regime])
         ax.axvline(0, color="black", linewidth=0.8)
         ax.set_yticks(range(len(ids)))
-        ax.set_ylim(len(ids) - 0.5, -0.5)  # first claim on top
+        ax.set_ylim(max(len(ids), 1) - 0.5, -0.5)  # first claim on top
         ax.set_yticklabels([f"{c}: {next(m.claim.metric for m in shown if m.claim.id == c)}" for c in ids], fontsize=7)
         ax.set_xlabel(f"treatment − reference ({panel})")
         ax.grid(alpha=0.3)
