@@ -284,3 +284,41 @@ def test_other_os_errors_are_not_hidden():
 
     with pytest.raises(PermissionError), exit_on_user_error():
         raise PermissionError(13, "Permission denied", "/x")
+
+
+# Loaded by the run's interpreter at start-up (sitecustomize on PYTHONPATH): every sqlite connection may use
+# no more pages than the store has now, so the run's first write that needs a new page fails with sqlite's
+# own SQLITE_FULL, as on a full disk.
+STORE_LIMIT = """
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+@event.listens_for(Engine, "connect")
+def _no_more_pages(connection, record):
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA max_page_count = {pages}")
+    cursor.close()
+"""
+
+
+@pytest.mark.parametrize("spare_pages", [0, 8])  # full at the run's first write; full while it trains
+def test_a_full_tracking_store_is_one_line_and_changes_nothing(spare_pages, world, tmp_path):
+    import sqlite3
+
+    before = _snapshot(world)
+    pages = sqlite3.connect(world.root / "mlflow.db").execute("PRAGMA page_count").fetchone()[0]
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(STORE_LIMIT.format(pages=pages + spare_pages))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), str(REPO), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "distributed_asac.finetune", "--config",
+                           str(REPO / "configs" / "smoke.yaml"), f"data.root={world.root / 'data'}",
+                           f"output_dir={world.root / 'runs'}", *TINY, f"experiment=case_store_full_{spare_pages}"],
+                          cwd=world.root, env=env, capture_output=True, text=True, timeout=600)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("error: the MLflow tracking store is full (sqlite: database or disk is full)")
+    files, runs = _snapshot(world)
+    assert {p: h for p, h in files.items() if p in before[0]} == before[0]
+    assert {r: v for r, v in runs.items() if r in before[1]} == before[1]

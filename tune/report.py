@@ -14,12 +14,13 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from distributed_asac.metrics import COLUMNS
 from distributed_asac.stats import paired_difference, t_interval
 
 from .bases import is_base_key
+from .claims import Claims, write_claims
 from .spec import AXES
 
 METRICS = tuple((c.name, c.fmt) for c in COLUMNS if c.of_counts is not None)  # the headline metrics, as the demo shows them
@@ -31,10 +32,16 @@ def is_base_axis(axis: str) -> bool:
     return axis != "seed" and is_base_key(AXES.get(axis, axis))
 
 
-def write_report(records: list[dict[str, Any]], grids: dict[str, list[str]], out_dir: Path, title: str) -> list[Path]:
-    """Write report.md, `<grid>.csv` per grid, trials.csv and pareto.png into `out_dir`; return the paths."""
+def write_report(records: list[dict[str, Any]], grids: dict[str, list[str]], out_dir: Path, title: str,
+                 claims: Optional[Claims] = None) -> list[Path]:
+    """Write report.md, `<grid>.csv` per grid, trials.csv and pareto.png into `out_dir` (and, for a sweep
+    with a claims section, the claims tables first, claims.csv and claims_forest.png); return the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     sections, paths = [f"# {title}", "", _summary(records), ""], []
+    if claims is not None:
+        markdown, claim_paths = write_claims(records, claims, out_dir)
+        sections += [markdown, ""]
+        paths += claim_paths
     for grid, axes in grids.items():
         grid_records = [r for r in records if grid in r["grids"]]
         rows = grid_rows(grid_records, axes)
@@ -92,37 +99,50 @@ def _row(model: str, setting: dict[str, Any], results: list[dict], total: int) -
 
 
 def paired_rows(records: list[dict[str, Any]], axes: list[str]) -> list[dict[str, Any]]:
-    """Each fine-tuned setting of a grid against the grid's first setting, paired by seed: per metric the
-    `stats.Interval` of the per-seed differences (seeds where either trial did not finish are left out)."""
+    """Each fine-tuned setting of a grid against the grid's first setting with the same base (the same values
+    of the axes that change the base model, e.g. the dataset; a grid of base axes only has one reference),
+    paired by seed: per metric the `stats.Interval` of the per-seed differences (seeds where either trial did
+    not finish are left out)."""
     by_setting: dict[str, dict[Any, dict]] = {}
     for record in records:
         if record["status"] == "finished":
             by_setting.setdefault(_key(record, [a for a in axes if a != "seed"]), {})[record["axes"].get("seed")] = record
-    if len(by_setting) < 2:
-        return []
-    reference_key, *others = by_setting
-    reference = by_setting[reference_key]
+    base_axes = _grouping_axes(axes)
+    references: dict[str, str] = {}  # base setting → the key of its first fine-tuned setting
     out = []
-    for key in others:
-        seeds = [s for s in by_setting[key] if s in reference]
-        intervals = {m: paired_difference([by_setting[key][s]["metrics"][m] for s in seeds],
+    for key, per_seed in by_setting.items():
+        setting = json.loads(key)
+        reference_key = references.setdefault(json.dumps({a: setting[a] for a in base_axes}), key)
+        if reference_key == key:
+            continue
+        reference = by_setting[reference_key]
+        seeds = [s for s in per_seed if s in reference]
+        intervals = {m: paired_difference([per_seed[s]["metrics"][m] for s in seeds],
                                           [reference[s]["metrics"][m] for s in seeds])
-                     for m, _ in METRICS + EXTRA if seeds and all(_finite(by_setting[key][s]["metrics"].get(m)) and
+                     for m, _ in METRICS + EXTRA if seeds and all(_finite(per_seed[s]["metrics"].get(m)) and
                                                           _finite(reference[s]["metrics"].get(m)) for s in seeds)}
-        out.append({"setting": json.loads(key), "reference": json.loads(reference_key), "seeds": seeds,
-                    "intervals": intervals})
+        out.append({"setting": setting, "reference": json.loads(reference_key), "seeds": seeds, "intervals": intervals})
     return out
+
+
+def _grouping_axes(axes: list[str]) -> list[str]:
+    """The base axes a grid's pairs must share, when the grid also varies something else."""
+    base = [a for a in axes if is_base_axis(a)]
+    return base if any(a != "seed" and a not in base for a in axes) else []
 
 
 def paired_table(paired: list[dict[str, Any]], axes: list[str]) -> str:
     shown = [a for a in axes if a != "seed"]
     columns = [(m, fmt) for m, fmt in METRICS + EXTRA if any(m in row["intervals"] for row in paired)]
-    reference = ", ".join(f"{a}={format_setting(paired[0]['reference'][a])}" for a in shown)
-    lines = [f"Paired by seed against the reference setting ({reference}): mean difference ± 95% t-interval, verdict.",
+    grouping = _grouping_axes(axes)
+    reference = ", ".join(f"{a}={format_setting(paired[0]['reference'][a])}" for a in shown if a not in grouping)
+    same_base = f" with the same {', '.join(grouping)}" if grouping else ""
+    lines = [f"Paired by seed against the reference setting ({reference}){same_base}: mean difference ± 95% "
+             "t-interval, verdict.",
              "", "| " + " | ".join([*shown, *(f"Δ{m}" for m, _ in columns), "Seeds"]) + " |",
              "|" + "---|" * (len(shown) + len(columns) + 1)]
     for row in paired:
-        cells = [format_setting(row["setting"][a]) for a in shown]
+        cells = [format_setting(row["setting"].get(a, "—")) for a in shown]
         for metric, fmt in columns:
             interval = row["intervals"].get(metric)
             if interval is None or math.isnan(interval.low):
@@ -138,7 +158,7 @@ def markdown_table(rows: list[dict[str, Any]], axes: list[str]) -> str:
     header = ["Model", *axes, *(m for m, _ in METRICS + tuple(extra)), "Seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["model"], *(format_setting(row["setting"][a]) for a in axes)]
+        cells = [row["model"], *(format_setting(row["setting"].get(a, "—")) for a in axes)]
         for metric, fmt in METRICS + tuple(extra):
             mean, half = row["stats"][metric]
             missing = "pending" if row.get("pending") == row["total"] else ("failed" if row["n"] == 0 else "n/a")
@@ -186,7 +206,7 @@ def _fmt(value: Any, fmt: str) -> str:
 def _grid_csv_rows(rows: list[dict[str, Any]], axes: list[str]) -> list[dict[str, Any]]:
     out = []
     for row in rows:
-        line = {"model": row["model"], **{a: format_setting(row["setting"][a]) for a in axes}}
+        line = {"model": row["model"], **{a: format_setting(row["setting"].get(a, "—")) for a in axes}}
         for metric, _ in METRICS:
             line[f"{metric}_mean"], line[f"{metric}_ci95_halfwidth"] = row["stats"][metric]
         line.update(seeds_ok=row["n"], seeds_total=row["total"], errors="; ".join(row.get("errors", [])))

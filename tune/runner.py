@@ -1,10 +1,10 @@
 """Every Ray call of the sweep: start (or join) a cluster, build missing bases as tasks, run trials with Tune.
 
 Locally Ray runs without a dashboard, with its session files under an explicit temp folder
-($ASAC_RAY_TEMP_DIR; default: inside a private <tmp>/asac-ray-* made per sweep and removed after it) and is
-shut down in a `finally`, on Ctrl-C too. Its core processes share the driver's fate (Ray kills them when the
-driver dies, even on SIGKILL). Every local service listens on 127.0.0.1 only and requires a token
-(`tune.sweep.local_ray_environment`, which must run before Ray is imported).
+($ASAC_RAY_TEMP_DIR; default: inside a private <tmp>/asac-ray-* made per sweep) and is shut down in a
+`finally`, on Ctrl-C too. A watchdog process (tune/watchdog.py) then kills what is left of this Ray and removes
+the folder the sweep made, also when the driver was killed with SIGKILL. Every local service listens on
+127.0.0.1 only and requires a token (`tune.sweep.local_ray_environment`, which must run before Ray is imported).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from ray import tune  # noqa: E402
 
 from distributed_asac.errors import UserError  # noqa: E402
 
+from . import watchdog  # noqa: E402
 from .bases import ensure_base  # noqa: E402
 from .spec import Resources  # noqa: E402
 from .trial import run_trial  # noqa: E402
@@ -41,16 +42,17 @@ REPO = Path(__file__).resolve().parents[1]
 @contextmanager
 def ray_session(address: Optional[str]) -> Iterator[None]:
     """A local Ray instance (address None) or a connection to `address` ('auto', 'ray://head:10001')."""
-    with ExitStack() as made:  # a temp folder this session makes is removed after Ray's shutdown
+    with ExitStack() as made:  # the watchdog's clean-up runs after Ray's shutdown
         if address is None:
             if os.environ.get(LOOPBACK_ENV) != "0" or os.environ.get("RAY_AUTH_MODE") != "token":
                 raise RuntimeError("a local Ray needs tune.sweep.local_ray_environment() before Ray is imported")
             # Local workers inherit the driver's environment: this makes `tune.*` importable in them.
             os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
             # Ray makes its temp folder world-writable (0777): by default it goes inside a folder private to
-            # the user (0700) made for this sweep.
-            folder = os.environ.get(TEMP_DIR_ENV) or os.path.join(made.enter_context(tempfile.TemporaryDirectory(
-                prefix="asac-ray-", ignore_cleanup_errors=True)), "r")
+            # the user (0700) made for this sweep, which the watchdog removes.
+            private = None if os.environ.get(TEMP_DIR_ENV) else tempfile.mkdtemp(prefix="asac-ray-")
+            made.callback(watchdog.stop, watchdog.start(private))
+            folder = os.environ.get(TEMP_DIR_ENV) or os.path.join(private, "r")
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=folder,
                      logging_level=logging.WARNING)
         else:

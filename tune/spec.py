@@ -34,6 +34,7 @@ from distributed_asac.registry import suggest
 from distributed_asac.tracking import tracking_uri
 
 from .bases import base_key
+from .claims import Claims, check_claims, parse_claims
 
 # Short axis names of the paper's ablations → config keys.
 AXES = {
@@ -48,7 +49,8 @@ RESERVED = ("experiment", "output_dir", "tracking", "seed")
 # relative path that exists is pinned.
 _PATHS = {"data.root": True, "data.cache_dir": True, "data.split_file": True, "output_dir": True,
           "base_checkpoint": True, "model.weights": False}
-TOP_KEYS = ("name", "base_config", "experiment", "overrides", "seeds", "grids", "axes", "resources", "max_concurrent")
+TOP_KEYS = ("name", "base_config", "experiment", "overrides", "seeds", "grids", "axes", "resources", "max_concurrent",
+            "claims")
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class Sweep:
     max_concurrent: Optional[int]
     grids: dict[str, list[str]]  # grid → its axis names
     trials: list[Trial] = field(default_factory=list)
+    claims: Optional[Claims] = None  # the claims table's definition (tune/claims.py), if the file has one
 
     def trial_dicts(self) -> list[dict[str, Any]]:
         return [asdict(t) for t in self.trials]
@@ -118,6 +121,9 @@ def load_sweep(path: str | Path, cli_overrides: list[str] | tuple[str, ...] = ()
         grids={name: list(axes) for name, axes in grids.items()},
     )
     sweep.trials = _expand(sweep, grids, _seeds(path, data, base.seed), common)
+    if "claims" in data:
+        sweep.claims = parse_claims(str(path), data["claims"])
+        check_claims(sweep.claims, sweep.trial_dicts(), str(path))
     return sweep
 
 

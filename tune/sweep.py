@@ -30,6 +30,7 @@ from distributed_asac.errors import UserError, exit_on_user_error  # noqa: E402
 from distributed_asac.logs import setup_logging  # noqa: E402
 from distributed_asac.tracking import probe_store, tracking_uri  # noqa: E402
 from tune import mlflow_runs  # noqa: E402
+from tune.claims import Claims, parse_claims  # noqa: E402
 from tune.bases import entry_dir, prepare_data, read_entry  # noqa: E402
 from tune.records import (latest_sweep_dir, load_records, new_sweep_dir, read_record, read_state,  # noqa: E402
                           trial_folder, write_json)
@@ -118,7 +119,8 @@ def open_sweep(sweep: Sweep, resume: Optional[str]) -> tuple[Path, dict[str, Any
     folder = new_sweep_dir(sweep.output_dir, sweep.name)
     state = {"name": sweep.name, "sweep_file": str(sweep.path), "base_config": str(sweep.base_config),
              "experiment": sweep.experiment, "tracking_uri": sweep.tracking_uri, "grids": sweep.grids,
-             "resources": vars(sweep.resources), "trials": sweep.trial_dicts()}
+             "resources": vars(sweep.resources), "trials": sweep.trial_dicts(),
+             "claims": sweep.claims.to_dict() if sweep.claims else None}
     state["parent_run_id"] = mlflow_runs.start_parent(
         sweep.tracking_uri, sweep.experiment, sweep.name, tags={"sweep_dir": str(folder), "sweep.file": str(sweep.path)},
         params={"base_config": sweep.base_config, "trials": len(sweep.trials), "grids": json.dumps(sweep.grids),
@@ -162,7 +164,7 @@ def run_sweep(sweep: Sweep, args: argparse.Namespace) -> int:
     finally:
         records = load_records(folder)
         report_dir = folder / "report"
-        write_report(records, sweep.grids, report_dir, f"Sweep {sweep.name}")
+        write_report(records, sweep.grids, report_dir, f"Sweep {sweep.name}", sweep.claims)
         mlflow_runs.log_report(state["tracking_uri"], state["parent_run_id"], report_dir)
         mlflow_runs.finish_parent(state["tracking_uri"], state["parent_run_id"], status, summary_metrics(records))
     print(_closing(records, report_dir, time.time() - start))
@@ -219,6 +221,7 @@ def report_command(targets: list[str], overrides: list[str]) -> int:
         folder = Path(target).resolve()
         state = read_state(folder)
         records, grids, uri, run_id = load_records(folder), state["grids"], state["tracking_uri"], state["parent_run_id"]
+        claims = _claims(folder, state)
         report_dir, title = folder / "report", f"Sweep {state['name']}"
         for more in targets[1:]:  # the same grids with other seeds: one report over all of them
             other = read_state(Path(more).resolve())
@@ -235,11 +238,17 @@ def report_command(targets: list[str], overrides: list[str]) -> int:
         grids, run_id = json.loads(parent.data.params.get("grids", "{}")), target
         sweep_dir = Path(parent.data.tags.get("sweep_dir", ""))
         report_dir = sweep_dir / "report" if sweep_dir.is_dir() else Path.cwd() / f"sweep-report-{target[:8]}"
+        claims = _claims(sweep_dir, read_state(sweep_dir)) if sweep_dir.is_dir() else None
         title = f"Sweep {parent.info.run_name}"
-    paths = write_report(records, grids, report_dir, title)
+    paths = write_report(records, grids, report_dir, title, claims)
     mlflow_runs.log_report(uri, run_id, report_dir)
     print("\n".join(str(p) for p in paths))
     return 0
+
+
+def _claims(folder: Path, state: dict[str, Any]) -> Optional[Claims]:
+    """The claims section the sweep was started with (sweeps written before claims existed have none)."""
+    return parse_claims(str(folder / "sweep.json"), state["claims"]) if state.get("claims") else None
 
 
 if __name__ == "__main__":
