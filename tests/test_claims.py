@@ -13,6 +13,7 @@ from scipy import stats as scipy_stats
 from distributed_asac.errors import UserError
 from tune.claims import (CONTRADICTED, NOT_DETECTABLE, SUPPORTED, claim_metrics, matches, measure, parse_claims,
                          write_claims)
+from tune.records import TrialRecord
 from tune.report import write_report
 from tune.spec import load_sweep
 
@@ -21,8 +22,8 @@ ASAC, PLAIN = {"mode": "asac", "attack": "fgsm"}, {"mode": "plain"}
 
 
 def record(data, finetune, seed, metrics, base=None, status="finished", **axes):
-    return {"name": f"t-{seed}", "axes": {"data": data, "finetune": finetune, **axes, "seed": seed}, "grids": ["g"],
-            "status": status, "model": finetune["mode"], "metrics": metrics, "base": base}
+    return TrialRecord(name=f"t-{seed}", axes={"data": data, "finetune": finetune, **axes, "seed": seed}, grids=["g"],
+                       status=status, model=finetune["mode"], metrics=metrics, base=base)
 
 
 def section(claims, tables=None):
@@ -103,7 +104,7 @@ def test_each_verdict_word_and_the_paired_numbers():
 def test_one_seed_is_not_detectable_and_a_missing_setting_is_an_empty_cell():
     claims = parse_claims("test", section([claim("C", "DEO", "lower", {"finetune": ASAC}, {"finetune": {"mode": "x"}}),
                                            claim("D", "DEO", "lower", {"finetune": ASAC}, {"finetune": PLAIN})]))
-    one_seed = [r for r in records() if r["axes"]["seed"] == 0]
+    one_seed = [r for r in records() if r.axes["seed"] == 0]
     got = {(m.claim.id, m.regime): m for m in measure(one_seed, claims)}
     assert got[("C", "strong")].interval is None
     assert got[("D", "strong")].interval.n == 1 and got[("D", "strong")].verdict == NOT_DETECTABLE

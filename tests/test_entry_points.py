@@ -87,9 +87,9 @@ def test_sweep_resume_does_not_swallow_an_override(tmp_path):
 
 
 def test_the_sweep_parent_run_carries_provenance(tmp_path):
-    from tune import mlflow_runs
+    from tune import records
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_id = mlflow_runs.start_parent(uri, "sweeps", "smoke", tags={"sweep_dir": "x"}, params={"trials": 1})
+    run_id = records.start_parent(uri, "sweeps", "smoke", tags={"sweep_dir": "x"}, params={"trials": 1})
     tags = MlflowClient(uri).get_run(run_id).data.tags
     assert tags["sweep_dir"] == "x" and len(tags["git_commit"]) == 40 and tags["world_size"]

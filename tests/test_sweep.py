@@ -29,9 +29,8 @@ from mlflow.tracking import MlflowClient
 from distributed_asac.config import load_config
 from distributed_asac.failpoints import PAUSE_AT, PAUSE_DIR
 from tune import report
-from tune.bases import base_key
-from tune.records import RECORD, read_state
-from tune.spec import load_sweep
+from tune.records import RECORD, TrialRecord, read_state
+from tune.spec import base_key, load_sweep
 from tune.sweep import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -298,11 +297,12 @@ def test_base_key_is_the_base_defining_fields():
 
 
 def _record(name, seed, deo, acc, status="finished", backbone="resnet18", grids=("g",)):
-    return {"name": name, "axes": {"backbone": backbone, "seed": seed}, "grids": list(grids), "status": status,
-            "model": "asac_fgsm" if status == "finished" else None, "error": None if status == "finished" else "boom",
-            "metrics": {"DEO": deo, "DEOp": deo, "DDP": deo, "ACC": acc,
-                        "worst_group_ACC": None if acc is None else acc - 10} if status == "finished" else {},
-            "base": {"DEO": 0.5 + seed, "DEOp": 0.1, "DDP": 0.1, "ACC": 80.0}}
+    return TrialRecord(name=name, axes={"backbone": backbone, "seed": seed}, grids=list(grids), status=status,
+                       model="asac_fgsm" if status == "finished" else None,
+                       error=None if status == "finished" else "boom",
+                       metrics={"DEO": deo, "DEOp": deo, "DDP": deo, "ACC": acc,
+                                "worst_group_ACC": None if acc is None else acc - 10} if status == "finished" else {},
+                       base={"DEO": 0.5 + seed, "DEOp": 0.1, "DDP": 0.1, "ACC": 80.0})
 
 
 def test_report_mean_and_interval_over_seeds(tmp_path):
@@ -331,9 +331,9 @@ def test_paired_rows_against_the_grid_reference():
     records += [_record(f"l{s}", s, 0.4 - 0.01 * s, 91.0 + 0.1 * s) for s in range(3)]
     records += [_record(f"h{s}", s, 0.5 + (0.05 if s % 2 else -0.05), 90.0) for s in range(3)]
     for r, alpha in zip(records, [0.5] * 3 + [0.3] * 3 + [0.7] * 3):
-        r["axes"] = {"alpha": alpha, "seed": r["axes"]["seed"]}
+        r.axes = {"alpha": alpha, "seed": r.axes["seed"]}
     records.append(_record("l3", 3, 0.1, 99.0))  # a seed the reference lacks: left out of the pairing
-    records[-1]["axes"] = {"alpha": 0.3, "seed": 3}
+    records[-1].axes = {"alpha": 0.3, "seed": 3}
     paired = report.paired_rows(records, ["alpha"])
     assert [(p["setting"], p["reference"], p["seeds"]) for p in paired] == [
         ({"alpha": 0.3}, {"alpha": 0.5}, [0, 1, 2]), ({"alpha": 0.7}, {"alpha": 0.5}, [0, 1, 2])]
@@ -384,8 +384,7 @@ def test_trial_with_two_accelerate_processes(tmp_path, ray_tmp):
 
 def test_report_merges_sweeps_of_more_seeds(tmp_path):
     """Seeds added later (a second sweep of the same file with --seeds) report together with the first ones."""
-    from tune import mlflow_runs
-    from tune.records import write_json, write_record
+    from tune.records import start_parent, write_json, write_record
     from tune.sweep import report_command
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -396,10 +395,10 @@ def test_report_merges_sweeps_of_more_seeds(tmp_path):
         for s in seeds:
             for alpha, deo in ((0.5, 0.5), (0.3, 0.4 - 0.01 * s)):
                 record = _record(f"a{alpha}-s{s}", s, deo, 90.0, grids=("alpha",))
-                record["axes"] = {"alpha": alpha, "seed": s}
-                trials.append({"name": record["name"], "overrides": [], "axes": record["axes"], "grids": ["alpha"]})
-                write_record(folder / "trials" / record["name"], record)
-        parent = mlflow_runs.start_parent(uri, "merge-test", f"part{part}", tags={}, params={})
+                record.axes = {"alpha": alpha, "seed": s}
+                trials.append({"name": record.name, "overrides": [], "axes": record.axes, "grids": ["alpha"]})
+                write_record(folder / "trials" / record.name, record)
+        parent = start_parent(uri, "merge-test", f"part{part}", tags={}, params={})
         write_json(folder / "sweep.json", {"name": "s", "grids": {"alpha": ["alpha"]}, "tracking_uri": uri,
                                            "parent_run_id": parent, "trials": trials})
         folders.append(str(folder))

@@ -33,10 +33,13 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 from distributed_asac.errors import UserError
 from distributed_asac.stats import HIGHER, LOWER, Interval, paired_difference
+
+if TYPE_CHECKING:
+    from .records import TrialRecord
 
 EXPECT = ("lower", "higher", "none")
 SUPPORTED, CONTRADICTED, NOT_DETECTABLE = "supported", "contradicted", "not detectable"
@@ -138,19 +141,18 @@ def _setting(axes: dict[str, Any]) -> str:
     return json.dumps({a: v for a, v in axes.items() if a != "seed"}, sort_keys=True)
 
 
-def select(records: Iterable[dict[str, Any]], regime: dict[str, Any], selector: dict[str, Any],
-           where: str) -> dict[Any, dict[str, Any]]:
-    """seed → the one record of `regime` matching `selector` (records or sweep trials: anything with axes);
-    UserError when the selector does not single out one setting."""
-    chosen = [r for r in records if matches(r["axes"], regime) and matches(r["axes"], selector)]
-    settings = {_setting(r["axes"]) for r in chosen}
+def select(records: Iterable[Any], regime: dict[str, Any], selector: dict[str, Any], where: str) -> dict[Any, Any]:
+    """seed → the one record of `regime` matching `selector` (trial records or the sweep's trials: anything with
+    `axes`); UserError when the selector does not single out one setting."""
+    chosen = [r for r in records if matches(r.axes, regime) and matches(r.axes, selector)]
+    settings = {_setting(r.axes) for r in chosen}
     if len(settings) > 1:
         raise UserError(f"{where}: the selector {json.dumps(selector)} matches {len(settings)} settings; "
                         f"add an axis value that tells them apart (e.g. {sorted(settings)[0]})")
-    return {r["axes"].get("seed"): r for r in chosen}
+    return {r.axes.get("seed"): r for r in chosen}
 
 
-def check_claims(claims: Claims, trials: list[dict[str, Any]], where: str) -> None:
+def check_claims(claims: Claims, trials: list[Any], where: str) -> None:
     """Every selector singles out at most one setting in each regime, and every claim is measured somewhere."""
     for claim in claims.claims:
         found = False
@@ -189,9 +191,9 @@ def verdict(interval: Optional[Interval], expect: str) -> str:
     return SUPPORTED if side == expect else CONTRADICTED
 
 
-def measure(records: list[dict[str, Any]], claims: Claims) -> list[Measurement]:
+def measure(records: list[TrialRecord], claims: Claims) -> list[Measurement]:
     """Every claim in every regime, from the finished trial records."""
-    finished = [r for r in records if r["status"] == "finished"]
+    finished = [r for r in records if r.status == "finished"]
     out = []
     for claim in claims.claims:
         reference_metric = claim.reference_metric or claim.metric
@@ -199,12 +201,12 @@ def measure(records: list[dict[str, Any]], claims: Claims) -> list[Measurement]:
             here = f"claim {claim.id!r}, regime {name!r}"
             treated = select(finished, regime, claim.treatment, here)
             if claim.reference == "base":
-                references = {seed: r.get("base") for seed, r in treated.items()}
+                references = {seed: r.base for seed, r in treated.items()}
             elif claim.reference == "same":
-                references = {seed: r["metrics"] for seed, r in treated.items()}
+                references = {seed: r.metrics for seed, r in treated.items()}
             else:
-                references = {seed: r["metrics"] for seed, r in select(finished, regime, claim.reference, here).items()}
-            pairs = [(claim_metrics(treated[s]["metrics"]).get(claim.metric),
+                references = {seed: r.metrics for seed, r in select(finished, regime, claim.reference, here).items()}
+            pairs = [(claim_metrics(treated[s].metrics).get(claim.metric),
                       claim_metrics(references[s]).get(reference_metric))
                      for s in sorted(treated, key=str) if s in references]
             pairs = [(t, r) for t, r in pairs if t is not None and r is not None]
@@ -296,7 +298,7 @@ def _scale(metric: str) -> str:
     return "accuracy points" if "ACC" in metric else "share" if "share" in metric else "fairness gap"
 
 
-def write_claims(records: list[dict[str, Any]], claims: Claims, out_dir: Path) -> tuple[str, list[Path]]:
+def write_claims(records: list[TrialRecord], claims: Claims, out_dir: Path) -> tuple[str, list[Path]]:
     """claims.md (every table), claims.csv (one line per claim and regime) and claims_forest.png in `out_dir`;
     returns the markdown and the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
