@@ -131,7 +131,7 @@ for _name, _attr in (("resnet18", "fc"), ("resnet50", "fc"), ("densenet121", "cl
 def small_cnn(weights: Optional[str]) -> tuple[nn.Module, int, tuple, tuple]:
     """A strided stem and three conv-BN-ReLU-pool blocks (≈0.07M parameters) for tests and the CPU demo.
 
-    The stride-2 stem keeps a 64×64 training step near 40 ms on two CPU cores; batch norm is there on
+    The stride-2 stem quarters the work of every later layer, so the CPU demo trains in minutes; batch norm is there on
     purpose, so that the tests of "attacks leave BN statistics alone" test something.
     """
     if weights is not None:
