@@ -93,7 +93,7 @@ def adv_augment(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, a: torch.Ten
 @mode("asac", rows={f"asac_{attack}": {"attack": attack} for attack in ATTACKS.names()})
 def asac(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor) -> list[Chunk]:
     """The method: the ASACs of the k images at every ε of E, scored by the current M, ordered by the curriculum
-    and cut into |E| chunks of k entries (docs/method.md, Difficulty score and curriculum)."""
+    and cut into |E| chunks of k entries (docs/method.md, Difficulty and curriculum)."""
     n_eps, k = len(ctx.magnitudes), x.shape[0]
     with phase("asac.attack"), eval_mode(ctx.attacked):
         asacs = ctx.attack(ctx.attacked.protected_logits, x, a, ctx.magnitudes)  # [|E|, k, 3, H, W]

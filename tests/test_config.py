@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from distributed_asac.config import Config, config_from_dict, load_config
+from distributed_asac.config import Config, choices, config_from_dict, load_config
 from distributed_asac.errors import UserError
 
 
@@ -81,3 +81,10 @@ def test_cli_error_is_one_line_exit_2():
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: config key 'finetune.alpha'")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("key, name", [(key, name) for key, names in choices().items() for name in names])
+def test_every_registered_name_is_a_valid_value(key, name):
+    """Every name of every registry (datasets, backbones, attacks, orders, modes) and fixed choice loads, with no
+    list of them here: a newly registered part is a valid config value without editing this test."""
+    assert load_config(None, [f"{key}={name}"]).flat()[key] == name
