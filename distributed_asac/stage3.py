@@ -195,12 +195,12 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
 
     def epoch_work(epoch: int, batches: tqdm, progress: Progress) -> None:
         diagnostics = stage.ctx.diagnostics = Diagnostics(len(eps), accelerator.device)
-        start = time.perf_counter()
+        began = time.perf_counter()
         for step, (x, y, a, _) in enumerate(batches, 1):
             terms = stage.train_minibatch(x, y, a)
             batches.set_postfix(loss=f"{terms['loss'].item():.3f}")
             failpoint("finetune.step", epoch=epoch + 1, step=step)
-        metrics = diagnostics.summary(accelerator, eps, time.perf_counter() - start)
+        metrics = diagnostics.summary(accelerator, eps, time.perf_counter() - began)
         check_finite(f"finetune epoch {epoch + 1}", metrics.get("loss", 0.0), model, "finetune.lr", ft.lr)
         valid = evaluate(accelerator, model, valid_set, ft.batch_size, num_workers=cfg.data.num_workers).report()
         metrics.update({f"valid_{k}": v for k, v in valid.items()})
