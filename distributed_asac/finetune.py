@@ -32,6 +32,7 @@ from .calibration import Calibrated, calibrate_eps
 from .checkpoint import whole_model, whole_state_dict
 from .config import Config, FinetuneConfig
 from .curriculum import curriculum_chunks, difficulty_scores
+from .data.batches import to_pixels, uint8_images
 from .errors import UserError
 from .failpoints import failpoint
 from .losses import asac_loss, plain_loss
@@ -306,7 +307,7 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
         eps = magnitudes(ft.eps)
     set_trainable(model, "finetune")
     optimizer = adam(model.parameters(), ft.lr, cfg)
-    loader = DataLoader(train_set, batch_size=ft.batch_size, shuffle=True, drop_last=True,
+    loader = DataLoader(uint8_images(train_set), batch_size=ft.batch_size, shuffle=True, drop_last=True,
                         num_workers=cfg.data.num_workers)
     wrapped, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     attacked = attacked.to(accelerator.device)
@@ -335,6 +336,7 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
         bar = tqdm(loader, desc=f"finetune epoch {epoch + 1}/{ft.epochs}", leave=False,
                    disable=True if not accelerator.is_main_process else None)  # None: off when not a terminal
         for step, (x, y, a, _) in enumerate(bar, 1):
+            x = to_pixels(x)  # uint8 from the loader's workers (data/batches.py)
             terms = train_minibatch(mode, ctx, wrapped, optimizer, accelerator, x, y, a, cfg.grad_clip)
             bar.set_postfix(loss=f"{terms['loss'].item():.3f}")
             failpoint("finetune.step", epoch=epoch + 1, step=step)

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import whole_model, whole_state_dict
 from .config import Config
+from .data.batches import to_pixels, uint8_images
 from .data.build import Splits
 from .evaluate import evaluate
 from .failpoints import failpoint
@@ -38,7 +39,7 @@ def train_stage(
     stage_cfg = cfg.base if stage == "base" else cfg.probe
     set_trainable(model, stage)
     optimizer = adam(model.parameters(), stage_cfg.lr, cfg)
-    loader = DataLoader(splits.train, batch_size=stage_cfg.batch_size, shuffle=True, drop_last=True,
+    loader = DataLoader(uint8_images(splits.train), batch_size=stage_cfg.batch_size, shuffle=True, drop_last=True,
                         num_workers=cfg.data.num_workers)
     wrapped, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     best_score, best_state = -1.0, whole_state_dict(model)
@@ -55,7 +56,7 @@ def train_stage(
                    disable=True if not accelerator.is_main_process else None)  # None: off when not a terminal
         for x, y, a, _ in bar:
             labels = y if stage == "base" else a
-            loss = F.cross_entropy(wrapped(x)[head], labels)  # logits [b, 2]
+            loss = F.cross_entropy(wrapped(to_pixels(x))[head], labels)  # logits [b, 2]
             optimizer.zero_grad()
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
