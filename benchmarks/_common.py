@@ -55,8 +55,15 @@ def describe(info: Mapping[str, Any]) -> str:
             f"load {info['load_average_1m_at_start']:.2f} at start, torch {info['torch']}, {info['date']}")
 
 
-def interleaved(contenders: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each contender over `repeats` rounds, the contenders taking turns within a round.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+"""wall: elapsed time. cpu: this process's CPU time, for single-threaded contenders on a loaded machine, where
+elapsed time also counts the waits for a core that other jobs hold."""
+
+
+def interleaved(contenders: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1,
+                clock: str = "wall") -> dict[str, list[float]]:
+    """Seconds per call of each contender over `repeats` rounds, the contenders taking turns within a round,
+    on one of CLOCKS.
 
     Each contender first runs `warmup` times untimed (allocator, oneDNN primitive caches, lazy imports).
     """
@@ -64,11 +71,12 @@ def interleaved(contenders: Mapping[str, Callable[[], Any]], repeats: int, warmu
         for fn in contenders.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in contenders}
+    now = CLOCKS[clock]
     for _ in range(repeats):
         for name, fn in contenders.items():
-            start = time.perf_counter()
+            start = now()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(now() - start)
     return times
 
 

@@ -27,6 +27,7 @@ from .attacks import create_attack, magnitudes
 from .calibration import Calibrated, calibrate_eps
 from .checkpoint import whole_model, whole_state_dict
 from .config import Config, FinetuneConfig
+from .data.batches import to_pixels, uint8_images
 from .diagnostics import Diagnostics, phase
 from .errors import UserError
 from .evaluate import evaluate
@@ -127,7 +128,7 @@ def build_stage3(model: TwoHeadModel, cfg: Config, accelerator: Accelerator, gen
     if train_set is None:
         wrapped, optimizer = accelerator.prepare(model, optimizer)
     else:
-        loader = DataLoader(train_set, batch_size=ft.batch_size, shuffle=True, drop_last=True,
+        loader = DataLoader(uint8_images(train_set), batch_size=ft.batch_size, shuffle=True, drop_last=True,
                             num_workers=cfg.data.num_workers)
         wrapped, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     attacked = attacked.to(accelerator.device)
@@ -197,7 +198,7 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
         diagnostics = stage.ctx.diagnostics = Diagnostics(len(eps), accelerator.device)
         began = time.perf_counter()
         for step, (x, y, a, _) in enumerate(batches, 1):
-            terms = stage.train_minibatch(x, y, a)
+            terms = stage.train_minibatch(to_pixels(x), y, a)  # uint8 from the loader's workers (data/batches.py)
             batches.set_postfix(loss=f"{terms['loss'].item():.3f}")
             failpoint("finetune.step", epoch=epoch + 1, step=step)
         metrics = diagnostics.summary(accelerator, eps, time.perf_counter() - began)

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import whole_model, whole_state_dict
 from .config import Config
+from .data.batches import to_pixels, uint8_images
 from .data.datasets import Splits
 from .evaluate import evaluate
 from .loop import Progress, run_epochs
@@ -37,7 +38,7 @@ def train_stage(
     stage_cfg = cfg.base if stage == "base" else cfg.probe
     set_trainable(model, stage)
     optimizer = adam(model.parameters(), stage_cfg.lr, cfg)
-    loader = DataLoader(splits.train, batch_size=stage_cfg.batch_size, shuffle=True, drop_last=True,
+    loader = DataLoader(uint8_images(splits.train), batch_size=stage_cfg.batch_size, shuffle=True, drop_last=True,
                         num_workers=cfg.data.num_workers)
     wrapped, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
@@ -47,7 +48,7 @@ def train_stage(
         seen = torch.zeros((), device=accelerator.device)
         for x, y, a, _ in batches:
             labels = y if stage == "base" else a
-            loss = F.cross_entropy(wrapped(x)[head], labels)  # logits [b, 2]
+            loss = F.cross_entropy(wrapped(to_pixels(x))[head], labels)  # logits [b, 2]
             optimizer.zero_grad()
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from distributed_asac.attacks import ATTACKS, create_attack, fgsm, magnitudes, pgd
+from distributed_asac.attacks import ATTACKS, _input_gradient, _LeanInputGradients, create_attack, fgsm, magnitudes, pgd
 from distributed_asac.config import ATTACK_MODELS, Config, FinetuneConfig
 from distributed_asac.models import create_model
 from distributed_asac.rows import fine_tuned_rows
@@ -77,22 +77,67 @@ def test_each_attack_gets_only_its_own_settings():
     assert (bound.func, bound.keywords) == (pgd, {"steps": 3})
 
 
-def test_pgd_matches_per_eps_runs_with_the_same_random_start():
-    model = _model()
+def _model_with_statistics(backbone="small_cnn"):
+    """A model in eval mode whose batch norms have non-trivial statistics and affine parameters (the
+    initial 0, 1, 1, 0 would make the multiplications of the backward exact whatever their order)."""
+    model = _model() if backbone == "small_cnn" else create_model(backbone)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                for tensor, low, high in ((module.running_mean, -0.5, 0.5), (module.running_var, 0.2, 3.0),
+                                          (module.weight, 0.3, 2.0), (module.bias, -0.5, 0.5)):
+                    tensor.copy_(torch.empty_like(tensor).uniform_(low, high, generator=g))
+    return model.eval().requires_grad_(False)
+
+
+def _stock_gradient(model, x, a):
+    """∇ₓ Σ CE(C(x), a) by plain autograd, outside any attack."""
+    x = x.detach().clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(model.protected_logits(x), a, reduction="sum"), x)
+    return g
+
+
+def _direct_pgd(model, x, a, e, steps, noise):
+    """docs/method.md's PGD at one ε, written out: start x + U[−ε, ε], then `steps` times: a signed step of
+    2.5·ε/steps, projection onto the ε-ball, then onto [0, 1]."""
+    adv = (x + (noise * 2 - 1) * e).clamp(0, 1)
+    for _ in range(steps):
+        adv = adv + 2.5 * e / steps * _stock_gradient(model, adv, a).sign()
+        adv = torch.min(torch.max(adv, x - e), x + e).clamp(0, 1)
+    return adv
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_pgd_equals_a_direct_computation_from_the_same_start(layout):
+    model = _model_with_statistics()
     x, a = _batch()
-    torch.manual_seed(7)
-    together = pgd(model.protected_logits, x, a, [0.02, 0.05], steps=3)
-    # Rebuild the same starts: pgd draws one uniform tensor for all |E|·k images.
-    torch.manual_seed(7)
-    noise = torch.rand(2 * x.shape[0], *x.shape[1:])
-    for j, e in enumerate([0.02, 0.05]):
-        adv = (x + (noise[j * 6:(j + 1) * 6] * 2 - 1) * e).clamp(0, 1)
-        for _ in range(3):
-            adv.requires_grad_(True)
-            (g,) = torch.autograd.grad(F.cross_entropy(model.protected_logits(adv), a, reduction="sum"), adv)
-            adv = adv.detach() + 2.5 * e / 3 * g.sign()
-            adv = torch.min(torch.max(adv, x - e), x + e).clamp(0, 1)
-        torch.testing.assert_close(together[j], adv, rtol=0, atol=1e-6)
+    x = x.contiguous(memory_format=layout)
+    x[0] = 0.0  # pixels at the box edges exercise the [0, 1] projection
+    x[1] = 1.0
+    eps, steps = [0.0, 0.02, 0.3], 3
+    adv = pgd(model.protected_logits, x, a, eps, steps=steps, generator=torch.Generator().manual_seed(7))
+    # The contract: one uniform draw [|E|, k, 3, H, W] from the generator, row j for eps[j] (zeros included).
+    noise = torch.rand((len(eps), *x.shape), generator=torch.Generator().manual_seed(7))
+    assert torch.equal(adv[0], x)  # ε = 0 is the clean image
+    for j in (1, 2):
+        assert torch.equal(adv[j], _direct_pgd(model, x, a, eps[j], steps, noise[j])), eps[j]
+    assert (adv[2] - x).abs().max() > 0.1  # it moved
+
+
+@pytest.mark.parametrize("backbone", ["small_cnn", "resnet18"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_attack_gradients_equal_plain_autograd_bit_for_bit(backbone, layout):
+    """The attacks' cheaper batch-norm backward and reordered weights change no bit of the gradient."""
+    model = _model_with_statistics(backbone)
+    x, a = _batch(k=4, size=32)
+    x = x.contiguous(memory_format=layout)
+    with _LeanInputGradients():
+        twice = [_input_gradient(model.protected_logits, x, a) for _ in range(2)]  # the second reuses the reorders
+    expected = _stock_gradient(model, x, a)
+    assert all(torch.equal(g, expected) for g in twice)
+    adv = fgsm(model.protected_logits, x, a, [0.0, 0.01])
+    assert torch.equal(adv[1], (x + 0.01 * expected.sign()).clamp(0, 1))
 
 
 def _trained_probe():

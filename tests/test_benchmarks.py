@@ -55,3 +55,10 @@ def test_bench_memory_runs_each_size_in_its_own_process(tmp_path):
     result = _run(tmp_path, "bench_memory")["results"]
     assert [r["num_images"] for r in result["runs"]] == [200, 400]
     assert all(r["peak_rss_mib"] > 0 for r in result["runs"])
+
+
+@pytest.mark.slow
+def test_bench_layout_times_both_layouts(tmp_path):
+    result = _run(tmp_path, "bench_layout")["results"]
+    assert [len(result["seconds"][layout]) for layout in ("sequential", "parallel")] == [1, 1]
+    assert result["speedup_parallel_over_sequential"] > 0

@@ -92,6 +92,33 @@ def test_a_short_images_file_is_rebuilt(tmp_path, caplog, cut, write_celeba_fixt
     assert_same_items(CelebA(fixture.root, "valid", "Smiling", "Male"), again)
 
 
+def test_a_flipped_byte_in_the_pixels_is_found_by_the_checksum(tmp_path, caplog, monkeypatch, write_celeba_fixture):
+    """Same size, same sources: only the recorded checksums tell. The cache is refused or rebuilt, never read."""
+    monkeypatch.setattr(cache_module, "CHUNK", 4)  # several checksummed blocks from a few images
+    fixture = write_celeba_fixture(tmp_path / "data", n=12)
+    direct = CelebA(fixture.root, "train", "Smiling", "Male")
+    arguments = dict(split="train", target="Smiling", protected="Male", cache_dir=tmp_path / "cache")
+    CelebA(fixture.root, **arguments)
+    (images,) = images_files(tmp_path / "cache")
+    whole = bytearray(images.read_bytes())
+    row_bytes = 64 * 64 * 3
+    flipped = len(whole) - 2 * row_bytes + 100  # a pixel of the next-to-last row
+    whole[flipped] ^= 0x01
+    images.write_bytes(bytes(whole))
+    rows = len(direct)
+    first = (rows - 2) // 4 * 4  # the block of 4 rows that holds row rows - 2
+    message = rf"rows {first}-{min(first + 4, rows) - 1} \(first file: .*\) do not match the checksum recorded"
+    files = [os.path.basename(direct.image_path(k)) for k in range(rows)]  # the cache's rows, in order
+    with pytest.raises(UserError, match="is stale: the pixels of " + message):
+        open_image_cache(tmp_path / "cache", "celeba-train", fixture.dataset_dir / "img_align_celeba", files,
+                         partial(load_image, image_size=64), image_size=64, pipeline=PIPELINE, on_stale="error",
+                         progress=False)
+    with caplog.at_level(logging.WARNING):
+        rebuilt = CelebA(fixture.root, **arguments)
+    assert "do not match the checksum" in caplog.text
+    assert_same_items(direct, rebuilt)
+
+
 def test_changed_source_file_is_detected(tmp_path, caplog, draw_face, save_jpeg, write_celeba_fixture):
     fixture = write_celeba_fixture(tmp_path / "data", n=9)
     ds = CelebA(fixture.root, "train", "Smiling", "Male", cache_dir=tmp_path / "cache")

@@ -119,13 +119,18 @@ class FaceDataset(Dataset):
         return len(self.image_ids)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int, int]:
+        pixels, y, a, i = self.uint8_item(i)
+        return image_to_tensor(pixels), y, a, i
+
+    def uint8_item(self, i: int) -> tuple[np.ndarray, int, int, int]:
+        """Item ``i`` with its image as decoded, uint8 [S, S, 3]: what DataLoader workers send (batches.py)."""
         i = self._check_index(i)
         row = int(self._rows[i])
         if self._cache is not None:
             pixels = self._cache.pixels(row)
         else:
             pixels = load_image(self.image_path(i), self.image_size)
-        return image_to_tensor(pixels), int(self._y[i]), int(self._a[i]), i
+        return pixels, int(self._y[i]), int(self._a[i]), i
 
     def image_path(self, i: int) -> str:
         """The file item ``i`` comes from."""
