@@ -48,6 +48,7 @@ class DataConfig:
     synthetic_bias: float = 0.9  # P(target == protected) in train/valid of the generated dataset
     synthetic_seed: int = 0  # generated dataset only: its random seed (>= 0)
     synthetic_beard_strength: float = 1.0  # contrast of the protected cue (the beard) in (0, 1]; 1: full, dark
+    synthetic_train_twins: bool = False  # also write each train image's Male-flipped twin (the oracle_counterfactual row)
 
 
 @dataclass
@@ -87,6 +88,19 @@ class FinetuneConfig:
 
 
 @dataclass
+class GanConfig:
+    """The generator of the gan_augment comparator (gan.py): a DCGAN trained on the train split, cached."""
+
+    checkpoint: Optional[str] = None  # a generator .safetensors written by `python -m distributed_asac.gan train`; None: train one (cached)
+    latent_dim: int = 64  # size of the latent z ~ N(0, I)
+    width: int = 16  # channels of the generator's last hidden layer (×2 per layer toward z) and the critic's first
+    epochs: int = 15  # passes of GAN training over the train split
+    batch_size: int = 64  # images per GAN training step
+    lr: float = 2e-4  # Adam learning rate of both networks (β = 0.5, 0.999: DCGAN's)
+    latents: int = 4096  # sampled latents, labelled by the base's two heads, that fit the latent hyperplanes
+
+
+@dataclass
 class AnalysisConfig:
     """Per-model analysis on the first test images (analysis.py); 0 images turns a part off."""
 
@@ -119,6 +133,7 @@ class Config:
     probe: StageConfig = field(default_factory=lambda: StageConfig(epochs=3))  # stage 2: C (φ) on the protected attribute, θ frozen
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # stage 3: ASAC fine-tuning or a comparator
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)  # robustness curve and Integrated Gradients
+    gan: GanConfig = field(default_factory=GanConfig)  # the generator of the gan_augment row
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
 
     def to_dict(self) -> dict[str, Any]:
@@ -213,7 +228,8 @@ def validate(cfg: Config) -> None:
     _in_range("finetune.adv_eps", cfg.finetune.adv_eps, 0.0, 1.0)
     _in_range("finetune.alpha", cfg.finetune.alpha, 0.0, 1.0)
     for key in ("data.image_size", "finetune.pgd_steps", "finetune.calibration_images", "base.batch_size",
-                "probe.batch_size", "finetune.batch_size"):
+                "probe.batch_size", "finetune.batch_size", "gan.latent_dim", "gan.width", "gan.epochs",
+                "gan.batch_size"):
         _in_range(key, _get(cfg, key), 1, None)
     for key in ("base.epochs", "probe.epochs", "finetune.epochs", "data.num_workers",
                 "analysis.robustness_images", "analysis.ig_images", "analysis.ig_steps"):
@@ -222,7 +238,8 @@ def validate(cfg: Config) -> None:
         _in_range(key, _get(cfg, key), 0, MAX_SEED)
     if cfg.data.name == "synthetic":  # the generator's own checks, worded with the config keys
         check_generator_arguments(**synthetic_arguments(cfg.data), spell=_generator_key)
-    for key in ("base.lr", "probe.lr", "finetune.lr", "adam_eps", "grad_clip"):  # grad_clip 0 would zero every gradient
+    _in_range("gan.latents", cfg.gan.latents, 8, None)  # a hyperplane needs latents of both classes
+    for key in ("base.lr", "probe.lr", "finetune.lr", "gan.lr", "adam_eps", "grad_clip"):  # grad_clip 0 would zero every gradient
         if _get(cfg, key) <= 0:
             raise UserError(f"config key {key!r}: must be > 0, got {_get(cfg, key)} (default {_get(Config(), key)})")
     if len(cfg.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.adam_betas):
@@ -259,7 +276,8 @@ def check_batch_sizes(cfg: Config, train_size: int, processes: int, stages: tupl
 
 # The config key of each argument of the generator (data/synthetic.py), for its error messages.
 GENERATOR_KEYS = {"num_images": "data.synthetic_num_images", "bias": "data.synthetic_bias", "seed": "data.synthetic_seed",
-                  "size": "data.image_size", "beard_strength": "data.synthetic_beard_strength"}
+                  "size": "data.image_size", "beard_strength": "data.synthetic_beard_strength",
+                  "train_twins": "data.synthetic_train_twins"}
 
 
 def _generator_key(argument: str, value: Any) -> str:

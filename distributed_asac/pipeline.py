@@ -33,7 +33,7 @@ from .failpoints import failpoint
 from .models import TwoHeadModel, create_model
 from .report import format_table, plot_ig_figure, plot_robustness
 from .resume import INCOMPLETE, RunState, find_run, mark_complete, mark_incomplete
-from .rows import in_table_order, row_name
+from .rows import MODES, in_table_order, row_name
 from .runtime import make_accelerator, seed_everything, zero_stage
 from .stage3 import finetune
 from .stages import train_stage
@@ -254,6 +254,10 @@ def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optiona
     splits = build_splits(cfg, accelerator)
     check_batch_sizes(cfg, len(splits.train), accelerator.num_processes,
                       ("finetune",) if base is not None else ("base", "probe", "finetune"))
+    for overrides in variants or [{}]:  # what a row cannot run on (no generator file, no train twins) stops it now
+        check = MODES.get(overrides.get("mode", cfg.finetune.mode)).check
+        if check is not None:
+            check(cfg)
     if resume:
         state = RunState.load(run_dir, "pipeline", variants, accelerator)
         if accelerator.is_main_process:

@@ -17,12 +17,16 @@ import torch
 
 from .attacks import ATTACKS, Attack, pgd
 from .curriculum import curriculum_chunks, difficulty_scores
+from .data.twins import WithTwins, collate_with_twins, train_twins
 from .diagnostics import Diagnostics, phase
+from .gan_engine import latent_pairs, load_generator
 from .models import TwoHeadModel, eval_mode
 from .registry import Registry
 
 if TYPE_CHECKING:
-    from .config import FinetuneConfig
+    from torch.utils.data import Dataset
+
+    from .config import Config, FinetuneConfig
 
 
 @dataclass
@@ -46,6 +50,7 @@ class StepContext:
     scorer: TwoHeadModel  # the current model (unwrapped), for difficulty scores
     generator: torch.Generator  # curriculum shuffles; the same on every rank
     diagnostics: Diagnostics
+    prepared: Any = None  # what the mode's `prepare` made at stage-3 start (gan_augment: its latent pairs)
 
 
 ChunkMaker = Callable[[StepContext, torch.Tensor, torch.Tensor, torch.Tensor], list[Chunk]]
@@ -55,16 +60,23 @@ ChunkMaker = Callable[[StepContext, torch.Tensor, torch.Tensor, torch.Tensor], l
 class Mode:
     make_chunks: Optional[ChunkMaker]  # (ctx, x [k, 3, H, W], y [k], a [k]) → chunks; None: no fine-tuning (base)
     rows: dict[str, dict[str, Any]]  # row name → the finetune settings besides `mode` that make it
+    check: Optional[Callable[[Config], None]] = None  # before any training: a UserError for what it cannot run on
+    prepare: Optional[Callable[..., tuple[Any, dict[str, float]]]] = None
+    # (cfg, base model, train split, accelerator, tracker) → (ctx.prepared, numbers for the fine-tune's summary),
+    # once as stage 3 starts, before any step
+    train_data: Optional[Callable[[Config, Dataset], tuple[Dataset, Callable]]] = None
+    # the dataset and collate function of stage 3's loader in place of the train split's
 
 
 MODES: Registry[Mode] = Registry("training mode")
 
 
-def mode(name: str, rows: Optional[dict[str, dict[str, Any]]] = None) -> Callable[[ChunkMaker], ChunkMaker]:
-    """Register `make_chunks` as the training mode `name`, making `rows` (default: one row called `name`)."""
+def mode(name: str, rows: Optional[dict[str, dict[str, Any]]] = None, **hooks: Any) -> Callable[[ChunkMaker], ChunkMaker]:
+    """Register `make_chunks` as the training mode `name`, making `rows` (default: one row called `name`), with
+    the optional `Mode` hooks `check`, `prepare` and `train_data`."""
 
     def add(make_chunks: ChunkMaker) -> ChunkMaker:
-        MODES.register(name)(Mode(make_chunks, rows or {name: {}}))
+        MODES.register(name)(Mode(make_chunks, rows or {name: {}}, **hooks))
         return make_chunks
 
     return add
@@ -85,9 +97,21 @@ def adv_augment(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, a: torch.Ten
     the data, plain cross-entropy, no curriculum, no α. The 2k images are shuffled into |E| steps."""
     with eval_mode(ctx.attacked):
         adversarial = pgd(ctx.attacked.protected_logits, x, a, [ctx.cfg.adv_eps], steps=ctx.cfg.pgd_steps)[0]
-    pool, labels = torch.cat([x, adversarial]), torch.cat([y, y])  # [2k, 3, H, W], [2k]
-    order = torch.randperm(len(pool), generator=ctx.generator).to(pool.device)
-    return [Chunk(pool[rows], labels[rows]) for rows in order.tensor_split(len(ctx.magnitudes))]
+    return shuffled_chunks(ctx, torch.cat([x, adversarial]), torch.cat([y, y]))  # [2k, 3, H, W], [2k]
+
+
+def _check_generator(cfg: Config) -> None:
+    if cfg.gan.checkpoint:
+        load_generator(cfg.gan.checkpoint)
+
+
+@mode("gan_augment", check=_check_generator, prepare=latent_pairs)
+def gan_augment(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor) -> list[Chunk]:
+    """Ramaswamy et al. (2021) as docs/method.md reads it: k real images plus k generated ones, k/2 latent pairs
+    (G(z), G(z')) that flip the protected attribute and keep the target, both labelled by the base's M on G(z)
+    (gan.py, made once by `prepare`); plain cross-entropy, shuffled into |E| steps."""
+    pairs = ctx.prepared.sample(max(1, len(x) // 2), x.device)
+    return shuffled_chunks(ctx, torch.cat([x, pairs.images, pairs.twins]), torch.cat([y, pairs.labels, pairs.labels]))
 
 
 @mode("asac", rows={f"asac_{attack}": {"attack": attack} for attack in ATTACKS.names()})
@@ -108,6 +132,25 @@ def asac(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor) ->
         steps = curriculum_chunks(scores, ctx.cfg.order, n_eps, ctx.generator).cpu()  # [|E|, k] entry indices
         # Entries j·k + i with j = 0 are ε = E[0] = 0: the clean image itself, bit for bit.
         return [Chunk(entries[rows], labels[rows], clean=rows % k, is_clean=rows < k) for rows in steps]
+
+
+def _with_twins(cfg: Config, train_set: Dataset) -> tuple[Dataset, Callable]:
+    return WithTwins(train_set, train_twins(cfg.data)), collate_with_twins
+
+
+@mode("oracle_counterfactual", check=lambda cfg: train_twins(cfg.data), train_data=_with_twins)
+def oracle_counterfactual(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor) -> list[Chunk]:
+    """The bound of counterfactual augmentation (generated dataset only): each of the k images with its true twin,
+    the same face with only the protected attribute flipped (data.synthetic_train_twins), under the same label;
+    plain cross-entropy, the 2k images shuffled into |E| steps."""
+    return shuffled_chunks(ctx, x, y)  # x [2k, 3, H, W]: the loader's collate put the twins beside the images
+
+
+def shuffled_chunks(ctx: StepContext, pool: torch.Tensor, labels: torch.Tensor) -> list[Chunk]:
+    """An augmented minibatch (pool [n, 3, H, W], labels [n]) shuffled into |E| steps of plain cross-entropy:
+    the comparators take as many optimizer steps per minibatch as ASAC does."""
+    order = torch.randperm(len(pool), generator=ctx.generator).to(pool.device)
+    return [Chunk(pool[rows], labels[rows]) for rows in order.tensor_split(len(ctx.magnitudes))]
 
 
 def table_rows() -> dict[str, dict[str, Any]]:

@@ -104,7 +104,7 @@ class Stage3:
 
 
 def build_stage3(model: TwoHeadModel, cfg: Config, accelerator: Accelerator, generator: torch.Generator,
-                 train_set=None) -> Stage3:
+                 train_set=None, tracker=None) -> Stage3:
     """Stage 3 of `cfg.finetune` on `model`: the attacked model (a frozen snapshot of C, taken before `prepare` so
     that it is a plain module on every backend, or the model itself), E (fixed or calibrated on `train_set`),
     the trainable parts (θ, ρ), Adam, `prepare` (with a shuffled loader of `train_set` when given) and the step
@@ -122,18 +122,23 @@ def build_stage3(model: TwoHeadModel, cfg: Config, accelerator: Accelerator, gen
         eps = magnitudes([c.eps for c in chosen])
     else:
         eps = magnitudes(ft.eps)
+    prepared = None
+    if mode.prepare is not None:  # before accelerator.prepare: the mode sees the base as a plain module
+        prepared, numbers = mode.prepare(cfg, model, train_set, accelerator, tracker)
+        summary.update(numbers)
     set_trainable(model, "finetune")
     optimizer = adam(model.parameters(), ft.lr, cfg)
     loader = None
     if train_set is None:
         wrapped, optimizer = accelerator.prepare(model, optimizer)
     else:
-        loader = DataLoader(uint8_images(train_set), batch_size=ft.batch_size, shuffle=True, drop_last=True,
-                            num_workers=cfg.data.num_workers)
+        data, collate = mode.train_data(cfg, train_set) if mode.train_data is not None else (train_set, None)
+        loader = DataLoader(uint8_images(data), batch_size=ft.batch_size, shuffle=True, drop_last=True,
+                            num_workers=cfg.data.num_workers, collate_fn=collate)
         wrapped, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     attacked = attacked.to(accelerator.device)
     ctx = StepContext(ft, eps, create_attack(ft.attack, ft), attacked, model, generator,
-                      Diagnostics(len(eps), accelerator.device))
+                      Diagnostics(len(eps), accelerator.device), prepared)
     return Stage3(mode, model, wrapped, optimizer, loader, ctx, accelerator, cfg.grad_clip, summary)
 
 
@@ -182,7 +187,7 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
     ft = cfg.finetune
     if MODES.get(ft.mode).make_chunks is None:
         return model, {}
-    stage = build_stage3(model, cfg, accelerator, generator, train_set)
+    stage = build_stage3(model, cfg, accelerator, generator, train_set, tracker)
     summary, eps = stage.summary, stage.ctx.magnitudes
     balanced = balanced_subset(valid_set)
     if balanced is None and ft.select == "balanced_valid":

@@ -127,6 +127,11 @@ def output_dir_is_a_file(world: World, tmp_path: Path) -> list[str]:
     return [f"output_dir={tmp_path / 'a_file'}"]
 
 
+def classifier_as_generator(world: World, tmp_path: Path) -> list[str]:
+    """A safetensors file that is no generator: the earlier run's classifier weights."""
+    return [f"gan.checkpoint={world.probe / 'model.safetensors'}"]
+
+
 @dataclass
 class Case:
     overrides: list[str]
@@ -180,6 +185,14 @@ CASES = {
                            setup=garbage_sqlite),
     "output_dir_is_a_file": Case([], r"config key 'output_dir': .*a_file' is an existing file",
                                  setup=output_dir_is_a_file),
+    # a comparator row refuses, before any training, what it cannot run on
+    "gan_checkpoint_missing": Case(["finetune.mode=gan_augment", "gan.checkpoint=nowhere.safetensors"],
+                                   r"gan\.checkpoint 'nowhere\.safetensors' not found"),
+    "gan_checkpoint_not_a_generator": Case(["finetune.mode=gan_augment"], r"model\.safetensors' holds no generator",
+                                           setup=classifier_as_generator),
+    "oracle_without_train_twins": Case(["finetune.mode=oracle_counterfactual"],
+                                       r"oracle_counterfactual needs the true twin of every train image.*"
+                                       r"data\.synthetic_train_twins=true"),
     # names and numbers the config refuses
     "experiment_empty": Case(["experiment="], r"config key 'experiment': '' is not a plain folder name"),
     "experiment_outside": Case(["experiment=../x"], r"config key 'experiment': '\.\./x' is not a plain folder name"),
@@ -191,7 +204,8 @@ CASES = {
 
 # Kinds that repeat another row's code path with other values (a checkpoint field, a damaged file): each still
 # runs in `make test-slow`, so the default run stays within its time budget.
-SLOW = {"base_other_protected", "base_other_size", "weights_of_other_backbone", "checkpoint_yaml_unknown_key"}
+SLOW = {"base_other_protected", "base_other_size", "weights_of_other_backbone", "checkpoint_yaml_unknown_key",
+        "gan_checkpoint_not_a_generator"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CASES])

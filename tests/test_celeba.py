@@ -221,12 +221,13 @@ def test_counterfactual_errors(tmp_path, write_celeba_fixture, write_counterfact
     fixture = write_celeba_fixture(tmp_path, n=12)
     with pytest.raises(UserError, match="no counterfactual twins"):
         CelebA(tmp_path, "test", "Smiling", "Male", counterfactual=True)
-    with pytest.raises(UserError, match="test split only"):
-        CelebA(tmp_path, "train", "Smiling", "Male", counterfactual=True)
     test_ids = fixture.split_ids(2)
     write_counterfactual_fixture(fixture, image_ids=test_ids[:-1])
     with pytest.raises(UserError, match=rf"1 of {len(test_ids)} test images have no twin .*{test_ids[-1]}"):
         CelebA(tmp_path, "test", "Smiling", "Male", counterfactual=True)
+    train_ids = fixture.split_ids(0)  # twins are listed for test images only
+    with pytest.raises(UserError, match=rf"{len(train_ids)} of {len(train_ids)} train images have no twin .*{train_ids[0]}"):
+        CelebA(tmp_path, "train", "Smiling", "Male", counterfactual=True)
     write_counterfactual_fixture(fixture)
     (fixture.dataset_dir / "counterfactual" / "img_align_celeba" / test_ids[0]).unlink()
     with pytest.raises(UserError, match=rf"1 of {len(test_ids)} twin images .* missing"):

@@ -410,3 +410,33 @@ def test_beard_strength_is_part_of_the_dataset_identity(tmp_path: Path) -> None:
         syn.generate(tmp_path / "d", 40, 0.9, 3, (32, 32), workers=1)
     with pytest.raises(UserError, match=r"--beard-strength 0 is out of range"):
         syn.generate(tmp_path / "e", 40, 0.9, 3, (32, 32), workers=1, beard_strength=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Twins of the train split, on request (the oracle_counterfactual row)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_train_twins_are_added_on_request_and_change_nothing_else(tmp_path: Path) -> None:
+    syn.generate(tmp_path / "default", 40, 0.9, 3, (32, 32), workers=1)
+    syn.main(["--out", str(tmp_path / "twins"), "--num-images", "40", "--bias", "0.9", "--seed", "3", "--size", "32",
+              "--workers", "1", "--train-twins"])
+    default, twins = _tree(tmp_path / "default"), _tree(tmp_path / "twins")
+    assert {k for k in default if default[k] != twins[k]} == {"counterfactual/list_counterfactual.txt",
+                                                              "dataset_info.json"}
+    _, names, splits = _load_csv(tmp_path / "twins" / fmt.PARTITION_FILE, header=None)
+    train = [name for name, split in zip(names, splits[:, 0]) if split == 0]
+    assert set(twins) - set(default) == {f"counterfactual/img_align_celeba/{name}" for name in train}
+    listed = [line.split()[0] for line in _lines(tmp_path / "twins" / fmt.COUNTERFACTUAL_DIR / fmt.COUNTERFACTUAL_FILE)[2:]]
+    assert listed == [name for name, split in zip(names, splits[:, 0]) if split in (0, 2)]  # file order
+    labels = _table(tmp_path / "twins" / fmt.ATTRIBUTE_FILE)
+    for name in train[:3]:  # each train twin is its own face with Male negated
+        index = names.index(name)
+        attributes = {a: v == 1 for a, v in zip(plan.ATTRIBUTES, labels[name])}
+        face = render.sample_face(render.image_rng(3, index), (32, 32))
+        assert twins[f"counterfactual/img_align_celeba/{name}"] == _jpeg(
+            render.render(face, {**attributes, "Male": not attributes["Male"]}))
+    info = json.loads(twins["dataset_info.json"])
+    assert info["args"]["train_twins"] is True and info["counterfactual"]["count"] == len(listed)
+    with pytest.raises(UserError, match=r"train_twins=True .*, not .*train_twins=False"):
+        syn.generate(tmp_path / "twins", 40, 0.9, 3, (32, 32), workers=1)

@@ -33,9 +33,10 @@ class CelebA(FaceDataset):
     Items are ``(image, y, a, i)``: float32 [3, S, S] in [0, 1], target label, protected label, index.
     A label is 1 when the attribute is present (+1 in the file) and 0 when absent (-1).
 
-    ``counterfactual=True`` (test split only) serves the twins listed in
-    ``root/counterfactual/list_counterfactual.txt`` instead of the originals: same ``image_ids`` and
-    order, images from the twin files, and each row's ``flipped_attribute`` label negated.
+    ``counterfactual=True`` serves the twins listed in ``root/counterfactual/list_counterfactual.txt``
+    instead of the originals: same ``image_ids`` and order, images from the twin files, and each row's
+    ``flipped_attribute`` label negated. The generated dataset lists every test image there, and every
+    train image when made with train twins.
     ``cache_dir`` reads images from a preprocessed cache there (built on first use, see ``cache.py``);
     ``on_bad_image`` is ``"error"`` or ``"skip"`` (see :class:`FaceDataset`).
     """
@@ -55,8 +56,6 @@ class CelebA(FaceDataset):
         if split not in SPLITS:
             raise UserError(f"unknown CelebA split {split!r}; use one of {', '.join(SPLITS)}")
         check_common_arguments(image_size, on_bad_image)
-        if counterfactual and split != "test":
-            raise UserError(f"counterfactual twins exist for the test split only, not {split!r}; use split='test'")
         self.files = locate_celeba(root)
         self.split = split
         self.image_size = int(image_size)
@@ -114,8 +113,8 @@ class CelebA(FaceDataset):
         lacking = [image_id for image_id in self.image_ids if image_id not in twin_of]
         if lacking:
             raise UserError(
-                f"{len(lacking)} of {len(self.image_ids)} test images have no twin in {listing} "
-                f"(first: {', '.join(lacking[:3])}); regenerate the dataset with twins for the whole test split"
+                f"{len(lacking)} of {len(self.image_ids)} {self.split} images have no twin in {listing} "
+                f"(first: {', '.join(lacking[:3])}); regenerate the dataset with twins for the whole {self.split} split"
             )
         rows = [twin_of[image_id] for image_id in self.image_ids]
         signs = signs.copy()

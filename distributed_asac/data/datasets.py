@@ -42,7 +42,8 @@ DATASETS: Registry[Builder] = Registry("dataset")
 def synthetic_arguments(data: DataConfig) -> dict[str, Any]:
     """The generator's arguments a data config asks for (equal arguments: the same dataset, byte for byte)."""
     return dict(num_images=data.synthetic_num_images, bias=data.synthetic_bias, seed=data.synthetic_seed,
-                size=(data.image_size, data.image_size), beard_strength=data.synthetic_beard_strength)
+                size=(data.image_size, data.image_size), beard_strength=data.synthetic_beard_strength,
+                train_twins=data.synthetic_train_twins)
 
 
 def generate_synthetic(data: DataConfig) -> None:

@@ -2,6 +2,8 @@
 (``synthetic_labels``), renders each face and its counterfactual twin across worker processes
 (``synthetic_render``), writes the images and CelebA's list files (``celeba_format``), and reuses a finished
 dataset made with the same arguments.
+Test images always get a Male-flipped twin; with ``train_twins`` (``--train-twins``) train images do too (the
+oracle_counterfactual row).
 
 Files (CelebA's formats, plus this project's additions)::
 
@@ -10,7 +12,7 @@ Files (CelebA's formats, plus this project's additions)::
     DIR/list_eval_partition.txt                    0/1/2 = train/valid/test (70/10/20)
     DIR/list_landmarks_align_celeba.txt            the 5 CelebA landmarks, pixels of the written image
     DIR/list_regions_celeba.txt                    a box per attribute: x1 y1 inclusive, x2 y2 exclusive
-    DIR/counterfactual/img_align_celeba/<name>     the Male-flipped twin of each test image
+    DIR/counterfactual/img_align_celeba/<name>     the Male-flipped twin of each test (and train) image
     DIR/counterfactual/list_counterfactual.txt     image_id twin_file flipped_attribute
     DIR/dataset_info.json                          args, format version, measured per-split statistics
 
@@ -46,8 +48,8 @@ from .celeba_format import (ATTRIBUTE_FILE, COUNTERFACTUAL_DIR, COUNTERFACTUAL_F
                             LANDMARKS_FILE, PARTITION_FILE, REGIONS_FILE, image_name, write_attribute_file,
                             write_counterfactual_file, write_landmarks_file, write_partition_file, write_regions_file)
 from .splits import SPLITS
-from .synthetic_labels import (ATTRIBUTES, PROTECTED_ATTRIBUTE, TARGET_ATTRIBUTE, TEST_SPLIT, plan_labels,
-                               split_statistics)
+from .synthetic_labels import (ATTRIBUTES, PROTECTED_ATTRIBUTE, TARGET_ATTRIBUTE, TEST_SPLIT, TRAIN_SPLIT,
+                               plan_labels, split_statistics)
 from .synthetic_render import image_rng, landmarks, region_boxes, render, sample_face
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,7 @@ _Result = tuple[int, tuple[int, ...], tuple[int, ...]]
 
 
 class _Task(NamedTuple):
-    """A chunk of images for one worker call: (index, labels in ATTRIBUTES order, is_test) rows."""
+    """A chunk of images for one worker call: (index, labels in ATTRIBUTES order, with_twin) rows."""
 
     out_dir: str
     seed: int
@@ -87,15 +89,15 @@ class _Task(NamedTuple):
 
 
 def _render_task(task: _Task) -> list[_Result]:
-    """Write the images (and test twins) of one chunk; return (index, landmarks, region row) each."""
+    """Write the images (and twins) of one chunk; return (index, landmarks, region row) each."""
     out_dir = Path(task.out_dir)
     results = []
-    for index, labels, is_test in task.rows:
+    for index, labels, with_twin in task.rows:
         face = sample_face(image_rng(task.seed, index), task.size)
         attributes = dict(zip(ATTRIBUTES, labels))
         name = image_name(index)
         _save_jpeg(render(face, attributes, task.beard_strength), out_dir / IMAGE_DIR / name)
-        if is_test:
+        if with_twin:
             twin = {**attributes, PROTECTED_ATTRIBUTE: not attributes[PROTECTED_ATTRIBUTE]}
             _save_jpeg(render(face, twin, task.beard_strength), out_dir / COUNTERFACTUAL_DIR / IMAGE_DIR / name)
         boxes = region_boxes(face)
@@ -106,13 +108,15 @@ def _render_task(task: _Task) -> list[_Result]:
 
 def _render_all(
     out_dir: Path, seed: int, size: tuple[int, int], splits: np.ndarray, labels: np.ndarray, workers: int,
-    beard_strength: float = 1.0,
+    beard_strength: float = 1.0, twins: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Render every image across ``workers`` processes; returns (N, 10) landmarks and (N, 20) boxes."""
+    """Render every image (and its twin where ``twins``, (N,) bool, says; default: the test split's) across
+    ``workers`` processes; returns (N, 10) landmarks and (N, 20) boxes."""
+    twins = splits == TEST_SPLIT if twins is None else twins
     num_images = len(splits)
     tasks = [
         _Task(str(out_dir), seed, size, [
-            (i, tuple(bool(v) for v in labels[i]), bool(splits[i] == TEST_SPLIT))
+            (i, tuple(bool(v) for v in labels[i]), bool(twins[i]))
             for i in range(start, min(start + IMAGES_PER_TASK, num_images))
         ], beard_strength)
         for start in range(0, num_images, IMAGES_PER_TASK)
@@ -140,15 +144,16 @@ def _collect(chunks: Iterable[list[_Result]], marks: np.ndarray, boxes: np.ndarr
 
 
 def _write_annotations(out_dir: Path, splits: np.ndarray, labels: np.ndarray,
-                       marks: np.ndarray, boxes: np.ndarray) -> None:
-    """The CelebA annotation files, the region file and the counterfactual index."""
+                       marks: np.ndarray, boxes: np.ndarray, twins: np.ndarray) -> None:
+    """The CelebA annotation files, the region file and the counterfactual index (of the images ``twins``,
+    (N,) bool, marks)."""
     names = [image_name(i) for i in range(len(splits))]
     write_attribute_file(out_dir / ATTRIBUTE_FILE, names, ATTRIBUTES, labels)
     write_partition_file(out_dir / PARTITION_FILE, names, splits)
     write_landmarks_file(out_dir / LANDMARKS_FILE, names, marks)
     write_regions_file(out_dir / REGIONS_FILE, names, REGION_ATTRIBUTES, boxes)
-    test_names = [name for name, split in zip(names, splits) if split == TEST_SPLIT]
-    write_counterfactual_file(out_dir / COUNTERFACTUAL_DIR / COUNTERFACTUAL_FILE, test_names, PROTECTED_ATTRIBUTE)
+    twin_names = [name for name, twin in zip(names, twins) if twin]
+    write_counterfactual_file(out_dir / COUNTERFACTUAL_DIR / COUNTERFACTUAL_FILE, twin_names, PROTECTED_ATTRIBUTE)
 
 
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
@@ -166,6 +171,7 @@ def _describe(stamp: Mapping[str, Any]) -> str:
     """``num_images=200 bias=0.9 seed=3 size=[64, 64] format_version=1`` for error messages."""
     args = stamp.get("args") if isinstance(stamp.get("args"), Mapping) else {}
     fields = [f"{key}={args.get(key)}" for key in ("num_images", "bias", "seed", "size")]
+    fields.append(f"train_twins={args.get('train_twins', False)}")  # absent from the info at its default
     fields.append(f"beard_strength={args.get('beard_strength', 1.0)}")  # absent from the info at its default
     return " ".join(fields + [f"format_version={stamp.get('format_version')}"])
 
@@ -224,9 +230,10 @@ def _flag(argument: str, value: Any) -> str:
 
 
 def check_arguments(num_images: int, bias: float, seed: int, size: tuple[int, int], beard_strength: float = 1.0,
-                    spell: Callable[[str, Any], str] = _flag) -> None:
+                    train_twins: bool = False, spell: Callable[[str, Any], str] = _flag) -> None:
     """Refuse arguments the generator cannot honour. ``spell(argument, value)`` words an argument as the user gave
-    it: a CLI flag here, a config key when ``config.validate`` checks a config's ``data.synthetic_*`` with this."""
+    it: a CLI flag here, a config key when ``config.validate`` checks a config's ``data.synthetic_*`` with this.
+    ``train_twins`` is a switch: every value is honoured."""
     if not (isinstance(num_images, numbers.Integral) and MIN_IMAGES <= num_images <= MAX_IMAGES):
         raise UserError(
             f"{spell('num_images', num_images)} is out of range: pass {MIN_IMAGES}..{MAX_IMAGES} (at least "
@@ -253,6 +260,7 @@ def generate(
     size: tuple[int, int] = (64, 64),
     workers: int | None = None,
     beard_strength: float = 1.0,
+    train_twins: bool = False,
 ) -> dict[str, Any]:
     """Generate (or reuse) a controlled-bias face dataset in ``out_dir``; return its info.
 
@@ -261,7 +269,8 @@ def generate(
     with the same (num_images, bias, seed, size, beard_strength) is reused as it is. Returns the content of
     ``dataset_info.json``. ``beard_strength`` in (0, 1] is the contrast of the protected cue (the beard):
     1, the default, draws the full dark beard (datasets made before the knob existed are the same bytes);
-    lower values fade it toward the skin, down to a faint shadow.
+    lower values fade it toward the skin, down to a faint shadow. ``train_twins`` also writes the Male-flipped twin
+    of every train image (test images always get theirs).
 
     With ``workers > 1`` the pool uses the spawn start method, so a calling script needs the usual
     ``if __name__ == "__main__":`` guard.
@@ -275,6 +284,8 @@ def generate(
     args = {"num_images": num_images, "bias": float(bias), "seed": seed, "size": list(size)}
     if beard_strength != 1.0:  # absent at the default, so earlier datasets' info still matches
         args["beard_strength"] = float(beard_strength)
+    if train_twins:  # likewise absent at the default
+        args["train_twins"] = True
     existing = _existing_dataset(out_dir, args)
     if existing is not None:
         log.info("reusing the synthetic dataset in %s (generated earlier with the same arguments)", out_dir)
@@ -284,8 +295,9 @@ def generate(
     (out_dir / COUNTERFACTUAL_DIR / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
     _write_json(out_dir / IN_PROGRESS_FILE, {"format_version": FORMAT_VERSION, "args": args})
     splits, labels = plan_labels(num_images, bias, seed)
-    marks, boxes = _render_all(out_dir, seed, size, splits, labels, workers, beard_strength)
-    _write_annotations(out_dir, splits, labels, marks, boxes)
+    twins = (splits == TEST_SPLIT) | ((splits == TRAIN_SPLIT) & bool(train_twins))  # (N,) bool: images given a twin
+    marks, boxes = _render_all(out_dir, seed, size, splits, labels, workers, beard_strength, twins)
+    _write_annotations(out_dir, splits, labels, marks, boxes, twins)
     info = {
         "format_version": FORMAT_VERSION,
         "generator": "distributed_asac.data.synthetic",
@@ -295,7 +307,7 @@ def generate(
         "protected_attribute": PROTECTED_ATTRIBUTE,
         "splits": split_statistics(splits, labels),
         "counterfactual": {
-            "count": int(np.sum(splits == TEST_SPLIT)),
+            "count": int(np.sum(twins)),
             "flipped_attribute": PROTECTED_ATTRIBUTE,
             "index": f"{COUNTERFACTUAL_DIR}/{COUNTERFACTUAL_FILE}",
         },
@@ -330,11 +342,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="processes; the output does not depend on it (default: one per CPU)")
     parser.add_argument("--beard-strength", type=float, default=1.0,
                         help="contrast of the protected cue (Male's beard) in (0, 1]; 1 = full dark beard (default)")
+    parser.add_argument("--train-twins", action="store_true",
+                        help="also write the Male-flipped twin of every train image (test images always get theirs)")
     with exit_on_user_error():
         args = parser.parse_args(argv)
         setup_logging()
         info = generate(args.out, args.num_images, args.bias, args.seed, parse_size(args.size), args.workers,
-                        args.beard_strength)
+                        args.beard_strength, args.train_twins)
         rates = ", ".join(f"{name} {info['splits'][name]['p_smiling_eq_male']:.3f}" for name in SPLITS)
         print(f"{args.out}: {args.num_images} images; P(Smiling == Male): {rates}")
 

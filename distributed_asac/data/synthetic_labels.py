@@ -20,7 +20,7 @@ from .splits import SPLIT_FRACTIONS, SPLITS
 ATTRIBUTES: tuple[str, ...] = ("Big_Nose", "Eyeglasses", "Male", "Smiling", "Wavy_Hair")
 TARGET_ATTRIBUTE = "Smiling"
 PROTECTED_ATTRIBUTE = "Male"
-TEST_SPLIT = SPLITS.index("test")
+TRAIN_SPLIT, TEST_SPLIT = SPLITS.index("train"), SPLITS.index("test")
 
 # Spawn keys that keep the label plan's random stream apart from the per-image streams.
 PLAN_STREAM, IMAGE_STREAM = 0, 1
