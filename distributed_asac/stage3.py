@@ -123,7 +123,7 @@ def build_stage3(model: TwoHeadModel, cfg: Config, accelerator: Accelerator, gen
     else:
         eps = magnitudes(ft.eps)
     prepared = None
-    if mode.prepare is not None:  # before accelerator.prepare: the mode sees the base as a plain module
+    if mode.prepare is not None and train_set is not None:  # before accelerator.prepare: the base as a plain module
         prepared, numbers = mode.prepare(cfg, model, train_set, accelerator, tracker)
         summary.update(numbers)
     set_trainable(model, "finetune")
