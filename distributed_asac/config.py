@@ -94,8 +94,8 @@ class GanConfig:
     checkpoint: Optional[str] = None  # a generator .safetensors written by `python -m distributed_asac.gan train`; None: train one (cached)
     latent_dim: int = 64  # size of the latent z ~ N(0, I)
     width: int = 16  # channels of the generator's last hidden layer (×2 per layer toward z) and the critic's first
-    epochs: int = 15  # passes of GAN training over the train split
-    batch_size: int = 64  # images per GAN training step
+    epochs: int = 10  # passes of GAN training over the train split
+    batch_size: int = 16  # images per GAN training step (small: more steps per pass, which the GAN needed)
     lr: float = 2e-4  # Adam learning rate of both networks (β = 0.5, 0.999: DCGAN's)
     latents: int = 4096  # sampled latents, labelled by the base's two heads, that fit the latent hyperplanes
 
