@@ -74,9 +74,11 @@ class Stage3:
     summary: dict[str, float] = field(default_factory=dict)  # calibrated ε and their attack-success rates
 
     def train_minibatch(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One local minibatch (x [k, 3, H, W], y [k], a [k]): its chunks, one synchronized optimizer step each.
+        """One local minibatch (x [k, 3, H, W], uint8 or float in [0, 1], y [k], a [k]): its chunks, one synchronized
+        optimizer step each.
         Returns the last step's loss terms; every step's terms go to `ctx.diagnostics`."""
         ctx, wrapped = self.ctx, self.wrapped
+        x = to_pixels(x)  # uint8 from the stage's own loader (data/batches.py); float batches pass unchanged
         if ctx.cfg.channels_last:
             # oneDNN's native layout: convolutions skip their reorders and max-pooling runs several times faster
             # on CPU. The attacks, entries and chunk batches all inherit it from x; parameters keep theirs.
@@ -203,7 +205,7 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
         diagnostics = stage.ctx.diagnostics = Diagnostics(len(eps), accelerator.device)
         began = time.perf_counter()
         for step, (x, y, a, _) in enumerate(batches, 1):
-            terms = stage.train_minibatch(to_pixels(x), y, a)  # uint8 from the loader's workers (data/batches.py)
+            terms = stage.train_minibatch(x, y, a)
             batches.set_postfix(loss=f"{terms['loss'].item():.3f}")
             failpoint("finetune.step", epoch=epoch + 1, step=step)
         metrics = diagnostics.summary(accelerator, eps, time.perf_counter() - began)
