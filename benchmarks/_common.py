@@ -28,8 +28,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, repeats: Optional[int]
         parser.add_argument("--repeats", type=int, default=repeats,
                             help=f"timed rounds; medians reported (default {repeats})")
     # One thread by default: on a machine shared with other jobs, a multi-threaded OpenMP region waits for its
-    # descheduled threads (small_cnn FGSM took 550 ms at 2 threads against 100 ms at 1 on the 2-core development
-    # machine under load), which buries the ratios in noise. Pass --threads N on a quiet machine.
+    # descheduled threads, which buries the ratios in noise. Pass --threads N on a quiet machine.
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round: checks that it runs, times nothing")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -56,8 +55,15 @@ def describe(info: Mapping[str, Any]) -> str:
             f"load {info['load_average_1m_at_start']:.2f} at start, torch {info['torch']}, {info['date']}")
 
 
-def interleaved(contenders: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each contender over `repeats` rounds, the contenders taking turns within a round.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+"""wall: elapsed time. cpu: this process's CPU time, for single-threaded contenders on a loaded machine, where
+elapsed time also counts the waits for a core that other jobs hold."""
+
+
+def interleaved(contenders: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1,
+                clock: str = "wall") -> dict[str, list[float]]:
+    """Seconds per call of each contender over `repeats` rounds, the contenders taking turns within a round,
+    on one of CLOCKS.
 
     Each contender first runs `warmup` times untimed (allocator, oneDNN primitive caches, lazy imports).
     """
@@ -65,11 +71,12 @@ def interleaved(contenders: Mapping[str, Callable[[], Any]], repeats: int, warmu
         for fn in contenders.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in contenders}
+    now = CLOCKS[clock]
     for _ in range(repeats):
         for name, fn in contenders.items():
-            start = time.perf_counter()
+            start = now()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(now() - start)
     return times
 
 

@@ -1,12 +1,16 @@
-"""Images/s through a DataLoader for three CelebA readers on one CelebA-format folder.
+"""Images/s through a DataLoader for CelebA readers on one CelebA-format folder.
 
 (a) torchvision's ``CelebA`` with PIL transforms (CenterCrop → Resize → ToTensor), (b) this project's
-``CelebA`` without the cache, (c) with the preprocessed cache. Same split, image size, batch size,
-worker count and shuffled order for all three. The clock starts when the first batch arrives (worker
-start-up is not counted) and every source file is read once beforehand, so the page cache is equally
-warm for all. The cache build is timed separately. With ``--repeats`` the readers run in rounds
-(a, b, c, a, b, c, ...) and each reports its median, so that load from other processes, which the
-printed load average shows, falls on all three alike.
+``CelebA`` without the cache, (c) with the preprocessed cache, both as training reads them: uint8 batches
+from the workers, converted to float32 by ``to_pixels`` in this process (data/batches.py); (d) the cache
+with float32 batches from the workers, as before that change, for the side-by-side comparison. Every
+reader delivers the same float32 [B, 3, S, S] batches. Same split, image size, batch size, worker count
+and shuffled order for all. The clock starts when the first batch arrives (worker start-up is not
+counted) and every source file is read once beforehand, so the page cache is equally warm for all. The
+cache build is timed separately. With ``--repeats`` the readers run in rounds (a, b, c, d, a, ...) and each
+reports its median, so that load from other processes, which the printed load average shows, falls on all
+alike. Each pass also reports the CPU time of this process and its workers per image: the work, which on
+a loaded machine varies less than the elapsed time.
 
 Usage (from the repository root; the folder is generated if it has no list_attr_celeba.txt)::
 
@@ -19,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -32,7 +37,9 @@ import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from distributed_asac.data.celeba import CelebA, locate_celeba
+from distributed_asac.data.batches import to_pixels, uint8_images
+from distributed_asac.data.celeba import CelebA
+from distributed_asac.data.celeba_format import locate_celeba
 
 
 class UncheckedTorchvisionCelebA(torchvision.datasets.CelebA):
@@ -87,20 +94,30 @@ def warm_page_cache(folder: Path) -> None:
             handle.read()
 
 
-def images_per_second(dataset: Dataset, batch_size: int, workers: int, max_images: int) -> float:
-    """Steady-state throughput of one shuffled pass (up to ``max_images``), from the first batch on."""
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (DataLoader workers, once joined)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def one_pass(dataset: Dataset, batch_size: int, workers: int, max_images: int) -> tuple[float, float]:
+    """Steady-state images/s of one shuffled pass (up to ``max_images``), from the first batch on, and the CPU
+    milliseconds per image of this process and its workers over the whole pass (worker start-up included)."""
+    cpu_before = cpu_seconds()
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
         generator=torch.Generator().manual_seed(0), persistent_workers=False,
     )
     batches = iter(loader)
-    next(batches)
+    delivered = len(to_pixels(next(batches)[0]))
     started, seen = time.perf_counter(), 0
     for batch in batches:
-        seen += len(batch[0])
+        seen += len(to_pixels(batch[0]))  # float32 [B, 3, S, S], whatever crossed from the workers
         if seen >= max_images:
             break
-    return seen / (time.perf_counter() - started)
+    rate = seen / (time.perf_counter() - started)
+    del batches  # joins the workers, so that their CPU time is counted
+    return rate, 1e3 * (cpu_seconds() - cpu_before) / (delivered + seen)
 
 
 def machine() -> str:
@@ -119,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for every reader")
     parser.add_argument("--split", default="train")
     parser.add_argument("--max-images", type=int, default=10**9, help="stop each pass after this many images")
-    parser.add_argument("--repeats", type=int, default=1, help="rounds over the three readers; medians reported")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over the readers; medians reported")
     parser.add_argument("--cache-dir", type=Path, help="default: <data>_cache next to the data")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -137,28 +154,32 @@ def main(argv: list[str] | None = None) -> None:
         torchvision.transforms.Resize(args.image_size),
         torchvision.transforms.ToTensor(),
     ])
-    readers: dict[str, Dataset] = {
-        "a_torchvision": UncheckedTorchvisionCelebA(str(view), split=args.split, target_type="attr", transform=transform),
-        "b_uncached": CelebA(args.data, args.split, "Smiling", "Male", image_size=args.image_size),
-    }
+    uncached = CelebA(args.data, args.split, "Smiling", "Male", image_size=args.image_size)
     shutil.rmtree(cache_dir, ignore_errors=True)  # time a full build, not a reuse
     started = time.perf_counter()
-    readers["c_cached"] = CelebA(args.data, args.split, "Smiling", "Male", image_size=args.image_size, cache_dir=cache_dir)
+    cached = CelebA(args.data, args.split, "Smiling", "Male", image_size=args.image_size, cache_dir=cache_dir)
     build_seconds = time.perf_counter() - started
+    readers: dict[str, Dataset] = {
+        "a_torchvision": UncheckedTorchvisionCelebA(str(view), split=args.split, target_type="attr", transform=transform),
+        "b_uncached": uint8_images(uncached),
+        "c_cached": uint8_images(cached),
+        "d_cached_float": cached,
+    }
     cache_bytes = sum(path.stat().st_size for path in cache_dir.rglob("images-*.npy"))
 
     load_before = os.getloadavg()[0]
     rounds = [
-        {name: images_per_second(ds, args.batch_size, args.workers, args.max_images) for name, ds in readers.items()}
+        {name: one_pass(ds, args.batch_size, args.workers, args.max_images) for name, ds in readers.items()}
         for _ in range(args.repeats)
     ]
-    rates = {name: statistics.median(r[name] for r in rounds) for name in readers}
+    rates = {name: statistics.median(r[name][0] for r in rounds) for name in readers}
+    cpu_ms = {name: statistics.median(r[name][1] for r in rounds) for name in readers}
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "pillow": PIL.__version__},
-        "images": len(readers["b_uncached"]),
+        "images": len(uncached),
         "split": args.split,
         "image_size": args.image_size,
         "batch_size": args.batch_size,
@@ -167,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         "repeats": args.repeats,
         "images_per_second": {name: round(rate, 1) for name, rate in rates.items()},
         "ratio_to_torchvision": {name: round(rate / rates["a_torchvision"], 2) for name, rate in rates.items()},
+        "cpu_ms_per_image": {name: round(ms, 3) for name, ms in cpu_ms.items()},
         "cache_build_seconds": round(build_seconds, 1),
         "cache_megabytes": round(cache_bytes / 1e6, 1),
     }
@@ -174,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{results['images']} {args.split} images at {args.image_size}px, batch {args.batch_size}, {args.workers} workers, "
           f"median of {args.repeats}, load average {load_before:.2f} before / {os.getloadavg()[0]:.2f} after")
     for name, rate in rates.items():
-        print(f"  {name:<14} {rate:9.1f} images/s   {rate / rates['a_torchvision']:6.2f}x (a)")
+        print(f"  {name:<14} {rate:9.1f} images/s   {rate / rates['a_torchvision']:6.2f}x (a)   "
+              f"{cpu_ms[name]:6.3f} CPU ms/image")
     print(f"  cache build {build_seconds:.1f} s, {cache_bytes / 1e6:.1f} MB on disk")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")

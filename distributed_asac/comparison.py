@@ -10,15 +10,26 @@ metrics, the table and the plot; every per-seed, per-row run is nested under it.
 
 `resume=latest` (or a comparison folder) continues a killed comparison: finished seeds are read back from
 their `seed_<s>/results.json`, the unfinished one continues where it stopped (pipeline.run), the rest run.
+
+Layout: seeds run one after another in this process (the default), or with `parallel=N` N at a time, each
+in a process of its own at torch.get_num_threads() // N threads (benchmarks/bench_layout.py measures both).
+Every seed's run is the same function on the same config either way; at equal threads per run the numbers
+are identical (tests/test_comparison.py), while a different thread count changes float rounding as any
+change of hardware does.
 """
 
 from __future__ import annotations
 
 import csv
+import ctypes
 import dataclasses
 import json
 import math
+import multiprocessing
 import shutil
+import signal
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Optional
 
@@ -27,16 +38,19 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from .config import Config
-from .metrics import HEADLINE
+from .data.build import build_splits
+from .errors import UserError
+from .logs import setup_logging
+from .metrics import COLUMNS, HEADLINE
 from .pipeline import new_run_dir, run
-from .report import ROW_ORDER, format_paired, format_table, plot_paired
+from .report import format_paired, format_table, plot_paired
 from .resume import INCOMPLETE, STATE, RunState, find_run, mark_complete, mark_incomplete
+from .rows import in_table_order
 from .runtime import make_accelerator
 from .stats import Interval, paired_bootstrap, paired_difference, t_interval
 from .tracking import Tracker
 
 REFERENCES = ("base", "plain")  # every row is compared with the base model and with plain fine-tuning
-SUMMARISED = (*HEADLINE, "CF_flip_rate", "IG_mouth_share")  # metrics shown with an interval over seeds
 
 
 @dataclasses.dataclass
@@ -51,13 +65,15 @@ class ComparisonOutput:
 def _rows(per_seed: dict[int, dict[str, dict]]) -> list[str]:
     """The rows every seed produced (the probe is not a target classifier)."""
     common = set.intersection(*(set(results) - {"probe"} for results in per_seed.values()))
-    return [n for n in ROW_ORDER if n in common] + sorted(common - set(ROW_ORDER))
+    return in_table_order(common)
 
 
 def aggregate(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict[str, Interval]]:
-    """row → metric → the mean over seeds with its 95% t-interval (`stats.t_interval`)."""
-    return {row: {metric: t_interval([results[row][metric] for results in per_seed.values()])
-                  for metric in SUMMARISED if all(metric in results[row] for results in per_seed.values())}
+    """row → metric → the mean over seeds with its 95% t-interval (`stats.t_interval`), for each table column
+    (metrics.COLUMNS) that every seed reports."""
+    runs = list(per_seed.values())
+    return {row: {c.name: t_interval([results[row][c.name] for results in runs])
+                  for c in COLUMNS if all(c.name in results[row] for results in runs)}
             for row in _rows(per_seed)}
 
 
@@ -132,9 +148,13 @@ def write_comparison(out: ComparisonOutput, cfg: Config, tracker: Tracker) -> st
 
 
 def compare(cfg: Config, variants: Optional[list[dict]] = None,
-            accelerator: Optional[Accelerator] = None) -> ComparisonOutput:
-    """The whole comparison once per seed of `cfg.seeds` (or `cfg.seed`), then its summary and verdicts."""
+            accelerator: Optional[Accelerator] = None, parallel: int = 1) -> ComparisonOutput:
+    """The whole comparison once per seed of `cfg.seeds` (or `cfg.seed`), then its summary and verdicts;
+    `parallel` seeds at a time (see Layout above)."""
     accelerator = accelerator or make_accelerator()
+    if parallel > 1 and accelerator.num_processes > 1:
+        raise UserError("--parallel-seeds runs each seed in a process of its own, which a multi-process launch "
+                        "cannot do; use one of the two")
     seeds = list(cfg.seeds or [cfg.seed])
     if cfg.resume:
         run_dir = find_run(cfg, "comparison")
@@ -148,19 +168,25 @@ def compare(cfg: Config, variants: Optional[list[dict]] = None,
     tags = {"run_dir": str(run_dir), "stage": "comparison", "seeds": ",".join(map(str, seeds))}
     with Tracker(cfg, "comparison", accelerator.is_main_process, tags, state.run_id("comparison")) as tracker:
         state.record_run("comparison", tracker.run_id)
-        per_seed = {}
+        per_seed, pending = {}, []  # pending: (seed, resume) of the seeds still to run
         for seed in seeds:
             folder = run_dir / f"seed_{seed}"
             status = [_seed_status(folder) if accelerator.is_main_process else None]
             broadcast_object_list(status)  # the main process's view: ranks must agree
             if status[0] == "finished":  # the position in the seed list: finished seeds are not run again
                 per_seed[seed] = json.loads((folder / "results.json").read_text())
-                continue
-            if accelerator.is_main_process:
-                print(f"\n=== seed {seed} ({seeds.index(seed) + 1} of {len(seeds)}) ===", flush=True)
-            out = run(dataclasses.replace(cfg, seed=seed), variants, accelerator, parent_run_id=tracker.run_id,
-                      run_dir=folder, resume=status[0] == "unfinished")
-            per_seed[seed] = out.results
+            else:
+                pending.append((seed, status[0] == "unfinished"))
+        if parallel > 1 and len(pending) > 1:
+            per_seed.update(_run_at_once(cfg, variants, tracker.run_id, run_dir, pending, parallel, accelerator))
+        else:
+            for seed, resume in pending:
+                if accelerator.is_main_process:
+                    print(f"\n=== seed {seed} ({seeds.index(seed) + 1} of {len(seeds)}) ===", flush=True)
+                out = run(dataclasses.replace(cfg, seed=seed), variants, accelerator, parent_run_id=tracker.run_id,
+                          run_dir=run_dir / f"seed_{seed}", resume=resume)
+                per_seed[seed] = out.results
+        per_seed = {seed: per_seed[seed] for seed in seeds}  # in seed order, whichever finished first
         result = ComparisonOutput(run_dir, seeds, per_seed, aggregate(per_seed), [])
         if accelerator.is_main_process:
             result.paired = paired(per_seed, run_dir)
@@ -170,6 +196,33 @@ def compare(cfg: Config, variants: Optional[list[dict]] = None,
             mark_complete(run_dir)
     accelerator.wait_for_everyone()
     return result
+
+
+def _run_at_once(cfg: Config, variants: Optional[list[dict]], parent_run_id: Optional[str], run_dir: Path,
+                 pending: list[tuple[int, bool]], parallel: int, accelerator: Accelerator) -> dict[int, dict]:
+    """Run the pending seeds `parallel` at a time, each in a fresh (spawned) process; seed → its results."""
+    build_splits(cfg, accelerator)  # generate the data and build its caches once, before the seeds read them
+    threads = max(1, torch.get_num_threads() // parallel)
+    context = multiprocessing.get_context("spawn")  # not fork: this process already runs torch's threads
+    with ProcessPoolExecutor(min(parallel, len(pending)), mp_context=context, initializer=_die_with_parent) as pool:
+        futures = {pool.submit(_run_seed, dataclasses.replace(cfg, seed=seed), variants, parent_run_id,
+                               run_dir / f"seed_{seed}", resume, threads): seed for seed, resume in pending}
+        return {futures[future]: future.result() for future in as_completed(futures)}
+
+
+def _die_with_parent() -> None:
+    """A seed's process is killed with the comparison's: after a kill -9 no seed writes on behind a resume."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
+def _run_seed(cfg: Config, variants: Optional[list[dict]], parent_run_id: Optional[str], folder: Path,
+              resume: bool, threads: int) -> dict:
+    """One seed's pipeline run in its own process, exactly as the one-after-another layout runs it."""
+    setup_logging()
+    torch.set_num_threads(threads)
+    print(f"\n=== seed {cfg.seed} (its own process, {threads} torch thread{'s' * (threads > 1)}) ===", flush=True)
+    return run(cfg, variants, make_accelerator(), parent_run_id=parent_run_id, run_dir=folder, resume=resume).results
 
 
 def _seed_status(folder: Path) -> str:

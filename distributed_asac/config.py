@@ -21,8 +21,15 @@ from typing import Any, Optional
 
 import yaml
 
+from .attacks import ATTACKS
+from .curriculum import ORDERS
+from .data.datasets import DATASETS, synthetic_arguments
+from .data.faces import BAD_IMAGE_POLICIES
+from .data.synthetic import check_arguments as check_generator_arguments
 from .errors import UserError
+from .models import BACKBONES
 from .registry import suggest
+from .rows import MODES
 
 
 @dataclass
@@ -61,7 +68,7 @@ class StageConfig:
 
 @dataclass
 class FinetuneConfig:
-    mode: str = "asac"  # stage-3 training: ASAC, a comparator, or none (base)
+    mode: str = "asac"  # stage-3 training: ASAC, a comparator, or none (base) (rows.MODES)
     epochs: int = 2  # passes over the train split
     batch_size: int = 64  # k: images per process per minibatch
     lr: float = 1e-3  # Adam learning rate
@@ -137,9 +144,7 @@ class Config:
         return _flatten(self.to_dict())
 
 
-DATASETS = ("synthetic", "celeba", "lfw")
 ATTACK_MODELS = ("frozen", "live")
-BAD_IMAGE_POLICIES = ("error", "skip")
 BATCHNORM_MODES = ("train", "frozen")
 SELECTION_RULES = ("last", "balanced_valid")
 EPS_MODES = ("fixed", "calibrated")
@@ -188,13 +193,7 @@ def save_config(cfg: Config, path: Path) -> None:
 
 def choices() -> dict[str, list[str]]:
     """The valid names of every key that takes one of a fixed set of names (validation and --help)."""
-    # Imported here: the registries live beside the code they name, which itself imports config.
-    from .attacks import ATTACKS
-    from .curriculum import ORDERS
-    from .finetune import MODES
-    from .models import BACKBONES
-
-    return {"data.name": list(DATASETS), "model.backbone": BACKBONES.names(), "finetune.attack": ATTACKS.names(),
+    return {"data.name": DATASETS.names(), "model.backbone": BACKBONES.names(), "finetune.attack": ATTACKS.names(),
             "finetune.order": ORDERS.names(), "finetune.mode": MODES.names(),
             "finetune.attack_model": list(ATTACK_MODELS), "data.on_bad_image": list(BAD_IMAGE_POLICIES),
             "finetune.batchnorm": list(BATCHNORM_MODES), "finetune.select": list(SELECTION_RULES),
@@ -228,10 +227,6 @@ def validate(cfg: Config) -> None:
                         "plain fine-tuning; give at least one, e.g. finetune.eps=[0.001,0.01] (0 is always added)")
     _in_range("finetune.adv_eps", cfg.finetune.adv_eps, 0.0, 1.0)
     _in_range("finetune.alpha", cfg.finetune.alpha, 0.0, 1.0)
-    _in_range("data.synthetic_bias", cfg.data.synthetic_bias, 0.0, 1.0)
-    if not 0.0 < cfg.data.synthetic_beard_strength <= 1.0:
-        raise UserError(f"config key 'data.synthetic_beard_strength': {cfg.data.synthetic_beard_strength} is out of "
-                        "range (must be in (0, 1]; 1 is the full beard)")
     for key in ("data.image_size", "finetune.pgd_steps", "finetune.calibration_images", "base.batch_size",
                 "probe.batch_size", "finetune.batch_size", "gan.latent_dim", "gan.width", "gan.epochs",
                 "gan.batch_size"):
@@ -241,6 +236,8 @@ def validate(cfg: Config) -> None:
         _in_range(key, _get(cfg, key), 0, None)
     for key in SEED_KEYS:
         _in_range(key, _get(cfg, key), 0, MAX_SEED)
+    if cfg.data.name == "synthetic":  # the generator's own checks, worded with the config keys
+        check_generator_arguments(**synthetic_arguments(cfg.data), spell=_generator_key)
     _in_range("gan.latents", cfg.gan.latents, 8, None)  # a hyperplane needs latents of both classes
     for key in ("base.lr", "probe.lr", "finetune.lr", "gan.lr", "adam_eps", "grad_clip"):  # grad_clip 0 would zero every gradient
         if _get(cfg, key) <= 0:
@@ -275,6 +272,17 @@ def check_batch_sizes(cfg: Config, train_size: int, processes: int, stages: tupl
             raise UserError(f"config key {key!r}: {_get(cfg, key)}{per} is larger than the train split "
                             f"({train_size} images), which would give no training step; set {key} <= "
                             f"{train_size // processes}")
+
+
+# The config key of each argument of the generator (data/synthetic.py), for its error messages.
+GENERATOR_KEYS = {"num_images": "data.synthetic_num_images", "bias": "data.synthetic_bias", "seed": "data.synthetic_seed",
+                  "size": "data.image_size", "beard_strength": "data.synthetic_beard_strength",
+                  "train_twins": "data.synthetic_train_twins"}
+
+
+def _generator_key(argument: str, value: Any) -> str:
+    shown = value[0] if argument == "size" else value  # the generator draws image_size × image_size
+    return f"config key {GENERATOR_KEYS[argument]!r}: {shown}"
 
 
 def _in_range(key: str, value: float, low: float | None, high: float | None) -> None:

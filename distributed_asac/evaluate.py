@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast, gather_object
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .data.batches import to_pixels, uint8_images
 from .metrics import fairness_report, group_counts
 
 
@@ -72,7 +73,8 @@ def evaluate(
     n_batches = math.ceil(math.ceil(len(dataset) / world) / batch_size)
 
     def loader(ds: Dataset) -> DataLoader:
-        return DataLoader(Subset(ds, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        return DataLoader(Subset(uint8_images(ds), indices), batch_size=batch_size, shuffle=False,
+                          num_workers=num_workers)
 
     counts = torch.zeros(2, 2, 2, dtype=torch.long, device=device)
     protected_correct = torch.zeros((), dtype=torch.long, device=device)
@@ -83,6 +85,7 @@ def evaluate(
     done = 0
     for batch, twin_batch in batches:
         x, y, a, idx = (t.to(device) for t in batch)
+        x = to_pixels(x)
         target_logits, protected_logits = model(x)  # [b, 2] each
         y_hat = target_logits.argmax(1)
         counts += group_counts(y, a, y_hat)
@@ -90,7 +93,7 @@ def evaluate(
         score = target_logits.softmax(1)[:, 1]
         columns = [idx.tolist(), y.tolist(), a.tolist(), y_hat.tolist(), score.tolist()]
         if twin_batch is not None:
-            twin_hat = model(twin_batch[0].to(device))[0].argmax(1)
+            twin_hat = model(to_pixels(twin_batch[0].to(device)))[0].argmax(1)
             flips += (twin_hat != y_hat).sum()
             columns.append(twin_hat.tolist())
         rows += [(image_ids[r[0]] if image_ids else r[0], *r[1:]) for r in zip(*columns)]

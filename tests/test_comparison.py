@@ -21,11 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def compared(tmp_path_factory):
+def compared(tmp_path_factory, smoke_config):
     tmp = tmp_path_factory.mktemp("compare")
-    cfg = load_config(REPO / "configs" / "smoke.yaml", [
-        f"data.root={tmp / 'data'}", f"output_dir={tmp / 'runs'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
-        "seeds=[3,5]", "analysis.ig_images=4", "analysis.robustness_images=32"])
+    cfg = smoke_config(tmp, "seeds=[3,5]", "analysis.ig_images=4", "analysis.robustness_images=32")
     return tmp, compare(cfg, variants=row_variants("plain,asac_fgsm"))
 
 
@@ -105,14 +103,13 @@ def test_bad_seed_lists_give_one_line(tmp_path, seeds, message):
     assert not (tmp_path / "runs").exists()
 
 
-def test_one_seed_reports_bootstrap_intervals_and_paired_bootstrap_verdicts(tmp_path):
+def test_one_seed_reports_bootstrap_intervals_and_paired_bootstrap_verdicts(tmp_path, smoke_config):
     """With a single seed the only interval is over test images: the table shows [low, high] from each model's
     bootstrap and the verdicts come from the paired bootstrap of the two models' predictions.csv."""
     from distributed_asac.stats import paired_bootstrap
 
-    cfg = load_config(REPO / "configs" / "smoke.yaml", [
-        f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'runs'}", "tracking.enabled=false",
-        "seeds=[4]", "analysis.ig_images=0", "analysis.robustness_images=0"])
+    cfg = smoke_config(tmp_path, "tracking.enabled=false", "seeds=[4]", "analysis.ig_images=0",
+                       "analysis.robustness_images=0")
     out = compare(cfg, variants=row_variants("plain"))
     saved = json.loads((out.run_dir / "results.json").read_text())
     assert saved["seeds"] == [4] and "one seed (4)" in saved["interval"]
@@ -129,3 +126,30 @@ def test_one_seed_reports_bootstrap_intervals_and_paired_bootstrap_verdicts(tmp_
     assert [pair["interval"]["low"], pair["interval"]["high"]] == pytest.approx([expected.low, expected.high])
     table = (out.run_dir / "table.md").read_text()
     assert "| Smiling | base | " in table and " [" in table and " ± " not in table.split("| Paired")[0]
+
+
+@pytest.mark.slow
+def test_seeds_at_once_give_the_numbers_of_seeds_one_after_another(tmp_path):
+    """The layout changes where seeds run, not what they compute: at the same threads per run (1), two seeds
+    in two processes give the results.json of the same seeds run one after another, and log the same runs."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [f"data.root={tmp_path / 'data'}", f"tracking.uri={uri}", "seeds=[1,2]", "base.epochs=1",
+                 "analysis.ig_images=0", "analysis.robustness_images=0"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each of the two processes gets: 1 // 2, at least 1
+    try:
+        outs = {layout: compare(load_config(REPO / "configs" / "smoke.yaml", [*overrides, f"experiment={layout}"]),
+                                variants=row_variants("plain"), parallel=parallel)
+                for layout, parallel in (("sequential", 1), ("parallel", 2))}
+    finally:
+        torch.set_num_threads(threads)
+    saved = {layout: json.loads((out.run_dir / "results.json").read_text()) for layout, out in outs.items()}
+    for key in ("per_seed", "aggregate", "paired"):  # compared as JSON text: NaN equals NaN there
+        assert json.dumps(saved["parallel"][key], sort_keys=True) == json.dumps(saved["sequential"][key], sort_keys=True)
+    client = MlflowClient(uri)
+    for layout in outs:
+        experiment = client.get_experiment_by_name(layout).experiment_id
+        (parent,) = client.search_runs([experiment], "tags.stage = 'comparison'")
+        children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        assert sorted((r.data.params["seed"], r.info.run_name) for r in children) == [
+            (s, n) for s in ("1", "2") for n in ("base", "plain", "probe")]

@@ -11,7 +11,8 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import save_file
 from torch import nn
 
-from distributed_asac import gan
+from distributed_asac import gan_engine as gan
+from distributed_asac.gan import main as gan_main
 from distributed_asac.config import load_config
 from distributed_asac.errors import UserError
 
@@ -133,7 +134,7 @@ def _tiny(tmp_path, *overrides):
 
 
 def test_gan_trains_once_per_dataset_and_seed_samples_and_logs(tmp_path, capsys):
-    gan.main(["train", *_tiny(tmp_path)])
+    gan_main(["train", *_tiny(tmp_path)])
     path = capsys.readouterr().out.strip().splitlines()[-1]
     cfg = load_config(None, _tiny(tmp_path))
     folder = tmp_path / "runs" / gan.CACHE_DIR / gan.gan_key(cfg)
@@ -157,7 +158,7 @@ def test_gan_trains_once_per_dataset_and_seed_samples_and_logs(tmp_path, capsys)
     # A second call reuses the entry: nothing is trained or rewritten.
     stamp = (folder / gan.GENERATOR).stat().st_mtime_ns
     (tmp_path / "tiny.yaml").write_text("experiment: gan\n")
-    gan.main(["train", "--config", str(tmp_path / "tiny.yaml"), *_tiny(tmp_path)])  # as the README writes it
+    gan_main(["train", "--config", str(tmp_path / "tiny.yaml"), *_tiny(tmp_path)])  # as the README writes it
     assert capsys.readouterr().out.strip().splitlines()[-1] == path
     assert (folder / gan.GENERATOR).stat().st_mtime_ns == stamp
 
@@ -187,23 +188,23 @@ def test_bad_generator_files_are_one_clear_line(tmp_path, capsys):
     with pytest.raises(UserError, match=r"does not match the generator its metadata declares"):
         gan.load_generator(tmp_path / "other.safetensors")
     with pytest.raises(SystemExit) as stopped:
-        gan.main(["train", f"gan.checkpoint={tmp_path / 'other.safetensors'}"])
+        gan_main(["train", f"gan.checkpoint={tmp_path / 'other.safetensors'}"])
     assert stopped.value.code == 2
     assert capsys.readouterr().err.startswith("error: gan.checkpoint is set")
 
 
-def test_gan_augment_trains_on_the_real_images_plus_labelled_pairs(monkeypatch):
-    from distributed_asac.finetune import MODES, Diagnostics, StepContext
+def test_gan_augment_trains_on_the_real_images_plus_labelled_pairs():
+    from distributed_asac.diagnostics import Diagnostics
+    from distributed_asac.rows import MODES, StepContext
 
     generator, base = LinearGenerator(0), LinearBase(1)
     made = gan.fit_pairs(generator, base, torch.randn(500, 5, generator=torch.Generator().manual_seed(3)), 8,
                          torch.device("cpu"))
-    monkeypatch.setattr("distributed_asac.finetune.latent_pairs", lambda *args: made)
-    mode = MODES.get("gan_augment")()
-    assert mode.prepare(None, None, None, None, None) == made[1]  # the pair numbers go to the fine-tune's summary
+    mode = MODES.get("gan_augment")
+    assert mode.prepare is gan.latent_pairs  # stage 3 puts its pairs in ctx.prepared, its numbers in the summary
     x, y = torch.full((6, 3, 8, 8), 1e3), torch.zeros(6, dtype=torch.long)  # k = 6 real images, marked by value
-    ctx = StepContext(None, [0.0, 0.001, 0.01], None, None, torch.Generator().manual_seed(0),
-                      Diagnostics(3, torch.device("cpu")))
+    ctx = StepContext(None, [0.0, 0.001, 0.01], None, None, None, torch.Generator().manual_seed(0),
+                      Diagnostics(3, torch.device("cpu")), prepared=made[0])
     torch.manual_seed(0)
     chunks = mode.make_chunks(ctx, x, y, torch.zeros(6, dtype=torch.long))
     images, labels = torch.cat([c.images for c in chunks]), torch.cat([c.labels for c in chunks])
@@ -216,11 +217,11 @@ def test_gan_augment_trains_on_the_real_images_plus_labelled_pairs(monkeypatch):
 
 
 def test_a_missing_generator_checkpoint_stops_the_row_before_training(tmp_path):
-    from distributed_asac.finetune import MODES
+    from distributed_asac.rows import MODES
 
     cfg = load_config(None, [f"gan.checkpoint={tmp_path / 'nowhere.safetensors'}"])
     with pytest.raises(UserError, match=r"gan\.checkpoint '.*nowhere\.safetensors' not found"):
-        MODES.get("gan_augment")().check(cfg)
+        MODES.get("gan_augment").check(cfg)
 
 
 class MixingGenerator(nn.Module):
@@ -241,7 +242,7 @@ class MixingGenerator(nn.Module):
 @pytest.mark.slow
 def test_the_gan_and_oracle_rows_run_end_to_end(tmp_path, monkeypatch):
     from distributed_asac import pipeline
-    from distributed_asac.data.build import generate_synthetic
+    from distributed_asac.data.datasets import generate_synthetic
     from distributed_asac.data.celeba import CelebA
     from distributed_asac.demo import row_variants
 
@@ -253,8 +254,8 @@ def test_the_gan_and_oracle_rows_run_end_to_end(tmp_path, monkeypatch):
     train = CelebA(cfg.data.root, "train", "Smiling", "Male", cfg.data.image_size)
     cells = (train.targets * 2 + train.protected_labels).tolist()
     faces = torch.stack([train[cells.index(c)][0] for c in range(4)])
-    monkeypatch.setattr("distributed_asac.gan.load_generator", lambda path: MixingGenerator(faces))  # stage-3 start
-    monkeypatch.setattr("distributed_asac.finetune.load_generator", lambda path: None)  # the check before training
+    monkeypatch.setattr(gan, "load_generator", lambda path: MixingGenerator(faces))  # stage-3 start
+    monkeypatch.setattr("distributed_asac.rows.load_generator", lambda path: None)  # the check before training
     out = pipeline.run(cfg, variants=row_variants("oracle_counterfactual,gan_augment,plain"))
     rows = [line.split(" | ")[1] for line in (out.run_dir / "table.md").read_text().splitlines()[2:]]
     assert rows == ["base", "plain", "gan_augment", "oracle_counterfactual"]  # the paper's order, the bound last

@@ -9,7 +9,8 @@ from distributed_asac.data import synthetic as syn
 from distributed_asac.data.celeba import CelebA
 from distributed_asac.data.twins import WithTwins, collate_with_twins, train_twins
 from distributed_asac.errors import UserError
-from distributed_asac.finetune import MODES, Diagnostics, StepContext
+from distributed_asac.diagnostics import Diagnostics
+from distributed_asac.rows import MODES, StepContext
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +53,10 @@ def test_a_batch_holds_the_images_then_their_twins(roots):
 
 
 def test_the_oracle_steps_cover_each_image_and_twin_once():
-    mode = MODES.get("oracle_counterfactual")()
+    mode = MODES.get("oracle_counterfactual")
     x = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 3, 4, 4)  # entry e is filled with e: k = 4 images, 4 twins
     y = torch.tensor([0, 1, 1, 0] * 2)
-    ctx = StepContext(None, [0.0, 0.001, 0.01], None, None, torch.Generator().manual_seed(0),
+    ctx = StepContext(None, [0.0, 0.001, 0.01], None, None, None, torch.Generator().manual_seed(0),
                       Diagnostics(3, torch.device("cpu")))
     chunks = mode.make_chunks(ctx, x, y, torch.tensor([0, 1, 0, 1, 1, 0, 1, 0]))
     assert len(chunks) == 3  # |E| steps, as every mode takes
@@ -73,6 +74,6 @@ def test_a_dataset_without_train_twins_is_one_clear_error(roots):
     # Read as CelebA-format files, the generated dataset made without them lists test twins only.
     with pytest.raises(UserError, match=r"^finetune\.mode=oracle_counterfactual: 28 of 28 train images have no twin"):
         train_twins(_data(roots / "plain", "data.name=celeba"))
-    mode = MODES.get("oracle_counterfactual")()
+    mode = MODES.get("oracle_counterfactual")
     with pytest.raises(UserError, match=r"data\.synthetic_train_twins=true"):
         mode.check(load_config(None, [f"data.root={roots / 'plain'}"]))

@@ -8,13 +8,15 @@ N·S²·3 bytes: CelebA's 202,599 images take 2.49 GB at 64 px (2.0 GB for train
 
 Layout of one cache (``<cache_dir>/<name>-<S>px-<hash of the source folder>/``)::
 
-    manifest.json          source folder, file list, sizes, mtimes, pipeline, undecodable files
+    manifest.json          source folder, file list, sizes, mtimes, pipeline, undecodable files, checksums
     images-<build>.npy     uint8 [N, S, S, 3], row k = files[k]
     .lock                  held (flock) by the one process that builds
 
 The manifest is the cache's validity proof: a cache whose source files (list, sizes, mtimes), image
 size or pipeline differ is stale, and is rebuilt (with a warning saying why) or refused
-(``on_stale="error"``), never used. Several processes may open the same cache at once: the first takes
+(``on_stale="error"``), never used. So is one whose pixels no longer match the CRC-32 of each block of
+CHUNK rows recorded when it was built (a byte changed on disk, a bad copy): every open checks them,
+about 0.5 s per GB read, so corrupted pixels are never trained on. Several processes may open the same cache at once: the first takes
 the lock and builds, the others wait on it and then read what it built.
 
 Also here, sharing the same parallel pass: :func:`find_bad_images`, which only decodes.
@@ -31,6 +33,7 @@ import os
 import sys
 import time
 import uuid
+import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,7 +46,7 @@ from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-block checksums of the pixels
 MANIFEST = "manifest.json"
 CHUNK = 256  # images per worker task: large enough to amortise task overhead, small for a smooth bar
 STALE_POLICIES = ("rebuild", "error")
@@ -150,7 +153,7 @@ def find_bad_images(
     desc: str = "checking images",
 ) -> dict[int, str]:
     """Index → error message of every file that ``check`` (a decoder raising UserError) rejects."""
-    return _run_pass(Path(source_dir), list(files), check, None, workers, progress, desc)
+    return _run_pass(Path(source_dir), list(files), check, None, workers, progress, desc)[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,6 +205,19 @@ def _staleness(folder: Path, manifest: dict[str, Any], expected: dict[str, Any],
     changed = np.flatnonzero((sizes != np.asarray(manifest["sizes"])) | (mtimes != np.asarray(manifest["mtimes_ns"])))
     if len(changed):
         return f"{len(changed)} source files changed since it was built (first: {files[changed[0]]})"
+    return _corruption(images, manifest)
+
+
+def _corruption(images: Path, manifest: dict[str, Any]) -> str | None:
+    """Which rows of ``images`` no longer match the checksums recorded at the build, or None if all do."""
+    pixels = np.load(images, mmap_mode="r")
+    rows = manifest["checksum_rows"]
+    for block, expected in enumerate(manifest["checksums"]):
+        first = block * rows
+        if zlib.crc32(pixels[first : first + rows]) != expected:  # a slice of whole rows is contiguous
+            last = min(first + rows, len(pixels)) - 1
+            return (f"the pixels of rows {first}-{last} (first file: {manifest['files'][first]}) do not match "
+                    f"the checksum recorded when it was built: {images.name} was modified or corrupted")
     return None
 
 
@@ -252,7 +268,7 @@ def _build(
     partial = folder / f"images-{build}.npy.partial"
     np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3)).flush()
     try:
-        bad = _run_pass(source_dir, files, loader, partial, workers, progress, desc)
+        bad, checksums = _run_pass(source_dir, files, loader, partial, workers, progress, desc)
         with open(partial, "rb+") as handle:
             os.fsync(handle.fileno())
     except BaseException:
@@ -267,6 +283,8 @@ def _build(
         sizes=sizes.tolist(),
         mtimes_ns=mtimes.tolist(),
         bad={str(row): message for row, message in sorted(bad.items())},
+        checksum_rows=CHUNK,
+        checksums=[checksums[start] for start in range(0, len(files), CHUNK)],  # CRC-32 of each block of rows
         built_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         build_seconds=round(time.time() - started, 1),
     )
@@ -292,24 +310,31 @@ def _run_pass(
     workers: int | None,
     progress: bool,
     desc: str,
-) -> dict[int, str]:
-    """Apply ``loader`` to every file (writing rows into ``images`` if given); returns the bad ones."""
+) -> tuple[dict[int, str], dict[int, int]]:
+    """Apply ``loader`` to every file, CHUNK files per task (writing rows into ``images`` if given).
+    Returns the bad files (index → message) and, with ``images``, each task's first row → CRC-32 of its rows."""
     workers = max(1, min(workers or len(os.sched_getaffinity(0)), -(-len(files) // CHUNK)))
     starts = range(0, len(files), CHUNK)
     tasks = [(str(source_dir), files[start : start + CHUNK], start, loader, images) for start in starts]
     bad: dict[int, str] = {}
+    checksums: dict[int, int] = {}
+
+    def collect(task: tuple, result: tuple[dict[int, str], int | None]) -> None:
+        bad.update(result[0])
+        if result[1] is not None:
+            checksums[task[2]] = result[1]
+        bar.update(len(task[1]))
+
     with tqdm(total=len(files), desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
         if workers == 1:
             for task in tasks:
-                bad.update(_process_chunk(task))
-                bar.update(len(task[1]))
-            return bad
+                collect(task, _process_chunk(task))
+            return bad, checksums
         with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
-            futures = {pool.submit(_process_chunk, task): len(task[1]) for task in tasks}
+            futures = {pool.submit(_process_chunk, task): task for task in tasks}
             for future in as_completed(futures):
-                bad.update(future.result())
-                bar.update(futures[future])
-    return bad
+                collect(futures[future], future.result())
+    return bad, checksums
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
@@ -321,7 +346,10 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("fork")
 
 
-def _process_chunk(task: tuple[str, list[str], int, Callable[[str], Any], Path | None]) -> dict[int, str]:
+def _process_chunk(
+    task: tuple[str, list[str], int, Callable[[str], Any], Path | None],
+) -> tuple[dict[int, str], int | None]:
+    """Bad files of one task, and the CRC-32 of the rows it wrote (None when it writes none)."""
     source_dir, files, start, loader, images_path = task
     images = np.load(images_path, mmap_mode="r+") if images_path is not None else None
     bad: dict[int, str] = {}
@@ -333,6 +361,7 @@ def _process_chunk(task: tuple[str, list[str], int, Callable[[str], Any], Path |
             continue
         if images is not None:
             images[start + offset] = pixels
-    if images is not None:
-        images.flush()
-    return bad
+    if images is None:
+        return bad, None
+    images.flush()
+    return bad, zlib.crc32(images[start : start + len(files)])  # bad rows hold zeros, and are checked as such

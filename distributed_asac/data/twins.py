@@ -7,11 +7,15 @@ augmentation (ASAC, the GAN) can reach here.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch.utils.data import Dataset
 
-from ..config import DataConfig
 from ..errors import UserError
+
+if TYPE_CHECKING:  # config imports the row registry, which imports this module
+    from ..config import DataConfig
 
 _MODE = "finetune.mode=oracle_counterfactual"
 
