@@ -68,7 +68,7 @@ class StageConfig:
 
 @dataclass
 class FinetuneConfig:
-    mode: str = "asac"  # stage-3 training: ASAC, a comparator, or none (base) (rows.MODES)
+    mode: str = "asac"  # stage-3 training (rows.MODES): ASAC, a comparator, or none (base)
     epochs: int = 2  # passes over the train split
     batch_size: int = 64  # k: images per process per minibatch
     lr: float = 1e-3  # Adam learning rate
