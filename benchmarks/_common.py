@@ -28,8 +28,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, repeats: Optional[int]
         parser.add_argument("--repeats", type=int, default=repeats,
                             help=f"timed rounds; medians reported (default {repeats})")
     # One thread by default: on a machine shared with other jobs, a multi-threaded OpenMP region waits for its
-    # descheduled threads (small_cnn FGSM took 550 ms at 2 threads against 100 ms at 1 on the 2-core development
-    # machine under load), which buries the ratios in noise. Pass --threads N on a quiet machine.
+    # descheduled threads, which buries the ratios in noise. Pass --threads N on a quiet machine.
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round: checks that it runs, times nothing")
     parser.add_argument("--json", type=Path, help="also write the results here")

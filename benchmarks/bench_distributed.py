@@ -7,7 +7,7 @@ ACCELERATE_USE_CPU=true; without it the two would never talk). Layouts are proce
 1×1 (the baseline) and 2×1 (two ranks, a core each) by default; 1×2 (one process, both cores by threading)
 on request.
 
-Each process runs `finetune.train_minibatch` on random images of its own and times every minibatch between
+Each process runs `stage3.Stage3.train_minibatch` on random images of its own and times every minibatch between
 barriers; the step time of a round is the slower rank's. To find the time spent communicating, the same
 minibatch is also run without any communication (DDP's `no_sync` and its forward buffer broadcast switched
 off) in the same rounds: the fraction is 1 − comm-free / synchronised, per round, median. That is the
@@ -23,7 +23,6 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import subprocess
@@ -40,9 +39,9 @@ from accelerate import Accelerator
 from _common import REPO, add_common_arguments, describe, machine, markdown_table, median, write_json
 from distributed_asac.attacks import magnitudes
 from distributed_asac.config import Config
-from distributed_asac.finetune import MODES, Diagnostics, StepContext, train_minibatch
-from distributed_asac.models import create_model, set_trainable
-from distributed_asac.runtime import adam, close_process_group, make_accelerator
+from distributed_asac.models import create_model
+from distributed_asac.runtime import close_process_group, make_accelerator
+from distributed_asac.stage3 import build_stage3
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))  # the CLI of this venv
 
@@ -71,25 +70,18 @@ def worker(args: argparse.Namespace) -> None:
     cfg = Config()
     torch.manual_seed(0)  # the same initial weights on every rank (DDP broadcasts them anyway)
     model = create_model(args.backbone).to(accelerator.device)
-    attacked = copy.deepcopy(model).requires_grad_(False).eval()
-    set_trainable(model, "finetune")
-    optimizer = adam(model.parameters(), cfg.finetune.lr, cfg)
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
-    eps = magnitudes(cfg.finetune.eps)
-    ctx = StepContext(cfg.finetune, eps, attacked, model, torch.Generator().manual_seed(0),
-                      Diagnostics(len(eps), accelerator.device))
+    stage = build_stage3(model, cfg, accelerator, torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1 + accelerator.process_index)  # each rank its own images
     x = torch.rand(k, 3, args.image_size, args.image_size, generator=g).to(accelerator.device)
     y, a = (torch.randint(0, 2, (k,), generator=g).to(accelerator.device) for _ in range(2))
-    mode = MODES.get("asac")()
-    variants = {"synchronised": nullcontext, "comm_free": lambda: no_communication(accelerator, wrapped)}
+    variants = {"synchronised": nullcontext, "comm_free": lambda: no_communication(accelerator, stage.wrapped)}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(args.warmup + args.repeats):
         for name, context in variants.items():
             accelerator.wait_for_everyone()
             start = time.perf_counter()
             with context():
-                train_minibatch(mode, ctx, wrapped, optimizer, accelerator, x, y, a, cfg.grad_clip)
+                stage.train_minibatch(x, y, a)
             if r >= args.warmup:
                 times[name].append(time.perf_counter() - start)
     # The round's step time is the slower rank's: gather every rank's times.

@@ -3,7 +3,7 @@
 The embedded default is `load_config(None)`: the generated dataset (6,000 images, 64×64, bias 0.9),
 small_cnn, k = 64, E = {0, 0.001, 0.01}, FGSM, ascending. Stages 1–2 run once (shortened by
 --base-epochs / --probe-epochs: the cost of a step does not depend on how well the base is trained, only
-the curriculum's chunk sizes do, a little); then `finetune.finetune` runs one epoch per mode, the modes
+the curriculum's chunk sizes do, a little); then `stage3.finetune` runs one epoch per mode, the modes
 taking turns for --repeats rounds, each from a fresh copy of the same base. Images/s is the one
 `finetune` itself logs (`finetune/images_per_s`: training images over the time of the training loop,
 data loading included, validation excluded); the wall time of the whole call is reported beside it.
@@ -25,8 +25,9 @@ import torch
 
 from _common import add_common_arguments, describe, machine, markdown_table, median, write_json
 from distributed_asac.config import Config, load_config
-from distributed_asac.data.build import Splits, build_splits
-from distributed_asac.finetune import finetune
+from distributed_asac.data.build import build_splits
+from distributed_asac.data.datasets import Splits
+from distributed_asac.stage3 import finetune
 from distributed_asac.models import TwoHeadModel, create_model
 from distributed_asac.runtime import make_accelerator, seed_everything
 from distributed_asac.stages import train_stage

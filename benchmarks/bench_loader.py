@@ -38,7 +38,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from distributed_asac.data.batches import to_pixels, uint8_images
-from distributed_asac.data.celeba import CelebA, locate_celeba
+from distributed_asac.data.celeba import CelebA
+from distributed_asac.data.celeba_format import locate_celeba
 
 
 class UncheckedTorchvisionCelebA(torchvision.datasets.CelebA):

@@ -1,7 +1,7 @@
 """Peak memory (RSS) of a short ASAC fine-tuning run on generated datasets of different sizes.
 
 For each size, a fresh process builds the splits as the pipeline does (`build_splits`), runs a fixed
-number of ASAC minibatches (`finetune.train_minibatch`) from a shuffled DataLoader over the whole train
+number of ASAC minibatches (`stage3.Stage3.train_minibatch`) from a shuffled DataLoader over the whole train
 split, then evaluates the whole valid split (`evaluate`). Its peak resident set (VmHWM) is read at the end.
 The run length is fixed, so any growth with the dataset size comes from what is held per image (labels,
 ids, indices) and would show if images were kept in memory: one 64×64 image is 12 KB as uint8, 48 KB as
@@ -19,7 +19,6 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import subprocess
 import sys
@@ -28,17 +27,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from torch.utils.data import DataLoader
 
 from _common import REPO, add_common_arguments, describe, machine, markdown_table, write_json
-from distributed_asac.attacks import magnitudes
 from distributed_asac.config import Config
 from distributed_asac.data.build import build_splits
 from distributed_asac.data.synthetic import generate
 from distributed_asac.evaluate import evaluate
-from distributed_asac.finetune import MODES, Diagnostics, StepContext, train_minibatch
-from distributed_asac.models import create_model, set_trainable
-from distributed_asac.runtime import adam, make_accelerator
+from distributed_asac.models import create_model
+from distributed_asac.runtime import make_accelerator
+from distributed_asac.stage3 import build_stage3
 
 GROWTH_LIMIT = 0.05  # of the smallest dataset's peak
 
@@ -67,19 +64,10 @@ def worker(args: argparse.Namespace) -> None:
     after_data = vm_kib("VmRSS")
     torch.manual_seed(0)
     model = create_model(cfg.model.backbone)
-    attacked = copy.deepcopy(model).requires_grad_(False).eval()
-    set_trainable(model, "finetune")
-    optimizer = adam(model.parameters(), cfg.finetune.lr, cfg)
-    loader = DataLoader(splits.train, batch_size=cfg.finetune.batch_size, shuffle=True, drop_last=True,
-                        num_workers=cfg.data.num_workers)
-    wrapped, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    eps = magnitudes(cfg.finetune.eps)
-    ctx = StepContext(cfg.finetune, eps, attacked, model, torch.Generator().manual_seed(0),
-                      Diagnostics(len(eps), accelerator.device))
-    mode = MODES.get("asac")()
+    stage = build_stage3(model, cfg, accelerator, torch.Generator().manual_seed(0), splits.train)
     steps = 0
-    for x, y, a, _ in loader:
-        train_minibatch(mode, ctx, wrapped, optimizer, accelerator, x, y, a, cfg.grad_clip)
+    for x, y, a, _ in stage.loader:
+        stage.train_minibatch(x, y, a)
         steps += 1
         if steps == args.steps:
             break

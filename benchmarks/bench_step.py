@@ -2,7 +2,7 @@
 
 Contenders, each on its own copy of the same model, measured in interleaved rounds:
 
-- **asac**: `finetune.train_minibatch` in `asac` mode, as stage 3 runs it: FGSM against the frozen C, the
+- **asac**: `Stage3.train_minibatch` in `asac` mode, as stage 3 runs it: FGSM against the frozen C, the
   difficulty-scoring forward over the k·|E| entries, the curriculum order, then |E| chunk steps.
 - **plain**: the same function in `plain` mode: |E| steps on the k clean images, k·|E| entries in all.
 - **bound**: the work no implementation of docs/method.md can skip, timed piece by piece in the same round:
@@ -13,18 +13,16 @@ Contenders, each on its own copy of the same model, measured in interleaved roun
 
 All of them use the config's image layout (`finetune.channels_last`). Ratios are medians over rounds of
 per-round ratios. A torch.profiler pass over a few ASAC minibatches then splits the step into its phases
-(the `phase` labels of finetune.py) and lists the heaviest operators.
+(the `phase` labels of diagnostics.py) and lists the heaviest operators. Every contender is set up by
+`stage3.build_stage3`, as stage 3 sets itself up.
 
-The variants table runs the ASAC minibatch with changes against the default, interleaved likewise:
-`channels_last` flipped; `eps0_forwarded_again`, as before ε = 0 entries shared their clean image's forward;
-`previous_step`, both (NCHW images and ε = 0 entries forwarded again: the CPU work of the step before this
-benchmark's changes); and, when asked for, `bf16_autocast`: bf16 autocast of the training forward (what
-Accelerate's `mixed_precision: bf16` does to a prepared model; very slow on CPUs without bf16 units).
+The variants table runs the ASAC minibatch with one setting changed against the default, interleaved
+likewise: `channels_last` flipped; and, when asked for, `bf16_autocast`: bf16 autocast of the training
+forward (what Accelerate's `mixed_precision: bf16` does to a prepared model; very slow on CPUs without bf16
+units).
 
 Before timing, a check that the step computes Eq. 5: with the model in eval mode the chunk loss must equal
-the per-entry formula with separate forwards. (In train mode batch norm normalises over the forwarded
-batch, so it also reports how far the loss moves from the earlier implementation that forwarded an ε = 0
-entry a second time beside its clean image.)
+the per-entry formula with separate forwards.
 
 Usage (from the repository root)::
 
@@ -36,26 +34,23 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MethodType
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from torch import nn
 
 from _common import add_common_arguments, describe, interleaved, machine, markdown_table, median, write_json
-from distributed_asac.attacks import magnitudes
 from distributed_asac.config import Config
-from distributed_asac.finetune import (MODES, Chunk, Diagnostics, Mode, StepContext, chunk_loss, eval_mode,
-                                       train_minibatch)
 from distributed_asac.losses import asac_loss
-from distributed_asac.models import TwoHeadModel, create_model, set_trainable
-from distributed_asac.runtime import adam
+from distributed_asac.models import TwoHeadModel, create_model, eval_mode
+from distributed_asac.rows import Chunk, Mode, StepContext
+from distributed_asac.stage3 import Stage3, build_stage3, chunk_loss
 
 GOAL = 1.15  # measured / bound
-VARIANTS = ("channels_last_flipped", "eps0_forwarded_again", "previous_step", "bf16_autocast")
+VARIANTS = ("channels_last_flipped", "bf16_autocast")
 PHASES = ("asac.attack", "asac.score", "asac.order", "step.forward", "step.backward", "step.clip",
           "Optimizer.zero_grad#Adam.zero_grad", "Optimizer.step#Adam.step")
 
@@ -67,29 +62,14 @@ class Batch:
     a: torch.Tensor  # [k]
 
 
-@dataclass
-class Rig:
-    """One contender's own model, optimizer and step context, all from the same initial weights."""
-
-    model: TwoHeadModel
-    wrapped: nn.Module
-    optimizer: torch.optim.Optimizer
-    ctx: StepContext
-
-
-def make_rig(base: TwoHeadModel, attacked: TwoHeadModel, cfg: Config, accelerator: Accelerator,
-             bf16: bool = False) -> Rig:
-    model = copy.deepcopy(base)
-    set_trainable(model, "finetune")
-    optimizer = adam(model.parameters(), cfg.finetune.lr, cfg)
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
+def make_rig(base: TwoHeadModel, cfg: Config, accelerator: Accelerator, bf16: bool = False) -> Stage3:
+    """One contender's own stage 3 on a copy of `base`: every contender starts from the same weights."""
+    rig = build_stage3(copy.deepcopy(base), cfg, accelerator, torch.Generator().manual_seed(cfg.seed))
     if bf16:  # what Accelerate's mixed_precision="bf16" does to a prepared model (one Accelerator per process)
+        wrapped = rig.wrapped
         wrapped.forward = MethodType(torch.autocast(accelerator.device.type, torch.bfloat16)(type(wrapped).forward),
                                      wrapped)
-    eps = magnitudes(cfg.finetune.eps)
-    ctx = StepContext(cfg.finetune, eps, attacked, model, torch.Generator().manual_seed(cfg.seed),
-                      Diagnostics(len(eps), accelerator.device))
-    return Rig(model, wrapped, optimizer, ctx)
+    return rig
 
 
 def distinct_images(chunk: Chunk) -> int:
@@ -105,10 +85,10 @@ def recording(mode: Mode, store: list[Chunk]) -> Mode:
         store[:] = mode.make_chunks(ctx, x, y, a)
         return store
 
-    return Mode(make_chunks)
+    return Mode(make_chunks, mode.rows)
 
 
-def bound_pieces(rig: Rig, accelerator: Accelerator, batch: Batch, grad_clip: float,
+def bound_pieces(rig: Stage3, accelerator: Accelerator, batch: Batch, grad_clip: float,
                  sizes: list[int]) -> dict[str, Callable[[], Any]]:
     """The unavoidable work, one callable per piece; `sizes` (filled by the caller) are the chunk batches."""
     n_eps, k = len(rig.ctx.magnitudes), len(batch.x)
@@ -140,38 +120,31 @@ def bound_pieces(rig: Rig, accelerator: Accelerator, batch: Batch, grad_clip: fl
     return {"bound_fgsm_gradient": fgsm_gradient, "bound_scoring": scoring, "bound_chunk_steps": chunk_steps}
 
 
-def check_loss(base: TwoHeadModel, attacked: TwoHeadModel, cfg: Config, accelerator: Accelerator,
-               batch: Batch) -> dict[str, float]:
-    """Eval mode: chunk loss == Eq. 5 from separate forwards. Train mode: the largest relative change of the
-    loss against forwarding ε = 0 entries again (batch-norm statistics see those images once, not twice)."""
-    rig = make_rig(base, attacked, cfg, accelerator)
-    chunks = MODES.get("asac")().make_chunks(rig.ctx, batch.x, batch.y, batch.a)
-    alpha, worst_eval, worst_train = cfg.finetune.alpha, 0.0, 0.0
+def check_loss(base: TwoHeadModel, cfg: Config, accelerator: Accelerator, batch: Batch) -> dict[str, float]:
+    """Eval mode: chunk loss == Eq. 5 from separate forwards (the largest relative difference over the chunks)."""
+    rig = make_rig(base, cfg, accelerator)
+    chunks = rig.mode.make_chunks(rig.ctx, batch.x, batch.y, batch.a)
+    alpha, worst = cfg.finetune.alpha, 0.0
     with torch.no_grad():
+        rig.model.eval()
         for chunk in chunks:
-            rig.model.eval()
             ours = chunk_loss(rig.model, batch.x, chunk, alpha)["loss"]
             formula = asac_loss(rig.model(batch.x[chunk.clean])[0], rig.model(chunk.images)[0], chunk.labels, alpha)
-            worst_eval = max(worst_eval, float((ours - formula["loss"]).abs() / formula["loss"].abs()))
-            rig.model.train()
-            ours = chunk_loss(rig.model, batch.x, chunk, alpha)["loss"]
-            again = chunk_loss(rig.model, batch.x, Chunk(chunk.images, chunk.labels, chunk.clean), alpha)["loss"]
-            worst_train = max(worst_train, float((ours - again).abs() / again.abs()))
-    if worst_eval > 1e-5:
-        raise AssertionError(f"chunk loss differs from Eq. 5 in eval mode (relative {worst_eval:.2e})")
-    return {"eval_rel_diff_vs_formula": worst_eval, "train_rel_diff_vs_forwarding_eps0_again": worst_train}
+            worst = max(worst, float((ours - formula["loss"]).abs() / formula["loss"].abs()))
+    if worst > 1e-5:
+        raise AssertionError(f"chunk loss differs from Eq. 5 in eval mode (relative {worst:.2e})")
+    return {"eval_rel_diff_vs_formula": worst}
 
 
-def profile_asac(rig: Rig, accelerator: Accelerator, batch: Batch, grad_clip: float, steps: int) -> dict[str, Any]:
+def profile_asac(rig: Stage3, batch: Batch, steps: int) -> dict[str, Any]:
     """Phase times (ms per minibatch) and the heaviest operators over `steps` ASAC minibatches."""
-    mode = MODES.get("asac")()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         start = time.perf_counter()
         for _ in range(steps):
-            train_minibatch(mode, rig.ctx, rig.wrapped, rig.optimizer, accelerator, batch.x, batch.y, batch.a, grad_clip)
+            rig.train_minibatch(batch.x, batch.y, batch.a)
         wall = time.perf_counter() - start
     events = prof.key_averages()
     by_name = {e.key: e for e in events}
@@ -192,28 +165,27 @@ def bench_backbone(backbone: str, args: argparse.Namespace, accelerator: Acceler
     cfg.finetune.batch_size = args.batch_size
     torch.manual_seed(0)
     base = create_model(backbone).to(accelerator.device)
-    attacked = copy.deepcopy(base).requires_grad_(False).eval()  # stage 3's frozen snapshot of C
     g = torch.Generator().manual_seed(1)
     k, size = args.batch_size, args.image_size
     batch = Batch(torch.rand(k, 3, size, size, generator=g).to(accelerator.device),
                   torch.randint(0, 2, (k,), generator=g).to(accelerator.device),
                   torch.randint(0, 2, (k,), generator=g).to(accelerator.device))
-    checks = check_loss(base, attacked, cfg, accelerator, batch)
+    checks = check_loss(base, cfg, accelerator, batch)
 
-    asac, plain, bound = (make_rig(base, attacked, cfg, accelerator) for _ in range(3))
+    plain_cfg = copy.deepcopy(cfg)
+    plain_cfg.finetune.mode = "plain"
+    asac, plain, bound = (make_rig(base, c, accelerator) for c in (cfg, plain_cfg, cfg))
     chunks: list[Chunk] = []
-    asac_mode, plain_mode = recording(MODES.get("asac")(), chunks), MODES.get("plain")()
+    recorded = replace(asac, mode=recording(asac.mode, chunks))
     sizes: list[int] = []
 
     def asac_step() -> None:
-        train_minibatch(asac_mode, asac.ctx, asac.wrapped, asac.optimizer, accelerator, batch.x, batch.y, batch.a,
-                        cfg.grad_clip)
+        recorded.train_minibatch(batch.x, batch.y, batch.a)
         sizes[:] = [distinct_images(c) for c in chunks]  # after the step: its chunks fix this round's bound
 
     contenders: dict[str, Callable[[], Any]] = {
         "asac": asac_step,
-        "plain": lambda: train_minibatch(plain_mode, plain.ctx, plain.wrapped, plain.optimizer, accelerator,
-                                         batch.x, batch.y, batch.a, cfg.grad_clip),
+        "plain": lambda: plain.train_minibatch(batch.x, batch.y, batch.a),
         **bound_pieces(bound, accelerator, batch, cfg.grad_clip, sizes),
     }
     times = interleaved(contenders, args.repeats)
@@ -229,40 +201,27 @@ def bench_backbone(backbone: str, args: argparse.Namespace, accelerator: Acceler
         "bound_pieces_s": {p: median(times[p]) for p in contenders if p.startswith("bound_")},
     }
     result["goal_met"] = result["asac_over_bound"] <= GOAL
-    result["profile"] = profile_asac(asac, accelerator, batch, cfg.grad_clip, args.profile_steps)
+    result["profile"] = profile_asac(asac, batch, args.profile_steps)
     if args.variants:
-        result["variants"] = bench_variants(base, attacked, cfg, accelerator, batch, args.variants, args.variant_repeats)
+        result["variants"] = bench_variants(base, cfg, accelerator, batch, args.variants, args.variant_repeats)
     return result
 
 
-def without_eps0_sharing(mode: Mode) -> Mode:
-    """`mode` as before ε = 0 entries shared their clean image's forward: those entries are forwarded again."""
-
-    def make_chunks(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor) -> list[Chunk]:
-        return [Chunk(c.images, c.labels, c.clean) for c in mode.make_chunks(ctx, x, y, a)]
-
-    return Mode(make_chunks)
-
-
-def bench_variants(base: TwoHeadModel, attacked: TwoHeadModel, cfg: Config, accelerator: Accelerator, batch: Batch,
-                   names: list[str], repeats: int) -> dict[str, dict[str, float]]:
-    """The ASAC minibatch with one change each, against the default, interleaved."""
-    mode = MODES.get("asac")()
-    flipped, nchw = copy.deepcopy(cfg), copy.deepcopy(cfg)
-    flipped.finetune.channels_last, nchw.finetune.channels_last = not cfg.finetune.channels_last, False
-    builders: dict[str, Callable[[], tuple[Rig, Mode]]] = {
-        "default": lambda: (make_rig(base, attacked, cfg, accelerator), mode),
-        "channels_last_flipped": lambda: (make_rig(base, attacked, flipped, accelerator), mode),
-        "eps0_forwarded_again": lambda: (make_rig(base, attacked, cfg, accelerator), without_eps0_sharing(mode)),
-        "previous_step": lambda: (make_rig(base, attacked, nchw, accelerator), without_eps0_sharing(mode)),
-        "bf16_autocast": lambda: (make_rig(base, attacked, cfg, accelerator, bf16=True), mode),
+def bench_variants(base: TwoHeadModel, cfg: Config, accelerator: Accelerator, batch: Batch, names: list[str],
+                   repeats: int) -> dict[str, dict[str, float]]:
+    """The ASAC minibatch with one setting changed each, against the default, interleaved."""
+    flipped = copy.deepcopy(cfg)
+    flipped.finetune.channels_last = not cfg.finetune.channels_last
+    builders: dict[str, Callable[[], Stage3]] = {
+        "default": lambda: make_rig(base, cfg, accelerator),
+        "channels_last_flipped": lambda: make_rig(base, flipped, accelerator),
+        "bf16_autocast": lambda: make_rig(base, cfg, accelerator, bf16=True),
     }
 
-    def step(rig: Rig, mode: Mode) -> Callable[[], Any]:
-        return lambda: train_minibatch(mode, rig.ctx, rig.wrapped, rig.optimizer, accelerator, batch.x, batch.y,
-                                       batch.a, cfg.grad_clip)
+    def step(rig: Stage3) -> Callable[[], Any]:
+        return lambda: rig.train_minibatch(batch.x, batch.y, batch.a)
 
-    times = interleaved({name: step(*builders[name]()) for name in ["default", *names]}, repeats)
+    times = interleaved({name: step(builders[name]()) for name in ["default", *names]}, repeats)
     return {name: {"s": median(t), "over_default": median([t[r] / times["default"][r] for r in range(repeats)])}
             for name, t in times.items()}
 
@@ -278,8 +237,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, info: dict[s
                           "asac / plain", "asac / bound", "goal"], rows))
     for r in results:
         c = r["checks"]
-        print(f"\n{r['backbone']}: chunk loss vs Eq. 5 in eval mode, relative {c['eval_rel_diff_vs_formula']:.1e}; "
-              f"train mode vs forwarding ε = 0 entries again, relative {c['train_rel_diff_vs_forwarding_eps0_again']:.1e}")
+        print(f"\n{r['backbone']}: chunk loss vs Eq. 5 in eval mode, relative {c['eval_rel_diff_vs_formula']:.1e}")
         p = r["profile"]
         print(f"profile ({args.profile_steps} minibatches, {p['ms_per_minibatch_profiled']:.0f} ms each under the profiler):")
         print(markdown_table(["phase", "ms / minibatch"], [[k, v] for k, v in p["phases_ms"].items()]))
@@ -300,8 +258,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=64, help="k, images per minibatch (default: finetune's 64)")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--profile-steps", type=int, default=2)
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS[:3]), choices=VARIANTS,
-                        help=f"each against the default (default: {' '.join(VARIANTS[:3])}; none given: skip)")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS[:1]), choices=VARIANTS,
+                        help=f"each against the default (default: {VARIANTS[0]}; none given: skip)")
     parser.add_argument("--variant-repeats", type=int, default=2)
     add_common_arguments(parser, repeats=5)
     args = parser.parse_args(argv)

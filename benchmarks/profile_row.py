@@ -3,7 +3,7 @@
 A base and probe are trained first (untimed); then the row (default asac_pgd) runs one fine-tuning epoch from
 them through `pipeline.run`, as the demo runs it (its validation and the test evaluation included, analysis
 off), under torch.profiler. The table gives milliseconds per phase: the `phase(...)` labels of the stage-3
-step (finetune.py), the optimizer's own, evaluation (labelled here from outside) and the DataLoader; "other"
+step (rows.py, stage3.py), the optimizer's own, evaluation (labelled here from outside) and the DataLoader; "other"
 is the wall time outside them. Then the heaviest operators by self time.
 
 Usage (from the repository root)::
@@ -24,9 +24,9 @@ from typing import Any
 import torch
 
 from _common import add_common_arguments, describe, machine, markdown_table, write_json
-from distributed_asac import evaluate, pipeline
+from distributed_asac import pipeline, stage3
 from distributed_asac.config import load_config
-from distributed_asac.demo import ROWS
+from distributed_asac.rows import fine_tuned_rows
 
 EVALUATION = "evaluation (valid, test)"
 LOADER = "DataLoader"
@@ -45,7 +45,8 @@ def labelled(fn, label: str):
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--row", choices=sorted(ROWS), default="asac_pgd")
+    rows = fine_tuned_rows()
+    parser.add_argument("--row", choices=sorted(rows), default="asac_pgd")
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--top", type=int, default=12, help="operators listed (default 12)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.root=... finetune.batch_size=32")
@@ -62,11 +63,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg = load_config(args.config, overrides)
         base = pipeline.run(cfg, variants=[{"mode": "base"}]).run_dir / "probe"  # base and probe, untimed
         row_cfg = dataclasses.replace(cfg, base_checkpoint=str(base))
-        for module in (evaluate, pipeline):  # the evaluations a row runs (finetune imports it when called)
+        for module in (stage3, pipeline):  # the evaluations a row runs: valid in stage 3, then test
             module.evaluate = labelled(module.evaluate, EVALUATION)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             start = time.perf_counter()
-            pipeline.run(row_cfg, variants=[ROWS[args.row]])
+            pipeline.run(row_cfg, variants=[rows[args.row]])
             wall_ms = (time.perf_counter() - start) * 1e3
     events = prof.key_averages()
     phases = {e.key: e.cpu_time_total / 1e3 for e in events

@@ -1,10 +1,13 @@
 """ASACs: adversarial images that fool the protected classifier C, in pixel space [0, 1] (docs/method.md, ASACs).
 
-An attack is one registered function `(classifier, x, a, eps_list, **options) -> x_adv` where
+An attack is a function `(classifier, x, a, eps_list) -> x_adv` where
 - classifier maps images [B, 3, H, W] in [0, 1] to protected logits [B, 2] (C, in eval mode);
 - x [k, 3, H, W] are the clean images and a [k] their true protected labels;
 - eps_list are the magnitudes E (ε = 0 included by the caller);
 - x_adv [|E|, k, 3, H, W] holds the ASAC of image i at magnitude eps_list[j] in x_adv[j, i].
+
+`ATTACKS` maps each name to a factory that binds the attack's own settings from the stage-3 config and nothing
+else (`create_attack`): PGD gets its step count, FGSM has none. A new attack is its function plus its factory.
 
 Only the input gets a gradient (`torch.autograd.grad` w.r.t. x): no parameter's .grad is touched, and
 callers run C in eval mode so batch-norm running statistics stay as they are.
@@ -13,7 +16,8 @@ callers run C in eval mode so batch-norm running statistics stay as they are.
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Optional, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +25,12 @@ from torch.overrides import TorchFunctionMode
 
 from .registry import Registry
 
+if TYPE_CHECKING:
+    from .config import FinetuneConfig
+
 Classifier = Callable[[torch.Tensor], torch.Tensor]
-Attack = Callable[..., torch.Tensor]
-ATTACKS: Registry[Attack] = Registry("attack")
+Attack = Callable[[Classifier, torch.Tensor, torch.Tensor, Sequence[float]], torch.Tensor]
+ATTACKS: Registry[Callable[["FinetuneConfig"], Attack]] = Registry("attack")
 
 
 class _EvalBatchNorm(torch.autograd.Function):
@@ -109,8 +116,7 @@ def _input_gradient(classifier: Classifier, x: torch.Tensor, a: torch.Tensor) ->
     return grad
 
 
-@ATTACKS.register("fgsm")
-def fgsm(classifier: Classifier, x: torch.Tensor, a: torch.Tensor, eps_list: Sequence[float], **_) -> torch.Tensor:
+def fgsm(classifier: Classifier, x: torch.Tensor, a: torch.Tensor, eps_list: Sequence[float]) -> torch.Tensor:
     """x' = clip₀¹(x + ε · sign(∇ₓ CE(C(x), a))) for every ε, from ONE gradient (it does not depend on ε)."""
     with _LeanInputGradients():
         direction = _input_gradient(classifier, x, a).sign_()  # [k, 3, H, W]
@@ -120,7 +126,6 @@ def fgsm(classifier: Classifier, x: torch.Tensor, a: torch.Tensor, eps_list: Seq
     return torch.cat(asacs).view(len(eps_list), *x.shape)
 
 
-@ATTACKS.register("pgd")
 def pgd(
     classifier: Classifier,
     x: torch.Tensor,
@@ -128,7 +133,6 @@ def pgd(
     eps_list: Sequence[float],
     steps: int = 10,
     generator: Optional[torch.Generator] = None,
-    **_,
 ) -> torch.Tensor:
     """L∞ PGD per ε: uniform random start in [−ε, ε], `steps` signed steps of 2.5·ε/steps, projection onto
     the ε-ball and [0, 1] after each step. Starts come from `generator` (torch's global stream when None).
@@ -163,3 +167,18 @@ def pgd(
 def magnitudes(eps: Sequence[float]) -> list[float]:
     """E = {0} ∪ eps, sorted ascending, without duplicates: ε = 0 (the clean image) is always included."""
     return sorted({0.0, *map(float, eps)})
+
+
+@ATTACKS.register("fgsm")
+def _fgsm(settings: FinetuneConfig) -> Attack:
+    return fgsm
+
+
+@ATTACKS.register("pgd")
+def _pgd(settings: FinetuneConfig) -> Attack:
+    return partial(pgd, steps=settings.pgd_steps)
+
+
+def create_attack(name: str, settings: FinetuneConfig) -> Attack:
+    """The attack `name` with its own settings taken from `settings` (finetune.pgd_steps for PGD)."""
+    return ATTACKS.get(name)(settings)

@@ -31,12 +31,12 @@ class Calibrated:
 
 @torch.no_grad()
 def success_rate(attack: Attack, classifier: Classifier, x: torch.Tensor, a: torch.Tensor, eps: float,
-                 batch_size: int, **options) -> float:
+                 batch_size: int) -> float:
     """The share of images (x [n, 3, H, W], a [n]) whose ASAC at `eps` makes `classifier` mispredict a."""
     fooled = 0
     for start in range(0, len(x), batch_size):
         xb, ab = x[start:start + batch_size], a[start:start + batch_size]
-        adversarial = attack(classifier, xb, ab, [eps], **options)[0]  # [b, 3, H, W]
+        adversarial = attack(classifier, xb, ab, [eps])[0]  # [b, 3, H, W]
         fooled += int((classifier(adversarial).argmax(1) != ab).sum())
     return fooled / len(x)
 
@@ -48,12 +48,12 @@ SCAN = [2.0 ** (k / 2) / 512 for k in range(19)]
 
 
 def calibrate_eps(attack: Attack, classifier: Classifier, x: torch.Tensor, a: torch.Tensor,
-                  targets: Sequence[float], batch_size: int = 256, **options) -> list[Calibrated]:
+                  targets: Sequence[float], batch_size: int = 256) -> list[Calibrated]:
     """For each target share t, an ε in (0, 1] at which the attack's success rate first reaches t: the first
     scan point that reaches it, narrowed by bisection to `TOLERANCE`. A target no scanned ε reaches is an
     error naming the best rate found."""
     def rate(eps: float) -> float:
-        return success_rate(attack, classifier, x, a, eps, batch_size, **options)
+        return success_rate(attack, classifier, x, a, eps, batch_size)
 
     scanned = [(eps, rate(eps)) for eps in SCAN]
     out = []

@@ -4,7 +4,6 @@ weights of a model whose parameters DeepSpeed ZeRO-3 partitioned across ranks.""
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -16,6 +15,7 @@ from torch import nn
 
 from .config import Config, config_from_dict, save_config
 from .errors import UserError
+from .files import atomic_path
 from .models import TwoHeadModel, create_model
 
 WEIGHTS = "model.safetensors"
@@ -23,16 +23,14 @@ CONFIG = "config.yaml"
 
 
 def save_checkpoint(state_dict: dict, cfg: Config, folder: Path) -> None:
-    """Write `folder/model.safetensors` and `folder/config.yaml`, each atomically (temp file + rename), so a
-    crash never leaves a half-written checkpoint where a good one stood."""
+    """Write `folder/model.safetensors` and `folder/config.yaml`, each atomically, so a crash never leaves a
+    half-written checkpoint where a good one stood."""
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().cpu().contiguous() for name, t in state_dict.items()}
-    tmp = folder / f".{WEIGHTS}.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, folder / WEIGHTS)
-    tmp = folder / f".{CONFIG}.tmp"
-    save_config(cfg, tmp)
-    os.replace(tmp, folder / CONFIG)
+    with atomic_path(folder / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp))
+    with atomic_path(folder / CONFIG) as tmp:
+        save_config(cfg, tmp)
 
 
 def load_checkpoint(folder: str | Path) -> tuple[TwoHeadModel, Config]:

@@ -41,16 +41,16 @@ from .config import Config
 from .data.build import build_splits
 from .errors import UserError
 from .logs import setup_logging
-from .metrics import HEADLINE
+from .metrics import COLUMNS, HEADLINE
 from .pipeline import new_run_dir, run
-from .report import ROW_ORDER, format_paired, format_table, plot_paired
+from .report import format_paired, format_table, plot_paired
 from .resume import INCOMPLETE, STATE, RunState, find_run, mark_complete, mark_incomplete
+from .rows import in_table_order
 from .runtime import make_accelerator
 from .stats import Interval, paired_bootstrap, paired_difference, t_interval
 from .tracking import Tracker
 
 REFERENCES = ("base", "plain")  # every row is compared with the base model and with plain fine-tuning
-SUMMARISED = (*HEADLINE, "CF_flip_rate", "IG_mouth_share")  # metrics shown with an interval over seeds
 
 
 @dataclasses.dataclass
@@ -65,13 +65,15 @@ class ComparisonOutput:
 def _rows(per_seed: dict[int, dict[str, dict]]) -> list[str]:
     """The rows every seed produced (the probe is not a target classifier)."""
     common = set.intersection(*(set(results) - {"probe"} for results in per_seed.values()))
-    return [n for n in ROW_ORDER if n in common] + sorted(common - set(ROW_ORDER))
+    return in_table_order(common)
 
 
 def aggregate(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict[str, Interval]]:
-    """row → metric → the mean over seeds with its 95% t-interval (`stats.t_interval`)."""
-    return {row: {metric: t_interval([results[row][metric] for results in per_seed.values()])
-                  for metric in SUMMARISED if all(metric in results[row] for results in per_seed.values())}
+    """row → metric → the mean over seeds with its 95% t-interval (`stats.t_interval`), for each table column
+    (metrics.COLUMNS) that every seed reports."""
+    runs = list(per_seed.values())
+    return {row: {c.name: t_interval([results[row][c.name] for results in runs])
+                  for c in COLUMNS if all(c.name in results[row] for results in runs)}
             for row in _rows(per_seed)}
 
 

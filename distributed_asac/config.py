@@ -21,8 +21,15 @@ from typing import Any, Optional
 
 import yaml
 
+from .attacks import ATTACKS
+from .curriculum import ORDERS
+from .data.datasets import DATASETS, synthetic_arguments
+from .data.faces import BAD_IMAGE_POLICIES
+from .data.synthetic import check_arguments as check_generator_arguments
 from .errors import UserError
+from .models import BACKBONES
 from .registry import suggest
+from .rows import MODES
 
 
 @dataclass
@@ -41,6 +48,7 @@ class DataConfig:
     synthetic_bias: float = 0.9  # P(target == protected) in train/valid of the generated dataset
     synthetic_seed: int = 0  # generated dataset only: its random seed (>= 0)
     synthetic_beard_strength: float = 1.0  # contrast of the protected cue (the beard) in (0, 1]; 1: full, dark
+    synthetic_train_twins: bool = False  # also write each train image's Male-flipped twin (the oracle_counterfactual row)
 
 
 @dataclass
@@ -60,7 +68,7 @@ class StageConfig:
 
 @dataclass
 class FinetuneConfig:
-    mode: str = "asac"  # stage-3 training: ASAC, a comparator, or none (base)
+    mode: str = "asac"  # stage-3 training: ASAC, a comparator, or none (base) (rows.MODES)
     epochs: int = 2  # passes over the train split
     batch_size: int = 64  # k: images per process per minibatch
     lr: float = 1e-3  # Adam learning rate
@@ -77,6 +85,19 @@ class FinetuneConfig:
     channels_last: bool = True  # stage-3 images in NHWC layout: same math, faster on CPU (BENCHMARKS.md)
     batchnorm: str = "train"  # train: each chunk is a train-mode batch (the paper); frozen: keep the base's statistics
     select: str = "last"  # last: keep the last epoch (the paper); balanced_valid: best balanced-valid accuracy
+
+
+@dataclass
+class GanConfig:
+    """The generator of the gan_augment comparator (gan.py): a DCGAN trained on the train split, cached."""
+
+    checkpoint: Optional[str] = None  # a generator .safetensors written by `python -m distributed_asac.gan train`; None: train one (cached)
+    latent_dim: int = 64  # size of the latent z ~ N(0, I)
+    width: int = 16  # channels of the generator's last hidden layer (×2 per layer toward z) and the critic's first
+    epochs: int = 10  # passes of GAN training over the train split
+    batch_size: int = 16  # images per GAN training step (small: more steps per pass, which the GAN needed)
+    lr: float = 2e-4  # Adam learning rate of both networks (β = 0.5, 0.999: DCGAN's)
+    latents: int = 4096  # sampled latents, labelled by the base's two heads, that fit the latent hyperplanes
 
 
 @dataclass
@@ -112,6 +133,7 @@ class Config:
     probe: StageConfig = field(default_factory=lambda: StageConfig(epochs=3))  # stage 2: C (φ) on the protected attribute, θ frozen
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # stage 3: ASAC fine-tuning or a comparator
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)  # robustness curve and Integrated Gradients
+    gan: GanConfig = field(default_factory=GanConfig)  # the generator of the gan_augment row
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,9 +144,7 @@ class Config:
         return _flatten(self.to_dict())
 
 
-DATASETS = ("synthetic", "celeba", "lfw")
 ATTACK_MODELS = ("frozen", "live")
-BAD_IMAGE_POLICIES = ("error", "skip")
 BATCHNORM_MODES = ("train", "frozen")
 SELECTION_RULES = ("last", "balanced_valid")
 EPS_MODES = ("fixed", "calibrated")
@@ -173,13 +193,7 @@ def save_config(cfg: Config, path: Path) -> None:
 
 def choices() -> dict[str, list[str]]:
     """The valid names of every key that takes one of a fixed set of names (validation and --help)."""
-    # Imported here: the registries live beside the code they name, which itself imports config.
-    from .attacks import ATTACKS
-    from .curriculum import ORDERS
-    from .finetune import MODES
-    from .models import BACKBONES
-
-    return {"data.name": list(DATASETS), "model.backbone": BACKBONES.names(), "finetune.attack": ATTACKS.names(),
+    return {"data.name": DATASETS.names(), "model.backbone": BACKBONES.names(), "finetune.attack": ATTACKS.names(),
             "finetune.order": ORDERS.names(), "finetune.mode": MODES.names(),
             "finetune.attack_model": list(ATTACK_MODELS), "data.on_bad_image": list(BAD_IMAGE_POLICIES),
             "finetune.batchnorm": list(BATCHNORM_MODES), "finetune.select": list(SELECTION_RULES),
@@ -213,19 +227,19 @@ def validate(cfg: Config) -> None:
                         "plain fine-tuning; give at least one, e.g. finetune.eps=[0.001,0.01] (0 is always added)")
     _in_range("finetune.adv_eps", cfg.finetune.adv_eps, 0.0, 1.0)
     _in_range("finetune.alpha", cfg.finetune.alpha, 0.0, 1.0)
-    _in_range("data.synthetic_bias", cfg.data.synthetic_bias, 0.0, 1.0)
-    if not 0.0 < cfg.data.synthetic_beard_strength <= 1.0:
-        raise UserError(f"config key 'data.synthetic_beard_strength': {cfg.data.synthetic_beard_strength} is out of "
-                        "range (must be in (0, 1]; 1 is the full beard)")
     for key in ("data.image_size", "finetune.pgd_steps", "finetune.calibration_images", "base.batch_size",
-                "probe.batch_size", "finetune.batch_size"):
+                "probe.batch_size", "finetune.batch_size", "gan.latent_dim", "gan.width", "gan.epochs",
+                "gan.batch_size"):
         _in_range(key, _get(cfg, key), 1, None)
     for key in ("base.epochs", "probe.epochs", "finetune.epochs", "data.num_workers",
                 "analysis.robustness_images", "analysis.ig_images", "analysis.ig_steps"):
         _in_range(key, _get(cfg, key), 0, None)
     for key in SEED_KEYS:
         _in_range(key, _get(cfg, key), 0, MAX_SEED)
-    for key in ("base.lr", "probe.lr", "finetune.lr", "adam_eps", "grad_clip"):  # grad_clip 0 would zero every gradient
+    if cfg.data.name == "synthetic":  # the generator's own checks, worded with the config keys
+        check_generator_arguments(**synthetic_arguments(cfg.data), spell=_generator_key)
+    _in_range("gan.latents", cfg.gan.latents, 8, None)  # a hyperplane needs latents of both classes
+    for key in ("base.lr", "probe.lr", "finetune.lr", "gan.lr", "adam_eps", "grad_clip"):  # grad_clip 0 would zero every gradient
         if _get(cfg, key) <= 0:
             raise UserError(f"config key {key!r}: must be > 0, got {_get(cfg, key)} (default {_get(Config(), key)})")
     if len(cfg.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.adam_betas):
@@ -258,6 +272,17 @@ def check_batch_sizes(cfg: Config, train_size: int, processes: int, stages: tupl
             raise UserError(f"config key {key!r}: {_get(cfg, key)}{per} is larger than the train split "
                             f"({train_size} images), which would give no training step; set {key} <= "
                             f"{train_size // processes}")
+
+
+# The config key of each argument of the generator (data/synthetic.py), for its error messages.
+GENERATOR_KEYS = {"num_images": "data.synthetic_num_images", "bias": "data.synthetic_bias", "seed": "data.synthetic_seed",
+                  "size": "data.image_size", "beard_strength": "data.synthetic_beard_strength",
+                  "train_twins": "data.synthetic_train_twins"}
+
+
+def _generator_key(argument: str, value: Any) -> str:
+    shown = value[0] if argument == "size" else value  # the generator draws image_size × image_size
+    return f"config key {GENERATOR_KEYS[argument]!r}: {shown}"
 
 
 def _in_range(key: str, value: float, low: float | None, high: float | None) -> None:

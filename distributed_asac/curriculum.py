@@ -1,4 +1,4 @@
-"""Difficulty scores and the in-batch curriculum (paper Eq. 4 and Algorithm 1; docs/method.md, Curriculum).
+"""Difficulty scores and the in-batch curriculum (paper Eq. 4 and Algorithm 1; docs/method.md, Difficulty and curriculum).
 
 A local minibatch of k images and |E| magnitudes gives k·|E| entries, numbered e = j·k + i for image i at
 magnitude E[j] (the layout of `attacks`). An order is one registered function of the scores that returns a

@@ -28,24 +28,19 @@ from .config import help_text, load_config
 from .errors import UserError, exit_on_user_error
 from .logs import setup_logging
 from .registry import suggest
+from .rows import fine_tuned_rows
 from .runtime import close_process_group
 
-# Row name → the stage-3 settings that make it (the rows of the paper's Table 1 after the base).
-ROWS = {
-    "plain": {"mode": "plain"},
-    "adv_augment": {"mode": "adv_augment"},
-    "asac_fgsm": {"mode": "asac", "attack": "fgsm"},
-    "asac_pgd": {"mode": "asac", "attack": "pgd"},
-}
 DEMO_ROWS = ("plain", "asac_fgsm")  # asac_pgd, the slowest row, is left to --rows so three seeds fit minutes
 
 
 def row_variants(rows: str) -> list[dict]:
-    names = [r.strip() for r in rows.split(",") if r.strip()]
+    """The stage-3 settings of each row named in `rows` (comma-separated; the rows of rows.py)."""
+    names, valid = [r.strip() for r in rows.split(",") if r.strip()], fine_tuned_rows()
     for name in names:
-        if name not in ROWS:
-            raise UserError(f"unknown row {name!r} in --rows{suggest(name, list(ROWS))}")
-    return [ROWS[name] for name in names]
+        if name not in valid:
+            raise UserError(f"unknown row {name!r} in --rows{suggest(name, list(valid))}")
+    return [valid[name] for name in names]
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -53,7 +48,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m distributed_asac.demo", description=__doc__.splitlines()[0],
                                      epilog=help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="a YAML config (default: the built-in CPU demo)")
-    parser.add_argument("--rows", default=",".join(DEMO_ROWS), help=f"comma-separated rows of {', '.join(ROWS)}")
+    parser.add_argument("--rows", default=",".join(DEMO_ROWS), help=f"comma-separated rows of {', '.join(fine_tuned_rows())}")
     parser.add_argument("--parallel-seeds", type=int, default=1, metavar="N",
                         help="seeds run at a time, each in its own process (default 1: one after another)")
     parser.add_argument("--threads", type=int, metavar="T", help="torch threads (default: torch's, one per core)")

@@ -1,6 +1,7 @@
 """The one exception type that entry points turn into a single clear error line."""
 
 import errno
+import sqlite3
 import sys
 from contextlib import contextmanager
 
@@ -13,7 +14,8 @@ class UserError(Exception):
 def exit_on_user_error():
     """Print a UserError as one line on stderr and exit with status 2 (no traceback). A full disk is the
     user's to fix too: it gets one line naming the file that could not be written (the files of finished
-    runs are written atomically, so nothing earlier is damaged)."""
+    runs are written atomically, so nothing earlier is damaged), or the MLflow store when its sqlite file
+    could not grow (sqlite rolls the failed write back, so the store's earlier records are intact)."""
     try:
         yield
     except UserError as err:
@@ -27,6 +29,25 @@ def exit_on_user_error():
               "tracking store) at another disk, then rerun (resume=latest continues an interrupted run)",
               file=sys.stderr)
         sys.exit(2)
+    except Exception as err:
+        if not _sqlite_full(err):
+            raise
+        print("error: the MLflow tracking store is full (sqlite: database or disk is full); free space on its "
+              "disk or point tracking.uri at another store, then rerun (resume=latest continues an interrupted "
+              "run)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _sqlite_full(err: BaseException) -> bool:
+    """Whether `err` comes from sqlite's SQLITE_FULL, however wrapped (MLflow wraps SQLAlchemy's error, which
+    wraps sqlite3's)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, sqlite3.OperationalError) and "database or disk is full" in str(err):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def one_line(err: UserError) -> str:

@@ -3,7 +3,7 @@ guessed number of seconds.
 
 A point is inert unless the environment names it (so it costs one dict lookup in normal runs):
 
-    ASAC_PAUSE_AT="finetune.epoch_end:epoch=2;trial.before_record"   points, each `name[:key=value,...]`
+    ASAC_PAUSE_AT="stage.epoch_end:stage=finetune,epoch=2;trial.before_record"   points, `name[:key=value,...]`
     ASAC_PAUSE_DIR=/some/folder                                       where the handshake files go
 
 When a process reaches a named point whose `key=value` pairs all match the context it passes, it writes

@@ -2,7 +2,9 @@
 
 Records below WARNING go to stdout beside the progress lines, warnings and errors to stderr, so that a failed
 run's stderr stays the one `error: ...` line. Other ranks log warnings and errors only. Third-party loggers keep
-their own settings.
+their own settings, but for MLflow's SQL store, which logs every database error with its traceback before
+raising it: the raised error still reaches the entry point (a full store as one line, anything else as a
+traceback), so the logged copy is silenced.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import sys
 
 LOGGERS = ("distributed_asac", "tune")
+QUIET = ("mlflow.store.db.utils",)  # loggers that only repeat an error that is raised anyway
 _MARK = "_asac_handler"
 
 
@@ -30,3 +33,5 @@ def setup_logging(level: int = logging.INFO) -> None:
         logger.handlers = [h for h in logger.handlers if not getattr(h, _MARK, False)] + [out, err]
         logger.setLevel(level if main_rank else logging.WARNING)
         logger.propagate = False
+    for name in QUIET:
+        logging.getLogger(name).setLevel(logging.CRITICAL)

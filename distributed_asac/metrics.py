@@ -13,6 +13,9 @@ a Python float.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, Optional
+
 import torch
 
 
@@ -85,8 +88,24 @@ def worst_group_accuracy(counts: torch.Tensor) -> float | torch.Tensor:
     return _scalar(_group_accuracies(counts).flatten(-2).amin(-1))
 
 
-# The headline metrics: what tables show, what intervals and paired verdicts are computed for.
-HEADLINE = {"DEO": deo, "DEOp": deop, "DDP": ddp, "ACC": accuracy, "worst_group_ACC": worst_group_accuracy}
+@dataclass(frozen=True)
+class Column:
+    """A metric of the result tables (the demo's, a run's table.md, the sweep report)."""
+
+    name: str  # its key in a test report (results.json)
+    fmt: str  # how a table writes it
+    of_counts: Optional[Callable[[torch.Tensor], float | torch.Tensor]] = None  # from counts[y, a, ŷ]; None: not
+
+
+# Every table's metric columns, in order. Those computed from the counts are the headline metrics: they also
+# get a bootstrap interval over test images and paired verdicts (stats.py). A new metric is one entry here.
+COLUMNS = (
+    Column("DEO", "{:.3f}", deo), Column("DEOp", "{:.3f}", deop), Column("DDP", "{:.3f}", ddp),
+    Column("ACC", "{:.2f}", accuracy), Column("worst_group_ACC", "{:.2f}", worst_group_accuracy),
+    Column("CF_flip_rate", "{:.3f}"),  # predictions that change on the counterfactual twin (evaluate.py)
+    Column("IG_mouth_share", "{:.3f}"),  # the share of |Integrated Gradients| in the mouth box (analysis.py)
+)
+HEADLINE = {column.name: column.of_counts for column in COLUMNS if column.of_counts is not None}
 
 
 def empty_groups(counts: torch.Tensor) -> list[str]:

@@ -7,8 +7,9 @@ returns (feature extractor, feature dimension, normalisation mean, normalisation
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torchvision
@@ -66,6 +67,17 @@ def set_trainable(model: nn.Module, stage: str) -> None:
         param.requires_grad = name.startswith("protected_head.") == train_probe_head
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Attacks and scoring run in eval mode (batch-norm statistics untouched), then the mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def _imagenet_file(name: str) -> Path:
     """torchvision's ImageNet weights of `name` in the local torch cache; never downloaded at run time."""
     url = torchvision.models.get_model_weights(name).IMAGENET1K_V1.url
@@ -119,7 +131,7 @@ for _name, _attr in (("resnet18", "fc"), ("resnet50", "fc"), ("densenet121", "cl
 def small_cnn(weights: Optional[str]) -> tuple[nn.Module, int, tuple, tuple]:
     """A strided stem and three conv-BN-ReLU-pool blocks (≈0.07M parameters) for tests and the CPU demo.
 
-    The stride-2 stem keeps a 64×64 training step near 40 ms on two CPU cores; batch norm is there on
+    The stride-2 stem quarters the work of every later layer, so the CPU demo trains in minutes; batch norm is there on
     purpose, so that the tests of "attacks leave BN statistics alone" test something.
     """
     if weights is not None:

@@ -25,17 +25,19 @@ from safetensors.torch import load_file, save_file
 from .analysis import analyse, figure_indices, ig_maps
 from .checkpoint import WEIGHTS, load_checkpoint, save_checkpoint, whole_state_dict
 from .config import Config, check_batch_sizes, save_config
-from .data.build import Splits, build_splits
+from .data.build import build_splits
+from .data.datasets import Splits
 from .errors import UserError
 from .evaluate import evaluate, write_results
 from .failpoints import failpoint
-from .finetune import finetune, model_name
 from .models import TwoHeadModel, create_model
-from .report import ROW_ORDER, format_table, plot_ig_figure, plot_robustness
+from .report import format_table, plot_ig_figure, plot_robustness
 from .resume import INCOMPLETE, RunState, find_run, mark_complete, mark_incomplete
+from .rows import MODES, in_table_order, row_name
 from .runtime import make_accelerator, seed_everything, zero_stage
-from .stats import bootstrap_interval
+from .stage3 import finetune
 from .stages import train_stage
+from .stats import bootstrap_interval
 from .tracking import Tracker, check_store, close_killed_runs
 
 
@@ -111,7 +113,7 @@ def write_ig_figure(model: TwoHeadModel, folder: Path, test, cfg: Config, device
     save_file({"maps": ig_maps(model, test, indices, cfg.analysis.ig_steps, device)}, str(folder / IG_MAPS))
     run_dir = folder.parent
     done = {p.parent.name for p in run_dir.glob(f"*/{IG_MAPS}")}
-    names = [n for n in ROW_ORDER if n in done] + sorted(done - set(ROW_ORDER))
+    names = in_table_order(done)
     items = [test[i] for i in indices]
     plot_ig_figure(torch.stack([item[0] for item in items]), [(int(item[1]), int(item[2])) for item in items],
                    torch.stack([test.mouth_box(i) for i in indices]),
@@ -202,7 +204,7 @@ def load_base(cfg: Config) -> TwoHeadModel:
 def run_finetune(cfg: Config, base: TwoHeadModel, splits: Splits, accelerator: Accelerator, run_dir: Path,
                  generator: torch.Generator, tags: dict[str, str], state: RunState) -> tuple[str, dict[str, object]]:
     """Stage 3 on a copy of `base` per `cfg.finetune`, evaluated and logged as its own MLflow run."""
-    name = model_name(cfg.finetune)
+    name = row_name(cfg.finetune)
     model = copy.deepcopy(base).to(accelerator.device)
     tags = {**tags, "stage": "finetune", "mode": cfg.finetune.mode}
     with Tracker(cfg, name, accelerator.is_main_process, tags, state.run_id(name)) as tracker:
@@ -252,6 +254,10 @@ def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optiona
     splits = build_splits(cfg, accelerator)
     check_batch_sizes(cfg, len(splits.train), accelerator.num_processes,
                       ("finetune",) if base is not None else ("base", "probe", "finetune"))
+    for overrides in variants or [{}]:  # what a row cannot run on (no generator file, no train twins) stops it now
+        check = MODES.get(overrides.get("mode", cfg.finetune.mode)).check
+        if check is not None:
+            check(cfg)
     if resume:
         state = RunState.load(run_dir, "pipeline", variants, accelerator)
         if accelerator.is_main_process:
@@ -271,7 +277,7 @@ def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optiona
         variant = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, **overrides))
         if variant.finetune.mode == "base" and "base" in results:
             continue  # the base row is already evaluated
-        name = model_name(variant.finetune)
+        name = row_name(variant.finetune)
         if state.finished(name) is not None:
             results[name] = state.finished(name)
             continue

@@ -1,4 +1,8 @@
-"""A name → factory registry for swappable parts (backbones, attacks, curriculum orders, training modes)."""
+"""A name → factory registry for swappable parts (datasets, backbones, attacks, curriculum orders, training modes).
+
+Each registry lives in the module of the parts it names, and none of those modules imports the config or the
+training code: `config` imports them to validate names (and list them in --help) without an import cycle.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +37,10 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._items)
+
+    def items(self) -> list[tuple[str, T]]:
+        """(name, part) in registration order (the comparator rows' table order)."""
+        return list(self._items.items())
 
     def __contains__(self, name: str) -> bool:
         return name in self._items

@@ -7,12 +7,10 @@ from pathlib import Path
 
 import torch
 
+from .metrics import COLUMNS
+from .rows import in_table_order
 from .stats import Interval
 
-# Row order of the paper's Table 1: the base classifier, the comparators, then the ASAC rows.
-ROW_ORDER = ("base", "plain", "adv_augment", "asac_fgsm", "asac_pgd")
-COLUMNS = (("DEO", "{:.3f}"), ("DEOp", "{:.3f}"), ("DDP", "{:.3f}"), ("ACC", "{:.2f}"), ("worst_group_ACC", "{:.2f}"),
-           ("CF_flip_rate", "{:.3f}"), ("IG_mouth_share", "{:.3f}"))
 
 
 def _spread(interval: Interval, fmt: str) -> str:
@@ -36,12 +34,13 @@ def _cell(value, fmt: str) -> str:
 
 def format_table(results: dict[str, dict], label: str) -> str:
     """Markdown table: one row per model (the probe is not a target classifier and is left out). A cell is
-    a number (one run) or an `stats.Interval` (a comparison over seeds)."""
-    names = [n for n in ROW_ORDER if n in results] + sorted(n for n in results if n not in ROW_ORDER and n != "probe")
-    header = ["Label", "Method", *(c for c, _ in COLUMNS)]
+    a number (one run) or an `stats.Interval` (a comparison over seeds). Rows in the order of rows.py (the
+    paper's Table 1), columns those of metrics.COLUMNS."""
+    names = in_table_order(set(results) - {"probe"})
+    header = ["Label", "Method", *(c.name for c in COLUMNS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in names:
-        cells = [_cell(results[name].get(column), fmt) for column, fmt in COLUMNS]
+        cells = [_cell(results[name].get(c.name), c.fmt) for c in COLUMNS]
         lines.append("| " + " | ".join([label, name, *cells]) + " |")
     return "\n".join(lines)
 
@@ -53,7 +52,7 @@ def _signed(value: float, fmt: str) -> str:
 def format_paired(paired: list[dict]) -> str:
     """Markdown table of paired differences, one line per (row, reference): each cell `Δ ± half-width` and
     its verdict (`lower`, `higher`, `no detectable difference`)."""
-    formats = dict(COLUMNS)
+    formats = {c.name: c.fmt for c in COLUMNS}
     metrics = list(dict.fromkeys(p["metric"] for p in paired))
     pairs = list(dict.fromkeys((p["row"], p["reference"]) for p in paired))
     lines = ["| Paired difference | " + " | ".join(f"Δ{m}" for m in metrics) + " |", "|" + "---|" * (len(metrics) + 1)]

@@ -33,16 +33,11 @@ from safetensors.torch import load_file, save_file
 from .config import Config, config_from_dict
 from .errors import UserError
 from .failpoints import failpoint
+from .files import atomic_write
 
 INCOMPLETE = "INCOMPLETE"  # marker of a run folder whose run has not finished (killed, failed or running)
 STATE = "state.json"
 IGNORED_KEYS = ("resume",)  # config keys that may differ between a run and its resumption
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class RunState:
@@ -75,7 +70,7 @@ class RunState:
 
     def _save(self) -> None:
         if self.main:
-            _write_atomic(self.folder / STATE, json.dumps(self.data, indent=2, allow_nan=True))
+            atomic_write(self.folder / STATE, json.dumps(self.data, indent=2, allow_nan=True))
 
     def run_id(self, name: str) -> Optional[str]:
         """The MLflow run of stage `name` if an earlier attempt created it."""

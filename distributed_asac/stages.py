@@ -15,11 +15,10 @@ from tqdm.auto import tqdm
 from .checkpoint import whole_model, whole_state_dict
 from .config import Config
 from .data.batches import to_pixels, uint8_images
-from .data.build import Splits
+from .data.datasets import Splits
 from .evaluate import evaluate
-from .failpoints import failpoint
+from .loop import Progress, run_epochs
 from .models import TwoHeadModel, set_trainable
-from .resume import load_training_state, save_training_state
 from .runtime import adam, check_finite
 from .tracking import Tracker
 
@@ -42,19 +41,12 @@ def train_stage(
     loader = DataLoader(uint8_images(splits.train), batch_size=stage_cfg.batch_size, shuffle=True, drop_last=True,
                         num_workers=cfg.data.num_workers)
     wrapped, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    best_score, best_state = -1.0, whole_state_dict(model)
-    first_epoch = 0
-    resumed = load_training_state(accelerator, state_dir, loader)
-    if resumed is not None:
-        (meta, best_state), first_epoch = resumed, resumed[0]["epoch"]
-        best_score = meta["best_score"]
-    for epoch in range(first_epoch, stage_cfg.epochs):
+
+    def epoch_work(epoch: int, batches: tqdm, progress: Progress) -> None:
         wrapped.train(stage == "base")
         loss_sum = torch.zeros((), device=accelerator.device)
         seen = torch.zeros((), device=accelerator.device)
-        bar = tqdm(loader, desc=f"{stage} epoch {epoch + 1}/{stage_cfg.epochs}", leave=False,
-                   disable=True if not accelerator.is_main_process else None)  # None: off when not a terminal
-        for x, y, a, _ in bar:
+        for x, y, a, _ in batches:
             labels = y if stage == "base" else a
             loss = F.cross_entropy(wrapped(to_pixels(x))[head], labels)  # logits [b, 2]
             optimizer.zero_grad()
@@ -72,9 +64,9 @@ def train_stage(
         if accelerator.is_main_process:
             tqdm.write(f"{stage} epoch {epoch + 1}: train loss {float(train_loss):.4f}, "
                        f"valid {select_on} {report[select_on]:.2f}")
-        if report[select_on] > best_score:
-            best_score, best_state = report[select_on], whole_state_dict(model)  # the same on every rank
-        save_training_state(accelerator, state_dir, epoch + 1, {"best_score": best_score}, best_state, loader)
-        failpoint("stage.epoch_end", stage=stage, epoch=epoch + 1)
-    accelerator.free_memory()  # drop the accelerator's references so the next stage prepares afresh
-    return whole_model(model, cfg.model.backbone, best_state)  # a fresh plain module after ZeRO-3
+        if report[select_on] > progress.meta["best_score"]:
+            progress.meta["best_score"], progress.best = report[select_on], whole_state_dict(model)  # on every rank
+
+    progress = run_epochs(stage, stage_cfg.epochs, loader, accelerator, state_dir,
+                          lambda: Progress({"best_score": -1.0}, whole_state_dict(model)), epoch_work)
+    return whole_model(model, cfg.model.backbone, progress.best)  # a fresh plain module after ZeRO-3

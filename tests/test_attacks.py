@@ -1,15 +1,19 @@
-"""FGSM and PGD against direct computations; attacks and scoring leave the models untouched."""
+"""FGSM and PGD against direct computations; every attack's contract; making a minibatch's chunks (attacks and
+scoring included) leaves the models untouched, in every fine-tuning mode."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 
-from distributed_asac.attacks import ATTACKS, _input_gradient, _LeanInputGradients, fgsm, magnitudes, pgd
-from distributed_asac.config import FinetuneConfig
-from distributed_asac.finetune import MODES, Diagnostics, StepContext
+from distributed_asac.attacks import ATTACKS, _input_gradient, _LeanInputGradients, create_attack, fgsm, magnitudes, pgd
+from distributed_asac.config import ATTACK_MODELS, Config, FinetuneConfig
 from distributed_asac.models import create_model
+from distributed_asac.rows import MODES, fine_tuned_rows
+from distributed_asac.stage3 import build_stage3
 
 
 def _model(seed=0):
@@ -50,18 +54,27 @@ def test_fgsm_shared_gradient_equals_one_attack_per_eps():
         torch.testing.assert_close(together[j], fgsm(model.protected_logits, x, a, [e])[0], rtol=0, atol=0)
 
 
-def test_pgd_stays_in_ball_and_box():
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_every_attack_stays_in_ball_and_box_and_is_the_clean_image_at_zero(name):
     model = _model()
     x, a = _batch()
     x[0] = 0.0  # pixels at the box edges exercise the [0, 1] projection
     x[1] = 1.0
     eps = [0.0, 0.01, 0.2]
-    adv = pgd(model.protected_logits, x, a, eps, steps=5)
+    adv = create_attack(name, FinetuneConfig(pgd_steps=5))(model.protected_logits, x, a, eps)
+    assert adv.shape == (3, *x.shape)
     assert torch.equal(adv[0], x)
     for j, e in enumerate(eps):
         assert (adv[j] - x).abs().max() <= e + 1e-6
         assert adv[j].min() >= 0 and adv[j].max() <= 1
     assert (adv[2] - x).abs().max() > 0.1  # it moved
+
+
+def test_each_attack_gets_only_its_own_settings():
+    settings = FinetuneConfig(pgd_steps=3)
+    assert create_attack("fgsm", settings) is fgsm
+    bound = create_attack("pgd", settings)
+    assert (bound.func, bound.keywords) == (pgd, {"steps": 3})
 
 
 def _model_with_statistics(backbone="small_cnn"):
@@ -157,26 +170,33 @@ def test_pgd_fools_a_trained_probe_more_than_fgsm():
     e = 0.05  # large enough that both attacks fool some images, small enough that neither fools all
     fooled = {}
     for name in ("fgsm", "pgd"):
-        adv = ATTACKS.get(name)(model.protected_logits, x, a, [e], steps=10)[0]
+        adv = create_attack(name, FinetuneConfig(pgd_steps=10))(model.protected_logits, x, a, [e])[0]
         with torch.no_grad():
             fooled[name] = (model.protected_logits(adv).argmax(1) != a).float().mean().item()
     assert fooled["pgd"] > fooled["fgsm"] + 0.05
     assert fooled["fgsm"] > 1 - clean_acc  # FGSM does something too
 
 
-@pytest.mark.parametrize("attack", ["fgsm", "pgd"])
-@pytest.mark.parametrize("attack_model", ["frozen", "live"])
-def test_attack_and_scoring_change_no_parameter_or_buffer(attack, attack_model):
+# Rows whose chunks need what their `prepare` hook makes from the train split (gan_augment's latent pairs) are
+# tested with that state in tests/test_gan.py.
+UNPREPARED_ROWS = [row for row, settings in fine_tuned_rows().items() if MODES.get(settings["mode"]).prepare is None]
+
+
+@pytest.mark.parametrize("row", UNPREPARED_ROWS)
+@pytest.mark.parametrize("attack_model", ATTACK_MODELS)
+def test_making_the_chunks_changes_no_parameter_or_buffer(row, attack_model):
+    """Every fine-tuning row (each ASAC attack, each comparator): |E| chunks of the minibatch's labels, and the
+    attacks and scoring run in eval mode without gradients, against the frozen snapshot or the live model."""
     model = create_model("small_cnn").train()  # training mode: eval must be forced inside
-    snapshot = copy.deepcopy(model).requires_grad_(False).eval()
     before = copy.deepcopy(model.state_dict())
     x, a = _batch()
     y = 1 - a
-    cfg = FinetuneConfig(attack=attack, pgd_steps=2)
-    attacked = snapshot if attack_model == "frozen" else model
-    ctx = StepContext(cfg, magnitudes(cfg.eps), attacked, model, torch.Generator().manual_seed(0), Diagnostics(3, torch.device("cpu")))
-    chunks = MODES.get("asac")().make_chunks(ctx, x, y, a)
-    assert len(chunks) == 3
+    cfg = Config()
+    cfg.finetune = replace(cfg.finetune, **fine_tuned_rows()[row], attack_model=attack_model, pgd_steps=2)
+    stage = build_stage3(model, cfg, Accelerator(cpu=True), torch.Generator().manual_seed(0))
+    chunks = stage.mode.make_chunks(stage.ctx, x, y, a)
+    assert len(chunks) == len(magnitudes(cfg.finetune.eps)) == 3
+    assert all(set(chunk.labels.tolist()) <= set(y.tolist()) for chunk in chunks)
     assert model.training  # mode restored for the training step
     after = model.state_dict()
     for name, tensor in before.items():

@@ -24,7 +24,6 @@ from mlflow.tracking import MlflowClient
 from distributed_asac import pipeline
 from distributed_asac.config import load_config
 from distributed_asac.resume import INCOMPLETE
-from tests.fixtures import corrupt_jpeg
 
 REPO = Path(__file__).resolve().parents[1]
 # The earlier run and every row share these: a 120-image generated set (84 train images) at 32 px.
@@ -36,17 +35,15 @@ TINY = ["data.synthetic_num_images=120", "base.epochs=1", "probe.epochs=1", "fin
 class World:
     root: Path  # the working directory of every row: data/, runs/, mlflow.db (the default store)
     probe: Path  # the earlier run's base checkpoint
+    corrupt_jpeg: Callable[[Path], None]  # the conftest fixture, for the cases that damage an image
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> World:
+def world(tmp_path_factory, smoke_config, corrupt_jpeg) -> World:
     root = tmp_path_factory.mktemp("bad_input")
-    cfg = load_config(REPO / "configs" / "smoke.yaml", [
-        f"data.root={root / 'data'}", f"output_dir={root / 'runs'}", f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
-        "experiment=earlier", *TINY])
-    out = pipeline.run(cfg, variants=[{"mode": "base"}])
+    out = pipeline.run(smoke_config(root, "experiment=earlier", *TINY), variants=[{"mode": "base"}])
     assert not (out.run_dir / INCOMPLETE).exists()  # a finished run loses its marker
-    return World(root, out.run_dir / "probe")
+    return World(root, out.run_dir / "probe", corrupt_jpeg)
 
 
 def _snapshot(world: World) -> tuple[dict, dict]:
@@ -102,7 +99,7 @@ def corrupt_test_image(world: World, tmp_path: Path) -> list[str]:
     shutil.copytree(world.root / "data", root)
     partition = (root / "list_eval_partition.txt").read_text().split()
     test_images = [name for name, split in zip(partition[::2], partition[1::2]) if split == "2"]
-    corrupt_jpeg(root / "img_align_celeba" / test_images[-1])
+    world.corrupt_jpeg(root / "img_align_celeba" / test_images[-1])
     return ["data.name=celeba", f"data.root={root}"]
 
 
@@ -112,7 +109,7 @@ def corrupt_train_image_in_a_worker(world: World, tmp_path: Path) -> list[str]:
     shutil.copytree(world.root / "data", root)
     partition = (root / "list_eval_partition.txt").read_text().split()
     train_images = [name for name, split in zip(partition[::2], partition[1::2]) if split == "0"]
-    corrupt_jpeg(root / "img_align_celeba" / train_images[0])
+    world.corrupt_jpeg(root / "img_align_celeba" / train_images[0])
     return ["data.name=celeba", f"data.root={root}", "data.num_workers=1"]
 
 
@@ -128,6 +125,11 @@ def garbage_sqlite(world: World, tmp_path: Path) -> list[str]:
 def output_dir_is_a_file(world: World, tmp_path: Path) -> list[str]:
     (tmp_path / "a_file").write_text("not a folder\n")
     return [f"output_dir={tmp_path / 'a_file'}"]
+
+
+def classifier_as_generator(world: World, tmp_path: Path) -> list[str]:
+    """A safetensors file that is no generator: the earlier run's classifier weights."""
+    return [f"gan.checkpoint={world.probe / 'model.safetensors'}"]
 
 
 @dataclass
@@ -183,6 +185,14 @@ CASES = {
                            setup=garbage_sqlite),
     "output_dir_is_a_file": Case([], r"config key 'output_dir': .*a_file' is an existing file",
                                  setup=output_dir_is_a_file),
+    # a comparator row refuses, before any training, what it cannot run on
+    "gan_checkpoint_missing": Case(["finetune.mode=gan_augment", "gan.checkpoint=nowhere.safetensors"],
+                                   r"gan\.checkpoint 'nowhere\.safetensors' not found"),
+    "gan_checkpoint_not_a_generator": Case(["finetune.mode=gan_augment"], r"model\.safetensors' holds no generator",
+                                           setup=classifier_as_generator),
+    "oracle_without_train_twins": Case(["finetune.mode=oracle_counterfactual"],
+                                       r"oracle_counterfactual needs the true twin of every train image.*"
+                                       r"data\.synthetic_train_twins=true"),
     # names and numbers the config refuses
     "experiment_empty": Case(["experiment="], r"config key 'experiment': '' is not a plain folder name"),
     "experiment_outside": Case(["experiment=../x"], r"config key 'experiment': '\.\./x' is not a plain folder name"),
@@ -194,7 +204,8 @@ CASES = {
 
 # Kinds that repeat another row's code path with other values (a checkpoint field, a damaged file): each still
 # runs in `make test-slow`, so the default run stays within its time budget.
-SLOW = {"base_other_protected", "base_other_size", "weights_of_other_backbone", "checkpoint_yaml_unknown_key"}
+SLOW = {"base_other_protected", "base_other_size", "weights_of_other_backbone", "checkpoint_yaml_unknown_key",
+        "gan_checkpoint_not_a_generator"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CASES])
@@ -287,3 +298,41 @@ def test_other_os_errors_are_not_hidden():
 
     with pytest.raises(PermissionError), exit_on_user_error():
         raise PermissionError(13, "Permission denied", "/x")
+
+
+# Loaded by the run's interpreter at start-up (sitecustomize on PYTHONPATH): every sqlite connection may use
+# no more pages than the store has now, so the run's first write that needs a new page fails with sqlite's
+# own SQLITE_FULL, as on a full disk.
+STORE_LIMIT = """
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+@event.listens_for(Engine, "connect")
+def _no_more_pages(connection, record):
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA max_page_count = {pages}")
+    cursor.close()
+"""
+
+
+@pytest.mark.parametrize("spare_pages", [0, 8])  # full at the run's first write; full while it trains
+def test_a_full_tracking_store_is_one_line_and_changes_nothing(spare_pages, world, tmp_path):
+    import sqlite3
+
+    before = _snapshot(world)
+    pages = sqlite3.connect(world.root / "mlflow.db").execute("PRAGMA page_count").fetchone()[0]
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(STORE_LIMIT.format(pages=pages + spare_pages))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), str(REPO), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "distributed_asac.finetune", "--config",
+                           str(REPO / "configs" / "smoke.yaml"), f"data.root={world.root / 'data'}",
+                           f"output_dir={world.root / 'runs'}", *TINY, f"experiment=case_store_full_{spare_pages}"],
+                          cwd=world.root, env=env, capture_output=True, text=True, timeout=600)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("error: the MLflow tracking store is full (sqlite: database or disk is full)")
+    files, runs = _snapshot(world)
+    assert {p: h for p, h in files.items() if p in before[0]} == before[0]
+    assert {r: v for r, v in runs.items() if r in before[1]} == before[1]

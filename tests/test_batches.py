@@ -9,9 +9,9 @@ import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from distributed_asac.data.batches import to_pixels, uint8_images
-from distributed_asac.data.celeba import CelebA, image_to_tensor
+from distributed_asac.data.celeba import CelebA
+from distributed_asac.data.images import image_to_tensor
 from distributed_asac.data.lfw import LFW
-from tests.fixtures import write_celeba_fixture, write_lfw_fixture
 
 
 def test_to_pixels_equals_image_to_tensor_for_every_byte_value():
@@ -30,7 +30,7 @@ def _batches(dataset, workers: int, seed: int = 0) -> list[list[torch.Tensor]]:
 
 
 @pytest.mark.parametrize("cached", [False, True])
-def test_uint8_batches_from_workers_equal_float_batches(tmp_path, cached):
+def test_uint8_batches_from_workers_equal_float_batches(tmp_path, cached, write_celeba_fixture):
     fixture = write_celeba_fixture(tmp_path / "data", n=20)
     ds = CelebA(fixture.root, "train", "Smiling", "Male", image_size=24,
                 cache_dir=tmp_path / "cache" if cached else None)
@@ -43,7 +43,7 @@ def test_uint8_batches_from_workers_equal_float_batches(tmp_path, cached):
         assert all(torch.equal(p, q) for p, q in zip(labels8, labels))
 
 
-def test_subsets_and_other_datasets(tmp_path):
+def test_subsets_and_other_datasets(tmp_path, write_lfw_fixture):
     fixture = write_lfw_fixture(tmp_path / "lfw")
     ds = LFW(fixture.root, "train", "Smiling", "Male", image_size=16, split_file=tmp_path / "split.json")
     subset = Subset(ds, [3, 0, 2])

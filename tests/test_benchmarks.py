@@ -30,7 +30,7 @@ def test_bench_attacks_checks_fgsm_equality(tmp_path):
 
 
 def test_bench_step_reports_ratios_and_profile(tmp_path):
-    variants = ["channels_last_flipped", "eps0_forwarded_again", "previous_step", "bf16_autocast"]
+    variants = ["channels_last_flipped", "bf16_autocast"]
     (result,) = _run(tmp_path, "bench_step", "--backbones", "small_cnn", "--variants", *variants)["results"]
     assert result["checks"]["eval_rel_diff_vs_formula"] <= 1e-5
     assert {"asac_over_plain", "asac_over_bound"} <= set(result)

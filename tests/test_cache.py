@@ -16,17 +16,10 @@ import torch
 
 from distributed_asac.data import cache as cache_module
 from distributed_asac.data.cache import find_bad_images, open_image_cache
-from distributed_asac.data.celeba import PIPELINE, BadImageError, CelebA, check_image, load_image
+from distributed_asac.data.celeba import CelebA
+from distributed_asac.data.images import PIPELINE, BadImageError, check_image, load_image
 from distributed_asac.data.lfw import LFW
 from distributed_asac.errors import UserError
-from tests.fixtures import (
-    corrupt_jpeg,
-    draw_face,
-    save_jpeg,
-    write_celeba_fixture,
-    write_counterfactual_fixture,
-    write_lfw_fixture,
-)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +37,7 @@ def assert_same_items(a, b) -> None:
 
 
 @pytest.mark.parametrize("counterfactual", [False, True])
-def test_cached_celeba_equals_direct(tmp_path, counterfactual):
+def test_cached_celeba_equals_direct(tmp_path, counterfactual, write_celeba_fixture, write_counterfactual_fixture):
     fixture = write_celeba_fixture(tmp_path / "data", n=12)
     write_counterfactual_fixture(fixture)
     split = "test" if counterfactual else "train"
@@ -56,7 +49,7 @@ def test_cached_celeba_equals_direct(tmp_path, counterfactual):
     assert len(images_files(tmp_path / "cache")) == 1
 
 
-def test_cached_lfw_equals_direct(tmp_path):
+def test_cached_lfw_equals_direct(tmp_path, write_lfw_fixture):
     fixture = write_lfw_fixture(tmp_path / "lfw")
     split_file = tmp_path / "split.json"
     direct = LFW(fixture.root, "train", "Smiling", "Male", image_size=24, split_file=split_file)
@@ -64,7 +57,7 @@ def test_cached_lfw_equals_direct(tmp_path):
     assert_same_items(direct, cached)
 
 
-def test_valid_cache_is_reused_and_read_through_a_memmap(tmp_path):
+def test_valid_cache_is_reused_and_read_through_a_memmap(tmp_path, write_celeba_fixture):
     fixture = write_celeba_fixture(tmp_path / "data", n=9)
     first = CelebA(fixture.root, "valid", "Smiling", "Male", cache_dir=tmp_path / "cache")
     built = images_files(tmp_path / "cache")
@@ -84,7 +77,7 @@ def test_valid_cache_is_reused_and_read_through_a_memmap(tmp_path):
 
 
 @pytest.mark.parametrize("cut", [1, 64])
-def test_a_short_images_file_is_rebuilt(tmp_path, caplog, cut):
+def test_a_short_images_file_is_rebuilt(tmp_path, caplog, cut, write_celeba_fixture):
     """The size check counts the .npy header: a file `cut` bytes short is stale, not a traceback later."""
     fixture = write_celeba_fixture(tmp_path / "data", n=9)
     CelebA(fixture.root, "valid", "Smiling", "Male", cache_dir=tmp_path / "cache")
@@ -99,7 +92,7 @@ def test_a_short_images_file_is_rebuilt(tmp_path, caplog, cut):
     assert_same_items(CelebA(fixture.root, "valid", "Smiling", "Male"), again)
 
 
-def test_a_flipped_byte_in_the_pixels_is_found_by_the_checksum(tmp_path, caplog, monkeypatch):
+def test_a_flipped_byte_in_the_pixels_is_found_by_the_checksum(tmp_path, caplog, monkeypatch, write_celeba_fixture):
     """Same size, same sources: only the recorded checksums tell. The cache is refused or rebuilt, never read."""
     monkeypatch.setattr(cache_module, "CHUNK", 4)  # several checksummed blocks from a few images
     fixture = write_celeba_fixture(tmp_path / "data", n=12)
@@ -126,7 +119,7 @@ def test_a_flipped_byte_in_the_pixels_is_found_by_the_checksum(tmp_path, caplog,
     assert_same_items(direct, rebuilt)
 
 
-def test_changed_source_file_is_detected(tmp_path, caplog):
+def test_changed_source_file_is_detected(tmp_path, caplog, draw_face, save_jpeg, write_celeba_fixture):
     fixture = write_celeba_fixture(tmp_path / "data", n=9)
     ds = CelebA(fixture.root, "train", "Smiling", "Male", cache_dir=tmp_path / "cache")
     image_id = ds.image_ids[1]
@@ -150,7 +143,7 @@ def test_changed_source_file_is_detected(tmp_path, caplog):
     assert len(images_files(cache_dir)) == 1  # the old build was removed
 
 
-def test_a_different_pipeline_file_list_or_mtime_is_stale(tmp_path):
+def test_a_different_pipeline_file_list_or_mtime_is_stale(tmp_path, write_celeba_fixture):
     fixture = write_celeba_fixture(tmp_path / "data", n=6)
     source = fixture.dataset_dir / "img_align_celeba"
     files = sorted(os.listdir(source))
@@ -186,7 +179,7 @@ print(opened.path.name)
 """
 
 
-def test_two_processes_building_at_once_end_with_one_cache(tmp_path):
+def test_two_processes_building_at_once_end_with_one_cache(tmp_path, draw_face, write_celeba_fixture):
     fixture = write_celeba_fixture(tmp_path / "data", n=12, size=(20, 20), torchvision_extras=False)
     source = fixture.dataset_dir / "img_align_celeba"
     command = [sys.executable, "-c", CHILD, str(source), str(tmp_path / "cache")]
@@ -202,7 +195,7 @@ def test_two_processes_building_at_once_end_with_one_cache(tmp_path):
 
 
 @pytest.mark.parametrize("policy", ["error", "skip"])
-def test_bad_images_are_recorded_by_the_build(tmp_path, policy):
+def test_bad_images_are_recorded_by_the_build(tmp_path, policy, corrupt_jpeg, write_celeba_fixture):
     fixture = write_celeba_fixture(tmp_path / "data", n=12)
     victim = fixture.split_ids(0)[1]
     corrupt_jpeg(fixture.image_path(victim))
@@ -218,7 +211,7 @@ def test_bad_images_are_recorded_by_the_build(tmp_path, policy):
     assert_same_items(direct, cached)
 
 
-def test_parallel_pass_matches_inline(tmp_path, monkeypatch):
+def test_parallel_pass_matches_inline(tmp_path, monkeypatch, corrupt_jpeg, write_celeba_fixture):
     fixture = write_celeba_fixture(tmp_path / "data", n=10, size=(30, 36), torchvision_extras=False)
     corrupt_jpeg(fixture.image_path(fixture.image_ids[6]), "garbage")
     source = fixture.dataset_dir / "img_align_celeba"

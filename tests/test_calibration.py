@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from distributed_asac.attacks import ATTACKS
+from distributed_asac.attacks import ATTACKS, create_attack
 from distributed_asac.calibration import TOLERANCE, calibrate_eps, success_rate
-from distributed_asac.config import load_config
+from distributed_asac.config import FinetuneConfig, load_config
 from distributed_asac.errors import UserError
 
 # 200 grey images, image i uniformly grey at v_i = 0.3 + 0.4·i/199, all of protected class 1. The toy C says
@@ -25,12 +25,13 @@ def true_rate(eps: float) -> float:
     return float((GREYS < 0.25 + eps).float().mean())
 
 
-@pytest.mark.parametrize("attack", sorted(ATTACKS.names()))
-def test_bisection_reaches_each_target(attack):
-    chosen = calibrate_eps(ATTACKS.get(attack), toy_c, X, A, [0.25, 0.5, 0.75], batch_size=64, steps=5)
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_bisection_reaches_each_target(name):
+    attack = create_attack(name, FinetuneConfig(pgd_steps=5))
+    chosen = calibrate_eps(attack, toy_c, X, A, [0.25, 0.5, 0.75], batch_size=64)
     assert [c.target for c in chosen] == [0.25, 0.5, 0.75]
     for c in chosen:
-        assert c.rate >= c.target and c.rate == success_rate(ATTACKS.get(attack), toy_c, X, A, c.eps, 64, steps=5)
+        assert c.rate >= c.target and c.rate == success_rate(attack, toy_c, X, A, c.eps, 64)
         # the smallest such ε, to the tolerance: the true rate just below it misses the target
         assert true_rate(c.eps - 2 * TOLERANCE) < c.target <= true_rate(c.eps + 2 * TOLERANCE)
     assert chosen[0].eps < chosen[1].eps < chosen[2].eps
@@ -41,7 +42,7 @@ def test_unreachable_target_is_one_clear_error():
     def never(x):  # a C that no perturbation fools: its logits do not move with x
         return torch.tensor([-5.0, 5.0]) + 0 * x.mean((1, 2, 3)).unsqueeze(1)
     with pytest.raises(UserError, match=r"0.5 is unreachable: for ε ≤ 1 the ASACs fool C on at most 0.0%"):
-        calibrate_eps(ATTACKS.get("fgsm"), never, X, A, [0.5])
+        calibrate_eps(create_attack("fgsm", FinetuneConfig()), never, X, A, [0.5])
 
 
 @pytest.mark.parametrize("override, message", [
@@ -60,16 +61,12 @@ def test_empty_targets_refused_only_when_calibrating():
         load_config(None, ["finetune.attack_success_targets=[]", "finetune.eps_mode=calibrated"])
 
 
-def test_calibrated_stage_3_logs_its_eps_and_rates(tmp_path):
-    from pathlib import Path
-
+def test_calibrated_stage_3_logs_its_eps_and_rates(tmp_path, smoke_config):
     from distributed_asac import pipeline
 
-    repo = Path(__file__).resolve().parents[1]
-    cfg = load_config(repo / "configs" / "smoke.yaml", [
-        f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'runs'}", "tracking.enabled=false",
-        "finetune.eps_mode=calibrated", "finetune.attack_success_targets=[0.3,0.6]", "finetune.calibration_images=64",
-        "analysis.ig_images=0", "analysis.robustness_images=0"])
+    cfg = smoke_config(tmp_path, "tracking.enabled=false", "finetune.eps_mode=calibrated",
+                       "finetune.attack_success_targets=[0.3,0.6]", "finetune.calibration_images=64",
+                       "analysis.ig_images=0", "analysis.robustness_images=0")
     report = pipeline.run(cfg).results["asac_fgsm"]
     eps = [report["calibrated_eps_0.3"], report["calibrated_eps_0.6"]]
     assert 0 < eps[0] < eps[1] <= 1

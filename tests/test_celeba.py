@@ -14,16 +14,16 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from distributed_asac.data.celeba import BadImageError, CelebA, mouth_box_from_landmarks
+from distributed_asac.data.celeba import CelebA
+from distributed_asac.data.images import BadImageError, mouth_box_from_landmarks
 from distributed_asac.errors import UserError
-from tests.fixtures import CELEBA_ATTRIBUTES, corrupt_jpeg, write_celeba_fixture, write_counterfactual_fixture
 
 SPLIT_VALUES = {"train": 0, "valid": 1, "test": 2}
 JPEG_TOLERANCE = 8 / 255  # flat JPEG colours decode within a few levels (measured worst: 5)
 
 
 @pytest.fixture(scope="module")
-def flat(tmp_path_factory):
+def flat(tmp_path_factory, write_celeba_fixture):
     return write_celeba_fixture(tmp_path_factory.mktemp("flat"), n=24)
 
 
@@ -37,12 +37,12 @@ def reference_image(path: Path, image_size: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("layout", ["flat", "torchvision"])
-def test_labels_and_ids_per_split(tmp_path, layout):
+def test_labels_and_ids_per_split(tmp_path, layout, write_celeba_fixture):
     fixture = write_celeba_fixture(tmp_path, n=18, layout=layout)
     for split, value in SPLIT_VALUES.items():
         ds = CelebA(tmp_path, split, target="Smiling", protected="Male")
         assert ds.image_ids == fixture.split_ids(value)
-        assert ds.attribute_names == list(CELEBA_ATTRIBUTES)
+        assert ds.attribute_names == fixture.attribute_names  # all 40, as CelebA's header lists them
         assert ds.targets.dtype == ds.protected_labels.dtype == torch.int64
         expected_y = [fixture.label(i, "Smiling") for i in ds.image_ids]
         expected_a = [fixture.label(i, "Male") for i in ds.image_ids]
@@ -65,7 +65,7 @@ def test_named_images_have_their_labels_and_pixels(flat):
 @pytest.mark.parametrize(
     ("size", "image_size"), [((178, 218), 64), ((218, 178), 32), ((40, 50), 64), ((64, 64), 64)]
 )
-def test_image_pipeline_matches_torchvision_and_crops_the_band(tmp_path, size, image_size):
+def test_image_pipeline_matches_torchvision_and_crops_the_band(tmp_path, size, image_size, write_celeba_fixture):
     fixture = write_celeba_fixture(tmp_path, n=6, size=size)
     ds = CelebA(tmp_path, "train", "Smiling", "Male", image_size=image_size)
     for k, image_id in enumerate(ds.image_ids):
@@ -78,14 +78,14 @@ def test_image_pipeline_matches_torchvision_and_crops_the_band(tmp_path, size, i
         assert (image - colour).abs().max() <= JPEG_TOLERANCE
 
 
-def test_already_square_at_size_is_not_resampled(tmp_path):
+def test_already_square_at_size_is_not_resampled(tmp_path, write_celeba_fixture):
     fixture = write_celeba_fixture(tmp_path, n=3, size=(48, 48))
     ds = CelebA(tmp_path, "train", "Smiling", "Male", image_size=48)
     decoded = TF.to_tensor(Image.open(fixture.image_path(ds.image_ids[0])).convert("RGB"))
     assert torch.equal(ds[0][0], decoded)
 
 
-def test_torchvision_celeba_reads_the_same_labels_and_images(tmp_path, monkeypatch):
+def test_torchvision_celeba_reads_the_same_labels_and_images(tmp_path, monkeypatch, write_celeba_fixture):
     write_celeba_fixture(tmp_path, n=15, layout="torchvision")
     # The fixture's files cannot match torchvision's MD5 sums; only that check is bypassed.
     monkeypatch.setattr(torchvision.datasets.CelebA, "_check_integrity", lambda self: True)
@@ -101,7 +101,7 @@ def test_torchvision_celeba_reads_the_same_labels_and_images(tmp_path, monkeypat
         assert torch.equal(ours[1][0], theirs[1][0])
 
 
-def test_subset_of_attribute_columns(tmp_path):
+def test_subset_of_attribute_columns(tmp_path, write_celeba_fixture):
     fixture = write_celeba_fixture(tmp_path, n=9, attribute_names=("Male", "Smiling", "Young"))
     ds = CelebA(tmp_path, "test", target="Young", protected="Male")
     assert ds.attribute_names == ["Male", "Smiling", "Young"]
@@ -123,7 +123,7 @@ def test_unknown_attribute_lists_nearest_and_available(flat, target, protected, 
     assert "available: 5_o_Clock_Shadow" in message and "\n" not in message
 
 
-def test_missing_root_and_missing_files_name_file_and_layouts(tmp_path):
+def test_missing_root_and_missing_files_name_file_and_layouts(tmp_path, write_celeba_fixture):
     with pytest.raises(UserError, match="does not exist"):
         CelebA(tmp_path / "absent", "train", "Smiling", "Male")
     for layout in ("flat", "torchvision"):
@@ -135,7 +135,7 @@ def test_missing_root_and_missing_files_name_file_and_layouts(tmp_path):
         assert "torchvision layout" in str(err.value) and "flat layout" in str(err.value)
 
 
-def test_missing_images_are_counted_and_named(tmp_path):
+def test_missing_images_are_counted_and_named(tmp_path, write_celeba_fixture):
     fixture = write_celeba_fixture(tmp_path, n=12)
     gone = fixture.split_ids(2)[:2]
     for image_id in gone:
@@ -162,7 +162,7 @@ def replace_line(path: Path, number: int, text: str) -> None:
         ("list_eval_partition.txt", 2, "000001.jpg 1", "lists image 000001.jpg more than once"),
     ],
 )
-def test_malformed_files_name_the_line(tmp_path, file, line, text, message):
+def test_malformed_files_name_the_line(tmp_path, file, line, text, message, write_celeba_fixture):
     write_celeba_fixture(tmp_path, n=9)
     replace_line(tmp_path / file, line, text)
     with pytest.raises(UserError, match=re.escape(message)) as err:
@@ -170,7 +170,7 @@ def test_malformed_files_name_the_line(tmp_path, file, line, text, message):
     assert file in str(err.value)
 
 
-def test_partition_row_without_attributes(tmp_path):
+def test_partition_row_without_attributes(tmp_path, write_celeba_fixture):
     write_celeba_fixture(tmp_path, n=9)
     with open(tmp_path / "list_eval_partition.txt", "a") as handle:
         handle.write("000099.jpg 0\n")
@@ -185,7 +185,7 @@ def test_bad_arguments(flat, kwargs, message):
         CelebA(flat.root, **arguments)
 
 
-def test_landmarks(flat, tmp_path):
+def test_landmarks(flat, tmp_path, write_celeba_fixture):
     ds = CelebA(flat.root, "valid", "Smiling", "Male")
     for k, image_id in enumerate(ds.image_ids):
         points = ds.landmarks(k)
@@ -198,7 +198,7 @@ def test_landmarks(flat, tmp_path):
         ds.landmarks(0)
 
 
-def test_counterfactual_twins_flip_the_named_attribute(tmp_path):
+def test_counterfactual_twins_flip_the_named_attribute(tmp_path, write_celeba_fixture, write_counterfactual_fixture):
     fixture = write_celeba_fixture(tmp_path, n=12)
     twin_colours = write_counterfactual_fixture(fixture, flipped_attribute="Male")
     original = CelebA(tmp_path, "test", target="Smiling", protected="Male")
@@ -217,23 +217,24 @@ def test_counterfactual_twins_flip_the_named_attribute(tmp_path):
     assert torch.equal(swapped.protected_labels, original.targets)
 
 
-def test_counterfactual_errors(tmp_path):
+def test_counterfactual_errors(tmp_path, write_celeba_fixture, write_counterfactual_fixture):
     fixture = write_celeba_fixture(tmp_path, n=12)
     with pytest.raises(UserError, match="no counterfactual twins"):
         CelebA(tmp_path, "test", "Smiling", "Male", counterfactual=True)
-    with pytest.raises(UserError, match="test split only"):
-        CelebA(tmp_path, "train", "Smiling", "Male", counterfactual=True)
     test_ids = fixture.split_ids(2)
     write_counterfactual_fixture(fixture, image_ids=test_ids[:-1])
     with pytest.raises(UserError, match=rf"1 of {len(test_ids)} test images have no twin .*{test_ids[-1]}"):
         CelebA(tmp_path, "test", "Smiling", "Male", counterfactual=True)
+    train_ids = fixture.split_ids(0)  # twins are listed for test images only
+    with pytest.raises(UserError, match=rf"{len(train_ids)} of {len(train_ids)} train images have no twin .*{train_ids[0]}"):
+        CelebA(tmp_path, "train", "Smiling", "Male", counterfactual=True)
     write_counterfactual_fixture(fixture)
     (fixture.dataset_dir / "counterfactual" / "img_align_celeba" / test_ids[0]).unlink()
     with pytest.raises(UserError, match=rf"1 of {len(test_ids)} twin images .* missing"):
         CelebA(tmp_path, "test", "Smiling", "Male", counterfactual=True)
 
 
-def test_text_files_are_parsed_once(tmp_path):
+def test_text_files_are_parsed_once(tmp_path, write_celeba_fixture):
     fixture = write_celeba_fixture(tmp_path, n=9)
     ds = CelebA(tmp_path, "test", "Smiling", "Male")
     before = [ds[k][1:] for k in range(len(ds))]
@@ -264,7 +265,7 @@ def test_mouth_box_maps_landmarks_through_crop_and_resize():
     assert mouth_box_from_landmarks(points + [0, 95], (200, 240), 100)[3] == 100  # clipped to the image
 
 
-def test_mouth_box_holds_the_drawn_mouth(tmp_path):
+def test_mouth_box_holds_the_drawn_mouth(tmp_path, write_celeba_fixture):
     fixture = write_celeba_fixture(tmp_path, n=6, mark_mouth=True)
     ds = CelebA(tmp_path, "train", "Smiling", "Male", image_size=64)
     for k, image_id in enumerate(ds.image_ids):
@@ -278,7 +279,7 @@ def test_mouth_box_holds_the_drawn_mouth(tmp_path):
 
 
 @pytest.mark.parametrize("how", ["truncate", "garbage"])
-def test_bad_image_is_named_or_skipped(tmp_path, how):
+def test_bad_image_is_named_or_skipped(tmp_path, how, corrupt_jpeg, write_celeba_fixture):
     fixture = write_celeba_fixture(tmp_path, n=12)
     victim = fixture.split_ids(1)[2]
     corrupt_jpeg(fixture.image_path(victim), how)
@@ -296,7 +297,7 @@ def test_bad_image_is_named_or_skipped(tmp_path, how):
         CelebA(tmp_path, "valid", "Smiling", "Male", on_bad_image="ignore")
 
 
-def test_memory_holds_labels_not_pixels(tmp_path):
+def test_memory_holds_labels_not_pixels(tmp_path, write_celeba_fixture):
     # The pickled dataset (what it holds) grows with the image count, not with the image size.
     write_celeba_fixture(tmp_path / "small", n=30, size=(20, 24), torchvision_extras=False)
     write_celeba_fixture(tmp_path / "large", n=30, size=(178, 218), torchvision_extras=False)
@@ -308,3 +309,28 @@ def test_memory_holds_labels_not_pixels(tmp_path):
     sizes = [len(pickle.dumps(ds)) for ds in (small, large)]
     assert abs(sizes[0] - sizes[1]) < 64  # only the longer root path differs
     assert sizes[1] < 200 * len(large) + 4096  # ids and labels: a few dozen bytes per image
+
+
+def test_the_format_module_reads_what_it_writes(tmp_path):
+    """The generator's writers and the loader's readers are one module: a round trip returns every value, and the
+    attribute file has CelebA's spacing (a trailing space after the names, values as " %2d")."""
+    from distributed_asac.data import celeba_format as fmt
+
+    ids = [fmt.image_name(i) for i in range(3)]
+    names = ["Male", "Smiling"]
+    present = np.array([[True, False], [False, False], [True, True]])
+    points = np.arange(30).reshape(3, 10) * 7
+    fmt.write_attribute_file(tmp_path / fmt.ATTRIBUTE_FILE, ids, names, present)
+    fmt.write_partition_file(tmp_path / fmt.PARTITION_FILE, ids, [0, 2, 1])
+    fmt.write_landmarks_file(tmp_path / fmt.LANDMARKS_FILE, ids, points)
+    fmt.write_counterfactual_file(tmp_path / fmt.COUNTERFACTUAL_FILE, ids[1:], "Male")
+    assert (tmp_path / fmt.ATTRIBUTE_FILE).read_text().splitlines()[:3] == ["3", "Male Smiling ", "000001.jpg  1 -1"]
+    table = fmt.read_attribute_file(tmp_path / fmt.ATTRIBUTE_FILE)
+    assert (table.image_ids, table.names) == (ids, names)
+    assert np.array_equal(table.values, np.where(present, 1, -1))
+    partition_ids, partitions = fmt.read_partition_file(tmp_path / fmt.PARTITION_FILE)
+    assert (partition_ids, partitions.tolist()) == (ids, [0, 2, 1])
+    landmark_ids, read_points = fmt.read_landmarks_file(tmp_path / fmt.LANDMARKS_FILE)
+    assert landmark_ids == ids and np.array_equal(read_points, points.reshape(3, 5, 2))
+    twin_ids, twin_files, flipped = fmt.read_counterfactual_file(tmp_path / fmt.COUNTERFACTUAL_FILE)
+    assert (twin_ids, twin_files, flipped) == (ids[1:], [f"{fmt.IMAGE_DIR}/{i}" for i in ids[1:]], ["Male"] * 2)

@@ -21,11 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def compared(tmp_path_factory):
+def compared(tmp_path_factory, smoke_config):
     tmp = tmp_path_factory.mktemp("compare")
-    cfg = load_config(REPO / "configs" / "smoke.yaml", [
-        f"data.root={tmp / 'data'}", f"output_dir={tmp / 'runs'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
-        "seeds=[3,5]", "analysis.ig_images=4", "analysis.robustness_images=32"])
+    cfg = smoke_config(tmp, "seeds=[3,5]", "analysis.ig_images=4", "analysis.robustness_images=32")
     return tmp, compare(cfg, variants=row_variants("plain,asac_fgsm"))
 
 
@@ -105,14 +103,13 @@ def test_bad_seed_lists_give_one_line(tmp_path, seeds, message):
     assert not (tmp_path / "runs").exists()
 
 
-def test_one_seed_reports_bootstrap_intervals_and_paired_bootstrap_verdicts(tmp_path):
+def test_one_seed_reports_bootstrap_intervals_and_paired_bootstrap_verdicts(tmp_path, smoke_config):
     """With a single seed the only interval is over test images: the table shows [low, high] from each model's
     bootstrap and the verdicts come from the paired bootstrap of the two models' predictions.csv."""
     from distributed_asac.stats import paired_bootstrap
 
-    cfg = load_config(REPO / "configs" / "smoke.yaml", [
-        f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'runs'}", "tracking.enabled=false",
-        "seeds=[4]", "analysis.ig_images=0", "analysis.robustness_images=0"])
+    cfg = smoke_config(tmp_path, "tracking.enabled=false", "seeds=[4]", "analysis.ig_images=0",
+                       "analysis.robustness_images=0")
     out = compare(cfg, variants=row_variants("plain"))
     saved = json.loads((out.run_dir / "results.json").read_text())
     assert saved["seeds"] == [4] and "one seed (4)" in saved["interval"]

@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from distributed_asac.config import Config, config_from_dict, load_config
+from distributed_asac.config import Config, choices, config_from_dict, load_config
 from distributed_asac.errors import UserError
 
 
@@ -44,6 +44,11 @@ def test_types_are_coerced_only_where_safe():
         ("finetune=3", "unknown config key 'finetune'"),
         ("novalue", "key=value"),
         ("data.target=Male", "same attribute"),
+        # the generated dataset's settings: the generator's own checks, worded with the config key
+        ("data.synthetic_num_images=10", "config key 'data.synthetic_num_images': 10 is out of range: pass 40"),
+        ("data.synthetic_bias=1.5", "config key 'data.synthetic_bias': 1.5 is not a probability"),
+        ("data.synthetic_beard_strength=0", "config key 'data.synthetic_beard_strength': 0.0 is out of range"),
+        ("data.image_size=16", "config key 'data.image_size': 16 is out of range: each side must be 32..1024"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -76,3 +81,10 @@ def test_cli_error_is_one_line_exit_2():
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: config key 'finetune.alpha'")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("key, name", [(key, name) for key, names in choices().items() for name in names])
+def test_every_registered_name_is_a_valid_value(key, name):
+    """Every name of every registry (datasets, backbones, attacks, orders, modes) and fixed choice loads, with no
+    list of them here: a newly registered part is a valid config value without editing this test."""
+    assert load_config(None, [f"{key}={name}"]).flat()[key] == name

@@ -1,11 +1,13 @@
 """Difficulty scores, chunk orders, stable ties, |E| steps per minibatch, and the loss of Eq. 5."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from distributed_asac.curriculum import ORDERS, curriculum_chunks, difficulty_scores
-from distributed_asac.finetune import Chunk, chunk_loss
 from distributed_asac.losses import asac_loss
+from distributed_asac.rows import Chunk
+from distributed_asac.stage3 import chunk_loss
 
 
 def test_difficulty_score_is_one_minus_true_class_probability():
@@ -29,17 +31,17 @@ def test_orders_and_stable_ties():
     assert set(ORDERS.names()) == {"ascending", "descending", "random"}
 
 
-def test_every_order_gives_E_steps_of_k_entries():
+@pytest.mark.parametrize("order", ORDERS.names())
+def test_every_order_gives_E_steps_of_k_entries(order):
     g = torch.Generator().manual_seed(0)
     k, n_eps = 8, 4
     scores = torch.rand(k * n_eps, generator=g)
-    for order in ORDERS.names():
-        chunks = curriculum_chunks(scores, order, n_eps, g)
-        assert chunks.shape == (n_eps, k)
-        assert sorted(chunks.flatten().tolist()) == list(range(k * n_eps))  # each entry exactly once
-        if order == "ascending":
-            flat = scores[chunks.flatten()]
-            assert torch.all(flat[1:] >= flat[:-1])
+    chunks = curriculum_chunks(scores, order, n_eps, g)
+    assert chunks.shape == (n_eps, k)
+    assert sorted(chunks.flatten().tolist()) == list(range(k * n_eps))  # each entry exactly once
+    if order == "ascending":
+        flat = scores[chunks.flatten()]
+        assert torch.all(flat[1:] >= flat[:-1])
 
 
 def test_asac_loss_equals_formula():

@@ -28,11 +28,10 @@ ACCELERATE = str(Path(sys.executable).with_name("accelerate"))  # the CLI of thi
 
 
 @pytest.fixture(scope="module")
-def base_checkpoint(tmp_path_factory):
+def base_checkpoint(tmp_path_factory, in_folder):
     """Stages 1–2 once, single process, on a generated set whose test split has an odd size."""
     tmp = tmp_path_factory.mktemp("dist")
-    overrides = [f"data.root={tmp / 'data'}", f"output_dir={tmp / 'runs'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
-                 "data.synthetic_num_images=305", "experiment=base", "base.epochs=1", "probe.epochs=1"]
+    overrides = [*in_folder(tmp), "data.synthetic_num_images=305", "experiment=base", "base.epochs=1", "probe.epochs=1"]
     cfg = load_config(REPO / "configs" / "smoke.yaml", overrides)
     out = pipeline.run(cfg, variants=[{"mode": "base"}])
     return tmp, overrides, out.run_dir / "probe"

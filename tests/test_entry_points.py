@@ -13,7 +13,6 @@ from distributed_asac import logs
 from distributed_asac.config import Config, describe_keys, load_config
 from distributed_asac.data.lfw import LFW
 from distributed_asac.tracking import Tracker
-from tests.fixtures import write_lfw_fixture
 
 
 def test_every_config_key_has_a_meaning():
@@ -64,7 +63,7 @@ def package_loggers():
 
 @pytest.mark.parametrize("rank, shown", [("0", True), ("1", False)])
 def test_lfw_join_counts_are_logged_on_the_main_rank_only(rank, shown, tmp_path, monkeypatch, capsys,
-                                                          package_loggers):
+                                                          package_loggers, write_lfw_fixture):
     monkeypatch.setenv("RANK", rank)
     fixture = write_lfw_fixture(tmp_path / "lfw")
     logs.setup_logging()
@@ -88,9 +87,9 @@ def test_sweep_resume_does_not_swallow_an_override(tmp_path):
 
 
 def test_the_sweep_parent_run_carries_provenance(tmp_path):
-    from tune import mlflow_runs
+    from tune import records
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_id = mlflow_runs.start_parent(uri, "sweeps", "smoke", tags={"sweep_dir": "x"}, params={"trials": 1})
+    run_id = records.start_parent(uri, "sweeps", "smoke", tags={"sweep_dir": "x"}, params={"trials": 1})
     tags = MlflowClient(uri).get_run(run_id).data.tags
     assert tags["sweep_dir"] == "x" and len(tags["git_commit"]) == 40 and tags["world_size"]

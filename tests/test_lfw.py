@@ -8,17 +8,16 @@ import re
 import pytest
 import torch
 
-from distributed_asac.data.celeba import BadImageError
+from distributed_asac.data.images import BadImageError
 from distributed_asac.data.lfw import LFW, person_disjoint_split
 from distributed_asac.errors import UserError
-from tests.fixtures import LFW_ATTRIBUTES, LFW_PEOPLE, corrupt_jpeg, lfw_image_id, write_lfw_fixture
 
 SPLITS = ("train", "valid", "test")
 JPEG_TOLERANCE = 8 / 255
 
 
 @pytest.fixture()
-def lfw(tmp_path):
+def lfw(tmp_path, write_lfw_fixture):
     return write_lfw_fixture(tmp_path / "lfw_root")
 
 
@@ -29,13 +28,13 @@ def load_all(fixture, split_file, **kwargs):
 def test_labels_follow_the_header_not_shifted_by_the_hash(lfw, tmp_path):
     datasets = load_all(lfw, tmp_path / "split.json")
     for ds in datasets.values():
-        assert ds.attribute_names == list(LFW_ATTRIBUTES)
+        assert ds.attribute_names == list(lfw.attribute_names)
         # The fixture negates each attribute's right neighbour: a one-column shift flips these labels.
         assert ds.targets.tolist() == [lfw.label(i, "Smiling") for i in ds.image_ids]
         assert ds.protected_labels.tolist() == [lfw.label(i, "Male") for i in ds.image_ids]
 
 
-def test_names_with_spaces_map_to_underscored_files(lfw, tmp_path):
+def test_names_with_spaces_map_to_underscored_files(lfw, tmp_path, lfw_image_id):
     datasets = load_all(lfw, tmp_path / "split.json")
     named = lfw_image_id("Ben Arlo Cruz", 3)
     assert named == "Ben_Arlo_Cruz/Ben_Arlo_Cruz_0003.jpg"
@@ -71,7 +70,7 @@ def test_split_is_person_disjoint_balanced_and_stable(lfw, tmp_path):
     assert not persons["train"] & persons["valid"] and not persons["train"] & persons["test"]
     assert not persons["valid"] & persons["test"]
     total = sum(len(ds) for ds in first.values())
-    largest = max(count for _, count in LFW_PEOPLE)  # a split's share is off by at most one person
+    largest = max(count for _, count in lfw.people)  # a split's share is off by at most one person
     for split, fraction in zip(SPLITS, (0.7, 0.1, 0.2)):
         assert abs(len(first[split]) - fraction * total) <= largest
     stored = json.loads(split_file.read_text())
@@ -131,13 +130,13 @@ def test_unknown_attribute_lists_nearest(lfw, tmp_path):
 
 
 @pytest.mark.parametrize("folder", ["lfw", "lfw_funneled", "lfw-deepfunneled"])
-def test_each_image_folder_name(tmp_path, folder):
+def test_each_image_folder_name(tmp_path, folder, write_lfw_fixture):
     write_lfw_fixture(tmp_path, folder=folder)
     ds = LFW(tmp_path, "test", "Smiling", "Male", split_file=tmp_path / "split.json")
     assert ds.image_folder == folder and len(ds) > 0
 
 
-def test_image_folder_choice(tmp_path):
+def test_image_folder_choice(tmp_path, write_lfw_fixture):
     write_lfw_fixture(tmp_path, folder="lfw")
     write_lfw_fixture(tmp_path, folder="lfw-deepfunneled")
     assert LFW(tmp_path, "train", "Smiling", "Male", split_file=tmp_path / "s.json").image_folder == "lfw-deepfunneled"
@@ -146,7 +145,7 @@ def test_image_folder_choice(tmp_path):
         LFW(tmp_path, "train", "Smiling", "Male", split_file=tmp_path / "s.json", image_folder="lfw_funneled")
 
 
-def test_missing_files(tmp_path):
+def test_missing_files(tmp_path, write_lfw_fixture):
     with pytest.raises(UserError, match="does not exist"):
         LFW(tmp_path / "absent", "train", "Smiling", "Male", split_file=tmp_path / "s.json")
     fixture = write_lfw_fixture(tmp_path)
@@ -184,7 +183,7 @@ def test_comment_header_without_tab_after_hash_is_accepted(lfw, tmp_path):
 
 
 @pytest.mark.parametrize("how", ["truncate", "garbage"])
-def test_corrupt_jpeg_is_named_or_skipped(lfw, tmp_path, how):
+def test_corrupt_jpeg_is_named_or_skipped(lfw, tmp_path, how, corrupt_jpeg):
     split_file = tmp_path / "split.json"
     train = LFW(lfw.root, "train", "Smiling", "Male", split_file=split_file)
     victim = train.image_ids[2]

@@ -15,17 +15,10 @@ from distributed_asac.demo import row_variants
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _smoke(tmp_path, *overrides):
-    return load_config(REPO / "configs" / "smoke.yaml", [
-        f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'runs'}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides,
-    ])
-
-
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
+def smoke_run(tmp_path_factory, smoke_config):
     tmp_path = tmp_path_factory.mktemp("smoke")
-    cfg = _smoke(tmp_path)
+    cfg = smoke_config(tmp_path)
     out = pipeline.run(cfg, variants=row_variants("plain,asac_fgsm,asac_pgd"))
     assert out.run_dir.parent == tmp_path / "runs" / "smoke"
     return tmp_path, cfg, out.results, out.run_dir
@@ -81,15 +74,15 @@ def test_mlflow_runs_read_back(smoke_run):
     assert "base/valid_ACC" in by_name["base"].data.metrics
 
 
-def test_same_seed_same_numbers(smoke_run, tmp_path):
+def test_same_seed_same_numbers(smoke_run, tmp_path, smoke_config):
     _, _, results, _ = smoke_run
-    again = pipeline.run(_smoke(tmp_path, "experiment=again"), variants=[{"mode": "base"}]).results
+    again = pipeline.run(smoke_config(tmp_path, "experiment=again"), variants=[{"mode": "base"}]).results
     for name in ("base", "probe"):
         assert again[name] == results[name]
 
 
-def test_failed_run_is_marked_and_damages_nothing(smoke_run, tmp_path, monkeypatch):
-    cfg = _smoke(tmp_path, "experiment=fails", "probe.epochs=0")
+def test_failed_run_is_marked_and_damages_nothing(smoke_run, tmp_path, monkeypatch, smoke_config):
+    cfg = smoke_config(tmp_path, "experiment=fails", "probe.epochs=0")
     first = pipeline.run(cfg, variants=[{"mode": "base"}])
     run_dir = first.run_dir
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
@@ -99,7 +92,7 @@ def test_failed_run_is_marked_and_damages_nothing(smoke_run, tmp_path, monkeypat
 
     monkeypatch.setattr(pipeline, "finetune", broken)
     with pytest.raises(RuntimeError, match="injected"):
-        pipeline.run(_smoke(tmp_path, "experiment=fails", f"base_checkpoint={run_dir / 'probe'}"))
+        pipeline.run(smoke_config(tmp_path, "experiment=fails", f"base_checkpoint={run_dir / 'probe'}"))
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("fails").experiment_id])

@@ -9,7 +9,6 @@ from distributed_asac import pipeline
 from distributed_asac.config import load_config
 from distributed_asac.models import create_model
 
-from .fixtures import LFW_PEOPLE, write_celeba_fixture, write_lfw_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p for p in (REPO / "configs").glob("*.yaml") if p.stem.startswith(("celeba_", "lfw_")))
@@ -41,12 +40,12 @@ def test_preset_follows_method_defaults(preset):
     pytest.param("celeba_big_nose", "celeba", marks=pytest.mark.slow),
     pytest.param("lfw_wavy_hair", "lfw", marks=pytest.mark.slow),
 ])
-def test_preset_trains_on_a_fixture(preset, writer, tmp_path):
+def test_preset_trains_on_a_fixture(preset, writer, tmp_path, write_celeba_fixture, write_lfw_fixture):
     root = tmp_path / writer
     if writer == "celeba":
         write_celeba_fixture(root, n=30, layout="torchvision")
     else:
-        write_lfw_fixture(root, people=LFW_PEOPLE)
+        write_lfw_fixture(root)
     cfg = load_config(REPO / "configs" / f"{preset}.yaml", [
         f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'runs'}",
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "model.backbone=small_cnn", *SHRINK,

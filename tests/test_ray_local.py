@@ -14,10 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 PROBE = r"""
 import json, os, socket, subprocess, sys
-from tune.sweep import local_ray_environment
+from tune.trials import local_ray_environment, ray_session
 local_ray_environment()
-from tune import runner
-import ray
 
 def descendants(root):
     children = {}
@@ -56,7 +54,8 @@ def listening(pids):
     return out
 
 import stat, tempfile
-with runner.ray_session(None):
+with ray_session(None):
+    import ray  # what the session imported, with the local settings
     assert ray.get(ray.remote(lambda: 42).remote()) == 42  # a worker runs: its sockets exist too
     modes = [stat.S_IMODE(os.stat(os.path.join(tempfile.gettempdir(), name)).st_mode)
              for name in os.listdir(tempfile.gettempdir())]

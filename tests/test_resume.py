@@ -186,8 +186,8 @@ def test_two_process_run_killed_in_stage_3_resumes_to_the_same_results(tmp_path,
 @pytest.mark.slow  # about 35 s: two seeds of the demo path, twice
 def test_killed_comparison_skips_finished_seeds_and_resumes_the_unfinished_one(tmp_path, data):
     """The demo over seeds [0, 1], killed in seed 1 between stages 2 and 3: seed 0 is read back, seed 1 resumed,
-    and the comparison (per seed, aggregate, paired) equals an uninterrupted one. Three demo launches of two
-    seeds each: 40-70 s on this 2-core machine (under 2 minutes: not marked slow)."""
+    and the comparison (per seed, aggregate, paired) equals an uninterrupted one: three demo launches of two
+    seeds each."""
     def command(out: Path) -> list[str]:
         overrides = [o for o in _overrides(data, out) if not o.startswith("output_dir")]
         return [sys.executable, "-m", "distributed_asac.demo", "--config", str(REPO / "configs" / "smoke.yaml"),

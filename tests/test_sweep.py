@@ -29,15 +29,13 @@ from mlflow.tracking import MlflowClient
 from distributed_asac.config import load_config
 from distributed_asac.failpoints import PAUSE_AT, PAUSE_DIR
 from tune import report
-from tune.bases import base_key
-from tune.records import RECORD, read_state
-from tune.spec import load_sweep
+from tune.records import RECORD, TrialRecord, read_state
+from tune.spec import base_key, load_sweep
 from tune.sweep import main
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "sweep-test"
 MARKER = "ASAC_SWEEP_TEST_MARKER"
-AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
 
 def _write_sweep(root: Path, name: str, grids: dict, **extra) -> Path:
@@ -80,13 +78,12 @@ def _marked_processes(marker: str) -> dict[int, str]:
     return found
 
 
-def _wait_for(marker: str, allowed: tuple[str, ...] = (), seconds: float = 30.0) -> dict[int, str]:
-    """Wait until every marked process left is one of `allowed` (command-line prefixes); return those left."""
+def _wait_for(marker: str, seconds: float = 30.0) -> dict[int, str]:
+    """Wait until no marked process is left (the deadline turns a leak into a failure); return those left."""
     deadline = time.time() + seconds
     while True:
         left = _marked_processes(marker)
-        done = all(cmd.startswith(allowed) for cmd in left.values()) if allowed else not left
-        if done or time.time() > deadline:
+        if not left or time.time() > deadline:
             return left
         time.sleep(0.5)
 
@@ -128,16 +125,16 @@ def swept(tmp_path_factory, ray_tmp) -> SimpleNamespace:
     pauses = root / "pauses"
     pauses.mkdir()
     env = {**_env(marker, ray_tmp), PAUSE_DIR: str(pauses),
-           PAUSE_AT: "finetune.epoch_end:epoch=2;trial.before_record:status=failed"}
+           PAUSE_AT: "stage.epoch_end:stage=finetune,epoch=2;trial.before_record:status=failed"}
     driver = subprocess.Popen(_sweep_cli("--config", str(path)), env=env, cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for_files(driver, (root / "runs" / "sweeps" / "main", f"*/trials/*/{RECORD}"),
-                    (pauses, "finetune.epoch_end.*.reached"), (pauses, "trial.before_record.*.reached"))
+                    (pauses, "stage.epoch_end.*.reached"), (pauses, "trial.before_record.*.reached"))
     driver.kill()  # no finally, no signal handler: what a crash or an OOM kill does
     driver.wait()
-    # Ray's core dies with its driver at once; its two agents first try for 60 s (a fixed timeout in Ray) to
-    # report the raylet's death to the dead GCS, then exit. They are checked again once the sweep has ended.
-    left_after_kill = _wait_for(marker, allowed=AGENTS)
+    # Ray's core dies with its driver; the sweep's watchdog kills the rest (its agents would otherwise try for
+    # 60 s, a fixed timeout in Ray, to report the raylet's death to the dead GCS).
+    left_after_kill = _wait_for(marker)
     folder = _sweep_dir(root, "main")
     before = {p.parent.name: json.loads(p.read_text()) for p in folder.glob(f"trials/*/{RECORD}")}
     resumed = subprocess.run(_sweep_cli("--config", str(path), "--resume"), env=_env(marker, ray_tmp), cwd=REPO,
@@ -216,10 +213,10 @@ def test_ctrl_c_stops_the_sweep_and_ray(swept, ray_tmp):
     marker = uuid.uuid4().hex
     pauses = swept.root / "interrupted-pauses"
     pauses.mkdir()
-    env = {**_env(marker, ray_tmp), PAUSE_DIR: str(pauses), PAUSE_AT: "finetune.epoch_end:epoch=1"}
+    env = {**_env(marker, ray_tmp), PAUSE_DIR: str(pauses), PAUSE_AT: "stage.epoch_end:stage=finetune,epoch=1"}
     driver = subprocess.Popen(_sweep_cli("--config", str(path)), env=env, cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for_files(driver, (pauses, "finetune.epoch_end.*.reached"))  # the trial is mid-run, paused
+    _wait_for_files(driver, (pauses, "stage.epoch_end.*.reached"))  # the trial is mid-run, paused
     driver.send_signal(signal.SIGINT)
     _, err = driver.communicate(timeout=120)
     assert driver.returncode == 130 and "--resume" in err.splitlines()[-1]
@@ -231,7 +228,7 @@ def test_ctrl_c_stops_the_sweep_and_ray(swept, ray_tmp):
 
 
 def test_resume_after_killed_driver_reruns_nothing_finished(swept):
-    assert all(cmd.startswith(AGENTS) for cmd in swept.left_after_kill.values()), swept.left_after_kill
+    assert swept.left_after_kill == {}
     assert list(swept.before) == [swept.state["trials"][0]["name"]]  # the 1-epoch trial; the others were paused
     assert swept.before[swept.state["trials"][0]["name"]]["status"] == "finished"
     runs = [r for r in _children(swept.root, swept.state["parent_run_id"]) if "sweep.trial" in r.data.tags]
@@ -245,8 +242,7 @@ def test_resume_after_killed_driver_reruns_nothing_finished(swept):
         assert len(list((swept.folder / "trials" / name / EXPERIMENT).iterdir())) == 1  # one pipeline run folder
         assert {r.info.run_id for r in runs if r.data.tags["sweep.trial"] == name} == set(record["mlflow_run_ids"])
     assert sorted(p.name for p in (swept.folder / "ray").iterdir()) == ["attempt-1", "attempt-2"]
-    # Nothing of either attempt outlived the resumed sweep (the agents' 60 s have passed by now, or soon).
-    assert _wait_for(swept.marker, seconds=90) == {}
+    assert _wait_for(swept.marker) == {}  # nothing of either attempt outlived the resumed sweep
 
 
 @pytest.mark.parametrize("change, message", [
@@ -301,11 +297,12 @@ def test_base_key_is_the_base_defining_fields():
 
 
 def _record(name, seed, deo, acc, status="finished", backbone="resnet18", grids=("g",)):
-    return {"name": name, "axes": {"backbone": backbone, "seed": seed}, "grids": list(grids), "status": status,
-            "model": "asac_fgsm" if status == "finished" else None, "error": None if status == "finished" else "boom",
-            "metrics": {"DEO": deo, "DEOp": deo, "DDP": deo, "ACC": acc,
-                        "worst_group_ACC": None if acc is None else acc - 10} if status == "finished" else {},
-            "base": {"DEO": 0.5 + seed, "DEOp": 0.1, "DDP": 0.1, "ACC": 80.0}}
+    return TrialRecord(name=name, axes={"backbone": backbone, "seed": seed}, grids=list(grids), status=status,
+                       model="asac_fgsm" if status == "finished" else None,
+                       error=None if status == "finished" else "boom",
+                       metrics={"DEO": deo, "DEOp": deo, "DDP": deo, "ACC": acc,
+                                "worst_group_ACC": None if acc is None else acc - 10} if status == "finished" else {},
+                       base={"DEO": 0.5 + seed, "DEOp": 0.1, "DDP": 0.1, "ACC": 80.0})
 
 
 def test_report_mean_and_interval_over_seeds(tmp_path):
@@ -334,9 +331,9 @@ def test_paired_rows_against_the_grid_reference():
     records += [_record(f"l{s}", s, 0.4 - 0.01 * s, 91.0 + 0.1 * s) for s in range(3)]
     records += [_record(f"h{s}", s, 0.5 + (0.05 if s % 2 else -0.05), 90.0) for s in range(3)]
     for r, alpha in zip(records, [0.5] * 3 + [0.3] * 3 + [0.7] * 3):
-        r["axes"] = {"alpha": alpha, "seed": r["axes"]["seed"]}
+        r.axes = {"alpha": alpha, "seed": r.axes["seed"]}
     records.append(_record("l3", 3, 0.1, 99.0))  # a seed the reference lacks: left out of the pairing
-    records[-1]["axes"] = {"alpha": 0.3, "seed": 3}
+    records[-1].axes = {"alpha": 0.3, "seed": 3}
     paired = report.paired_rows(records, ["alpha"])
     assert [(p["setting"], p["reference"], p["seeds"]) for p in paired] == [
         ({"alpha": 0.3}, {"alpha": 0.5}, [0, 1, 2]), ({"alpha": 0.7}, {"alpha": 0.5}, [0, 1, 2])]
@@ -387,8 +384,7 @@ def test_trial_with_two_accelerate_processes(tmp_path, ray_tmp):
 
 def test_report_merges_sweeps_of_more_seeds(tmp_path):
     """Seeds added later (a second sweep of the same file with --seeds) report together with the first ones."""
-    from tune import mlflow_runs
-    from tune.records import write_json, write_record
+    from tune.records import start_parent, write_json, write_record
     from tune.sweep import report_command
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -399,10 +395,10 @@ def test_report_merges_sweeps_of_more_seeds(tmp_path):
         for s in seeds:
             for alpha, deo in ((0.5, 0.5), (0.3, 0.4 - 0.01 * s)):
                 record = _record(f"a{alpha}-s{s}", s, deo, 90.0, grids=("alpha",))
-                record["axes"] = {"alpha": alpha, "seed": s}
-                trials.append({"name": record["name"], "overrides": [], "axes": record["axes"], "grids": ["alpha"]})
-                write_record(folder / "trials" / record["name"], record)
-        parent = mlflow_runs.start_parent(uri, "merge-test", f"part{part}", tags={}, params={})
+                record.axes = {"alpha": alpha, "seed": s}
+                trials.append({"name": record.name, "overrides": [], "axes": record.axes, "grids": ["alpha"]})
+                write_record(folder / "trials" / record.name, record)
+        parent = start_parent(uri, "merge-test", f"part{part}", tags={}, params={})
         write_json(folder / "sweep.json", {"name": "s", "grids": {"alpha": ["alpha"]}, "tracking_uri": uri,
                                            "parent_run_id": parent, "trials": trials})
         folders.append(str(folder))

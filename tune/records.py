@@ -1,4 +1,5 @@
-"""What a sweep keeps on disk, the source of truth for `--resume` and `--report <sweep dir>`.
+"""What a sweep keeps: the typed record of each trial, the sweep folder (the source of truth for `--resume` and
+`--report <sweep dir>`) and the sweep's MLflow runs.
 
     <output_dir>/sweeps/<name>/<timestamp>/
         sweep.json              the expanded trials, resources, MLflow store, experiment and parent run id
@@ -9,38 +10,80 @@
 Ray Tune snapshots its experiment state only every few seconds, so a trial that finished just before the
 driver was killed could be run again by `Tuner.restore`; a trial's record, written atomically as its last
 act, cannot be lost that way.
+
+MLflow: one parent run per sweep, each trial's run nested under it. `pipeline.run(..., parent_run_id=...)`
+creates the trial's run (named after the model, e.g. `asac_fgsm`, with the whole config as params and per-epoch
+and test metrics); `label_trial` then finds it by its `run_dir` tag, which lies under the trial's own folder,
+and adds what the sweep knows: the trial's name as run name, its axes as `axis.*` params (new keys, so they
+never collide with the config params), the grids and axes as tags, and its base model's test metrics as
+`base_*`. A trial that failed before the pipeline created a run gets a FAILED run of its own, so every trial
+shows up under the parent with its error. Each process opens its own client on the same store; the driver
+creates the experiment (and so, for a sqlite store, the database) before any trial starts, so trials never
+race to create either.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.tracking import MlflowClient
 
 from distributed_asac.errors import UserError
+from distributed_asac.files import atomic_write
+from distributed_asac.metrics import HEADLINE
+from distributed_asac.tracking import provenance
+
+if TYPE_CHECKING:
+    from .trials import TrialJob
 
 STATE = "sweep.json"
 RECORD = "trial.json"
 TRIALS = "trials"
+STATUSES = ("finished", "failed", "pending")
+PARENT_TAG = "mlflow.parentRunId"
+_MAX_TAG = 5000  # MLflow rejects longer tag values
+
+
+@dataclass
+class TrialRecord:
+    """The outcome of one trial (its trial.json): what the report, `--resume` and the MLflow labels read."""
+
+    name: str  # t<index>-<axes>
+    axes: dict[str, Any]  # axis → value, seed last
+    grids: list[str]  # the grids the trial belongs to
+    status: str  # finished | failed | pending (never ran, or was killed before its record)
+    metrics: dict[str, Any] = field(default_factory=dict)  # its fine-tuned model's test report
+    base: Optional[dict[str, Any]] = None  # the test report of the base model it started from
+    error: Optional[str] = None  # "<exception type>: <message>" of a failed trial
+    model: Optional[str] = None  # the row name of its fine-tuned model (rows.py)
+    run_dir: Optional[str] = None  # the pipeline's run folder
+    started: Optional[float] = None  # seconds since the epoch
+    seconds: Optional[float] = None  # how long it ran
+    mlflow_run_ids: list[str] = field(default_factory=list)  # its runs under the sweep's parent
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrialRecord:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file + rename): a reader sees the old file or the new one, never half."""
+    """Write JSON atomically: a reader sees the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=True))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2, allow_nan=True))
 
 
-def read_record(folder: Path) -> Optional[dict[str, Any]]:
+def read_record(folder: Path) -> Optional[TrialRecord]:
     path = folder / RECORD
-    return json.loads(path.read_text()) if path.is_file() else None
+    return TrialRecord.from_dict(json.loads(path.read_text())) if path.is_file() else None
 
 
-def write_record(folder: Path, record: dict[str, Any]) -> None:
-    write_json(folder / RECORD, record)
+def write_record(folder: Path, record: TrialRecord) -> None:
+    write_json(folder / RECORD, asdict(record))
 
 
 def trial_folder(sweep_dir: Path, name: str) -> Path:
@@ -76,11 +119,128 @@ def read_state(sweep_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_records(sweep_dir: Path) -> list[dict[str, Any]]:
+def load_records(sweep_dir: Path) -> list[TrialRecord]:
     """One record per trial of the sweep, in grid order; trials that never finished are `pending`."""
+    return [read_record(trial_folder(sweep_dir, trial["name"]))
+            or TrialRecord(trial["name"], trial["axes"], trial["grids"], "pending")
+            for trial in read_state(sweep_dir)["trials"]]
+
+
+def status_counts(records: list[TrialRecord]) -> dict[str, int]:
+    return {status: sum(r.status == status for r in records) for status in STATUSES}
+
+
+# ---- the sweep's MLflow runs ----
+
+def experiment_id(uri: str, name: str) -> str:
+    """The experiment `name`, created with an explicit artifact location (see tracking.experiment_id) if new."""
+    import mlflow
+
+    from distributed_asac.tracking import experiment_id
+
+    mlflow.set_tracking_uri(uri)
+    return experiment_id(mlflow, name, uri)
+
+
+def start_parent(uri: str, experiment: str, name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
+    client = MlflowClient(uri)
+    run = client.create_run(experiment_id(uri, experiment), run_name=name, tags={**provenance(), **tags})
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    return run.info.run_id
+
+
+def reopen_parent(uri: str, run_id: str) -> None:
+    MlflowClient(uri).update_run(run_id, status="RUNNING")
+
+
+def finish_parent(uri: str, run_id: str, status: str, records: list[TrialRecord]) -> None:
+    """End the parent run as `status` with the trial counts (`trials_finished`, ...) as its metrics."""
+    client = MlflowClient(uri)
+    counts = status_counts(records)
+    client.log_batch(run_id, metrics=[Metric(f"trials_{s}", float(n), _now(), 0) for s, n in counts.items()])
+    client.set_terminated(run_id, status=status)
+
+
+def log_report(uri: str, run_id: str, report_dir: Path) -> None:
+    """Upload the report folder to the parent run (under `report/`, replacing an earlier upload)."""
+    MlflowClient(uri).log_artifacts(run_id, str(report_dir), "report")
+
+
+def child_runs(uri: str, parent_id: str) -> list[Run]:
+    """Every active run nested under `parent_id` (base and probe builds included), all pages."""
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_id)
+    runs, token = [], None
+    while True:
+        page = client.search_runs([parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'",
+                                  max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def trial_runs(runs: list[Run], folder: str, name: str) -> list[Run]:
+    """The runs of one trial: those the pipeline made under its folder, or the one made for its failure."""
+    prefix = str(Path(folder)) + "/"
+    return [r for r in runs if r.data.tags.get("run_dir", "").startswith(prefix) or r.data.tags.get("sweep.trial") == name]
+
+
+def label_trial(job: TrialJob, record: TrialRecord) -> list[str]:
+    """Label the trial's runs (creating a FAILED one if the pipeline made none); return their ids."""
+    client = MlflowClient(job.tracking_uri)
+    runs = trial_runs(child_runs(job.tracking_uri, job.parent_run_id), job.folder, job.name)
+    tags = {"mlflow.runName": job.name, "sweep.trial": job.name, "sweep.grids": json.dumps(job.grids),
+            "sweep.axes": json.dumps(job.axes), "sweep.model": str(record.model)}
+    if record.error:
+        tags["error"] = record.error[:_MAX_TAG]
+    if not runs:
+        run = client.create_run(experiment_id(job.tracking_uri, job.experiment), run_name=job.name,
+                                tags={PARENT_TAG: job.parent_run_id, **tags})
+        client.set_terminated(run.info.run_id, status="FAILED")
+        run_ids = [run.info.run_id]
+    else:
+        run_ids = [r.info.run_id for r in runs]
+    base = {f"base_{k}": v for k, v in (record.base or {}).items() if k in HEADLINE and v == v}  # v == v: not NaN
+    for run_id in run_ids:
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()],
+                         params=[Param(f"axis.{k}", v if isinstance(v, str) else json.dumps(v)) for k, v in job.axes.items()],
+                         metrics=[Metric(k, float(v), _now(), 0) for k, v in base.items()])
+        error_file = Path(job.folder) / "error.txt"
+        if record.error and error_file.is_file():
+            client.log_artifact(run_id, str(error_file))
+    return run_ids
+
+
+def delete_runs(uri: str, run_ids: list[str]) -> None:
+    """Soft-delete runs (hidden in the UI, restorable with `mlflow runs restore`): stale runs of trials that
+    a resumed sweep runs again, so each trial keeps exactly one run."""
+    client = MlflowClient(uri)
+    for run_id in run_ids:
+        client.delete_run(run_id)
+
+
+def records_from_mlflow(uri: str, parent_id: str) -> tuple[list[TrialRecord], Run]:
+    """The trial records of a sweep read back from its parent run's children, and the parent run."""
+    try:
+        parent = MlflowClient(uri).get_run(parent_id)
+    except Exception as err:  # MLflow raises a bare MlflowException for an unknown id
+        raise UserError(f"--report: no MLflow run {parent_id!r} in {uri} ({type(err).__name__}); pass a sweep's "
+                        "parent run id or its folder") from None
     records = []
-    for trial in read_state(sweep_dir)["trials"]:
-        record = read_record(trial_folder(sweep_dir, trial["name"]))
-        records.append(record or {"name": trial["name"], "axes": trial["axes"], "grids": trial["grids"],
-                                  "status": "pending", "metrics": {}, "base": None, "error": None})
-    return records
+    for run in child_runs(uri, parent_id):
+        tags, metrics = run.data.tags, run.data.metrics
+        if "sweep.trial" not in tags:
+            continue  # a base or probe build
+        records.append(TrialRecord(
+            name=tags["sweep.trial"], axes=json.loads(tags["sweep.axes"]), grids=json.loads(tags["sweep.grids"]),
+            status="finished" if run.info.status == "FINISHED" else "failed", model=tags.get("sweep.model"),
+            metrics={k.removeprefix("test_"): v for k, v in metrics.items() if k.startswith("test_")},
+            base={k.removeprefix("base_"): v for k, v in metrics.items() if k.startswith("base_")} or None,
+            error=tags.get("error"),
+        ))
+    return sorted(records, key=lambda r: r.name), parent
+
+
+def _now() -> int:
+    return int(time.time() * 1000)

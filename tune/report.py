@@ -14,16 +14,16 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from distributed_asac.metrics import HEADLINE
-from distributed_asac.report import COLUMNS
+from distributed_asac.metrics import COLUMNS
 from distributed_asac.stats import paired_difference, t_interval
 
-from .bases import is_base_key
-from .spec import AXES
+from .claims import Claims, write_claims
+from .records import TrialRecord, status_counts
+from .spec import AXES, is_base_key
 
-METRICS = tuple((m, fmt) for m, fmt in COLUMNS if m in HEADLINE)  # the headline metrics, as the demo shows them
+METRICS = tuple((c.name, c.fmt) for c in COLUMNS if c.of_counts is not None)  # the headline metrics, as the demo shows them
 # Shown in the grid tables beside METRICS when the trials report it (fine-tunes do).
 EXTRA = (("balanced_valid_DEO_swing", "{:.3f}"),)
 
@@ -32,12 +32,18 @@ def is_base_axis(axis: str) -> bool:
     return axis != "seed" and is_base_key(AXES.get(axis, axis))
 
 
-def write_report(records: list[dict[str, Any]], grids: dict[str, list[str]], out_dir: Path, title: str) -> list[Path]:
-    """Write report.md, `<grid>.csv` per grid, trials.csv and pareto.png into `out_dir`; return the paths."""
+def write_report(records: list[TrialRecord], grids: dict[str, list[str]], out_dir: Path, title: str,
+                 claims: Optional[Claims] = None) -> list[Path]:
+    """Write report.md, `<grid>.csv` per grid, trials.csv and pareto.png into `out_dir` (and, for a sweep
+    with a claims section, the claims tables first, claims.csv and claims_forest.png); return the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     sections, paths = [f"# {title}", "", _summary(records), ""], []
+    if claims is not None:
+        markdown, claim_paths = write_claims(records, claims, out_dir)
+        sections += [markdown, ""]
+        paths += claim_paths
     for grid, axes in grids.items():
-        grid_records = [r for r in records if grid in r["grids"]]
+        grid_records = [r for r in records if grid in r.grids]
         rows = grid_rows(grid_records, axes)
         sections += [f"## Grid `{grid}`", "", markdown_table(rows, axes), ""]
         paired = paired_rows(grid_records, axes)
@@ -51,31 +57,31 @@ def write_report(records: list[dict[str, Any]], grids: dict[str, list[str]], out
     return [out_dir / "report.md", *paths]
 
 
-def grid_rows(records: list[dict[str, Any]], axes: list[str]) -> list[dict[str, Any]]:
+def grid_rows(records: list[TrialRecord], axes: list[str]) -> list[dict[str, Any]]:
     """Rows of one grid: base classifiers (when an axis changes the base), then one per setting of the axes."""
     base_axes = [a for a in axes if is_base_axis(a)]
     rows = []
     if base_axes:
         bases: dict[str, dict[int, dict]] = {}  # base setting → seed → base metrics (trials share bases)
         for record in records:
-            if record.get("base"):
-                bases.setdefault(_key(record, base_axes), {})[record["axes"].get("seed")] = record["base"]
+            if record.base:
+                bases.setdefault(_key(record, base_axes), {})[record.axes.get("seed")] = record.base
         rows += [_row("base", json.loads(key), list(per_seed.values()), len(per_seed)) for key, per_seed in bases.items()]
     groups: dict[str, list[dict]] = {}
     for record in records:
         groups.setdefault(_key(record, axes), []).append(record)
     for key, group in groups.items():
-        finished = [r["metrics"] for r in group if r["status"] == "finished"]
-        model = next((r["model"] for r in group if r.get("model")), "")
+        finished = [r.metrics for r in group if r.status == "finished"]
+        model = next((r.model for r in group if r.model), "")
         row = _row(model, json.loads(key), finished, len(group))
-        row["errors"] = sorted({r["error"] for r in group if r.get("error")})
-        row["pending"] = sum(r["status"] == "pending" for r in group)
+        row["errors"] = sorted({r.error for r in group if r.error})
+        row["pending"] = sum(r.status == "pending" for r in group)
         rows.append(row)
     return rows
 
 
-def _key(record: dict[str, Any], axes: list[str]) -> str:
-    return json.dumps({a: record["axes"].get(a) for a in axes})
+def _key(record: TrialRecord, axes: list[str]) -> str:
+    return json.dumps({a: record.axes.get(a) for a in axes})
 
 
 def _finite(value: Any) -> bool:
@@ -92,38 +98,51 @@ def _row(model: str, setting: dict[str, Any], results: list[dict], total: int) -
     return {"model": model, "setting": setting, "stats": stats, "n": len(results), "total": total}
 
 
-def paired_rows(records: list[dict[str, Any]], axes: list[str]) -> list[dict[str, Any]]:
-    """Each fine-tuned setting of a grid against the grid's first setting, paired by seed: per metric the
-    `stats.Interval` of the per-seed differences (seeds where either trial did not finish are left out)."""
+def paired_rows(records: list[TrialRecord], axes: list[str]) -> list[dict[str, Any]]:
+    """Each fine-tuned setting of a grid against the grid's first setting with the same base (the same values
+    of the axes that change the base model, e.g. the dataset; a grid of base axes only has one reference),
+    paired by seed: per metric the `stats.Interval` of the per-seed differences (seeds where either trial did
+    not finish are left out)."""
     by_setting: dict[str, dict[Any, dict]] = {}
     for record in records:
-        if record["status"] == "finished":
-            by_setting.setdefault(_key(record, [a for a in axes if a != "seed"]), {})[record["axes"].get("seed")] = record
-    if len(by_setting) < 2:
-        return []
-    reference_key, *others = by_setting
-    reference = by_setting[reference_key]
+        if record.status == "finished":
+            by_setting.setdefault(_key(record, [a for a in axes if a != "seed"]), {})[record.axes.get("seed")] = record
+    base_axes = _grouping_axes(axes)
+    references: dict[str, str] = {}  # base setting → the key of its first fine-tuned setting
     out = []
-    for key in others:
-        seeds = [s for s in by_setting[key] if s in reference]
-        intervals = {m: paired_difference([by_setting[key][s]["metrics"][m] for s in seeds],
-                                          [reference[s]["metrics"][m] for s in seeds])
-                     for m, _ in METRICS + EXTRA if seeds and all(_finite(by_setting[key][s]["metrics"].get(m)) and
-                                                          _finite(reference[s]["metrics"].get(m)) for s in seeds)}
-        out.append({"setting": json.loads(key), "reference": json.loads(reference_key), "seeds": seeds,
-                    "intervals": intervals})
+    for key, per_seed in by_setting.items():
+        setting = json.loads(key)
+        reference_key = references.setdefault(json.dumps({a: setting[a] for a in base_axes}), key)
+        if reference_key == key:
+            continue
+        reference = by_setting[reference_key]
+        seeds = [s for s in per_seed if s in reference]
+        intervals = {m: paired_difference([per_seed[s].metrics[m] for s in seeds],
+                                          [reference[s].metrics[m] for s in seeds])
+                     for m, _ in METRICS + EXTRA if seeds and all(_finite(per_seed[s].metrics.get(m)) and
+                                                          _finite(reference[s].metrics.get(m)) for s in seeds)}
+        out.append({"setting": setting, "reference": json.loads(reference_key), "seeds": seeds, "intervals": intervals})
     return out
+
+
+def _grouping_axes(axes: list[str]) -> list[str]:
+    """The base axes a grid's pairs must share, when the grid also varies something else."""
+    base = [a for a in axes if is_base_axis(a)]
+    return base if any(a != "seed" and a not in base for a in axes) else []
 
 
 def paired_table(paired: list[dict[str, Any]], axes: list[str]) -> str:
     shown = [a for a in axes if a != "seed"]
     columns = [(m, fmt) for m, fmt in METRICS + EXTRA if any(m in row["intervals"] for row in paired)]
-    reference = ", ".join(f"{a}={format_setting(paired[0]['reference'][a])}" for a in shown)
-    lines = [f"Paired by seed against the reference setting ({reference}): mean difference ± 95% t-interval, verdict.",
+    grouping = _grouping_axes(axes)
+    reference = ", ".join(f"{a}={format_setting(paired[0]['reference'][a])}" for a in shown if a not in grouping)
+    same_base = f" with the same {', '.join(grouping)}" if grouping else ""
+    lines = [f"Paired by seed against the reference setting ({reference}){same_base}: mean difference ± 95% "
+             "t-interval, verdict.",
              "", "| " + " | ".join([*shown, *(f"Δ{m}" for m, _ in columns), "Seeds"]) + " |",
              "|" + "---|" * (len(shown) + len(columns) + 1)]
     for row in paired:
-        cells = [format_setting(row["setting"][a]) for a in shown]
+        cells = [format_setting(row["setting"].get(a, "—")) for a in shown]
         for metric, fmt in columns:
             interval = row["intervals"].get(metric)
             if interval is None or math.isnan(interval.low):
@@ -139,7 +158,7 @@ def markdown_table(rows: list[dict[str, Any]], axes: list[str]) -> str:
     header = ["Model", *axes, *(m for m, _ in METRICS + tuple(extra)), "Seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["model"], *(format_setting(row["setting"][a]) for a in axes)]
+        cells = [row["model"], *(format_setting(row["setting"].get(a, "—")) for a in axes)]
         for metric, fmt in METRICS + tuple(extra):
             mean, half = row["stats"][metric]
             missing = "pending" if row.get("pending") == row["total"] else ("failed" if row["n"] == 0 else "n/a")
@@ -165,18 +184,18 @@ def format_setting(value: Any) -> str:
     return str(value)
 
 
-def _summary(records: list[dict[str, Any]]) -> str:
-    counts = {s: sum(r["status"] == s for r in records) for s in ("finished", "failed", "pending")}
+def _summary(records: list[TrialRecord]) -> str:
+    counts = status_counts(records)
     return (f"{len(records)} trials: {counts['finished']} finished, {counts['failed']} failed, {counts['pending']} pending. "
             "Cells: mean over seeds ± half-width of the 95% Student-t interval over seeds (when 2 or more).")
 
 
-def _trials_table(records: list[dict[str, Any]]) -> str:
+def _trials_table(records: list[TrialRecord]) -> str:
     lines = ["| Trial | Status | " + " | ".join(m for m, _ in METRICS) + " | Error |", "|" + "---|" * (len(METRICS) + 3)]
     for r in records:
-        cells = [_fmt(r["metrics"].get(m), fmt) for m, fmt in METRICS]
-        error = (r.get("error") or "").replace("|", "/").replace("\n", " ")[:200]
-        lines.append(f"| {r['name']} | {r['status']} | " + " | ".join(cells) + f" | {error} |")
+        cells = [_fmt(r.metrics.get(m), fmt) for m, fmt in METRICS]
+        error = (r.error or "").replace("|", "/").replace("\n", " ")[:200]
+        lines.append(f"| {r.name} | {r.status} | " + " | ".join(cells) + f" | {error} |")
     return "\n".join(lines)
 
 
@@ -187,7 +206,7 @@ def _fmt(value: Any, fmt: str) -> str:
 def _grid_csv_rows(rows: list[dict[str, Any]], axes: list[str]) -> list[dict[str, Any]]:
     out = []
     for row in rows:
-        line = {"model": row["model"], **{a: format_setting(row["setting"][a]) for a in axes}}
+        line = {"model": row["model"], **{a: format_setting(row["setting"].get(a, "—")) for a in axes}}
         for metric, _ in METRICS:
             line[f"{metric}_mean"], line[f"{metric}_ci95_halfwidth"] = row["stats"][metric]
         line.update(seeds_ok=row["n"], seeds_total=row["total"], errors="; ".join(row.get("errors", [])))
@@ -195,13 +214,13 @@ def _grid_csv_rows(rows: list[dict[str, Any]], axes: list[str]) -> list[dict[str
     return out
 
 
-def _trial_csv_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    axes = list(dict.fromkeys(a for r in records for a in r["axes"]))
-    return [{"trial": r["name"], "status": r["status"], "grids": "+".join(r["grids"]),
-             **{a: format_setting(r["axes"][a]) if a in r["axes"] else "" for a in axes},
-             "model": r.get("model") or "", **{m: r["metrics"].get(m) for m, _ in METRICS},
-             **{f"base_{m}": (r.get("base") or {}).get(m) for m, _ in METRICS},
-             "seconds": r.get("seconds"), "error": r.get("error") or ""} for r in records]
+def _trial_csv_rows(records: list[TrialRecord]) -> list[dict[str, Any]]:
+    axes = list(dict.fromkeys(a for r in records for a in r.axes))
+    return [{"trial": r.name, "status": r.status, "grids": "+".join(r.grids),
+             **{a: format_setting(r.axes[a]) if a in r.axes else "" for a in axes},
+             "model": r.model or "", **{m: r.metrics.get(m) for m, _ in METRICS},
+             **{f"base_{m}": (r.base or {}).get(m) for m, _ in METRICS},
+             "seconds": r.seconds, "error": r.error or ""} for r in records]
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -222,17 +241,17 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted((i for i in range(len(points)) if not dominated(i)), key=lambda i: points[i])
 
 
-def _points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _points(records: list[TrialRecord]) -> list[dict[str, Any]]:
     """One point per setting (seeds averaged): every fine-tuned setting, then every distinct base classifier."""
-    finished = [r for r in records if r["status"] == "finished"]
-    settings = [a for a in dict.fromkeys(a for r in records for a in r["axes"]) if a != "seed"]
+    finished = [r for r in records if r.status == "finished"]
+    settings = [a for a in dict.fromkeys(a for r in records for a in r.axes) if a != "seed"]
     base_axes = [a for a in settings if is_base_axis(a)]
     points = []
     for kind, axes, source in (("fine-tuned", settings, "metrics"), ("base", base_axes, "base")):
         groups: dict[str, dict[Any, dict]] = {}
         for r in finished:
-            if r.get(source):
-                groups.setdefault(_key(r, axes), {})[r["name"] if kind != "base" else r["axes"].get("seed")] = r[source]
+            if getattr(r, source):
+                groups.setdefault(_key(r, axes), {})[r.name if kind != "base" else r.axes.get("seed")] = getattr(r, source)
         for key, results in groups.items():
             row = _row(kind, json.loads(key), list(results.values()), len(results))
             if row["stats"]["DEO"][0] is not None and row["stats"]["ACC"][0] is not None:
@@ -241,7 +260,7 @@ def _points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return points
 
 
-def plot_pareto(records: list[dict[str, Any]], path: Path) -> Path:
+def plot_pareto(records: list[TrialRecord], path: Path) -> Path:
     """Scatter of DEO (x, lower is fairer) against ACC (y), error bars over seeds, the Pareto front drawn."""
     import matplotlib
 
@@ -273,8 +292,3 @@ def plot_pareto(records: list[dict[str, Any]], path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-def summary_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
-    """Counts logged on the parent run."""
-    return {f"trials_{s}": float(sum(r["status"] == s for r in records)) for s in ("finished", "failed", "pending")}

@@ -19,6 +19,7 @@ key or value is one error line before Ray starts.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import re
@@ -33,7 +34,7 @@ from distributed_asac.errors import UserError
 from distributed_asac.registry import suggest
 from distributed_asac.tracking import tracking_uri
 
-from .bases import base_key
+from .claims import Claims, check_claims, parse_claims
 
 # Short axis names of the paper's ablations → config keys.
 AXES = {
@@ -48,7 +49,12 @@ RESERVED = ("experiment", "output_dir", "tracking", "seed")
 # relative path that exists is pinned.
 _PATHS = {"data.root": True, "data.cache_dir": True, "data.split_file": True, "output_dir": True,
           "base_checkpoint": True, "model.weights": False}
-TOP_KEYS = ("name", "base_config", "experiment", "overrides", "seeds", "grids", "axes", "resources", "max_concurrent")
+# What stages 1–2 read, hence what defines a base model: the data section (minus how images are loaded), the
+# model, base and probe sections, the seed and the optimiser settings.
+_DATA_LOADER_ONLY = ("data.num_workers", "data.cache_dir")
+_BASE_TOP_LEVEL = ("seed", "grad_clip", "adam_betas", "adam_eps")
+TOP_KEYS = ("name", "base_config", "experiment", "overrides", "seeds", "grids", "axes", "resources", "max_concurrent",
+            "claims")
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,7 @@ class Sweep:
     max_concurrent: Optional[int]
     grids: dict[str, list[str]]  # grid → its axis names
     trials: list[Trial] = field(default_factory=list)
+    claims: Optional[Claims] = None  # the claims table's definition (tune/claims.py), if the file has one
 
     def trial_dicts(self) -> list[dict[str, Any]]:
         return [asdict(t) for t in self.trials]
@@ -118,7 +125,26 @@ def load_sweep(path: str | Path, cli_overrides: list[str] | tuple[str, ...] = ()
         grids={name: list(axes) for name, axes in grids.items()},
     )
     sweep.trials = _expand(sweep, grids, _seeds(path, data, base.seed), common)
+    if "claims" in data:
+        sweep.claims = parse_claims(str(path), data["claims"])
+        check_claims(sweep.claims, sweep.trials, str(path))
     return sweep
+
+
+def is_base_key(key: str) -> bool:
+    """Whether a config key (or a whole section, e.g. `data`) changes the base model that stages 1–2 train."""
+    section = key.split(".")[0]
+    return (section in ("data", "model", "base", "probe") and key not in _DATA_LOADER_ONLY) or key in _BASE_TOP_LEVEL
+
+
+def base_fields(cfg: Config) -> dict[str, Any]:
+    """The config fields that define the base model; fine-tuning, output and tracking keys are left out."""
+    return {key: value for key, value in cfg.flat().items() if is_base_key(key)}
+
+
+def base_key(cfg: Config) -> str:
+    """The name of a base model in the sweep's base cache: a hash of exactly `base_fields`."""
+    return hashlib.sha256(json.dumps(base_fields(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -3,39 +3,36 @@
     python tune/sweep.py --config configs/sweeps/smoke.yaml [--address auto|ray://head:10001]
                          [--resume [SWEEP_DIR]] [--retry-failed] [--dry-run] [key=value ...]
     python tune/sweep.py --report <parent run id | sweep folder> [tracking.uri=...]
+    (or `python -m tune.sweep ...`, or `asac-sweep ...`: tune/ is a package installed with the project)
 
-The driver reads and validates the sweep file (every trial's config is built before Ray starts), generates
-the synthetic dataset once, starts Ray, trains each missing base model once (as Ray tasks, before any trial,
-see tune/bases.py), runs the trials with Tune, and writes the report. Exit status: 0 all trials finished,
-1 some failed, 2 bad input, 130 interrupted (continue with --resume).
+The driver reads and validates the sweep file (spec.py: every trial's config is built before Ray starts),
+generates the synthetic dataset once, starts Ray, trains each missing base model once (as Ray tasks, before any
+trial) and runs the trials with Tune (trials.py), keeps their records and MLflow runs (records.py) and writes
+the report (report.py). Exit status: 0 all trials finished, 1 some failed, 2 bad input, 130 interrupted
+(continue with --resume).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import secrets
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
-if __package__ in (None, ""):  # `python tune/sweep.py` puts tune/ on the path, not the repository
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from distributed_asac.config import load_config  # noqa: E402
-from distributed_asac.errors import UserError, exit_on_user_error  # noqa: E402
-from distributed_asac.logs import setup_logging  # noqa: E402
-from distributed_asac.tracking import probe_store, tracking_uri  # noqa: E402
-from tune import mlflow_runs  # noqa: E402
-from tune.bases import entry_dir, prepare_data, read_entry  # noqa: E402
-from tune.records import (latest_sweep_dir, load_records, new_sweep_dir, read_record, read_state,  # noqa: E402
-                          trial_folder, write_json)
-from tune.report import format_setting, summary_metrics, write_report  # noqa: E402
-from tune.spec import Sweep, load_sweep  # noqa: E402
-from tune.trial import load_trial_config  # noqa: E402
+from distributed_asac.config import load_config
+from distributed_asac.errors import UserError, exit_on_user_error
+from distributed_asac.logs import setup_logging
+from distributed_asac.tracking import probe_store, tracking_uri
+from tune import records, trials
+from tune.claims import Claims, parse_claims
+from tune.records import TrialRecord, load_records, read_state, status_counts
+from tune.report import format_setting, write_report
+from tune.spec import Sweep, load_sweep
+from tune.trials import TrialJob
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -91,7 +88,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 def describe(sweep: Sweep) -> str:
     """The --dry-run listing: counts, resources, and one line per trial."""
     keys = {t.base_key for t in sweep.trials if t.base_key}
-    cached = sum(read_entry(entry_dir(sweep.output_dir, k)) is not None for k in keys)
+    cached = sum(trials.read_entry(trials.entry_dir(sweep.output_dir, k)) is not None for k in keys)
     res = sweep.resources
     lines = [f"sweep {sweep.name!r} ({sweep.path}): {len(sweep.trials)} trials from {len(sweep.grids)} grid(s), "
              f"{len(keys)} base model(s) ({cached} already cached)",
@@ -108,40 +105,41 @@ def describe(sweep: Sweep) -> str:
 def open_sweep(sweep: Sweep, resume: Optional[str]) -> tuple[Path, dict[str, Any]]:
     """A new sweep folder with its parent run and sweep.json, or the one to resume (its parent reopened)."""
     if resume:
-        folder = latest_sweep_dir(sweep.output_dir, sweep.name) if resume == "latest" else Path(resume).resolve()
+        folder = records.latest_sweep_dir(sweep.output_dir, sweep.name) if resume == "latest" else Path(resume).resolve()
         state = read_state(folder)
         if [(t["name"], t["overrides"]) for t in state["trials"]] != [(t.name, t.overrides) for t in sweep.trials]:
             raise UserError(f"--resume: the trials of {sweep.path} differ from those of {folder}; "
                             "start a new sweep (without --resume) or restore the file")
-        mlflow_runs.reopen_parent(state["tracking_uri"], state["parent_run_id"])
+        records.reopen_parent(state["tracking_uri"], state["parent_run_id"])
         return folder, state
-    folder = new_sweep_dir(sweep.output_dir, sweep.name)
+    folder = records.new_sweep_dir(sweep.output_dir, sweep.name)
     state = {"name": sweep.name, "sweep_file": str(sweep.path), "base_config": str(sweep.base_config),
              "experiment": sweep.experiment, "tracking_uri": sweep.tracking_uri, "grids": sweep.grids,
-             "resources": vars(sweep.resources), "trials": sweep.trial_dicts()}
-    state["parent_run_id"] = mlflow_runs.start_parent(
+             "resources": vars(sweep.resources), "trials": sweep.trial_dicts(),
+             "claims": sweep.claims.to_dict() if sweep.claims else None}
+    state["parent_run_id"] = records.start_parent(
         sweep.tracking_uri, sweep.experiment, sweep.name, tags={"sweep_dir": str(folder), "sweep.file": str(sweep.path)},
         params={"base_config": sweep.base_config, "trials": len(sweep.trials), "grids": json.dumps(sweep.grids),
                 "resources": json.dumps(vars(sweep.resources)), "max_concurrent": sweep.max_concurrent})
-    write_json(folder / "sweep.json", state)
+    records.write_json(folder / records.STATE, state)
     return folder, state
 
 
-def trial_jobs(sweep: Sweep, folder: Path, state: dict[str, Any], retry_failed: bool) -> list[dict[str, Any]]:
+def trial_jobs(sweep: Sweep, folder: Path, state: dict[str, Any], retry_failed: bool) -> list[TrialJob]:
     """Jobs of the trials still to run; stale MLflow runs of those trials (from a killed attempt) are deleted."""
-    children = mlflow_runs.child_runs(state["tracking_uri"], state["parent_run_id"])
+    children = records.child_runs(state["tracking_uri"], state["parent_run_id"])
     jobs, stale = [], []
     for trial in sweep.trials:
-        record = read_record(trial_folder(folder, trial.name))
-        if record is not None and (record["status"] == "finished" or not retry_failed):
+        record = records.read_record(records.trial_folder(folder, trial.name))
+        if record is not None and (record.status == "finished" or not retry_failed):
             continue
-        job = {"name": trial.name, "base_config": str(sweep.base_config), "overrides": trial.overrides,
-               "folder": str(trial_folder(folder, trial.name)), "parent_run_id": state["parent_run_id"],
-               "tracking_uri": state["tracking_uri"], "experiment": sweep.experiment, "resources": vars(sweep.resources),
-               "axes": trial.axes, "grids": trial.grids, "key": trial.base_key, "output_dir": str(sweep.output_dir)}
+        job = TrialJob(name=trial.name, base_config=str(sweep.base_config), overrides=trial.overrides,
+                       folder=str(records.trial_folder(folder, trial.name)), parent_run_id=state["parent_run_id"],
+                       tracking_uri=state["tracking_uri"], experiment=sweep.experiment, resources=sweep.resources,
+                       axes=trial.axes, grids=trial.grids, key=trial.base_key, output_dir=str(sweep.output_dir))
         jobs.append(job)
-        stale += [r.info.run_id for r in mlflow_runs.trial_runs(children, job["folder"], trial.name)]
-    mlflow_runs.delete_runs(state["tracking_uri"], stale)
+        stale += [r.info.run_id for r in records.trial_runs(children, job.folder, trial.name)]
+    records.delete_runs(state["tracking_uri"], stale)
     return jobs
 
 
@@ -155,61 +153,45 @@ def run_sweep(sweep: Sweep, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` gets the same clean shutdown as Ctrl-C
     try:
         if jobs:
-            prepare_data([load_trial_config(job) for job in jobs])
+            trials.prepare_data([trials.load_trial_config(job) for job in jobs])
             execute(sweep, jobs, folder, args.address)
         # Tune returns normally after its own Ctrl-C handling: unfinished trials tell the two apart.
-        status = "FINISHED" if all(r["status"] != "pending" for r in load_records(folder)) else "KILLED"
+        status = "FINISHED" if all(r.status != "pending" for r in load_records(folder)) else "KILLED"
     finally:
-        records = load_records(folder)
+        done = load_records(folder)
         report_dir = folder / "report"
-        write_report(records, sweep.grids, report_dir, f"Sweep {sweep.name}")
-        mlflow_runs.log_report(state["tracking_uri"], state["parent_run_id"], report_dir)
-        mlflow_runs.finish_parent(state["tracking_uri"], state["parent_run_id"], status, summary_metrics(records))
-    print(_closing(records, report_dir, time.time() - start))
+        write_report(done, sweep.grids, report_dir, f"Sweep {sweep.name}", sweep.claims)
+        records.log_report(state["tracking_uri"], state["parent_run_id"], report_dir)
+        records.finish_parent(state["tracking_uri"], state["parent_run_id"], status, done)
+    print(_closing(done, report_dir, time.time() - start))
     if status != "FINISHED":
         return 130
-    return 1 if any(r["status"] == "failed" for r in records) else 0
+    return 1 if any(r.status == "failed" for r in done) else 0
 
 
-def execute(sweep: Sweep, jobs: list[dict[str, Any]], folder: Path, address: Optional[str]) -> None:
+def execute(sweep: Sweep, jobs: list[TrialJob], folder: Path, address: Optional[str]) -> None:
     """Start Ray, build the missing bases (all before any trial), then run the trials with Tune."""
     if address is None:
-        local_ray_environment()
-    from tune import runner  # imports Ray: only the commands that start it pay for it
-
-    with runner.ray_session(address):
-        runner.check_resources(sweep.resources)
-        entries = {k: read_entry(entry_dir(sweep.output_dir, k)) for k in {j["key"] for j in jobs if j["key"]}}
-        missing = [next(j for j in jobs if j["key"] == k) for k, entry in entries.items() if entry is None]
-        entries.update(runner.build_bases([{**j, "name": f"base-{j['key']}"} for j in missing], sweep.resources))
-        for job in jobs:
-            job["base"] = entries.get(job["key"])
+        trials.local_ray_environment()
+    with trials.ray_session(address):
+        trials.check_resources(sweep.resources)
+        entries = {k: trials.read_entry(trials.entry_dir(sweep.output_dir, k)) for k in {j.key for j in jobs if j.key}}
+        missing = [next(j for j in jobs if j.key == k) for k, entry in entries.items() if entry is None]
+        entries.update(trials.build_bases([replace(j, name=f"base-{j.key}") for j in missing], sweep.resources))
+        jobs = [replace(job, base=entries.get(job.key)) for job in jobs]
         attempt = len(list((folder / "ray").glob("attempt-*"))) + 1
-        runner.run_trials(jobs, sweep.resources, sweep.max_concurrent, folder / "ray", f"attempt-{attempt}")
-
-
-def local_ray_environment() -> None:
-    """Settings of a local Ray, read when Ray is imported: every service listens on 127.0.0.1 only (Ray's
-    single-machine mode, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which makes the node IP the loopback address),
-    and token authentication with a fresh random token that lives only in the environment of this process
-    tree (no token file). A cluster (--address) keeps its own settings: see README.md, Ablation sweeps."""
-    wanted = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
-    if all(os.environ.get(k) == v for k, v in wanted.items()) and os.environ.get("RAY_AUTH_TOKEN"):
-        return  # made earlier in this process (a second sweep)
-    if "ray" in sys.modules:
-        raise RuntimeError("Ray was imported before its local settings were made")
-    os.environ.update(wanted, RAY_AUTH_TOKEN=secrets.token_hex(32))
+        trials.run_trials(jobs, sweep.resources, sweep.max_concurrent, folder / "ray", f"attempt-{attempt}")
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _closing(records: list[dict[str, Any]], report_dir: Path, seconds: float) -> str:
-    counts = summary_metrics(records)
+def _closing(done: list[TrialRecord], report_dir: Path, seconds: float) -> str:
+    counts = status_counts(done)
     table = (report_dir / "report.md").read_text().split("## Trials")[0]
-    return (f"{table.strip()}\n\n{int(counts['trials_finished'])} finished, {int(counts['trials_failed'])} failed, "
-            f"{int(counts['trials_pending'])} pending in {seconds:.0f} s; report: {report_dir}/report.md")
+    return (f"{table.strip()}\n\n{counts['finished']} finished, {counts['failed']} failed, "
+            f"{counts['pending']} pending in {seconds:.0f} s; report: {report_dir}/report.md")
 
 
 def report_command(targets: list[str], overrides: list[str]) -> int:
@@ -218,28 +200,35 @@ def report_command(targets: list[str], overrides: list[str]) -> int:
     if Path(target).is_dir():
         folder = Path(target).resolve()
         state = read_state(folder)
-        records, grids, uri, run_id = load_records(folder), state["grids"], state["tracking_uri"], state["parent_run_id"]
+        found, grids, uri, run_id = load_records(folder), state["grids"], state["tracking_uri"], state["parent_run_id"]
+        claims = _claims(folder, state)
         report_dir, title = folder / "report", f"Sweep {state['name']}"
         for more in targets[1:]:  # the same grids with other seeds: one report over all of them
             other = read_state(Path(more).resolve())
             if other["grids"] != grids:
                 raise UserError(f"--report: {more} has other grids than {target}; merge only sweeps of one file")
-            records += load_records(Path(more).resolve())
+            found += load_records(Path(more).resolve())
         if len(targets) > 1:
             title += f" ({len(targets)} sweeps merged: {', '.join(Path(t).name for t in targets)})"
     elif len(targets) > 1:
         raise UserError("--report: several targets must all be sweep folders, not MLflow run ids")
     else:
         uri = tracking_uri(load_config(None, overrides))
-        records, parent = mlflow_runs.records_from_mlflow(uri, target)
+        found, parent = records.records_from_mlflow(uri, target)
         grids, run_id = json.loads(parent.data.params.get("grids", "{}")), target
         sweep_dir = Path(parent.data.tags.get("sweep_dir", ""))
         report_dir = sweep_dir / "report" if sweep_dir.is_dir() else Path.cwd() / f"sweep-report-{target[:8]}"
+        claims = _claims(sweep_dir, read_state(sweep_dir)) if sweep_dir.is_dir() else None
         title = f"Sweep {parent.info.run_name}"
-    paths = write_report(records, grids, report_dir, title)
-    mlflow_runs.log_report(uri, run_id, report_dir)
+    paths = write_report(found, grids, report_dir, title, claims)
+    records.log_report(uri, run_id, report_dir)
     print("\n".join(str(p) for p in paths))
     return 0
+
+
+def _claims(folder: Path, state: dict[str, Any]) -> Optional[Claims]:
+    """The claims section the sweep was started with (sweeps written before claims existed have none)."""
+    return parse_claims(str(folder / "sweep.json"), state["claims"]) if state.get("claims") else None
 
 
 if __name__ == "__main__":

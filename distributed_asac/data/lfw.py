@@ -31,15 +31,15 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .celeba import FaceDataset, check_common_arguments, find_attribute
+from ..files import atomic_write
+from .faces import FaceDataset, check_common_arguments, find_attribute
+from .splits import SPLIT_FRACTIONS, SPLITS
 
 log = logging.getLogger(__name__)
 
 ATTRIBUTE_FILE = "lfw_attributes.txt"
 IMAGE_FOLDERS = ("lfw-deepfunneled", "lfw_funneled", "lfw")
 """Accepted image folders, in the order picked when several exist (best aligned first)."""
-SPLITS = ("train", "valid", "test")
-SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 SPLIT_FORMAT = "distributed_asac/lfw-person-split/1"
 
 
@@ -209,10 +209,7 @@ def load_or_create_split(path: Path, image_counts: dict[str, int], seed: int) ->
     }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Several ranks may write at once: each writes the same content, and the rename is atomic.
-        staging = path.with_name(f".{path.name}.{os.getpid()}")
-        staging.write_text(json.dumps(payload, indent=1) + "\n")
-        os.replace(staging, path)
+        atomic_write(path, json.dumps(payload, indent=1) + "\n")  # several ranks may write it: the same content
     except OSError as err:
         raise UserError(f"cannot write the LFW split file {path} ({err}); choose a writable split_file") from err
     log.info("wrote the LFW person split (seed %d) to %s", seed, path)

@@ -1,9 +1,13 @@
-"""Tiny datasets written in the exact on-disk formats of the real ones, for tests.
+"""The tests' shared helpers, as pytest fixtures (a test asks for one by naming it as a parameter).
 
-Each writer returns what it wrote (labels, per-image colours, landmarks) so that tests compare a
-loader's output with the truth instead of with hard-coded numbers. Images are flat colour fields: each
-image has its own "face" colour in the centred square and a fixed magenta band in the rows that a
-centre crop must remove, so a wrong crop, a wrong file or a label/image misalignment is visible.
+- Tiny datasets written in the exact on-disk formats of the real ones: `write_celeba_fixture`,
+  `write_counterfactual_fixture`, `write_lfw_fixture` (and `corrupt_jpeg`, `draw_face`, `save_jpeg`,
+  `lfw_image_id`). Each writer returns what it wrote (labels, per-image colours, landmarks) so that tests
+  compare a loader's output with the truth instead of with hard-coded numbers. Images are flat colour fields:
+  each image has its own "face" colour in the centred square and a fixed magenta band in the rows that a
+  centre crop must remove, so a wrong crop, a wrong file or a label/image misalignment is visible.
+- `smoke_config`: the tiny end-to-end config (configs/smoke.yaml) with its data, run folders and MLflow store
+  inside a test's own folder.
 """
 
 from __future__ import annotations
@@ -13,7 +17,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pytest
 from PIL import Image, ImageDraw
+
+from distributed_asac.config import Config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 # CelebA's list_attr_celeba.txt line 2, byte for byte (single spaces and a trailing space). It is
 # written out here, not imported from the loader, so that the fixture is an independent statement of
@@ -35,7 +44,7 @@ BAND_COLOUR = (255, 0, 255)
 
 @dataclass
 class CelebAFixture:
-    """What :func:`write_celeba_fixture` wrote."""
+    """What :func:`_write_celeba_fixture` wrote."""
 
     root: Path  # pass this as the loader's root
     dataset_dir: Path  # where the list files and img_align_celeba/ are
@@ -63,7 +72,7 @@ class CelebAFixture:
         return self.dataset_dir / "img_align_celeba" / image_id
 
 
-def distinct_colours(n: int, rng: np.random.Generator, avoid: np.ndarray | None = None) -> np.ndarray:
+def _distinct_colours(n: int, rng: np.random.Generator, avoid: np.ndarray | None = None) -> np.ndarray:
     """``n`` uint8 RGB colours, channels in [30, 220], each ≥ 24 away (max-norm) from the others and ``avoid``.
 
     The spacing survives JPEG's small colour errors, so a decoded colour identifies its image.
@@ -78,7 +87,7 @@ def distinct_colours(n: int, rng: np.random.Generator, avoid: np.ndarray | None 
     return np.stack(colours).astype(np.uint8) if colours else np.zeros((0, 3), np.uint8)
 
 
-def draw_face(size: tuple[int, int], colour: Sequence[int], mouth: np.ndarray | None = None) -> Image.Image:
+def _draw_face(size: tuple[int, int], colour: Sequence[int], mouth: np.ndarray | None = None) -> Image.Image:
     """A (width, height) image: the centred square of the shorter side in ``colour``, the rest magenta.
 
     ``mouth`` (two (x, y) corners) adds a black 3-pixel line between them.
@@ -95,13 +104,13 @@ def draw_face(size: tuple[int, int], colour: Sequence[int], mouth: np.ndarray | 
     return image
 
 
-def save_jpeg(image: Image.Image, path: Path) -> None:
+def _save_jpeg(image: Image.Image, path: Path) -> None:
     """JPEG as CelebA's are, at high quality without chroma subsampling so flat colours stay exact-ish."""
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="JPEG", quality=95, subsampling=0)
 
 
-def write_celeba_fixture(
+def _write_celeba_fixture(
     root: Path,
     n: int = 24,
     layout: str = "flat",
@@ -138,13 +147,13 @@ def write_celeba_fixture(
         rows = np.flatnonzero(partition == split)
         if len(rows) >= 2:  # both labels present in every split, whatever the seed
             signs[rows[0]], signs[rows[1]] = 1, -1
-    colours = distinct_colours(n, rng)
+    colours = _distinct_colours(n, rng)
     landmarks = _random_landmarks(n, size, rng)
 
     images = dataset_dir / "img_align_celeba"
     images.mkdir(parents=True, exist_ok=True)
     for image_id, colour, points in zip(image_ids, colours, landmarks):
-        save_jpeg(draw_face(size, colour, points[3:5] if mark_mouth else None), images / image_id)
+        _save_jpeg(_draw_face(size, colour, points[3:5] if mark_mouth else None), images / image_id)
     header = CELEBA_HEADER if names == list(CELEBA_ATTRIBUTES) else " ".join(names) + " "
     rows = ["".join(f" {v:2d}" for v in row) for row in signs.tolist()]
     _write(dataset_dir / "list_attr_celeba.txt", [str(n), header] + [i + r for i, r in zip(image_ids, rows)])
@@ -179,7 +188,7 @@ def _random_landmarks(n: int, size: tuple[int, int], rng: np.random.Generator) -
     return np.rint((template + jitter) * [width, height]).astype(np.int64)
 
 
-def write_counterfactual_fixture(
+def _write_counterfactual_fixture(
     fixture: CelebAFixture,
     flipped_attribute: str = "Male",
     image_ids: Sequence[str] | None = None,
@@ -192,11 +201,11 @@ def write_counterfactual_fixture(
     rng = np.random.default_rng(seed)
     ids = list(image_ids) if image_ids is not None else fixture.split_ids(2)
     # Twin colours are far from every original colour, so a test can tell twin from original.
-    fresh = distinct_colours(len(ids), rng, avoid=fixture.colours)
+    fresh = _distinct_colours(len(ids), rng, avoid=fixture.colours)
     folder = fixture.dataset_dir / "counterfactual"
     rows = []
     for image_id, colour in zip(ids, fresh):
-        save_jpeg(draw_face(fixture.size, colour), folder / "img_align_celeba" / image_id)
+        _save_jpeg(_draw_face(fixture.size, colour), folder / "img_align_celeba" / image_id)
         rows.append(f"{image_id} img_align_celeba/{image_id} {flipped_attribute}")
     _write(folder / "list_counterfactual.txt", [str(len(ids)), "image_id twin_file flipped_attribute"] + rows)
     return dict(zip(ids, fresh))
@@ -207,7 +216,7 @@ def _write(path: Path, lines: list[str]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def corrupt_jpeg(path: Path, how: str = "truncate") -> None:
+def _corrupt_jpeg(path: Path, how: str = "truncate") -> None:
     """Damage an image file: ``"truncate"`` keeps its first half (PIL: "image file is truncated"),
     ``"garbage"`` replaces it with bytes that are no image format at all."""
     data = path.read_bytes()
@@ -248,10 +257,12 @@ LFW_PEOPLE: tuple[tuple[str, int], ...] = (
 
 @dataclass
 class LFWFixture:
-    """What :func:`write_lfw_fixture` wrote. Image ids are ``Person_Name/Person_Name_NNNN.jpg``."""
+    """What :func:`_write_lfw_fixture` wrote. Image ids are ``Person_Name/Person_Name_NNNN.jpg``."""
 
     root: Path
     image_dir: Path
+    people: Sequence[tuple[str, int]]  # (person with spaces, image count) as written
+    attribute_names: tuple[str, ...]  # the 73 names of the header, in file order
     rows: list[tuple[str, int]]  # (person with spaces, image number) per attribute row, in file order
     scores: np.ndarray  # float32 [len(rows), 73]
     colours: dict[str, np.ndarray]  # image id → face colour, for every image written
@@ -259,21 +270,21 @@ class LFWFixture:
     orphan_image: str | None  # an image written without a row
 
     def label(self, image_id: str, attribute: str) -> int:
-        row = [lfw_image_id(person, number) for person, number in self.rows].index(image_id)
+        row = [_lfw_image_id(person, number) for person, number in self.rows].index(image_id)
         return int(self.scores[row, LFW_ATTRIBUTES.index(attribute)] > 0)
 
     def image_ids(self) -> list[str]:
         """Ids of the rows that have an image, in file order."""
-        ids = [lfw_image_id(person, number) for person, number in self.rows]
+        ids = [_lfw_image_id(person, number) for person, number in self.rows]
         return [image_id for image_id in ids if image_id != self.missing_image]
 
 
-def lfw_image_id(person: str, number: int) -> str:
+def _lfw_image_id(person: str, number: int) -> str:
     folder = person.replace(" ", "_")
     return f"{folder}/{folder}_{number:04d}.jpg"
 
 
-def write_lfw_fixture(
+def _write_lfw_fixture(
     root: Path,
     people: Sequence[tuple[str, int]] = LFW_PEOPLE,
     folder: str = "lfw-deepfunneled",
@@ -296,11 +307,11 @@ def write_lfw_fixture(
     scores[:, 1::2] = -scores[:, 0:-1:2]  # each odd column is the negation of its left neighbour
     orphan = (people[0][0], people[0][1] + 1) if orphan_image else None
     written = rows[:-1] if missing_image else list(rows)
-    colours = distinct_colours(len(written) + (orphan is not None), rng)
+    colours = _distinct_colours(len(written) + (orphan is not None), rng)
     image_colours: dict[str, np.ndarray] = {}
     for (person, number), colour in zip(written + ([orphan] if orphan else []), colours):
-        image_id = lfw_image_id(person, number)
-        save_jpeg(draw_face(size, colour), root / folder / image_id)
+        image_id = _lfw_image_id(person, number)
+        _save_jpeg(_draw_face(size, colour), root / folder / image_id)
         image_colours[image_id] = colour
     header = "\t".join(["#", "person", "imagenum", *LFW_ATTRIBUTES])
     body = ["\t".join([person, str(number), *(f"{v:.6g}" for v in row)]) for (person, number), row in zip(rows, scores.tolist())]
@@ -308,9 +319,81 @@ def write_lfw_fixture(
     return LFWFixture(
         root=root,
         image_dir=root / folder,
+        people=people,
+        attribute_names=LFW_ATTRIBUTES,
         rows=rows,
         scores=scores,
         colours=image_colours,
-        missing_image=lfw_image_id(*rows[-1]) if missing_image else None,
-        orphan_image=lfw_image_id(*orphan) if orphan else None,
+        missing_image=_lfw_image_id(*rows[-1]) if missing_image else None,
+        orphan_image=_lfw_image_id(*orphan) if orphan else None,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# The fixtures
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def write_celeba_fixture():
+    """`write_celeba_fixture(root, n=24, layout="flat", ...)` → CelebAFixture (see `_write_celeba_fixture`)."""
+    return _write_celeba_fixture
+
+
+@pytest.fixture(scope="session")
+def write_counterfactual_fixture():
+    """`write_counterfactual_fixture(celeba_fixture, flipped_attribute="Male", ...)` → id → twin colour."""
+    return _write_counterfactual_fixture
+
+
+@pytest.fixture(scope="session")
+def write_lfw_fixture():
+    """`write_lfw_fixture(root, people=LFW_PEOPLE, folder="lfw-deepfunneled", ...)` → LFWFixture."""
+    return _write_lfw_fixture
+
+
+@pytest.fixture(scope="session")
+def lfw_image_id():
+    """`lfw_image_id("Ada Quill", 1)` → "Ada_Quill/Ada_Quill_0001.jpg", LFW's file layout written out."""
+    return _lfw_image_id
+
+
+@pytest.fixture(scope="session")
+def corrupt_jpeg():
+    """`corrupt_jpeg(path, how="truncate" | "garbage")` damages an image file."""
+    return _corrupt_jpeg
+
+
+@pytest.fixture(scope="session")
+def draw_face():
+    """`draw_face((width, height), colour, mouth=None)` → the fixtures' flat-colour face image."""
+    return _draw_face
+
+
+@pytest.fixture(scope="session")
+def save_jpeg():
+    """`save_jpeg(image, path)`: JPEG as the fixtures write them (quality 95, no chroma subsampling)."""
+    return _save_jpeg
+
+
+@pytest.fixture(scope="session")
+def smoke_config():
+    """`smoke_config(folder, *overrides)` → configs/smoke.yaml with `overrides`, its generated data in
+    `folder/data`, run folders in `folder/runs` and the MLflow store `folder/mlflow.db`."""
+
+    def make(folder: Path, *overrides: str) -> Config:
+        return load_config(REPO / "configs" / "smoke.yaml", [*_in_folder(folder), *overrides])
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def in_folder():
+    """`in_folder(folder)` → the overrides that keep a run's generated data, run folders and MLflow store inside
+    `folder` (for runs started as a command)."""
+    return _in_folder
+
+
+def _in_folder(folder: Path) -> list[str]:
+    return [f"data.root={folder / 'data'}", f"output_dir={folder / 'runs'}",
+            f"tracking.uri=sqlite:///{folder / 'mlflow.db'}"]

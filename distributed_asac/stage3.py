@@ -1,0 +1,239 @@
+"""Stage 3: fine-tuning of M(θ, ρ) under Accelerate in one of the training modes of `rows.py` (ASAC or a
+comparator), started by `pipeline.run` (the CLI: finetune.py).
+
+Each rank makes, scores and orders the ASACs of its own k images; every minibatch gives |E| chunks, one
+synchronized optimizer step each, on every rank (docs/method.md, Distributed semantics). `build_stage3` sets
+up what the steps need (the frozen snapshot of C, ε, the trainable parts, the optimizer, `prepare`, the step
+context) once, for the pipeline, the benchmarks and the tests alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from .attacks import create_attack, magnitudes
+from .calibration import Calibrated, calibrate_eps
+from .checkpoint import whole_model, whole_state_dict
+from .config import Config, FinetuneConfig
+from .data.batches import to_pixels, uint8_images
+from .diagnostics import Diagnostics, phase
+from .errors import UserError
+from .evaluate import evaluate
+from .failpoints import failpoint
+from .loop import Progress, run_epochs
+from .losses import asac_loss, plain_loss
+from .metrics import HEADLINE
+from .models import TwoHeadModel, eval_mode, set_trainable
+from .rows import MODES, Chunk, Mode, StepContext
+from .runtime import adam, check_finite
+
+
+def chunk_loss(model: nn.Module, x: torch.Tensor, chunk: Chunk, alpha: float) -> dict[str, torch.Tensor]:
+    """The loss terms of one step, from one forward pass in which every distinct image of the chunk appears
+    once: each clean image once, however many of its entries the chunk holds, and an ε = 0 entry not at all
+    beside its clean image, whose logits it shares (clean logits are recomputed every step, as the model
+    changes between chunks)."""
+    if chunk.clean is None:
+        return plain_loss(model(chunk.images)[0], chunk.labels)
+    unique, inverse = torch.unique(chunk.clean, return_inverse=True)  # u distinct clean images
+    u = len(unique)
+    if chunk.is_clean is None:
+        logits = model(torch.cat([x[unique], chunk.images]))[0]  # [u + n, 2]
+        return asac_loss(logits[:u][inverse], logits[u:], chunk.labels, alpha)
+    perturbed = (~chunk.is_clean).nonzero().squeeze(1)  # [m] entries that differ from their clean image
+    logits = model(torch.cat([x[unique], chunk.images[perturbed]]))[0]  # [u + m, 2]
+    asac_rows = inverse.clone()  # an ε = 0 entry reads its clean image's row ...
+    asac_rows[perturbed] = u + torch.arange(len(perturbed), device=perturbed.device)  # ... the others their own
+    return asac_loss(logits[inverse], logits[asac_rows], chunk.labels, alpha)
+
+
+@dataclass
+class Stage3:
+    """Stage 3 set up by `build_stage3`: each `train_minibatch` call is one local minibatch of training."""
+
+    mode: Mode
+    model: TwoHeadModel  # unwrapped: what scoring, evaluation and checkpoints read
+    wrapped: nn.Module  # `model` as Accelerate prepared it (DDP, DeepSpeed): what the steps train
+    optimizer: torch.optim.Optimizer
+    loader: Optional[DataLoader]  # the train split's, prepared; None when built without one
+    ctx: StepContext
+    accelerator: Accelerator
+    grad_clip: float
+    summary: dict[str, float] = field(default_factory=dict)  # calibrated ε and their attack-success rates
+
+    def train_minibatch(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One local minibatch (x [k, 3, H, W], uint8 or float in [0, 1], y [k], a [k]): its chunks, one synchronized
+        optimizer step each.
+        Returns the last step's loss terms; every step's terms go to `ctx.diagnostics`."""
+        ctx, wrapped = self.ctx, self.wrapped
+        x = to_pixels(x)  # uint8 from the stage's own loader (data/batches.py); float batches pass unchanged
+        if ctx.cfg.channels_last:
+            # oneDNN's native layout: convolutions skip their reorders and max-pooling runs several times faster
+            # on CPU. The attacks, entries and chunk batches all inherit it from x; parameters keep theirs.
+            x = x.contiguous(memory_format=torch.channels_last)
+        chunks = self.mode.make_chunks(ctx, x, y, a)
+        wrapped.train()
+        if ctx.cfg.batchnorm == "frozen":  # normalise with the base's statistics and never update them
+            for module in wrapped.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        for chunk in chunks:
+            with phase("step.forward"):
+                terms = chunk_loss(wrapped, x, chunk, ctx.cfg.alpha)
+            self.optimizer.zero_grad()
+            with phase("step.backward"):
+                self.accelerator.backward(terms["loss"])
+            with phase("step.clip"):
+                self.accelerator.clip_grad_norm_(wrapped.parameters(), self.grad_clip)
+            self.optimizer.step()
+            for name, value in terms.items():
+                ctx.diagnostics.add(name, value)
+            ctx.diagnostics.count("steps", 1.0)
+        ctx.diagnostics.count("images", float(len(x)))
+        return terms
+
+
+def build_stage3(model: TwoHeadModel, cfg: Config, accelerator: Accelerator, generator: torch.Generator,
+                 train_set=None, tracker=None) -> Stage3:
+    """Stage 3 of `cfg.finetune` on `model`: the attacked model (a frozen snapshot of C, taken before `prepare` so
+    that it is a plain module on every backend, or the model itself), E (fixed or calibrated on `train_set`),
+    the trainable parts (θ, ρ), Adam, `prepare` (with a shuffled loader of `train_set` when given) and the step
+    context. `generator` drives the curriculum shuffles (the same on every rank)."""
+    ft = cfg.finetune
+    mode = MODES.get(ft.mode)
+    if mode.make_chunks is None:
+        raise ValueError(f"training mode {ft.mode!r} does not fine-tune")
+    attacked = copy.deepcopy(model).requires_grad_(False).eval() if ft.attack_model == "frozen" else model
+    summary: dict[str, float] = {}
+    if ft.eps_mode == "calibrated":
+        chosen = calibrated_eps(attacked, train_set, ft, accelerator)
+        summary.update({f"calibrated_eps_{c.target:g}": c.eps for c in chosen})
+        summary.update({f"calibrated_attack_success_{c.target:g}": c.rate for c in chosen})
+        eps = magnitudes([c.eps for c in chosen])
+    else:
+        eps = magnitudes(ft.eps)
+    prepared = None
+    if mode.prepare is not None and train_set is not None:  # before accelerator.prepare: the base as a plain module
+        prepared, numbers = mode.prepare(cfg, model, train_set, accelerator, tracker)
+        summary.update(numbers)
+    set_trainable(model, "finetune")
+    optimizer = adam(model.parameters(), ft.lr, cfg)
+    loader = None
+    if train_set is None:
+        wrapped, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        data, collate = mode.train_data(cfg, train_set) if mode.train_data is not None else (train_set, None)
+        loader = DataLoader(uint8_images(data), batch_size=ft.batch_size, shuffle=True, drop_last=True,
+                            num_workers=cfg.data.num_workers, collate_fn=collate)
+        wrapped, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    attacked = attacked.to(accelerator.device)
+    ctx = StepContext(ft, eps, create_attack(ft.attack, ft), attacked, model, generator,
+                      Diagnostics(len(eps), accelerator.device), prepared)
+    return Stage3(mode, model, wrapped, optimizer, loader, ctx, accelerator, cfg.grad_clip, summary)
+
+
+def calibrated_eps(attacked: TwoHeadModel, train_set, ft: FinetuneConfig, accelerator: Accelerator) -> list[Calibrated]:
+    """One ε per `ft.attack_success_targets`, chosen against the frozen C on a fixed sample of training images
+    (calibration.py). The main process chooses and every rank receives its choice (PGD's random starts differ
+    between ranks, and all ranks must train with the same E)."""
+    chosen: list[Optional[list[Calibrated]]] = [None]
+    if accelerator.is_main_process:
+        sample = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[:ft.calibration_images]
+        x, _, a, _ = (torch.stack([torch.as_tensor(train_set[i][j]) for i in sample.tolist()]) for j in range(4))
+        with eval_mode(attacked):
+            chosen[0] = calibrate_eps(create_attack(ft.attack, ft), attacked.protected_logits,
+                                      x.to(accelerator.device), a.to(accelerator.device), ft.attack_success_targets)
+        tqdm.write("calibrated ε: " + ", ".join(f"{c.eps:.4g} (fools C on {c.rate:.0%}, target {c.target:.0%})"
+                                                 for c in chosen[0]))
+    broadcast_object_list(chosen)
+    return chosen[0]
+
+
+def balanced_subset(dataset, seed: int = 0) -> Optional[Subset]:
+    """The same number of images from each (target, protected) cell of `dataset`, as many as its smallest
+    cell holds, drawn with a fixed seed; None when a cell is empty. On it, accuracy is the mean of the four
+    cells' accuracies, so a model that leans on the protected attribute scores no better than one that does
+    not (the full valid split, biased like train, would reward the shortcut)."""
+    cell = dataset.targets * 2 + dataset.protected_labels  # [n] in 0..3
+    order = torch.randperm(len(cell), generator=torch.Generator().manual_seed(seed))
+    size = min(int((cell == c).sum()) for c in range(4))
+    if size == 0:
+        return None
+    return Subset(dataset, sorted(i for c in range(4) for i in order[cell[order] == c][:size].tolist()))
+
+
+def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator: Accelerator, tracker,
+             generator: torch.Generator, state_dir: Optional[Path] = None) -> tuple[TwoHeadModel, dict[str, float]]:
+    """Stage 3 in place on `model` (θ and ρ); returns it (under ZeRO-3 a fresh whole copy: see `whole_model`)
+    and a summary of the epochs. φ stays frozen.
+
+    After every epoch (and once before the first) the model is evaluated on valid and on its balanced
+    subset; `finetune.select` says which epoch is kept. The summary holds `selected_epoch` and
+    `balanced_valid_DEO_swing`, the mean |DEO_e − DEO_(e−1)| on the balanced subset over consecutive
+    epochs (epoch 0 is the starting model): how much the fairness of the model jumps between epochs.
+
+    With `state_dir`, the full training state (with `generator`) is saved there at every epoch end, and a
+    state found there is resumed: the epoch after it restarts from its saved start (resume.py)."""
+    ft = cfg.finetune
+    if MODES.get(ft.mode).make_chunks is None:
+        return model, {}
+    stage = build_stage3(model, cfg, accelerator, generator, train_set, tracker)
+    summary, eps = stage.summary, stage.ctx.magnitudes
+    balanced = balanced_subset(valid_set)
+    if balanced is None and ft.select == "balanced_valid":
+        raise UserError("finetune.select=balanced_valid needs every (target, protected) combination in the "
+                        "valid split, and one is empty; use finetune.select=last")
+
+    def evaluate_balanced() -> dict[str, float]:
+        if balanced is None:  # no balanced subset: its metrics are undefined
+            return dict.fromkeys(HEADLINE, math.nan)
+        return evaluate(accelerator, model, balanced, ft.batch_size, num_workers=cfg.data.num_workers).report()
+
+    def epoch_work(epoch: int, batches: tqdm, progress: Progress) -> None:
+        diagnostics = stage.ctx.diagnostics = Diagnostics(len(eps), accelerator.device)
+        began = time.perf_counter()
+        for step, (x, y, a, _) in enumerate(batches, 1):
+            terms = stage.train_minibatch(x, y, a)
+            batches.set_postfix(loss=f"{terms['loss'].item():.3f}")
+            failpoint("finetune.step", epoch=epoch + 1, step=step)
+        metrics = diagnostics.summary(accelerator, eps, time.perf_counter() - began)
+        check_finite(f"finetune epoch {epoch + 1}", metrics.get("loss", 0.0), model, "finetune.lr", ft.lr)
+        valid = evaluate(accelerator, model, valid_set, ft.batch_size, num_workers=cfg.data.num_workers).report()
+        metrics.update({f"valid_{k}": v for k, v in valid.items()})
+        balanced_report = evaluate_balanced()
+        metrics.update({f"balanced_valid_{k}": balanced_report[k] for k in HEADLINE})
+        meta = progress.meta
+        meta["deo_history"].append(balanced_report["DEO"])
+        if ft.select == "balanced_valid" and balanced_report["ACC"] > meta["best_score"]:
+            meta["best_score"], meta["selected"] = balanced_report["ACC"], epoch + 1
+            progress.best = whole_state_dict(model)
+        tracker.log_metrics({f"finetune/{k}": v for k, v in metrics.items()}, step=epoch)
+        if accelerator.is_main_process:
+            shown = {k: metrics[k] for k in ("loss", "attack_success_rate", "valid_ACC", "valid_DEO", "balanced_valid_ACC",
+                                             "balanced_valid_DEO", "images_per_s")
+                     if k in metrics}
+            tqdm.write(f"finetune epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+
+    def start() -> Progress:  # the starting model's fairness on the balanced subset is epoch 0 of the swing
+        return Progress({"deo_history": [evaluate_balanced()["DEO"]], "best_score": -1.0, "selected": ft.epochs}, {})
+
+    progress = run_epochs("finetune", ft.epochs, stage.loader, accelerator, state_dir, start, epoch_work, generator)
+    deo_history = progress.meta["deo_history"]
+    steps = [abs(after - before) for before, after in zip(deo_history, deo_history[1:])]
+    summary.update(selected_epoch=progress.meta["selected"],
+                   balanced_valid_DEO_swing=sum(steps) / len(steps) if steps else 0.0)
+    tracker.log_metrics({f"finetune/{k}": v for k, v in summary.items()})
+    return whole_model(model, cfg.model.backbone, progress.best or None), summary
+

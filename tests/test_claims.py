@@ -1,0 +1,173 @@
+"""The claims table (tune/claims.py): selectors, paired differences against hand values, every verdict word,
+the forest plot, bad claims sections, and the claims study resolving to the trials it was designed with."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import matplotlib.image
+import pytest
+from scipy import stats as scipy_stats
+
+from distributed_asac.errors import UserError
+from tune.claims import (CONTRADICTED, NOT_DETECTABLE, SUPPORTED, claim_metrics, matches, measure, parse_claims,
+                         write_claims)
+from tune.records import TrialRecord
+from tune.report import write_report
+from tune.spec import load_sweep
+
+STRONG, MILD = {"synthetic_bias": 0.9, "root": "/d/strong"}, {"synthetic_bias": 0.6, "root": "/d/mild"}
+ASAC, PLAIN = {"mode": "asac", "attack": "fgsm"}, {"mode": "plain"}
+
+
+def record(data, finetune, seed, metrics, base=None, status="finished", **axes):
+    return TrialRecord(name=f"t-{seed}", axes={"data": data, "finetune": finetune, **axes, "seed": seed}, grids=["g"],
+                       status=status, model=finetune["mode"], metrics=metrics, base=base)
+
+
+def section(claims, tables=None):
+    return {"regimes": {"strong": {"data": {"synthetic_bias": 0.9}}, "mild": {"data": {"synthetic_bias": 0.6}}},
+            "tables": tables or {"main": ["strong", "mild"]}, "list": claims}
+
+
+def claim(id_, metric, expect, treatment, reference, **extra):
+    return {"id": id_, "claim": f"claim {id_}", "paper": "Table 1", "metric": metric, "expect": expect,
+            "treatment": treatment, "reference": reference, **extra}
+
+
+# Per seed (DEO of ASAC, DEO of plain, DEO of the base) in each regime, chosen so that each verdict is reached:
+# strong: ASAC − plain = −0.10 ± small (supported: lower); mild: ASAC − plain = +0.10 ± small (contradicted);
+# ASAC − base: alternating signs (not detectable).
+SEEDS = [0, 1, 2, 3, 4]
+STRONG_DEO = {"asac": [0.30, 0.31, 0.29, 0.30, 0.32], "plain": [0.40, 0.40, 0.40, 0.41, 0.41],
+              "base": [0.20, 0.41, 0.19, 0.42, 0.22]}
+MILD_DEO = {"asac": [0.20, 0.21, 0.22, 0.20, 0.21], "plain": [0.10, 0.10, 0.11, 0.10, 0.12],
+            "base": [0.10, 0.31, 0.12, 0.30, 0.11]}
+
+
+def records():
+    out = []
+    for data, deo in ((STRONG, STRONG_DEO), (MILD, MILD_DEO)):
+        for s in SEEDS:
+            base = {"DEO": deo["base"][s], "ACC": 80.0,
+                    "robustness": [{"eps": 0.0, "target_ACC": 80.0, "protected_ACC": 95.0},
+                                   {"eps": 0.05, "target_ACC": 60.0, "protected_ACC": 40.0}]}
+            robust = [{"eps": 0.0, "target_ACC": 82.0 + s, "protected_ACC": 96.0},
+                      {"eps": 0.05, "target_ACC": 70.0 + s, "protected_ACC": 30.0 + s}]
+            out.append(record(data, ASAC, s, {"DEO": deo["asac"][s], "ACC": 81.0, "robustness": robust}, base))
+            out.append(record(data, PLAIN, s, {"DEO": deo["plain"][s], "ACC": 81.0}, base))
+    out.append(record(STRONG, {"mode": "adv_augment"}, 0, {}, status="failed"))  # left out of every measurement
+    return out
+
+
+def t_half_width(differences):
+    n = len(differences)
+    sd = math.sqrt(sum((d - sum(differences) / n) ** 2 for d in differences) / (n - 1))
+    return scipy_stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+
+
+def test_matches_subset_of_section_axes_and_exact_values():
+    axes = {"data": STRONG, "finetune": {"mode": "asac", "attack": "fgsm", "eps_mode": "fixed"}, "alpha": 0.5, "seed": 0}
+    assert matches(axes, {"data": {"synthetic_bias": 0.9}, "finetune": {"mode": "asac"}})
+    assert not matches(axes, {"data": {"synthetic_bias": 0.6}})
+    assert not matches(axes, {"alpha": 0.3})
+    assert not matches(axes, {"order": "random"})  # an axis the trial does not have
+    assert not matches(axes, {"finetune": {"mode": "asac", "attack": "pgd"}})
+
+
+def test_each_verdict_word_and_the_paired_numbers():
+    claims = parse_claims("test", section([
+        claim("lowerDEO", "DEO", "lower", {"finetune": ASAC}, {"finetune": PLAIN}),
+        claim("vsBase", "DEO", "lower", {"finetune": ASAC}, "base"),
+        claim("twoSided", "DEO", "none", {"finetune": ASAC}, {"finetune": PLAIN}),
+        claim("fooled", "robust_protected_ACC_eps_0.05", "lower", {"finetune": ASAC}, "same",
+              reference_metric="robust_protected_ACC_eps_0"),
+        claim("robustM", "robust_target_ACC_eps_0.05", "higher", {"finetune": ASAC}, "base"),
+    ]))
+    got = {(m.claim.id, m.regime): m for m in measure(records(), claims)}
+    strong = got[("lowerDEO", "strong")]
+    differences = [a - p for a, p in zip(STRONG_DEO["asac"], STRONG_DEO["plain"])]
+    assert strong.interval.n == 5
+    assert strong.interval.estimate == pytest.approx(sum(differences) / 5)
+    assert strong.interval.half_width == pytest.approx(t_half_width(differences))
+    assert strong.verdict == SUPPORTED
+    assert got[("lowerDEO", "mild")].verdict == CONTRADICTED
+    assert got[("vsBase", "strong")].verdict == NOT_DETECTABLE
+    assert got[("twoSided", "strong")].verdict == "lower" and got[("twoSided", "mild")].verdict == "higher"
+    # The same model's ASAC accuracy of C (30 + s) against its clean accuracy (96): 66 − s points lower.
+    fooled = got[("fooled", "strong")]
+    assert fooled.interval.estimate == pytest.approx(sum(30 + s - 96 for s in SEEDS) / 5) and fooled.verdict == SUPPORTED
+    assert got[("robustM", "mild")].interval.estimate == pytest.approx(sum(70 + s - 60 for s in SEEDS) / 5)
+
+
+def test_one_seed_is_not_detectable_and_a_missing_setting_is_an_empty_cell():
+    claims = parse_claims("test", section([claim("C", "DEO", "lower", {"finetune": ASAC}, {"finetune": {"mode": "x"}}),
+                                           claim("D", "DEO", "lower", {"finetune": ASAC}, {"finetune": PLAIN})]))
+    one_seed = [r for r in records() if r.axes["seed"] == 0]
+    got = {(m.claim.id, m.regime): m for m in measure(one_seed, claims)}
+    assert got[("C", "strong")].interval is None
+    assert got[("D", "strong")].interval.n == 1 and got[("D", "strong")].verdict == NOT_DETECTABLE
+
+
+def test_ambiguous_selector_is_one_clear_error():
+    two_asacs = records() + [record(STRONG, {**ASAC, "eps_mode": "calibrated"}, 0, {"DEO": 0.1})]
+    claims = parse_claims("test", section([claim("C", "DEO", "lower", {"finetune": {"mode": "asac"}}, "base")]))
+    with pytest.raises(UserError, match="matches 2 settings"):
+        measure(two_asacs, claims)
+
+
+def test_claim_metrics_flattens_the_robustness_curve():
+    flat = claim_metrics({"DEO": 0.1, "note": "x", "flag": True, "nan": float("nan"),
+                          "robustness": [{"eps": 0.05, "target_ACC": 70.0, "protected_ACC": 30.0}]})
+    assert flat == {"DEO": 0.1, "robust_target_ACC_eps_0.05": 70.0, "robust_protected_ACC_eps_0.05": 30.0}
+
+
+def test_written_tables_csv_and_forest_plot(tmp_path):
+    claims = parse_claims("test", section(
+        [claim("C1", "DEO", "lower", {"finetune": ASAC}, "base"), claim("C2", "ACC", "higher", {"finetune": ASAC}, "base"),
+         claim("C5", "DEO", "lower", {"finetune": ASAC}, {"finetune": PLAIN})],
+        tables={"main": ["strong", "mild"], "strong only": ["strong"]}))
+    paths = write_report(records(), {"g": ["data", "finetune"]}, tmp_path, "Sweep test", claims)
+    report = (tmp_path / "report.md").read_text()
+    assert "### Claims table `main` (regimes: strong, mild)" in report and "### Claims table `strong only`" in report
+    line = next(row for row in report.splitlines() if row.startswith("| **C5**"))
+    assert line.count("**supported**") == 1 and line.count("**contradicted**") == 1
+    with (tmp_path / "claims.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * 2 and {r["verdict"] for r in rows} >= {SUPPORTED, CONTRADICTED}
+    image = matplotlib.image.imread(tmp_path / "claims_forest.png")
+    assert image.ndim == 3 and image.shape[0] > 100
+    assert tmp_path / "claims_forest.png" in paths
+
+
+def test_write_claims_without_any_finished_trial(tmp_path):
+    claims = parse_claims("test", section([claim("C1", "DEO", "lower", {"finetune": ASAC}, "base")]))
+    markdown, paths = write_claims([], claims, tmp_path)
+    assert "| **C1**" not in markdown and all(p.is_file() for p in paths)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.pop("tables"), "exactly 'regimes', 'tables' and 'list'"),
+    (lambda s: s["tables"].update(extra=["nowhere"]), "claims table 'extra' must list regimes"),
+    (lambda s: s["list"][0].update(expect="smaller"), "'expect' must be one of lower, higher, none"),
+    (lambda s: s["list"][0].update(colour="red"), "unknown key 'colour'"),
+    (lambda s: s["list"][0].pop("metric"), "missing 'metric'"),
+    (lambda s: s["list"][0].update(reference="same"), "give 'reference_metric'"),
+    (lambda s: s["list"].append(dict(s["list"][0])), "names a claim id twice: C1"),
+])
+def test_bad_claims_section(change, message):
+    data = section([claim("C1", "DEO", "lower", {"finetune": ASAC}, "base")])
+    change(data)
+    with pytest.raises(UserError, match=message):
+        parse_claims("claims.yaml", data)
+
+
+def test_claims_study_resolves_to_its_designed_trials():
+    """configs/sweeps/claims.yaml: 26 fine-tuned settings × 5 seeds (the default ASAC trial is shared by five
+    grids), one base per data setting and seed (4 × 5), and every claim resolving to one setting per regime."""
+    sweep = load_sweep("configs/sweeps/claims.yaml")
+    assert len(sweep.trials) == 26 * 5
+    assert len({t.base_key for t in sweep.trials}) == 4 * 5
+    assert [c.id for c in sweep.claims.claims][:2] == ["C1", "C2"] and len(sweep.claims.claims) == 20
+    assert sweep.claims.tables == {"main": ["strong", "mild"], "cue": ["strong", "beard_0.5", "beard_0.25"]}

@@ -1,0 +1,325 @@
+"""The claims table: each claim of the paper as a paired difference over seeds, in each regime, with a verdict.
+
+A sweep file may hold a `claims:` section (configs/sweeps/claims.yaml is the study that uses it):
+
+    claims:
+      regimes:                 # named slices of the trials, selected by axis values (see `matches`)
+        strong: {data: {synthetic_bias: 0.9}}
+        mild: {data: {synthetic_bias: 0.6}}
+      tables:                  # one table per entry: its regime columns, in order
+        main: [strong, mild]
+      list:
+        - id: C1
+          claim: ASAC (FGSM) lowers DEO against the base
+          paper: "Table 1, Smile: 0.050 vs 0.088"
+          metric: DEO
+          expect: lower        # lower | higher | none (no direction claimed: the verdict names the sign)
+          treatment: {finetune: {mode: asac, attack: fgsm}}
+          reference: base      # base (the trial's own base model) | same (the same trial, another metric:
+                               # give reference_metric) | a selector of another setting, paired by seed
+
+In each regime a claim's measurement is the mean over seeds of treatment − reference, each seed's pair
+sharing its base model and test images, with the 95% Student-t interval of the per-seed differences
+(`stats.paired_difference`). Verdict: `supported` when the interval lies wholly on the claimed side of 0,
+`contradicted` when it lies wholly on the other side, `not detectable` otherwise (and always with fewer than
+two seeds). A selector that matches several settings in a regime is an error, one that matches none leaves
+the cell empty.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Optional
+
+from distributed_asac.errors import UserError
+from distributed_asac.stats import HIGHER, LOWER, Interval, paired_difference
+
+if TYPE_CHECKING:
+    from .records import TrialRecord
+
+EXPECT = ("lower", "higher", "none")
+SUPPORTED, CONTRADICTED, NOT_DETECTABLE = "supported", "contradicted", "not detectable"
+_CLAIM_KEYS = {"id", "claim", "paper", "metric", "expect", "treatment", "reference", "reference_metric"}
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: str
+    claim: str  # the claim in words
+    paper: str  # the paper's evidence for it
+    metric: str  # a trial metric (see `claim_metrics`)
+    expect: str  # lower | higher | none: the sign of treatment − reference that the claim predicts
+    treatment: dict[str, Any]  # selector of the treatment setting
+    reference: Any  # "base", "same", or a selector of the reference setting
+    reference_metric: Optional[str] = None  # the reference's metric; None: `metric`
+
+
+@dataclass(frozen=True)
+class Claims:
+    regimes: dict[str, dict[str, Any]]  # regime → selector
+    tables: dict[str, list[str]]  # table → its regimes
+    claims: list[Claim]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"regimes": self.regimes, "tables": self.tables, "list": [asdict(c) for c in self.claims]}
+
+
+@dataclass(frozen=True)
+class Measurement:
+    claim: Claim
+    regime: str
+    interval: Optional[Interval]  # None: no trial in this regime matches the claim
+    verdict: str
+
+
+def parse_claims(where: str, data: Any) -> Claims:
+    """The `claims:` section of a sweep file (UserError naming `where` and the key on any problem)."""
+    if not isinstance(data, dict) or set(data) != {"regimes", "tables", "list"}:
+        raise UserError(f"{where}: 'claims' must hold exactly 'regimes', 'tables' and 'list'")
+    regimes, tables, items = data["regimes"], data["tables"], data["list"]
+    if not isinstance(regimes, dict) or not regimes or not all(isinstance(s, dict) for s in regimes.values()):
+        raise UserError(f"{where}: 'claims.regimes' must map regime names to selectors such as "
+                        "{data: {synthetic_bias: 0.9}}")
+    if not isinstance(tables, dict) or not tables:
+        raise UserError(f"{where}: 'claims.tables' must map table names to lists of regime names")
+    for name, columns in tables.items():
+        unknown = [r for r in columns or [] if r not in regimes] if isinstance(columns, list) else None
+        if not columns or unknown is None or unknown:
+            raise UserError(f"{where}: claims table {name!r} must list regimes of 'claims.regimes' "
+                            f"({', '.join(regimes)}); got {columns!r}")
+    if not isinstance(items, list) or not items:
+        raise UserError(f"{where}: 'claims.list' must be a non-empty list of claims")
+    claims = [_claim(where, item) for item in items]
+    ids = [c.id for c in claims]
+    if len(set(ids)) != len(ids):
+        raise UserError(f"{where}: 'claims.list' names a claim id twice: {sorted(i for i in ids if ids.count(i) > 1)[0]}")
+    return Claims({str(k): v for k, v in regimes.items()}, {str(k): list(v) for k, v in tables.items()}, claims)
+
+
+def _claim(where: str, item: Any) -> Claim:
+    if not isinstance(item, dict) or "id" not in item:
+        raise UserError(f"{where}: each entry of 'claims.list' must be a mapping with an 'id'; got {item!r}")
+    here = f"{where}: claim {item['id']!r}"
+    unknown = set(item) - _CLAIM_KEYS
+    missing = {"claim", "paper", "metric", "expect", "treatment", "reference"} - set(item)
+    if unknown or missing:
+        raise UserError(f"{here}: {'unknown key ' + repr(sorted(unknown)[0]) if unknown else 'missing ' + repr(sorted(missing)[0])}"
+                        f" (a claim has {', '.join(sorted(_CLAIM_KEYS))})")
+    if item["expect"] not in EXPECT:
+        raise UserError(f"{here}: 'expect' must be one of {', '.join(EXPECT)}; got {item['expect']!r}")
+    if not isinstance(item["treatment"], dict) or not item["treatment"]:
+        raise UserError(f"{here}: 'treatment' must be a selector mapping axes to values, e.g. {{order: random}}")
+    reference = item["reference"]
+    if reference not in ("base", "same") and not (isinstance(reference, dict) and reference):
+        raise UserError(f"{here}: 'reference' must be base, same, or a selector mapping axes to values")
+    if reference == "same" and not item.get("reference_metric"):
+        raise UserError(f"{here}: 'reference: same' compares two metrics of one trial: give 'reference_metric'")
+    return Claim(str(item["id"]), str(item["claim"]), str(item["paper"]), str(item["metric"]), item["expect"],
+                 item["treatment"], reference, item.get("reference_metric"))
+
+
+def matches(axes: dict[str, Any], selector: dict[str, Any]) -> bool:
+    """Whether a trial's axes hold every value of the selector; a mapping value (a section axis such as
+    `data` or `finetune`) matches when each of its keys has the selector's value."""
+    for axis, wanted in selector.items():
+        if axis not in axes:
+            return False
+        value = axes[axis]
+        if isinstance(wanted, dict):
+            if not isinstance(value, dict) or any(k not in value or value[k] != v for k, v in wanted.items()):
+                return False
+        elif value != wanted:
+            return False
+    return True
+
+
+def _setting(axes: dict[str, Any]) -> str:
+    return json.dumps({a: v for a, v in axes.items() if a != "seed"}, sort_keys=True)
+
+
+def select(records: Iterable[Any], regime: dict[str, Any], selector: dict[str, Any], where: str) -> dict[Any, Any]:
+    """seed → the one record of `regime` matching `selector` (trial records or the sweep's trials: anything with
+    `axes`); UserError when the selector does not single out one setting."""
+    chosen = [r for r in records if matches(r.axes, regime) and matches(r.axes, selector)]
+    settings = {_setting(r.axes) for r in chosen}
+    if len(settings) > 1:
+        raise UserError(f"{where}: the selector {json.dumps(selector)} matches {len(settings)} settings; "
+                        f"add an axis value that tells them apart (e.g. {sorted(settings)[0]})")
+    return {r.axes.get("seed"): r for r in chosen}
+
+
+def check_claims(claims: Claims, trials: list[Any], where: str) -> None:
+    """Every selector singles out at most one setting in each regime, and every claim is measured somewhere."""
+    for claim in claims.claims:
+        found = False
+        for name, regime in claims.regimes.items():
+            here = f"{where}: claim {claim.id!r}, regime {name!r}"
+            treated = select(trials, regime, claim.treatment, here)
+            if isinstance(claim.reference, dict):
+                found |= bool(treated) and bool(select(trials, regime, claim.reference, here))
+            else:
+                found |= bool(treated)
+        if not found:
+            raise UserError(f"{where}: claim {claim.id!r} matches no trial in any regime; check its selectors "
+                            "against the grids (python tune/sweep.py --dry-run lists the trials' axes)")
+
+
+def claim_metrics(results: Optional[dict[str, Any]]) -> dict[str, float]:
+    """A model's finite scalar results, plus its robustness curve flattened as `robust_<column>_eps_<ε>`
+    (the names its MLflow metrics have)."""
+    out = {k: float(v) for k, v in (results or {}).items()
+           if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    for point in (results or {}).get("robustness", []):
+        out.update({f"robust_{k}_eps_{point['eps']:g}": float(v) for k, v in point.items() if k != "eps"})
+    return out
+
+
+def verdict(interval: Optional[Interval], expect: str) -> str:
+    """supported / contradicted / not detectable for a directional claim; lower / higher / no detectable
+    difference (the interval's own verdict) when `expect` is none."""
+    if interval is None or interval.n < 2 or math.isnan(interval.low):
+        return NOT_DETECTABLE if expect != "none" else "n/a"
+    side = interval.verdict()
+    if expect == "none":
+        return side
+    if side not in (LOWER, HIGHER):
+        return NOT_DETECTABLE
+    return SUPPORTED if side == expect else CONTRADICTED
+
+
+def measure(records: list[TrialRecord], claims: Claims) -> list[Measurement]:
+    """Every claim in every regime, from the finished trial records."""
+    finished = [r for r in records if r.status == "finished"]
+    out = []
+    for claim in claims.claims:
+        reference_metric = claim.reference_metric or claim.metric
+        for name, regime in claims.regimes.items():
+            here = f"claim {claim.id!r}, regime {name!r}"
+            treated = select(finished, regime, claim.treatment, here)
+            if claim.reference == "base":
+                references = {seed: r.base for seed, r in treated.items()}
+            elif claim.reference == "same":
+                references = {seed: r.metrics for seed, r in treated.items()}
+            else:
+                references = {seed: r.metrics for seed, r in select(finished, regime, claim.reference, here).items()}
+            pairs = [(claim_metrics(treated[s].metrics).get(claim.metric),
+                      claim_metrics(references[s]).get(reference_metric))
+                     for s in sorted(treated, key=str) if s in references]
+            pairs = [(t, r) for t, r in pairs if t is not None and r is not None]
+            interval = paired_difference([t for t, _ in pairs], [r for _, r in pairs]) if pairs else None
+            out.append(Measurement(claim, name, interval, verdict(interval, claim.expect)))
+    return out
+
+
+def _cell(m: Measurement) -> str:
+    if m.interval is None:
+        return "—"
+    digits = 2 if abs(m.interval.estimate) >= 1 or "ACC" in m.claim.metric else 3
+    spread = "" if m.interval.n < 2 else f" ± {m.interval.half_width:.{digits}f}"
+    return f"{m.interval.estimate:+.{digits}f}{spread} (n={m.interval.n}) **{m.verdict}**"
+
+
+def claims_table(measurements: list[Measurement], claims: Claims, table: str) -> str:
+    """One table's markdown: claim | the paper's evidence | metric | per regime: Δ ± 95% t half-width, verdict.
+    Claims measured in none of the table's regimes are left out."""
+    columns = claims.tables[table]
+    cells = {(m.claim.id, m.regime): m for m in measurements}
+    lines = ["| Claim | The paper's evidence | Measured (treatment − reference) | "
+             + " | ".join(columns) + " |", "|" + "---|" * (3 + len(columns))]
+    for claim in claims.claims:
+        row = [cells[(claim.id, r)] for r in columns]
+        if all(m.interval is None for m in row):
+            continue
+        reference = (f"{claim.reference_metric or claim.metric} of the base model" if claim.reference == "base" else
+                     f"{claim.reference_metric} of the same model" if claim.reference == "same" else
+                     _selector_text(claim.reference))
+        lines.append(f"| **{claim.id}** {claim.claim} | {claim.paper} | {claim.metric}: "
+                     f"{_selector_text(claim.treatment)} − {reference} | " + " | ".join(map(_cell, row)) + " |")
+    return "\n".join(lines)
+
+
+def _selector_text(selector: dict[str, Any]) -> str:
+    parts = []
+    for axis, value in selector.items():
+        if isinstance(value, dict):
+            parts += [f"{k}={_value_text(v)}" for k, v in value.items()]
+        else:
+            parts.append(f"{axis}={_value_text(value)}")
+    return ", ".join(parts)
+
+
+def _value_text(value: Any) -> str:
+    return "{" + ", ".join(map(str, value)) + "}" if isinstance(value, list) else str(value)
+
+
+def plot_forest(measurements: list[Measurement], claims: Claims, path: Path) -> Path:
+    """Each claim's paired difference with its 95% interval, one marker per regime; one panel per metric
+    family so that DEO-scale and accuracy-scale differences keep their own axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [m for m in measurements if m.interval is not None]
+    panels = sorted({_scale(m.claim.metric) for m in shown}) or ["difference"]
+    regimes = list(claims.regimes)
+    rows = list(dict.fromkeys(m.claim.id for m in shown))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.45 * max(len(rows), 4) + 1.5),
+                             dpi=120, squeeze=False)
+    colours = dict(zip(regimes, plt.rcParams["axes.prop_cycle"].by_key()["color"] * len(regimes)))
+    for ax, panel in zip(axes[0], panels):
+        ids = [c for c in rows if any(m.claim.id == c and _scale(m.claim.metric) == panel for m in shown)]
+        for row, claim_id in enumerate(ids):
+            here = [m for m in shown if m.claim.id == claim_id]  # in regime order; centred on the claim's tick
+            for k, m in enumerate(here):
+                spread = 0.0 if math.isnan(m.interval.low) else m.interval.half_width
+                ax.errorbar([m.interval.estimate], [row + (k - (len(here) - 1) / 2) * 0.22], xerr=[spread], fmt="o",
+                            capsize=3, markersize=4, color=colours[m.regime])
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(ids)))
+        ax.set_ylim(max(len(ids), 1) - 0.5, -0.5)  # first claim on top
+        ax.set_yticklabels([f"{c}: {next(m.claim.metric for m in shown if m.claim.id == c)}" for c in ids], fontsize=7)
+        ax.set_xlabel(f"treatment − reference ({panel})")
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colours[r]) for r in regimes]
+    axes[0][0].legend(handles, regimes, fontsize=7, title="regime", title_fontsize=7)
+    fig.suptitle("Claims: paired difference over seeds, 95% t-interval", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _scale(metric: str) -> str:
+    return "accuracy points" if "ACC" in metric else "share" if "share" in metric else "fairness gap"
+
+
+def write_claims(records: list[TrialRecord], claims: Claims, out_dir: Path) -> tuple[str, list[Path]]:
+    """claims.md (every table), claims.csv (one line per claim and regime) and claims_forest.png in `out_dir`;
+    returns the markdown and the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    measurements = measure(records, claims)
+    sections = ["## Claims", "",
+                "Each cell: mean over seeds of treatment − reference, paired by seed (same base model and test images), "
+                "± half-width of the 95% Student-t interval of the per-seed differences, the number of seeds, and the "
+                "verdict: **supported** / **contradicted** when the interval lies wholly on the claimed / the other side "
+                "of 0, **not detectable** otherwise; for a claim without a direction, the sign found.", ""]
+    for table, columns in claims.tables.items():
+        sections += [f"### Claims table `{table}` (regimes: {', '.join(columns)})", "",
+                     claims_table(measurements, claims, table), ""]
+    sections += ["![claims forest plot](claims_forest.png)", ""]
+    markdown = "\n".join(sections)
+    (out_dir / "claims.md").write_text(markdown)
+    with (out_dir / "claims.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["claim", "regime", "metric", "expect", "estimate", "ci95_low", "ci95_high", "seeds", "verdict"])
+        for m in measurements:
+            i = m.interval
+            writer.writerow([m.claim.id, m.regime, m.claim.metric, m.claim.expect, *(
+                (i.estimate, i.low, i.high, i.n) if i is not None else ("", "", "", 0)), m.verdict])
+    return markdown, [out_dir / "claims.md", out_dir / "claims.csv",
+                      plot_forest(measurements, claims, out_dir / "claims_forest.png")]

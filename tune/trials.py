@@ -1,0 +1,353 @@
+"""Running the trials: each trial's job, the base models they share, and every Ray call of the sweep.
+
+A trial runs the CLI's own `pipeline.run` on a cached base model: its config is
+`load_config(job.base_config, job.overrides + [output_dir=<its folder>, base_checkpoint=<the cached base>])`,
+its record is written last (records.py). With `resources.processes > 1` it runs `python -m
+accelerate.commands.launch --multi_gpu --num_processes N -m tune.trials <job.json>` on the GPUs Ray gave it
+(CPU: gloo, with ACCELERATE_USE_CPU=true); every rank calls the same `pipeline.run` and rank 0 writes the
+outcome.
+
+Base models: stages 1–2 are trained once per distinct base and shared by every trial that needs it. An entry
+is `<output_dir>/base_cache/<key>/` (the key: `spec.base_key`). Inside: the base run's folder (whose `probe/` is
+the checkpoint stage 3 starts from) and `base.json`, written last and atomically, so an entry without it is
+unfinished and is rebuilt. A file lock per entry makes concurrent builders (two sweeps sharing a cache, or
+tasks on a cluster with a shared file system) train it once.
+
+Ray is imported by the functions that start it, so `--dry-run`, `--report` and the tests of the sweep file
+never pay for it. Locally Ray runs without a dashboard, with its session files under an explicit temp folder
+($ASAC_RAY_TEMP_DIR; default: inside a private <tmp>/asac-ray-* made per sweep) and is shut down in a
+`finally`, on Ctrl-C too. A watchdog process (tune/watchdog.py) then kills what is left of this Ray and removes
+the folder the sweep made, also when the driver was killed with SIGKILL. Every local service listens on
+127.0.0.1 only and requires a token (`local_ray_environment`, which must run before Ray is imported).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from filelock import FileLock
+
+from distributed_asac.config import Config, load_config
+from distributed_asac.errors import UserError
+from distributed_asac.failpoints import failpoint
+from distributed_asac.files import atomic_write
+from distributed_asac.runtime import close_process_group
+
+from . import watchdog
+from .records import TrialRecord, label_trial, read_record, write_record
+from .spec import Resources, base_fields, base_key
+
+REPO = Path(__file__).resolve().parents[1]
+OUTCOME = "outcome.json"  # what rank 0 of a launched trial hands back to the trial process
+CACHE_DIR = "base_cache"
+ENTRY_FILE = "base.json"
+TEMP_DIR_ENV = "ASAC_RAY_TEMP_DIR"
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-machine mode, node IP 127.0.0.1
+
+
+@dataclass
+class TrialJob:
+    """One trial as the driver hands it to Ray and to a launched trial's processes (as JSON)."""
+
+    name: str  # the trial's name: its folder, Ray trial and MLflow run
+    base_config: str  # the experiment YAML every trial starts from
+    overrides: list[str]  # its load_config overrides (absolute paths, tracking URI and seed included)
+    folder: str  # <sweep>/trials/<name>/: the pipeline's output_dir and trial.json
+    parent_run_id: str  # the sweep's MLflow parent run ...
+    tracking_uri: str  # ... and store
+    experiment: str  # the MLflow experiment
+    resources: Resources  # what it reserves; processes > 1 launches Accelerate inside the trial
+    axes: dict[str, Any]  # what the MLflow run and the report show
+    grids: list[str]
+    key: Optional[str]  # its cached base; None when the trial names its own base_checkpoint
+    output_dir: str  # the sweep's output_dir: holds base_cache/
+    base: Optional[dict[str, Any]] = None  # the cache entry {checkpoint, results}, or {error} if building failed
+    variants: Optional[list[dict]] = None  # pipeline.run's variants (None: the config's own fine-tune)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrialJob:
+        return cls(**{**data, "resources": Resources(**data["resources"])})
+
+
+class TrialFailed(RuntimeError):
+    """Raised to Ray after the failure is recorded, so that Ray shows the trial as errored too."""
+
+
+def load_trial_config(job: TrialJob) -> Config:
+    return load_config(job.base_config, job.overrides)
+
+
+def run_trial(job: TrialJob) -> dict[str, Any]:
+    """Run one trial unless its record says it finished; return its final metrics.
+
+    The record is written last: a trial killed before that is unfinished, and `--resume` removes its MLflow
+    run and runs it again. A trial that raises gets a FAILED MLflow run with its error, a `failed` record and
+    an `error.txt` traceback, and then raises `TrialFailed`.
+    """
+    folder = Path(job.folder)
+    done = read_record(folder)
+    if done is not None and done.status == "finished":
+        return done.metrics  # a resumed sweep never retrains a finished trial
+    folder.mkdir(parents=True, exist_ok=True)
+    record = TrialRecord(job.name, job.axes, job.grids, "pending", base=(job.base or {}).get("results", {}).get("base"),
+                         started=time.time())
+    try:
+        outcome = call_pipeline(_with_base(job, folder))
+        [(record.model, record.metrics)] = outcome["results"].items()  # the one fine-tuned model of the trial
+        record.status, record.run_dir = "finished", outcome["run_dir"]
+    except Exception as err:  # any error of a trial is its result, and the sweep goes on
+        (folder / "error.txt").write_text(traceback.format_exc())
+        record.status, record.error = "failed", f"{type(err).__name__}: {err}"
+    record.seconds = round(time.time() - record.started, 1)
+    failpoint("trial.before_record", status=record.status)
+    record.mlflow_run_ids = label_trial(job, record)
+    write_record(folder, record)
+    if record.status == "failed":
+        raise TrialFailed(f"trial {job.name} failed: {record.error}")
+    return record.metrics
+
+
+def _with_base(job: TrialJob, folder: Path) -> TrialJob:
+    """The job with the trial's own output folder and its cached base checkpoint added to the overrides."""
+    base = job.base or {}  # empty when the trial names its own base_checkpoint
+    if "error" in base:
+        raise RuntimeError(f"its base model could not be trained: {base['error']}")
+    extra = [f"output_dir={json.dumps(str(folder))}"]
+    if "checkpoint" in base:
+        extra.append(f"base_checkpoint={json.dumps(base['checkpoint'])}")
+    return replace(job, overrides=[*job.overrides, *extra])
+
+
+def call_pipeline(job: TrialJob) -> dict[str, Any]:
+    """`pipeline.run(load_config(...), variants, parent_run_id)` here, or under `accelerate launch` when the job
+    asks for several processes; returns {run_dir, results}."""
+    if job.resources.processes > 1:
+        return _launch(job)
+    import torch
+
+    from distributed_asac import pipeline
+
+    # One thread per reserved CPU: trials share the machine, and oversubscribed BLAS threads slow all of them.
+    torch.set_num_threads(max(1, int(job.resources.cpu)))
+    out = pipeline.run(load_trial_config(job), variants=job.variants, parent_run_id=job.parent_run_id)
+    return {"run_dir": str(out.run_dir), "results": {k: v for k, v in out.results.items() if k != "probe"}}
+
+
+def _launch(job: TrialJob) -> dict[str, Any]:
+    folder, processes = Path(job.folder), job.resources.processes
+    folder.mkdir(parents=True, exist_ok=True)
+    job_path, outcome_path, log_path = folder / "job.json", folder / OUTCOME, folder / "launch.log"
+    outcome_path.unlink(missing_ok=True)
+    # Each launched process runs the in-process path with its share of the trial's CPUs.
+    share = Resources(cpu=max(1.0, job.resources.cpu // processes), gpu=job.resources.gpu, processes=1)
+    job_path.write_text(json.dumps(asdict(replace(job, resources=share)), allow_nan=True))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    if job.resources.gpu == 0:
+        env["ACCELERATE_USE_CPU"] = "true"  # else --multi_gpu on CPU starts ranks that never talk (README, "Running stage 3")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
+               "-m", "tune.trials", str(job_path)]
+    with log_path.open("w") as log:
+        code = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
+    if code != 0 or not outcome_path.is_file():
+        tail = log_path.read_text().strip().splitlines()[-5:]
+        raise RuntimeError(f"accelerate launch exited with status {code} (log: {log_path}): " + " | ".join(tail))
+    return json.loads(outcome_path.read_text())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---- the base-model cache ----
+
+def entry_dir(output_dir: str | Path, key: str) -> Path:
+    return Path(output_dir) / CACHE_DIR / key
+
+
+def read_entry(folder: Path) -> Optional[dict[str, Any]]:
+    """The finished entry's {key, checkpoint, results, fields}, or None if it was never finished."""
+    path = folder / ENTRY_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def ensure_base(job: TrialJob) -> dict[str, Any]:
+    """Return the cache entry for `job`'s base, training stages 1–2 first if no finished entry exists: the same
+    `pipeline.run` as the CLI, with only the `base` variant, nested under the sweep's parent run."""
+    folder = entry_dir(job.output_dir, job.key)
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / ".lock")):
+        entry = read_entry(folder)
+        if entry is not None:
+            return entry
+        build = replace(job, overrides=[*job.overrides, f"output_dir={json.dumps(str(folder))}", "base_checkpoint=null"],
+                        variants=[{"mode": "base"}], folder=str(folder))
+        cfg = load_trial_config(build)
+        if base_key(cfg) != job.key:
+            raise RuntimeError(f"base key mismatch for {folder}: the trial's config hashes to {base_key(cfg)}")
+        outcome = call_pipeline(build)
+        entry = {"key": job.key, "checkpoint": str(Path(outcome["run_dir"]) / "probe"),
+                 "results": outcome["results"], "fields": base_fields(cfg)}
+        atomic_write(folder / ENTRY_FILE, json.dumps(entry, indent=2, allow_nan=True))
+        return entry
+
+
+def prepare_data(configs: list[Config]) -> None:
+    """Generate each synthetic dataset once, in the driver, before any base or trial reads it.
+
+    Concurrent runs pointing at one `data.root` would otherwise all start generating into it; two different
+    generated datasets sharing a root would overwrite each other, so that is refused.
+    """
+    from distributed_asac.data.datasets import generate_synthetic, synthetic_arguments
+
+    wanted: dict[str, Any] = {}  # data.root → the data config that generates it
+    for cfg in configs:
+        if cfg.data.name != "synthetic":
+            continue
+        first = wanted.setdefault(cfg.data.root, cfg.data)
+        if synthetic_arguments(first) != synthetic_arguments(cfg.data):
+            raise UserError(f"two generated datasets with different settings share data.root {cfg.data.root!r}; "
+                            "give each its own data.root")
+    for data in wanted.values():
+        generate_synthetic(data)
+
+
+# ---- Ray ----
+
+def local_ray_environment() -> None:
+    """Settings of a local Ray, read when Ray is imported: every service listens on 127.0.0.1 only (Ray's
+    single-machine mode, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which makes the node IP the loopback address),
+    and token authentication with a fresh random token that lives only in the environment of this process
+    tree (no token file). A cluster (--address) keeps its own settings: see README.md, Ablation sweeps."""
+    wanted = {LOOPBACK_ENV: "0", "RAY_AUTH_MODE": "token"}
+    if all(os.environ.get(k) == v for k, v in wanted.items()) and os.environ.get("RAY_AUTH_TOKEN"):
+        return  # made earlier in this process (a second sweep)
+    if "ray" in sys.modules:
+        raise RuntimeError("Ray was imported before its local settings were made")
+    os.environ.update(wanted, RAY_AUTH_TOKEN=secrets.token_hex(32))
+
+
+def _ray():
+    """Ray, imported after the settings it reads at import: no usage reporting, and trials keep the driver's
+    working directory instead of a per-trial one. Authentication: a local sweep's own token
+    (`local_ray_environment`); joining a cluster, the cluster's setting from the environment, else off (Ray's
+    default token mode would write a token file into the home folder)."""
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+    import ray
+
+    return ray
+
+
+@contextmanager
+def ray_session(address: Optional[str]) -> Iterator[None]:
+    """A local Ray instance (address None) or a connection to `address` ('auto', 'ray://head:10001')."""
+    ray = _ray()
+    with ExitStack() as made:  # the watchdog's clean-up runs after Ray's shutdown
+        if address is None:
+            if os.environ.get(LOOPBACK_ENV) != "0" or os.environ.get("RAY_AUTH_MODE") != "token":
+                raise RuntimeError("a local Ray needs tune.trials.local_ray_environment() before Ray is imported")
+            # Local workers inherit the driver's environment: this makes `tune.*` importable in them.
+            os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+            # Ray makes its temp folder world-writable (0777): by default it goes inside a folder private to
+            # the user (0700) made for this sweep, which the watchdog removes.
+            private = None if os.environ.get(TEMP_DIR_ENV) else tempfile.mkdtemp(prefix="asac-ray-")
+            made.callback(watchdog.stop, watchdog.start(private))
+            folder = os.environ.get(TEMP_DIR_ENV) or os.path.join(private, "r")
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=folder,
+                     logging_level=logging.WARNING)
+        else:
+            # Remote nodes get the `tune` package shipped with the job; distributed_asac must be installed there.
+            ray.init(address=address, runtime_env={"py_modules": [str(REPO / "tune")]},
+                     logging_level=logging.WARNING)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+def check_resources(res: Resources) -> None:
+    """Refuse a trial that no node can ever hold (Tune would otherwise wait for it forever)."""
+    cluster = _ray().cluster_resources()
+    for name, want in (("CPU", res.cpu), ("GPU", res.gpu)):
+        if want > cluster.get(name, 0):
+            raise UserError(f"resources: a trial asks for {want:g} {name} but the Ray cluster has "
+                            f"{cluster.get(name, 0):g}; lower 'resources' in the sweep file")
+
+
+def build_bases(jobs: list[TrialJob], res: Resources) -> dict[str, dict[str, Any]]:
+    """Run `ensure_base` for each job as a Ray task with a trial's resources; key → entry, or {error}."""
+    ray = _ray()
+    remote = ray.remote(ensure_base).options(num_cpus=res.cpu, num_gpus=res.gpu, max_retries=0)
+    refs = {job.key: remote.remote(job) for job in jobs}
+    entries = {}
+    for key, ref in refs.items():
+        try:
+            entries[key] = ray.get(ref)
+        except ray.exceptions.RayError as err:
+            cause = getattr(err, "cause", None) or err
+            entries[key] = {"error": f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:500]}"}
+    return entries
+
+
+def _trainable(config: dict[str, Any], jobs: dict[str, TrialJob]) -> None:
+    from ray import tune
+
+    metrics = run_trial(jobs[config["trial"]])
+    tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+
+def run_trials(jobs: list[TrialJob], res: Resources, max_concurrent: Optional[int], storage: Path, name: str) -> None:
+    """One Tune run over `jobs`: a grid search over the trial names (so names and order are ours, and Tune's
+    progress table shows one short column), the jobs themselves handed over through the object store."""
+    _ray()
+    from ray import tune
+
+    trainable = tune.with_parameters(_trainable, jobs={job.name: job for job in jobs})
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": res.cpu, "gpu": res.gpu}),
+        param_space={"trial": tune.grid_search([job.name for job in jobs])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, trial_name_creator=_trial_name,
+                                    trial_dirname_creator=_trial_name),
+        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+    tuner.fit()
+
+
+def _trial_name(trial) -> str:
+    return trial.config["trial"]
+
+
+def main(argv: list[str]) -> None:
+    """Entry of each process of a launched trial: run the job; rank 0 writes the outcome."""
+    from accelerate import PartialState
+
+    from distributed_asac.logs import setup_logging
+
+    setup_logging()
+    job = TrialJob.from_dict(json.loads(Path(argv[0]).read_text()))
+    outcome = call_pipeline(job)
+    if PartialState().is_main_process:
+        atomic_write(Path(job.folder) / OUTCOME, json.dumps(outcome, allow_nan=True))
+    close_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
