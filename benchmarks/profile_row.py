@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_common_arguments(parser, repeats=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    smoke = ["data.synthetic_num_images=200", "data.image_size=16", "base.epochs=1", "probe.epochs=1",
+    smoke = ["data.synthetic_num_images=200", "data.image_size=32", "base.epochs=1", "probe.epochs=1",
              "finetune.pgd_steps=2"] if args.smoke else []
     with tempfile.TemporaryDirectory(prefix="profile-row-") as tmp:
         overrides = [f"output_dir={tmp}", "tracking.enabled=false", "seeds=null", "analysis.ig_images=0",
