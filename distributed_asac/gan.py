@@ -26,7 +26,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                         "seed into the cache (or reuse it there) and print its file")
     parser.add_argument("--config", help="experiment YAML (see configs/); defaults: the CPU demo")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. gan.epochs=5")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # `train --config x.yaml k=v`: the overrides follow the option
     with exit_on_user_error():
         cfg = load_config(args.config, args.overrides)
         if cfg.gan.checkpoint:
