@@ -85,7 +85,7 @@ def check_outputs(model: TwoHeadModel, ours: dict[str, torch.Tensor], theirs: di
 
 
 def bench_backbone(backbone: str, k: int, size: int, steps: int, repeats: int, layout: str, clock: str,
-                   torchattacks) -> dict[str, Any]:
+                   attacks: list[str], torchattacks) -> dict[str, Any]:
     torch.manual_seed(0)
     model = create_model(backbone).eval().requires_grad_(False)  # as stage 3's frozen snapshot of C
     x = torch.rand(k, 3, size, size, generator=torch.Generator().manual_seed(1))
@@ -112,12 +112,13 @@ def bench_backbone(backbone: str, k: int, size: int, steps: int, repeats: int, l
         "pgd": lambda: pgd(model.protected_logits, x, a, eps, steps=steps),
         "torchattacks_pgd": lambda: torchattacks_per_eps(ta_pgd, x, a, per_call["pgd"], clock),
     }
-    times = interleaved(contenders, repeats, clock=clock)
+    timed = {name: fn for name, fn in contenders.items() if name.removeprefix("torchattacks_") in attacks}
+    times = interleaved(timed, repeats, clock=clock)
     result: dict[str, Any] = {"backbone": backbone, "batch_size": k, "image_size": size, "eps": eps,
                               "layout": layout, "clock": clock, "pgd_steps": steps, "checks": checks,
                               "seconds": times, "attacks": {}}
     n = len(eps)
-    for attack in ("fgsm", "pgd"):
+    for attack in attacks:
         calls = per_call[attack][-repeats * n:]  # the timed rounds, without the warm-up's calls
         nonzero = [sum(calls[r * n + j] for j in range(n) if eps[j] > 0) for r in range(repeats)]
         ours, theirs = times[attack], times[f"torchattacks_{attack}"]
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=32, help="k (a power of two keeps FGSM comparable bit for bit)")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--pgd-steps", type=int, default=10)
+    parser.add_argument("--attacks", nargs="+", choices=sorted(GOALS), default=sorted(GOALS), help="attacks timed")
     parser.add_argument("--layout", choices=sorted(LAYOUTS), default="channels_last",
                         help="memory layout of the images for both libraries (default: stage 3's channels_last)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     info = machine()
     results = [bench_backbone(b, args.batch_size, args.image_size, args.pgd_steps, args.repeats, args.layout,
-                              args.clock, torchattacks) for b in args.backbones]
+                              args.clock, args.attacks, torchattacks) for b in args.backbones]
 
     rows = []
     n_nonzero = sum(e > 0 for e in results[0]["eps"])

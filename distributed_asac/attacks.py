@@ -61,6 +61,10 @@ class _EvalBatchNorm(torch.autograd.Function):
 _BATCH_NORM_ARGS = inspect.signature(F.batch_norm)
 
 
+def _cpu_float32(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
 def _channels_last_only(t: torch.Tensor) -> bool:
     """Strides that only channels-last describes (not also NCHW): the layout oneDNN then computes in."""
     return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
@@ -74,7 +78,8 @@ class _LeanInputGradients(TorchFunctionMode):
     - a convolution over channels-last images gets its weight reordered to channels-last once per attack:
       oneDNN reorders it itself otherwise, in every forward and again in every backward (`copy_` of a
       resnet18 512×512×3×3 weight: ~10% of a gradient). The reordered copy is what oneDNN would compute with.
-    Everything else runs as usual. CPU only: these are the CPU kernels' costs; other devices were not measured.
+    Everything else runs as usual. float32 on CPU only: what was measured and tested (other dtypes take other
+    kernels, other devices were not measured).
     """
 
     def __init__(self) -> None:
@@ -88,11 +93,11 @@ class _LeanInputGradients(TorchFunctionMode):
             bound.apply_defaults()
             p = bound.arguments
             x, var = p["input"], p["running_var"]
-            if not p["training"] and var is not None and x.device.type == "cpu" and x.dtype == var.dtype:
+            if not p["training"] and var is not None and _cpu_float32(x, var):
                 return _EvalBatchNorm.apply(x, p["running_mean"], var, p["weight"], p["bias"], p["eps"])
         elif func is F.conv2d and len(args) >= 2:
             x, weight = args[0], args[1]
-            if x.device.type == "cpu" and _channels_last_only(x) and not weight.is_contiguous(
+            if _cpu_float32(x, weight) and _channels_last_only(x) and not weight.is_contiguous(
                     memory_format=torch.channels_last):
                 if id(weight) not in self._reordered:  # the weight is kept too, so that its id stays its own
                     copy = weight.detach().contiguous(memory_format=torch.channels_last)

@@ -62,3 +62,10 @@ def test_bench_layout_times_both_layouts(tmp_path):
     result = _run(tmp_path, "bench_layout")["results"]
     assert [len(result["seconds"][layout]) for layout in ("sequential", "parallel")] == [1, 1]
     assert result["speedup_parallel_over_sequential"] > 0
+
+
+@pytest.mark.slow
+def test_profile_row_splits_a_pgd_epoch_into_phases(tmp_path):
+    result = _run(tmp_path, "profile_row")["results"]
+    assert result["row"] == "asac_pgd" and result["phases_ms"]["asac.attack"] > 0
+    assert "evaluation (valid, test)" in result["phases_ms"] and result["operators"]
