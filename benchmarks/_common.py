@@ -66,6 +66,8 @@ def interleaved(contenders: Mapping[str, Callable[[], Any]], repeats: int, warmu
     on one of CLOCKS.
 
     Each contender first runs `warmup` times untimed (allocator, oneDNN primitive caches, lazy imports).
+    On a GPU each timed call starts and ends with a synchronize: kernels are launched asynchronously, so without
+    it a call would be charged for the previous one's kernels and not for its own.
     """
     for _ in range(warmup):
         for fn in contenders.values():
@@ -74,10 +76,17 @@ def interleaved(contenders: Mapping[str, Callable[[], Any]], repeats: int, warmu
     now = CLOCKS[clock]
     for _ in range(repeats):
         for name, fn in contenders.items():
+            synchronize()
             start = now()
             fn()
+            synchronize()
             times[name].append(now() - start)
     return times
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def median(values: Sequence[float]) -> float:
