@@ -65,6 +65,13 @@ def test_bench_layout_times_both_layouts(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_layout_times_a_sweep_both_ways(tmp_path):
+    result = _run(tmp_path, "bench_layout", "--sweep", "configs/sweeps/smoke.yaml")["results"]
+    assert result["config"] == "configs/sweeps/smoke.yaml"
+    assert [len(result["seconds"][layout]) for layout in ("sequential", "parallel")] == [1, 1]
+
+
+@pytest.mark.slow
 def test_profile_row_splits_a_pgd_epoch_into_phases(tmp_path):
     result = _run(tmp_path, "profile_row")["results"]
     assert result["row"] == "asac_pgd" and result["phases_ms"]["asac.attack"] > 0
