@@ -26,6 +26,7 @@ import torch
 from _common import add_common_arguments, describe, machine, markdown_table, write_json
 from distributed_asac import pipeline, stage3
 from distributed_asac.config import load_config
+from distributed_asac.errors import exit_on_user_error
 from distributed_asac.rows import fine_tuned_rows
 
 EVALUATION = "evaluation (valid, test)"
@@ -58,9 +59,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="profile-row-") as tmp:
         overrides = [f"output_dir={tmp}", "tracking.enabled=false", "seeds=null", "analysis.ig_images=0",
                      "analysis.robustness_images=0", "finetune.epochs=1", *smoke, *args.overrides]
-        if args.smoke:
-            overrides.insert(0, f"data.root={Path(tmp) / 'data'}")
         cfg = load_config(args.config, overrides)
+        if cfg.data.name == "synthetic" and not any(o.startswith("data.root=") for o in args.overrides):
+            # generated here, not into the config's folder, which may hold the dataset of other sizes
+            cfg = load_config(args.config, [f"data.root={Path(tmp) / 'data'}", *overrides])
         base = pipeline.run(cfg, variants=[{"mode": "base"}]).run_dir / "probe"  # base and probe, untimed
         row_cfg = dataclasses.replace(cfg, base_checkpoint=str(base))
         for module in (stage3, pipeline):  # the evaluations a row runs: valid in stage 3, then test
@@ -95,4 +97,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_user_error():
+        main()
