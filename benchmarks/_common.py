@@ -61,17 +61,20 @@ elapsed time also counts the waits for a core that other jobs hold."""
 
 
 def interleaved(contenders: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1,
-                clock: str = "wall") -> dict[str, list[float]]:
+                clock: str = "wall", after: Optional[Mapping[str, Callable[[], Any]]] = None) -> dict[str, list[float]]:
     """Seconds per call of each contender over `repeats` rounds, the contenders taking turns within a round,
-    on one of CLOCKS.
+    on one of CLOCKS. `after[name]`, if given, runs after each call of that contender, off the clock (the
+    bookkeeping a benchmark needs between contenders).
 
     Each contender first runs `warmup` times untimed (allocator, oneDNN primitive caches, lazy imports).
     On a GPU each timed call starts and ends with a synchronize: kernels are launched asynchronously, so without
     it a call would be charged for the previous one's kernels and not for its own.
     """
+    after = after or {}
     for _ in range(warmup):
-        for fn in contenders.values():
+        for name, fn in contenders.items():
             fn()
+            after.get(name, lambda: None)()
     times: dict[str, list[float]] = {name: [] for name in contenders}
     now = CLOCKS[clock]
     for _ in range(repeats):
@@ -81,6 +84,7 @@ def interleaved(contenders: Mapping[str, Callable[[], Any]], repeats: int, warmu
             fn()
             synchronize()
             times[name].append(now() - start)
+            after.get(name, lambda: None)()
     return times
 
 
