@@ -12,7 +12,7 @@ from scipy import stats as scipy_stats
 
 from distributed_asac.errors import UserError
 from tune.claims import (CONTRADICTED, NOT_DETECTABLE, SUPPORTED, claim_metrics, matches, measure, parse_claims,
-                         write_claims)
+                         select, write_claims)
 from tune.records import TrialRecord
 from tune.report import write_report
 from tune.spec import load_sweep
@@ -171,3 +171,19 @@ def test_claims_study_resolves_to_its_designed_trials():
     assert len({t.base_key for t in sweep.trials}) == 4 * 5
     assert [c.id for c in sweep.claims.claims][:2] == ["C1", "C2"] and len(sweep.claims.claims) == 20
     assert sweep.claims.tables == {"main": ["strong", "mild"], "cue": ["strong", "beard_0.5", "beard_0.25"]}
+
+
+def test_bound_study_resolves_to_its_designed_trials():
+    """configs/sweeps/bound.yaml: 3 rows × 2 regimes × 5 seeds on 10 bases whose data carry train twins, and
+    each claim's treatment and reference resolving to one setting with all five seeds in both regimes."""
+    sweep = load_sweep("configs/sweeps/bound.yaml")
+    assert len(sweep.trials) == 3 * 2 * 5
+    assert len({t.base_key for t in sweep.trials}) == 2 * 5
+    assert all(t.axes["data"]["synthetic_train_twins"] for t in sweep.trials)
+    assert [c.id for c in sweep.claims.claims] == ["B1", "B2", "B3", "B4", "B5", "B6"]
+    assert sweep.claims.tables == {"bound": ["strong", "mild"]}
+    for claim in sweep.claims.claims:
+        for regime in sweep.claims.regimes.values():
+            selectors = [claim.treatment] + [claim.reference] * isinstance(claim.reference, dict)
+            for selector in selectors:
+                assert sorted(select(sweep.trials, regime, selector, claim.id)) == [0, 1, 2, 3, 4]
