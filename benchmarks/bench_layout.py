@@ -43,17 +43,17 @@ def demo_command(config: str, overrides: list[str], layout: str, processes: int)
             *overrides]
 
 
-def sweep_command(source: Path, layout: str, processes: int, folder: Path, data_root: Path) -> list[str]:
-    """The sweep's command line for one layout, from a copy of `source` written into `folder` (the run's
-    working directory): `sequential` one trial at a time at `processes` CPUs, or `parallel`."""
-    spec = yaml.safe_load(source.read_text())
-    spec["base_config"] = str(Path(spec["base_config"]).resolve())
-    spec["resources"] = {**(spec.get("resources") or {}), "cpu": processes if layout == "sequential" else 1}
-    spec["max_concurrent"] = 1 if layout == "sequential" else processes
-    spec["overrides"] = {**(spec.get("overrides") or {}), "data.root": str(data_root)}
+def sweep_command(spec: dict[str, Any], name: str, layout: str, processes: int, folder: Path,
+                  data_root: Path) -> list[str]:
+    """The sweep's command line for one layout, from a copy of the sweep file `spec` written into `folder` (the
+    run's working directory) as `name`: `sequential` one trial at a time at `processes` CPUs, or `parallel`."""
+    copy = {**spec, "base_config": str(Path(spec["base_config"]).resolve()),
+            "resources": {**(spec.get("resources") or {}), "cpu": processes if layout == "sequential" else 1},
+            "max_concurrent": 1 if layout == "sequential" else processes,
+            "overrides": {**(spec.get("overrides") or {}), "data.root": str(data_root)}}
     folder.mkdir(parents=True)
-    (folder / source.name).write_text(yaml.safe_dump(spec, sort_keys=False))
-    return [sys.executable, str(REPO / "tune" / "sweep.py"), "--config", source.name]
+    (folder / name).write_text(yaml.safe_dump(copy, sort_keys=False))
+    return [sys.executable, str(REPO / "tune" / "sweep.py"), "--config", name]
 
 
 def timed_run(command: list[str], log: Path, cwd: Path = REPO) -> float:
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     info = machine()
     layouts = ("sequential", "parallel")
     seconds: dict[str, list[float]] = {layout: [] for layout in layouts}
-    config, data_overrides = args.config, []
+    config, data_overrides, spec = args.config, [], {}
     if args.sweep:  # the dataset of the sweep's trials: its base config with its own data.* overrides
         spec = yaml.safe_load(args.sweep.read_text())
         config = spec["base_config"]
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for layout in layouts:
                 folder, log = work / f"{layout}-{round_}", work / f"{layout}-{round_}.log"
                 if args.sweep:
-                    command = [*sweep_command(args.sweep, layout, args.processes, folder, work / "data"), *overrides]
+                    command = [*sweep_command(spec, args.sweep.name, layout, args.processes, folder, work / "data"), *overrides]
                     seconds[layout].append(timed_run(command, log, cwd=folder))
                 else:
                     run = [*common, f"output_dir={folder}", f"tracking.uri=sqlite:///{folder / 'mlflow.db'}"]
