@@ -2,7 +2,8 @@
 
 The sweeps run as the CLI does (`python tune/sweep.py` in a subprocess) with every output under a temporary
 folder. Each subprocess carries a marker variable, which Ray's processes inherit; after a sweep ends (or its
-driver is killed) no process may still carry it.
+driver is killed and its watchdog has exited) no process may still carry it or hold a file open in the test's
+Ray temp folder.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def _write_sweep(root: Path, name: str, grids: dict, **extra) -> Path:
 def ray_tmp():
     """A short Ray temp folder for this module: Ray's socket paths under it must stay below the 107-byte limit
     of Unix sockets, which pytest's tmp_path can exceed."""
-    folder = tempfile.mkdtemp(prefix="asr-")
+    folder = os.path.realpath(tempfile.mkdtemp(prefix="asr-"))  # as /proc/PID/fd links read
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
 
@@ -65,27 +66,37 @@ def _sweep_cli(*args: str) -> list[str]:
     return [sys.executable, str(REPO / "tune" / "sweep.py"), *args]
 
 
-def _marked_processes(marker: str) -> dict[int, str]:
-    """pid → command line of the processes whose environment holds this test's marker: the driver and
-    everything Ray started (Ray renames its workers, so the command line alone would not find them)."""
+def _marked_processes(marker: str, ray_tmp: str) -> dict[int, str]:
+    """pid → command line of the processes this test started: those whose environment holds its marker (the
+    driver and what it started; Ray renames its workers, so the command line alone would not find them) and
+    those holding a file open under the test's Ray temp folder (Ray's agents rename themselves in a way that
+    can blank the environment /proc shows)."""
     found, needle = {}, f"{MARKER}={marker}".encode()
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and needle in (proc / "environ").read_bytes().split(b"\0"):
+            if not proc.name.isdigit():
+                continue
+            ours = needle in (proc / "environ").read_bytes().split(b"\0") or any(
+                os.readlink(fd).startswith(ray_tmp + os.sep) for fd in (proc / "fd").iterdir())
+            if ours:
                 found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
         except OSError:  # exited meanwhile, or not ours to read
             continue
     return found
 
 
-def _wait_for(marker: str, seconds: float = 30.0) -> dict[int, str]:
-    """Wait until no marked process is left (the deadline turns a leak into a failure); return those left."""
-    deadline = time.time() + seconds
+def _wait_for_exit(pid: int) -> None:
+    """Block until `pid` has exited (a zombie counts: its parent is gone and may never reap it). The bound
+    only turns a hung process into a failure."""
+    give_up = time.monotonic() + 600
     while True:
-        left = _marked_processes(marker)
-        if not left or time.time() > deadline:
-            return left
-        time.sleep(0.5)
+        try:
+            if "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text():
+                return
+        except FileNotFoundError:
+            return
+        assert time.monotonic() < give_up, f"process {pid} never exited"
+        time.sleep(0.1)
 
 
 def _sweep_dir(root: Path, name: str) -> Path:
@@ -130,17 +141,19 @@ def swept(tmp_path_factory, ray_tmp) -> SimpleNamespace:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for_files(driver, (root / "runs" / "sweeps" / "main", f"*/trials/*/{RECORD}"),
                     (pauses, "stage.epoch_end.*.reached"), (pauses, "trial.before_record.*.reached"))
+    (dog,) = [pid for pid, cmd in _marked_processes(marker, ray_tmp).items() if "watchdog.py" in cmd]
     driver.kill()  # no finally, no signal handler: what a crash or an OOM kill does
     driver.wait()
     # Ray's core dies with its driver; the sweep's watchdog kills the rest (its agents would otherwise try for
-    # 60 s, a fixed timeout in Ray, to report the raylet's death to the dead GCS).
-    left_after_kill = _wait_for(marker)
+    # 60 s, a fixed timeout in Ray, to report the raylet's death to the dead GCS) and then exits.
+    _wait_for_exit(dog)
+    left_after_kill = _marked_processes(marker, ray_tmp)
     folder = _sweep_dir(root, "main")
     before = {p.parent.name: json.loads(p.read_text()) for p in folder.glob(f"trials/*/{RECORD}")}
     resumed = subprocess.run(_sweep_cli("--config", str(path), "--resume"), env=_env(marker, ray_tmp), cwd=REPO,
                              capture_output=True, text=True, timeout=400)
     return SimpleNamespace(root=root, folder=folder, state=read_state(folder), marker=marker, resumed=resumed,
-                           before=before, left_after_kill=left_after_kill)
+                           before=before, left_after_kill=left_after_kill, ray_tmp=ray_tmp)
 
 
 def test_sweep_finishes_and_records_the_failed_trial(swept):
@@ -224,7 +237,7 @@ def test_ctrl_c_stops_the_sweep_and_ray(swept, ray_tmp):
     assert not list(folder.glob(f"trials/*/{RECORD}"))  # unfinished: --resume would run it
     parent = MlflowClient(f"sqlite:///{swept.root / 'mlflow.db'}").get_run(read_state(folder)["parent_run_id"])
     assert parent.info.status == "KILLED" and parent.data.metrics["trials_pending"] == 1
-    assert _wait_for(marker, seconds=20) == {}
+    assert _marked_processes(marker, ray_tmp) == {}  # the driver exits after its watchdog's clean-up
 
 
 def test_resume_after_killed_driver_reruns_nothing_finished(swept):
@@ -242,7 +255,8 @@ def test_resume_after_killed_driver_reruns_nothing_finished(swept):
         assert len(list((swept.folder / "trials" / name / EXPERIMENT).iterdir())) == 1  # one pipeline run folder
         assert {r.info.run_id for r in runs if r.data.tags["sweep.trial"] == name} == set(record["mlflow_run_ids"])
     assert sorted(p.name for p in (swept.folder / "ray").iterdir()) == ["attempt-1", "attempt-2"]
-    assert _wait_for(swept.marker) == {}  # nothing of either attempt outlived the resumed sweep
+    # Nothing of either attempt outlived the resumed sweep (whose driver exits after its watchdog's clean-up).
+    assert _marked_processes(swept.marker, swept.ray_tmp) == {}
 
 
 @pytest.mark.parametrize("change, message", [
@@ -362,7 +376,7 @@ def test_smoke_preset_runs_to_the_end(tmp_path, ray_tmp):
     records = [json.loads(p.read_text()) for p in folder.glob(f"trials/*/{RECORD}")]
     assert len(records) == 6 and all(r["status"] == "finished" for r in records)
     assert len(list((tmp_path / "runs" / "base_cache").glob("*/base.json"))) == 2
-    assert _wait_for(marker) == {}
+    assert _marked_processes(marker, ray_tmp) == {}
 
 
 @pytest.mark.slow
@@ -379,7 +393,7 @@ def test_trial_with_two_accelerate_processes(tmp_path, ray_tmp):
     assert replicas["world_size"] == 2 and len(set(replicas["parameter_digests"])) == 1
     base = json.loads(next((tmp_path / "runs" / "base_cache").glob("*/base.json")).read_text())
     assert json.loads((Path(base["checkpoint"]).parent / "base" / "replicas.json").read_text())["world_size"] == 2
-    assert _wait_for(marker) == {}
+    assert _marked_processes(marker, ray_tmp) == {}
 
 
 def test_report_merges_sweeps_of_more_seeds(tmp_path):

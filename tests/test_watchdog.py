@@ -1,6 +1,7 @@
 """tune/watchdog.py: after the driver ends, normally or by SIGKILL, the processes holding the sweep's Ray token
-are killed (the driver spared) and the folder the sweep made is removed. Stand-ins for Ray's processes are
-`sleep`s carrying the token in their environment; the tests wait on the folder's removal, not on a timer."""
+are killed (the driver spared), and so are those holding a file open in a watched folder, and the folder the
+sweep made is removed. Stand-ins for Ray's processes are `sleep`s carrying the token in their environment or
+a file open; the tests wait on the watchdog's exit or the folder's removal, not on a timer."""
 
 from __future__ import annotations
 
@@ -77,3 +78,27 @@ def test_user_folder_is_not_removed(tmp_path, monkeypatch):
     monkeypatch.setenv(watchdog.TOKEN_ENV, f"token-user-{os.getpid()}")
     watchdog.stop(watchdog.start(None))
     assert tmp_path.is_dir()
+
+
+def test_holders_of_watched_files_are_killed_without_the_token(tmp_path, monkeypatch):
+    """A Ray agent whose /proc environment was blanked by its renaming is still found by its open log file."""
+    monkeypatch.setenv(watchdog.TOKEN_ENV, f"token-watch-{os.getpid()}")
+    session, elsewhere = tmp_path / "session", tmp_path / "elsewhere"
+    session.mkdir()
+    elsewhere.mkdir()
+    clean_env = {"PATH": os.environ["PATH"]}  # neither holds the token
+    holder_cmd = 'exec 3>"$0/agent.log"; exec sleep 600'
+    agent = subprocess.Popen(["sh", "-c", holder_cmd, str(session)], env=clean_env)
+    bystander = subprocess.Popen(["sh", "-c", holder_cmd, str(elsewhere)], env=clean_env)
+    try:
+        _wait_until(lambda: (session / "agent.log").exists() and (elsewhere / "agent.log").exists(),
+                    "the stand-ins to open their files")
+        proc = watchdog.start(None)
+        watchdog.watch(proc, str(session))
+        watchdog.stop(proc)  # returns once the clean-up is done
+        assert agent.wait() == -signal.SIGKILL
+        assert bystander.poll() is None  # its file is outside the watched folder
+    finally:
+        for p in (agent, bystander):
+            if p.poll() is None:
+                p.kill()

@@ -268,10 +268,13 @@ def ray_session(address: Optional[str]) -> Iterator[None]:
             # Ray makes its temp folder world-writable (0777): by default it goes inside a folder private to
             # the user (0700) made for this sweep, which the watchdog removes.
             private = None if os.environ.get(TEMP_DIR_ENV) else tempfile.mkdtemp(prefix="asac-ray-")
-            made.callback(watchdog.stop, watchdog.start(private))
+            dog = watchdog.start(private)
+            made.callback(watchdog.stop, dog)
             folder = os.environ.get(TEMP_DIR_ENV) or os.path.join(private, "r")
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=folder,
-                     logging_level=logging.WARNING)
+            context = ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=folder,
+                               logging_level=logging.WARNING)
+            # Ray's processes log into this folder; the agents' renamed environment can hide the token.
+            watchdog.watch(dog, context.address_info["session_dir"])
         else:
             # Remote nodes get the `tune` package shipped with the job; distributed_asac must be installed there.
             ray.init(address=address, runtime_env={"py_modules": [str(REPO / "tune")]},
