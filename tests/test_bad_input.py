@@ -205,7 +205,7 @@ CASES = {
 # Kinds that repeat another row's code path with other values (a checkpoint field, a damaged file): each still
 # runs in `make test-slow`, so the default run stays within its time budget.
 SLOW = {"base_other_protected", "base_other_size", "weights_of_other_backbone", "checkpoint_yaml_unknown_key",
-        "gan_checkpoint_not_a_generator"}
+        "gan_checkpoint_not_a_generator", "lr_inf", "eps_empty", "experiment_empty", "synthetic_seed_negative"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CASES])

@@ -45,12 +45,14 @@ def test_bench_e2e_times_both_modes(tmp_path):
     assert result["asac_time_over_plain"] > 0
 
 
+@pytest.mark.slow  # ~10 s: tests/test_distributed.py launches two gloo processes in the default run
 def test_bench_distributed_runs_two_synchronised_processes(tmp_path):
     (result,) = _run(tmp_path, "bench_distributed")["results"]
     assert result["runs"]["2x1"]["world_size"] == 2 and result["runs"]["2x1"]["distributed_type"] == "MULTI_CPU"
     assert result["runs"]["1x1"]["world_size"] == 1
 
 
+@pytest.mark.slow  # ~14 s: two child processes, each generating and loading its dataset
 def test_bench_memory_runs_each_size_in_its_own_process(tmp_path):
     result = _run(tmp_path, "bench_memory")["results"]
     assert [r["num_images"] for r in result["runs"]] == [200, 400]

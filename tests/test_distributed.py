@@ -89,6 +89,7 @@ def test_ddp_two_cpu_processes(base_checkpoint):
     _check(folder, overrides, "MULTI_CPU", zero_stage=None)
 
 
+@pytest.mark.slow  # ~35 s: the ZeRO-3 test below takes DeepSpeed through Accelerate in the default run
 def test_deepspeed_zero2_two_cpu_processes(base_checkpoint):
     tmp, overrides, ckpt = base_checkpoint
     folder = _launch("deepspeed_zero2.yaml", {}, tmp, [*overrides, f"base_checkpoint={ckpt}"], "zero2")

@@ -23,6 +23,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
+if not __package__:  # `python tune/sweep.py`: Python put tune/ on the path, not the repository that holds it
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from distributed_asac.config import load_config
 from distributed_asac.errors import UserError, exit_on_user_error
 from distributed_asac.logs import setup_logging
