@@ -1,6 +1,6 @@
 """A local sweep's Ray: every service listens on the loopback address only (read from the kernel's socket
-table, /proc/net/tcp and tcp6, of Ray's processes), a client without the sweep's token cannot join, and its
-session folder is private to the user and removed afterwards."""
+table, /proc/net/tcp and tcp6, of Ray's processes), a client without the sweep's token cannot join, its
+workers run at the driver's priority, and its session folder is private to the user and removed afterwards."""
 
 import json
 import os
@@ -64,7 +64,9 @@ with ray_session(None):
     intruder = subprocess.run(
         [sys.executable, "-c", f"import ray; ray.init(address={ray.get_runtime_context().gcs_address!r})"],
         env={**env, "RAY_AUTH_TOKEN": "not-the-token"}, capture_output=True, text=True, timeout=600)
+    worker_niceness = ray.get(ray.remote(lambda: os.nice(0)).remote())
 print(json.dumps({"addresses": addresses, "intruder_rc": intruder.returncode, "modes": modes,
+                  "niceness": [os.nice(0), worker_niceness],
                   "left": os.listdir(tempfile.gettempdir()),
                   "intruder_tail": (intruder.stdout + intruder.stderr).strip().splitlines()[-1:]}))
 """
@@ -76,7 +78,7 @@ def test_local_ray_listens_on_loopback_only_needs_the_token_and_cleans_up(reques
     env = {**os.environ, "TMPDIR": temp, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS",
-                "ASAC_RAY_TEMP_DIR"):
+                "RAY_worker_niceness", "ASAC_RAY_TEMP_DIR"):
         env.pop(key, None)
     proc = subprocess.run([sys.executable, "-c", PROBE], env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=900)  # bounds a hang only: the intruder inside may take up to 600 s to give up
@@ -87,3 +89,4 @@ def test_local_ray_listens_on_loopback_only_needs_the_token_and_cleans_up(reques
     assert result["intruder_rc"] != 0, result
     assert result["modes"] == [0o700], result  # one session folder, private to the user
     assert result["left"] == [], result  # and gone after the session
+    assert result["niceness"][1] == result["niceness"][0], result  # trials at the driver's priority, not Ray's 15

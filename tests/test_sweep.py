@@ -117,7 +117,9 @@ def _wait_for_files(driver: subprocess.Popen, *patterns: tuple[Path, str]) -> No
     give_up = time.monotonic() + 600
     while not all(list(folder.glob(pattern)) for folder, pattern in patterns):
         assert driver.poll() is None, "the sweep ended before it reached the point the test waits for"
-        assert time.monotonic() < give_up, f"the sweep never reached {patterns}"
+        if time.monotonic() > give_up:
+            driver.kill()  # it must not outlive the test (its watchdog cleans up after it)
+            pytest.fail(f"the sweep never reached {patterns}")
         time.sleep(0.1)
 
 

@@ -55,6 +55,7 @@ OUTCOME = "outcome.json"  # what rank 0 of a launched trial hands back to the tr
 CACHE_DIR = "base_cache"
 ENTRY_FILE = "base.json"
 TEMP_DIR_ENV = "ASAC_RAY_TEMP_DIR"
+NICENESS_ENV = "RAY_worker_niceness"
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-machine mode, node IP 127.0.0.1
 
 
@@ -233,7 +234,11 @@ def local_ray_environment() -> None:
     """Settings of a local Ray, read when Ray is imported: every service listens on 127.0.0.1 only (Ray's
     single-machine mode, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which makes the node IP the loopback address),
     and token authentication with a fresh random token that lives only in the environment of this process
-    tree (no token file). A cluster (--address) keeps its own settings: see README.md, Ablation sweeps."""
+    tree (no token file). Workers run at the driver's priority: Ray's default lowers theirs (niceness 15), so
+    beside any other job on the machine a sweep's trials, the work the user started, crawled (two trials at 4%
+    of a core each beside two busy loops, measured here); a value the user set in RAY_worker_niceness is kept.
+    A cluster (--address) keeps its own settings: see README.md, Ablation sweeps."""
+    os.environ.setdefault(NICENESS_ENV, "0")  # read by the raylet when it starts
     wanted = {LOOPBACK_ENV: "0", "RAY_AUTH_MODE": "token"}
     if all(os.environ.get(k) == v for k, v in wanted.items()) and os.environ.get("RAY_AUTH_TOKEN"):
         return  # made earlier in this process (a second sweep)
