@@ -394,6 +394,20 @@ def in_folder():
     return _in_folder
 
 
+@pytest.fixture(scope="session")
+def process_running():
+    """`process_running(pid)` → whether the process still runs; a zombie has exited (a killed driver's orphans
+    may never be reaped)."""
+    return _process_running
+
+
+def _process_running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # after "(comm)"
+    except FileNotFoundError:
+        return False
+
+
 def _in_folder(folder: Path) -> list[str]:
     return [f"data.root={folder / 'data'}", f"output_dir={folder / 'runs'}",
             f"tracking.uri=sqlite:///{folder / 'mlflow.db'}"]

@@ -37,7 +37,7 @@ def test_a_matching_point_announces_itself_and_waits_for_release(tmp_path):
     assert child.returncode == 0 and rest == "2\n3\n"
 
 
-def test_a_paused_process_dies_with_its_parent(tmp_path):
+def test_a_paused_process_dies_with_its_parent(tmp_path, process_running):
     """The ranks of a killed launcher are orphaned, not killed: paused, they must not wait forever."""
     parent = ("import subprocess, sys\n"
               f"child = subprocess.Popen([sys.executable, '-c', {CHILD!r}])\n"
@@ -52,14 +52,7 @@ def test_a_paused_process_dies_with_its_parent(tmp_path):
     launcher.kill()
     launcher.wait()
     give_up = time.monotonic() + 600  # bounds a broken failpoint only; the exit comes within one poll
-    while _running(child_pid):
+    while process_running(child_pid):
         assert time.monotonic() < give_up, "the orphaned paused process kept waiting"
         time.sleep(0.01)
     assert not (tmp_path / RELEASE).exists()  # it was not released: it left on its own
-
-
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie has exited
-    except FileNotFoundError:
-        return False

@@ -85,16 +85,10 @@ def _marked_processes(marker: str, ray_tmp: str) -> dict[int, str]:
     return found
 
 
-def _wait_for_exit(pid: int) -> None:
-    """Block until `pid` has exited (a zombie counts: its parent is gone and may never reap it). The bound
-    only turns a hung process into a failure."""
+def _wait_for_exit(pid: int, process_running) -> None:
+    """Block until `pid` has exited; the bound only turns a hung process into a failure."""
     give_up = time.monotonic() + 600
-    while True:
-        try:
-            if "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text():
-                return
-        except FileNotFoundError:
-            return
+    while process_running(pid):
         assert time.monotonic() < give_up, f"process {pid} never exited"
         time.sleep(0.1)
 
@@ -124,7 +118,7 @@ def _wait_for_files(driver: subprocess.Popen, *patterns: tuple[Path, str]) -> No
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, ray_tmp) -> SimpleNamespace:
+def swept(tmp_path_factory, ray_tmp, process_running) -> SimpleNamespace:
     """Two fine-tunes that start at once (1 and 3 epochs), then a trial whose base checkpoint does not exist.
     The 3-epoch trial pauses at the end of its second epoch and the broken one before writing its record;
     the driver is killed (SIGKILL) once the 1-epoch trial has finished and both others are paused, so the
@@ -148,7 +142,7 @@ def swept(tmp_path_factory, ray_tmp) -> SimpleNamespace:
     driver.wait()
     # Ray's core dies with its driver; the sweep's watchdog kills the rest (its agents would otherwise try for
     # 60 s, a fixed timeout in Ray, to report the raylet's death to the dead GCS) and then exits.
-    _wait_for_exit(dog)
+    _wait_for_exit(dog, process_running)
     left_after_kill = _marked_processes(marker, ray_tmp)
     folder = _sweep_dir(root, "main")
     before = {p.parent.name: json.loads(p.read_text()) for p in folder.glob(f"trials/*/{RECORD}")}

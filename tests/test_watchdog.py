@@ -31,14 +31,6 @@ time.sleep(600)
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-    return "\nState:\tZ" not in state
-
-
 def _wait_until(condition, what: str, seconds: float = 120.0) -> None:
     """Poll a condition the test's own actions make true; the deadline only turns a hang into a failure."""
     deadline = time.monotonic() + seconds
@@ -47,7 +39,7 @@ def _wait_until(condition, what: str, seconds: float = 120.0) -> None:
         time.sleep(0.05)
 
 
-def test_killed_driver_leaves_no_ray_process_and_no_folder(tmp_path):
+def test_killed_driver_leaves_no_ray_process_and_no_folder(tmp_path, process_running):
     folder, pid_file = tmp_path / "asac-ray-x", tmp_path / "agent.pid"
     (folder / "r").mkdir(parents=True)
     driver = subprocess.Popen([sys.executable, "-c", DRIVER.format(repo=str(REPO)), str(folder), str(pid_file)])
@@ -56,9 +48,9 @@ def test_killed_driver_leaves_no_ray_process_and_no_folder(tmp_path):
     driver.send_signal(signal.SIGKILL)  # no finally, no handler
     driver.wait()
     _wait_until(lambda: not folder.exists(), "the watchdog to remove the folder")
-    _wait_until(lambda: not _alive(agent), "the token holder to die")
+    _wait_until(lambda: not process_running(agent), "the token holder to die")
     try:
-        assert _alive(bystander)  # a process without the token is left alone
+        assert process_running(bystander)  # a process without the token is left alone
     finally:
         os.kill(bystander, signal.SIGKILL)
 
