@@ -1,13 +1,17 @@
-"""Where M looks and what fools it, before and after fine-tuning (paper §4.2 and supplement B).
+"""Where M looks and what fools it, before and after fine-tuning (paper §4.2 and supplement B), and why.
 
-- Robustness to ASACs: FGSM images made against the model's own protected head C at growing ε; the curve
-  gives M's accuracy on them (should stay flat once M no longer uses the protected cue) and C's accuracy
-  (falls: the ASACs still fool C).
+- Robustness to ASACs (paper §4.2.1), two curves of FGSM images at growing ε:
+  `robustness`: ASACs made against the C that stage 3 attacks (the base's C: the `attacker`), given to this model's
+  M (should stay accurate after ASAC fine-tuning where the base's M was not) and to this model's own C (new θ,
+  old φ); `robustness_own_C`, labelled apart: ASACs made against this model's own C.
+- The mechanism: on the same images, the cosine between ∇ₓ CE(C(x), a) (C: the attacker's) and ∇ₓ CE(M(x), y)
+  per image, and the share of ASACs at the training ε that flip M's prediction. Where the two gradients are
+  parallel, an ASAC is an adversarial example against M, and ASAC fine-tuning is small-ε adversarial training.
 - Integrated Gradients (Captum) of M's true-class logit, and the share of |IG| that falls in the mouth box
   from the landmarks: the paper reports attributions moving to the mouth after ASAC fine-tuning.
 
-Both run on the main process over the first images of the test split: they describe a model, they are
-not a metric that needs every image.
+All run on the main process over the first images of the test split: they describe a model, they are not a
+metric that needs every image.
 """
 
 from __future__ import annotations
@@ -15,32 +19,74 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .attacks import fgsm
 from .config import AnalysisConfig
+from .models import TwoHeadModel
 
 
-@torch.no_grad()
-def _accuracies(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor) -> tuple[int, int]:
-    target_logits, protected_logits = model(x)
-    return int((target_logits.argmax(1) == y).sum()), int((protected_logits.argmax(1) == a).sum())
+def _first_images(dataset: Dataset, n_images: int, batch_size: int) -> DataLoader:
+    return DataLoader(Subset(dataset, range(min(n_images, len(dataset)))), batch_size=batch_size)
 
 
-def robustness_curve(model: torch.nn.Module, dataset: Dataset, eps_list: list[float], n_images: int,
-                     batch_size: int, device: torch.device) -> list[dict[str, float]]:
-    """[{eps, target_ACC, protected_ACC}] in percent, for FGSM ASACs against the model's own C."""
+def robustness_curve(model: TwoHeadModel, attacker: TwoHeadModel, dataset: Dataset, eps_list: list[float],
+                     n_images: int, batch_size: int, device: torch.device) -> list[dict[str, float]]:
+    """[{eps, target_ACC, protected_ACC[, attacker_protected_ACC]}] in percent on FGSM ASACs made against
+    `attacker`'s C: this model's M and C on them, and (when the attacker is another model) the attacker's C."""
     model.eval()
-    subset = Subset(dataset, range(min(n_images, len(dataset))))
-    correct = torch.zeros(len(eps_list), 2)
-    for x, y, a, _ in DataLoader(subset, batch_size=batch_size):
+    attacker.eval()
+    columns = ["target_ACC", "protected_ACC"] + (["attacker_protected_ACC"] if attacker is not model else [])
+    correct = torch.zeros(len(eps_list), len(columns))
+    n = 0
+    for x, y, a, _ in _first_images(dataset, n_images, batch_size):
         x, y, a = x.to(device), y.to(device), a.to(device)
-        asacs = fgsm(model.protected_logits, x, a, eps_list)  # [|E|, b, 3, H, W]: one gradient for every ε
-        for j in range(len(eps_list)):
-            correct[j] += torch.tensor(_accuracies(model, asacs[j], y, a), dtype=torch.float)
-    n = len(subset)
-    return [{"eps": e, "target_ACC": 100 * float(c[0]) / n, "protected_ACC": 100 * float(c[1]) / n}
-            for e, c in zip(eps_list, correct)]
+        asacs = fgsm(attacker.protected_logits, x, a, eps_list)  # [|E|, b, 3, H, W]: one gradient for every ε
+        with torch.no_grad():
+            for j in range(len(eps_list)):
+                target_logits, protected_logits = model(asacs[j])
+                hits = [target_logits.argmax(1) == y, protected_logits.argmax(1) == a]
+                if attacker is not model:
+                    hits.append(attacker.protected_logits(asacs[j]).argmax(1) == a)
+                correct[j] += torch.stack(hits).sum(1).float().cpu()
+        n += len(x)
+    return [{"eps": e, **{name: 100 * float(c) / n for name, c in zip(columns, row)}} for e, row in zip(eps_list, correct)]
+
+
+def gradient_alignment(model: TwoHeadModel, attacker: TwoHeadModel, dataset: Dataset, eps: list[float], n_images: int,
+                       batch_size: int, device: torch.device) -> dict[str, float]:
+    """How close an ASAC is to an adversarial example against M, on the first `n_images` test images:
+    cos(∇ₓ CE(C(x), a), ∇ₓ CE(M(x), y)) per image (C: the attacker's, M: this model's), as its mean and quartiles
+    (`grad_cosine_mean`, `_q25`, `_median`, `_q75`), and per ε > 0 of `eps` the share of FGSM ASACs against that C
+    whose M prediction differs from M's on the clean image (`asac_flips_M_eps_<ε>`, and their mean
+    `asac_flips_M`). Everything in eval mode: per-image gradients do not depend on the batch."""
+    model.eval()
+    attacker.eval()
+    eps = [e for e in eps if e > 0]
+    cosines, flips = [], torch.zeros(len(eps))
+    for x, y, a, _ in _first_images(dataset, n_images, batch_size):
+        x, y, a = x.to(device), y.to(device), a.to(device)
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():  # sums: each image's gradient is its own
+            (grad_c,) = torch.autograd.grad(F.cross_entropy(attacker.protected_logits(x), a, reduction="sum"), x)
+            (grad_m,) = torch.autograd.grad(F.cross_entropy(model.target_logits(x), y, reduction="sum"), x)
+        cosines.append(F.cosine_similarity(grad_c.flatten(1), grad_m.flatten(1), dim=1, eps=1e-30).cpu())  # [b]
+        if eps:
+            x = x.detach()
+            asacs = torch.clamp(x + torch.tensor(eps, device=device).view(-1, 1, 1, 1, 1) * grad_c.sign(), 0.0, 1.0)
+            with torch.no_grad():  # asacs [|eps|, b, 3, H, W]: FGSM against C, as fgsm() makes them
+                clean = model.target_logits(x).argmax(1)
+                flipped = model.target_logits(asacs.flatten(0, 1)).argmax(1).view(len(eps), -1) != clean
+            flips += flipped.sum(1).float().cpu()
+    cos = torch.cat(cosines).double()
+    q25, median, q75 = torch.quantile(cos, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+    out = {"grad_cosine_mean": float(cos.mean()), "grad_cosine_q25": q25, "grad_cosine_median": median,
+           "grad_cosine_q75": q75}
+    if eps:
+        rates = {f"asac_flips_M_eps_{e:g}": float(f) / len(cos) for e, f in zip(eps, flips)}
+        out.update(rates, asac_flips_M=sum(rates.values()) / len(rates))
+    return out
 
 
 def box_share(attributions: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -90,17 +136,39 @@ def figure_indices(dataset: Dataset, per_group: int = 2) -> list[int]:
     return [i for g in range(4) for i in (groups == g).nonzero().flatten()[:per_group].tolist()]
 
 
-def analyse(model: torch.nn.Module, test: Dataset, cfg: AnalysisConfig, batch_size: int,
-            device: torch.device) -> dict[str, object]:
-    """The robustness curve and the IG summary of `model` (either left out when configured off)."""
+def analyse(model: TwoHeadModel, attacker: Optional[TwoHeadModel], test: Dataset, cfg: AnalysisConfig,
+            train_eps: list[float], batch_size: int, device: torch.device) -> dict[str, object]:
+    """The robustness curves, the mechanism numbers (with ASACs at `train_eps`) and the IG summary of `model`
+    (each left out when configured off). `attacker`: the model whose C stage 3 attacks (for the base: the probe,
+    whose M is the base's); None when there is none yet (the base before its probe is trained), which leaves
+    out everything that needs a trained C."""
     was_training = model.training
     out: dict[str, object] = {}
-    if cfg.robustness_images > 0 and cfg.robustness_eps:
-        eps = sorted({0.0, *cfg.robustness_eps})
-        out["robustness"] = robustness_curve(model, test, eps, cfg.robustness_images, batch_size, device)
+    if attacker is not None and cfg.robustness_images > 0:
+        if cfg.robustness_eps:
+            eps = sorted({0.0, *cfg.robustness_eps})
+            out["robustness"] = robustness_curve(model, attacker, test, eps, cfg.robustness_images, batch_size, device)
+            out["robustness_own_C"] = robustness_curve(model, model, test, eps, cfg.robustness_images, batch_size,
+                                                       device)
+        out.update(gradient_alignment(model, attacker, test, train_eps, cfg.robustness_images, batch_size, device))
     if cfg.ig_images > 0:
         share = ig_mouth_share(model, test, cfg.ig_images, cfg.ig_steps, device)
         if share is not None:
             out.update(share)
     model.train(was_training)
+    return out
+
+
+def needs_attacker(key: str) -> bool:
+    """Whether an `analyse` result needs the attacked C (so that the base row takes it from the probe)."""
+    return key in ("robustness", "robustness_own_C") or key.startswith(("grad_cosine", "asac_flips_M"))
+
+
+def curve_metrics(analysis: dict[str, object]) -> dict[str, float]:
+    """The robustness curves flattened to scalars, as MLflow and the claims name them: `robust_<column>_eps_<ε>`
+    (ASACs of the attacked C) and `robust_own_<column>_eps_<ε>` (ASACs of the model's own C)."""
+    out = {}
+    for key, prefix in (("robustness", "robust"), ("robustness_own_C", "robust_own")):
+        for point in analysis.get(key, []):
+            out.update({f"{prefix}_{k}_eps_{point['eps']:g}": float(v) for k, v in point.items() if k != "eps"})
     return out

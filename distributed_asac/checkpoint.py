@@ -16,7 +16,7 @@ from torch import nn
 from .config import Config, config_from_dict, save_config
 from .errors import UserError
 from .files import atomic_path
-from .models import TwoHeadModel, create_model
+from .models import TwoHeadModel, create_model, protected_classifier
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
@@ -50,7 +50,7 @@ def load_checkpoint(folder: str | Path) -> tuple[TwoHeadModel, Config]:
     except (yaml.YAMLError, UnicodeDecodeError, UserError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"checkpoint config {str(folder / CONFIG)!r} is invalid ({reason}); {fix}") from None
-    model = create_model(cfg.model.backbone)
+    model = create_model(cfg.model.backbone, protected_classifier=cfg.model.protected_classifier)
     try:
         state = load_file(str(folder / WEIGHTS))
     except (SafetensorError, OSError) as err:
@@ -96,7 +96,7 @@ def whole_model(model: TwoHeadModel, backbone: str, state: Optional[dict] = None
         return model
     state = whole_state_dict(model) if state is None else state
     with torch.random.fork_rng(devices=[]):  # the throwaway initialisation must not move the seeded stream
-        fresh = create_model(backbone)
+        fresh = create_model(backbone, protected_classifier=protected_classifier(model))
     fresh.load_state_dict(state)
     for new, old in zip(fresh.parameters(), model.parameters()):
         new.requires_grad_(old.requires_grad)

@@ -27,7 +27,7 @@ from .data.datasets import DATASETS, synthetic_arguments
 from .data.faces import BAD_IMAGE_POLICIES
 from .data.synthetic import check_arguments as check_generator_arguments
 from .errors import UserError
-from .models import BACKBONES
+from .models import BACKBONES, PROTECTED_CLASSIFIERS
 from .registry import suggest
 from .rows import MODES
 
@@ -48,6 +48,7 @@ class DataConfig:
     synthetic_bias: float = 0.9  # P(target == protected) in train/valid of the generated dataset
     synthetic_seed: int = 0  # generated dataset only: its random seed (>= 0)
     synthetic_beard_strength: float = 1.0  # contrast of the protected cue (the beard) in (0, 1]; 1: full, dark
+    synthetic_smile_floor: float = 0.0  # strength of the target cue: smile depths drawn from U(floor, 1) of the full depth, in [0, 1)
     synthetic_train_twins: bool = False  # also write each train image's Male-flipped twin (the oracle_counterfactual row)
 
 
@@ -55,6 +56,7 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "small_cnn"  # the backbone θ (models.BACKBONES)
     weights: Optional[str] = None  # None: random init; "imagenet": torchvision's file in the torch cache; or a path
+    protected_classifier: str = "probe"  # probe: C is a linear head on M's backbone (the paper); independent: C has its own backbone, trained in stage 2
 
 
 @dataclass
@@ -85,6 +87,7 @@ class FinetuneConfig:
     channels_last: bool = True  # stage-3 images in NHWC layout: same math, faster on CPU (BENCHMARKS.md)
     batchnorm: str = "train"  # train: each chunk is a train-mode batch (the paper); frozen: keep the base's statistics
     select: str = "last"  # last: keep the last epoch (the paper); balanced_valid: best balanced-valid accuracy
+    steps: str = "per_chunk"  # per_chunk: one optimizer step per chunk of k entries, |E| per minibatch (the default); per_minibatch: one step on all of a minibatch's entries, every row alike
 
 
 @dataclass
@@ -147,6 +150,7 @@ class Config:
 ATTACK_MODELS = ("frozen", "live")
 BATCHNORM_MODES = ("train", "frozen")
 SELECTION_RULES = ("last", "balanced_valid")
+STEP_RULES = ("per_chunk", "per_minibatch")
 EPS_MODES = ("fixed", "calibrated")
 
 
@@ -197,7 +201,8 @@ def choices() -> dict[str, list[str]]:
             "finetune.order": ORDERS.names(), "finetune.mode": MODES.names(),
             "finetune.attack_model": list(ATTACK_MODELS), "data.on_bad_image": list(BAD_IMAGE_POLICIES),
             "finetune.batchnorm": list(BATCHNORM_MODES), "finetune.select": list(SELECTION_RULES),
-            "finetune.eps_mode": list(EPS_MODES)}
+            "finetune.eps_mode": list(EPS_MODES), "finetune.steps": list(STEP_RULES),
+            "model.protected_classifier": list(PROTECTED_CLASSIFIERS)}
 
 
 SEED_KEYS = ("seed", "data.split_seed", "data.synthetic_seed")
@@ -277,7 +282,7 @@ def check_batch_sizes(cfg: Config, train_size: int, processes: int, stages: tupl
 # The config key of each argument of the generator (data/synthetic.py), for its error messages.
 GENERATOR_KEYS = {"num_images": "data.synthetic_num_images", "bias": "data.synthetic_bias", "seed": "data.synthetic_seed",
                   "size": "data.image_size", "beard_strength": "data.synthetic_beard_strength",
-                  "train_twins": "data.synthetic_train_twins"}
+                  "train_twins": "data.synthetic_train_twins", "smile_floor": "data.synthetic_smile_floor"}
 
 
 def _generator_key(argument: str, value: Any) -> str:

@@ -30,17 +30,14 @@ class Diagnostics:
         costs no host-to-device copy per step; `summary` sends all counts in one tensor."""
         self.counts[name] = self.counts.get(name, 0.0) + value
 
-    def record_asacs(self, scores: torch.Tensor, target_logits: torch.Tensor, protected_logits: torch.Tensor,
-                     a: torch.Tensor) -> None:
-        """scores [|E|·k], logits [|E|·k, 2] of the current model on the ASACs, a [k]; E[0] = 0 is clean."""
-        k = a.numel()
+    def record_asacs(self, scores: torch.Tensor, target_logits: torch.Tensor, k: int) -> None:
+        """scores [|E|·k] and target logits [|E|·k, 2] of the current M on the ASACs of k images; E[0] = 0 is clean.
+        (Attack success is C's business, measured on a fixed sample by `stage3.measure_attack`.)"""
         self.add("ds_sum", scores.view(self.n_eps, k).sum(1))  # [|E|]
         self.count("ds_count", float(k))  # the same for every ε
         predicted = target_logits.argmax(1).view(self.n_eps, k)
-        fooled_c = protected_logits.argmax(1).view(self.n_eps, k)[1:] != a  # [|E| − 1, k]
-        self.add("attack_success", fooled_c.sum())
         self.add("m_flipped", (predicted[1:] != predicted[0]).sum())
-        self.count("asac_count", float(fooled_c.numel()))
+        self.count("asac_count", float((self.n_eps - 1) * k))
 
     def summary(self, accelerator: Accelerator, eps: list[float], seconds: float) -> dict[str, float]:
         totals = {name: accelerator.reduce(value, "sum") for name, value in sorted(self.sums.items())}
@@ -56,8 +53,6 @@ class Diagnostics:
         if "ds_sum" in totals:
             for j, e in enumerate(eps):
                 out[f"mean_DS_eps_{e:g}"] = float(totals["ds_sum"][j] / totals["ds_count"])
-            asacs = max(float(totals["asac_count"]), 1.0)
-            out["attack_success_rate"] = float(totals["attack_success"]) / asacs
-            out["asac_flips_M_rate"] = float(totals["m_flipped"]) / asacs
+            out["asac_flips_M_rate"] = float(totals["m_flipped"]) / max(float(totals["asac_count"]), 1.0)
         out["images_per_s"] = images / max(seconds, 1e-9)
         return out

@@ -1,5 +1,9 @@
 """One backbone θ with two linear heads: ρ (target, M = M(θ, ρ)) and φ (protected, C = C(θ, φ)).
 
+C is a linear probe on M's backbone (the paper's words, the default). `model.protected_classifier: independent`
+gives C a backbone of its own instead (a second copy of the architecture, trained with φ in stage 2): the variant
+in which C's input gradient owes nothing to M's features.
+
 Inputs are pixel-space images in [0, 1]; normalisation is the model's first layer, so attacks and ε live in
 pixel space (docs/method.md, Models). Backbones sit in a registry: adding one is one decorated function that
 returns (feature extractor, feature dimension, normalisation mean, normalisation std).
@@ -28,34 +32,52 @@ BACKBONES: Registry[BackboneFactory] = Registry("backbone")
 class TwoHeadModel(nn.Module):
     """x [B, 3, H, W] in [0, 1] → (target logits [B, 2], protected logits [B, 2])."""
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, mean: tuple, std: tuple):
+    def __init__(self, backbone: nn.Module, feature_dim: int, mean: tuple, std: tuple,
+                 protected_backbone: Optional[nn.Module] = None):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.backbone = backbone
         self.target_head = nn.Linear(feature_dim, 2)  # ρ
         self.protected_head = nn.Linear(feature_dim, 2)  # φ
+        self.protected_backbone = protected_backbone  # None: C reads θ's features; else C's own backbone
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.backbone((x - self.mean) / self.std)  # [B, feature_dim]
-        return self.target_head(features), self.protected_head(features)
+    def forward(self, x: torch.Tensor, protected: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`protected=False` may skip C where that saves work (its own backbone): training M never reads it."""
+        pixels = (x - self.mean) / self.std
+        features = self.backbone(pixels)  # [B, feature_dim]
+        if self.protected_backbone is None:  # the probe costs one small matmul: always computed
+            return self.target_head(features), self.protected_head(features)
+        return self.target_head(features), self.protected_head(self.protected_backbone(pixels)) if protected else None
 
     def target_logits(self, x: torch.Tensor) -> torch.Tensor:
         """M(θ, ρ)(x)."""
-        return self(x)[0]
+        return self(x, protected=False)[0]
 
     def protected_logits(self, x: torch.Tensor) -> torch.Tensor:
         """C(θ, φ)(x)."""
         return self(x)[1]
 
 
-def create_model(backbone: str, weights: Optional[str] = None) -> TwoHeadModel:
+PROTECTED_CLASSIFIERS = ("probe", "independent")
+
+
+def create_model(backbone: str, weights: Optional[str] = None, protected_classifier: str = "probe") -> TwoHeadModel:
+    """A `backbone` two-head model; `protected_classifier: independent` gives C its own copy of the backbone
+    (with the same starting weights)."""
     features, dim, mean, std = BACKBONES.get(backbone)(weights)
-    return TwoHeadModel(features, dim, mean, std)
+    own = BACKBONES.get(backbone)(weights)[0] if protected_classifier == "independent" else None
+    return TwoHeadModel(features, dim, mean, std, own)
+
+
+def protected_classifier(model: TwoHeadModel) -> str:
+    """The `model.protected_classifier` that built `model`."""
+    return "probe" if model.protected_backbone is None else "independent"
 
 
 def set_trainable(model: nn.Module, stage: str) -> None:
-    """Which parameters a stage trains: `base` and `finetune` train θ and ρ; `probe` trains φ only.
+    """Which parameters a stage trains: `base` and `finetune` train θ and ρ; `probe` trains φ only (and C's own
+    backbone, when it has one).
 
     Frozen parameters get requires_grad=False, so DDP and DeepSpeed skip them instead of waiting for
     gradients that never come.
@@ -64,7 +86,7 @@ def set_trainable(model: nn.Module, stage: str) -> None:
         raise ValueError(f"unknown stage {stage!r}")
     train_probe_head = stage == "probe"
     for name, param in model.named_parameters():
-        param.requires_grad = name.startswith("protected_head.") == train_probe_head
+        param.requires_grad = name.startswith(("protected_head.", "protected_backbone.")) == train_probe_head
 
 
 @contextmanager

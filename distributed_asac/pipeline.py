@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from safetensors.torch import load_file, save_file
 
-from .analysis import analyse, figure_indices, ig_maps
+from .analysis import analyse, curve_metrics, figure_indices, ig_maps, needs_attacker
 from .checkpoint import WEIGHTS, load_checkpoint, save_checkpoint, whole_state_dict
 from .config import Config, check_batch_sizes, save_config
 from .data.build import build_splits
@@ -122,9 +122,10 @@ def write_ig_figure(model: TwoHeadModel, folder: Path, test, cfg: Config, device
 
 
 def finish_model(name: str, model: TwoHeadModel, cfg: Config, splits: Splits, accelerator: Accelerator,
-                 tracker: Tracker, folder: Path, extra: Optional[dict] = None) -> dict[str, object]:
-    """Evaluate on test (and twins), analyse, write results.json (with `extra`, e.g. the fine-tune's summary),
-    predictions.csv and the checkpoint, log all.
+                 tracker: Tracker, folder: Path, attacker: Optional[TwoHeadModel],
+                 extra: Optional[dict] = None) -> dict[str, object]:
+    """Evaluate on test (and twins), analyse (against `attacker`'s C: see `analysis.analyse`), write results.json
+    (with `extra`, e.g. the fine-tune's summary), predictions.csv and the checkpoint, log all.
 
     `model` must be whole on every rank (train_stage and finetune return plain modules, also after ZeRO-3):
     the analysis and the checkpoint are the main process's alone, and a ZeRO-3 forward or gather there
@@ -141,7 +142,8 @@ def finish_model(name: str, model: TwoHeadModel, cfg: Config, splits: Splits, ac
     tracker.log_metrics({"data_skipped_images": splits.num_skipped()})
     tracker.log_params({"world_size": replicas["world_size"]})
     if accelerator.is_main_process:
-        analysis = analyse(model, splits.test, cfg.analysis, cfg.finetune.batch_size, accelerator.device)
+        analysis = analyse(model, attacker, splits.test, cfg.analysis, cfg.finetune.eps, cfg.finetune.batch_size,
+                           accelerator.device)
         folder.mkdir(parents=True, exist_ok=True)
         if name != "probe" and cfg.analysis.ig_images > 0 and hasattr(splits.test, "mouth_box"):  # probe's M is base's
             tracker.log_artifact(write_ig_figure(model, folder, splits.test, cfg, accelerator.device))
@@ -151,10 +153,8 @@ def finish_model(name: str, model: TwoHeadModel, cfg: Config, splits: Splits, ac
                               extra={**analysis, **(extra or {}), "ci95_bootstrap": report["ci95_bootstrap"]})
         (folder / "replicas.json").write_text(json.dumps(replicas, indent=2))
         save_checkpoint(whole_state_dict(model), cfg, folder)
-        for point in analysis.get("robustness", []):
-            tracker.log_metrics({f"robust_{k}_eps_{point['eps']:g}": v for k, v in point.items() if k != "eps"})
-        if "IG_mouth_share" in analysis:
-            tracker.log_metrics({k: analysis[k] for k in ("IG_mouth_share", "mouth_area_share")})
+        tracker.log_metrics(curve_metrics(analysis))
+        tracker.log_metrics({k: v for k, v in analysis.items() if isinstance(v, float)})
         for path in (*files, folder / "model.safetensors", folder / "config.yaml"):
             tracker.log_artifact(path)
     accelerator.wait_for_everyone()
@@ -167,7 +167,7 @@ def train_base_and_probe(cfg: Config, splits: Splits, accelerator: Accelerator, 
     is the base checkpoint for stage 3. The model's initialisation and each stage after it start from the
     random state `cfg.seed`, so a run resumed between stages draws the same numbers as one that was not."""
     seed_everything(cfg.seed, accelerator)
-    model = create_model(cfg.model.backbone, cfg.model.weights).to(accelerator.device)
+    model = create_model(cfg.model.backbone, cfg.model.weights, cfg.model.protected_classifier).to(accelerator.device)
     results = {}
     for stage in ("base", "probe"):
         if state.finished(stage) is not None:  # a resumed run: this stage's model and report are on disk
@@ -179,13 +179,19 @@ def train_base_and_probe(cfg: Config, splits: Splits, accelerator: Accelerator, 
         with Tracker(cfg, stage, accelerator.is_main_process, {**tags, "stage": stage}, state.run_id(stage)) as tracker:
             state.record_run(stage, tracker.run_id)
             model = train_stage(stage, model, splits, cfg, accelerator, tracker, run_dir / stage / "state")
-            results[stage] = finish_model(stage, model, cfg, splits, accelerator, tracker, run_dir / stage)
+            # The base's C is untrained until stage 2: the base has no attacker yet; the probe attacks itself
+            attacker = model if stage == "probe" else None
+            results[stage] = finish_model(stage, model, cfg, splits, accelerator, tracker, run_dir / stage, attacker)
         state.finish(stage, results[stage], accelerator)
         failpoint("pipeline.between_stages", finished=stage, seed=cfg.seed)
+    # The probe's M is the base's M, and its C is the one stage 3 attacks: its curves and mechanism numbers are the
+    # base row's (the base's own results.json and MLflow run, written before the probe existed, lack them).
+    results["base"] = {**results["base"], **{k: v for k, v in results["probe"].items() if needs_attacker(k)}}
     return model, results
 
 
-BASE_KEYS = ("model.backbone", "data.target", "data.protected", "data.image_size")  # what a base fixes
+BASE_KEYS = ("model.backbone", "model.protected_classifier", "data.target", "data.protected",
+             "data.image_size")  # what a base fixes
 
 
 def load_base(cfg: Config) -> TwoHeadModel:
@@ -211,7 +217,8 @@ def run_finetune(cfg: Config, base: TwoHeadModel, splits: Splits, accelerator: A
         state.record_run(name, tracker.run_id)
         model, summary = finetune(model, splits.train, splits.valid, cfg, accelerator, tracker, generator,
                                   run_dir / name / "state")
-        report = finish_model(name, model, cfg, splits, accelerator, tracker, run_dir / name, extra=summary)
+        report = finish_model(name, model, cfg, splits, accelerator, tracker, run_dir / name,
+                              base.to(accelerator.device), extra=summary)
     state.finish(name, report, accelerator)
     failpoint("pipeline.between_stages", finished=name, seed=cfg.seed)
     return name, report
@@ -220,7 +227,8 @@ def run_finetune(cfg: Config, base: TwoHeadModel, splits: Splits, accelerator: A
 def write_summary(run_dir: Path, results: dict[str, dict], cfg: Config) -> str:
     """The run's merged results.json, table.md and robustness.png; returns the table."""
     table = format_table(results, cfg.data.target)
-    curves = {name: r["robustness"] for name, r in results.items() if "robustness" in r and name != "probe"}
+    curves = {name: {k: r[k] for k in ("robustness", "robustness_own_C") if k in r}
+              for name, r in results.items() if "robustness" in r and name != "probe"}
     if curves:
         plot_robustness(curves, run_dir / "robustness.png")
     (run_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True))

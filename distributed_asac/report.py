@@ -94,22 +94,30 @@ def plot_paired(paired: list[dict], path: Path, subtitle: str) -> None:
     plt.close(fig)
 
 
-def plot_robustness(curves: dict[str, list[dict]], path: Path) -> None:
-    """One PNG: M's accuracy (solid) and C's accuracy (dashed) on ASACs against ε, one colour per model."""
+def plot_robustness(curves: dict[str, dict[str, list[dict]]], path: Path) -> None:
+    """One PNG, two panels, one colour per model (curves: name → its `robustness` and `robustness_own_C`): left,
+    ASACs made against the C that stage 3 attacks (the paper's §4.2.1): each model's M (solid) and that C
+    (dotted, the same images for every model); right, ASACs against each model's own C: its M (solid) and C
+    (dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (name, curve) in enumerate(curves.items()):
-        eps = [p["eps"] for p in curve]
-        ax.plot(eps, [p["target_ACC"] for p in curve], "-o", color=f"C{i}", label=f"{name}: M (target)")
-        ax.plot(eps, [p["protected_ACC"] for p in curve], "--x", color=f"C{i}", label=f"{name}: C (protected)")
-    ax.set_xlabel("ε of FGSM ASACs against C")
-    ax.set_ylabel("accuracy on ASACs (%)")
-    ax.set_title("Robustness to ASACs")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    panels = (("robustness", "ASACs of the attacked C (the base's)", "attacker_protected_ACC", ":"),
+              ("robustness_own_C", "ASACs of each model's own C", "protected_ACC", "--"))
+    for ax, (key, title, c_column, style) in zip(axes, panels):
+        for i, (name, model_curves) in enumerate(curves.items()):
+            curve = model_curves.get(key, [])
+            eps = [p["eps"] for p in curve]
+            ax.plot(eps, [p["target_ACC"] for p in curve], "-o", color=f"C{i}", label=f"{name}: M (target)")
+            if curve and c_column in curve[0]:
+                ax.plot(eps, [p[c_column] for p in curve], style + "x", color=f"C{i}", label=f"{name}: C (protected)")
+        ax.set_xlabel("ε of FGSM ASACs")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=6)
+    axes[0].set_ylabel("accuracy on ASACs (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -66,6 +66,7 @@ class Mode:
     # once as stage 3 starts, before any step
     train_data: Optional[Callable[[Config, Dataset], tuple[Dataset, Callable]]] = None
     # the dataset and collate function of stage 3's loader in place of the train split's
+    reports_attack: bool = False  # its steps train on ASACs of ctx.attack: stage 3 reports that attack's success
 
 
 MODES: Registry[Mode] = Registry("training mode")
@@ -114,7 +115,7 @@ def gan_augment(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, a: torch.Ten
     return shuffled_chunks(ctx, torch.cat([x, pairs.images, pairs.twins]), torch.cat([y, pairs.labels, pairs.labels]))
 
 
-@mode("asac", rows={f"asac_{attack}": {"attack": attack} for attack in ATTACKS.names()})
+@mode("asac", rows={f"asac_{attack}": {"attack": attack} for attack in ATTACKS.names()}, reports_attack=True)
 def asac(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor) -> list[Chunk]:
     """The method: the ASACs of the k images at every ε of E, scored by the current M, ordered by the curriculum
     and cut into |E| chunks of k entries (docs/method.md, Difficulty and curriculum)."""
@@ -124,10 +125,10 @@ def asac(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor) ->
     entries = asacs.flatten(0, 1)  # [|E|·k, 3, H, W]; entry j·k + i is image i at E[j]
     labels = y.repeat(n_eps)
     with phase("asac.score"), torch.no_grad(), eval_mode(ctx.scorer):
-        target_logits, protected_logits = ctx.scorer(entries)
+        target_logits = ctx.scorer.target_logits(entries)  # [|E|·k, 2]
     with phase("asac.order"):
         scores = difficulty_scores(target_logits, labels)  # [|E|·k]
-        ctx.diagnostics.record_asacs(scores, target_logits, protected_logits, a)
+        ctx.diagnostics.record_asacs(scores, target_logits, k)
         # The one device-to-host copy of the step: chunk sizes depend on the order, so the host needs it.
         steps = curriculum_chunks(scores, ctx.cfg.order, n_eps, ctx.generator).cpu()  # [|E|, k] entry indices
         # Entries j·k + i with j = 0 are ε = E[0] = 0: the clean image itself, bit for bit.

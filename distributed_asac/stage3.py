@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from .attacks import create_attack, magnitudes
-from .calibration import Calibrated, calibrate_eps
+from .calibration import Calibrated, attack_success, calibrate_eps
 from .checkpoint import whole_model, whole_state_dict
 from .config import Config, FinetuneConfig
 from .data.batches import to_pixels, uint8_images
@@ -46,17 +46,32 @@ def chunk_loss(model: nn.Module, x: torch.Tensor, chunk: Chunk, alpha: float) ->
     beside its clean image, whose logits it shares (clean logits are recomputed every step, as the model
     changes between chunks)."""
     if chunk.clean is None:
-        return plain_loss(model(chunk.images)[0], chunk.labels)
+        return plain_loss(model(chunk.images, protected=False)[0], chunk.labels)
     unique, inverse = torch.unique(chunk.clean, return_inverse=True)  # u distinct clean images
     u = len(unique)
     if chunk.is_clean is None:
-        logits = model(torch.cat([x[unique], chunk.images]))[0]  # [u + n, 2]
+        logits = model(torch.cat([x[unique], chunk.images]), protected=False)[0]  # [u + n, 2]
         return asac_loss(logits[:u][inverse], logits[u:], chunk.labels, alpha)
     perturbed = (~chunk.is_clean).nonzero().squeeze(1)  # [m] entries that differ from their clean image
-    logits = model(torch.cat([x[unique], chunk.images[perturbed]]))[0]  # [u + m, 2]
+    logits = model(torch.cat([x[unique], chunk.images[perturbed]]), protected=False)[0]  # [u + m, 2]
     asac_rows = inverse.clone()  # an ε = 0 entry reads its clean image's row ...
     asac_rows[perturbed] = u + torch.arange(len(perturbed), device=perturbed.device)  # ... the others their own
     return asac_loss(logits[inverse], logits[asac_rows], chunk.labels, alpha)
+
+
+def one_step(chunks: list[Chunk]) -> Chunk:
+    """All entries of a minibatch's chunks as one step (finetune.steps=per_minibatch, the other reading of
+    Algorithm 1): the distinct chunks concatenated (plain fine-tuning repeats one chunk |E| times: one copy).
+    For ASAC this is Eq. 5 averaged over all k·|E| entries, and the curriculum order no longer matters."""
+    distinct = list({id(chunk): chunk for chunk in chunks}.values())
+    if len(distinct) == 1:
+        return distinct[0]
+
+    def joined(name: str) -> Optional[torch.Tensor]:
+        parts = [getattr(chunk, name) for chunk in distinct]
+        return None if parts[0] is None else torch.cat(parts)
+
+    return Chunk(joined("images"), joined("labels"), joined("clean"), joined("is_clean"))
 
 
 @dataclass
@@ -84,6 +99,8 @@ class Stage3:
             # on CPU. The attacks, entries and chunk batches all inherit it from x; parameters keep theirs.
             x = x.contiguous(memory_format=torch.channels_last)
         chunks = self.mode.make_chunks(ctx, x, y, a)
+        if ctx.cfg.steps == "per_minibatch":
+            chunks = [one_step(chunks)]
         wrapped.train()
         if ctx.cfg.batchnorm == "frozen":  # normalise with the base's statistics and never update them
             for module in wrapped.modules():
@@ -144,21 +161,43 @@ def build_stage3(model: TwoHeadModel, cfg: Config, accelerator: Accelerator, gen
     return Stage3(mode, model, wrapped, optimizer, loader, ctx, accelerator, cfg.grad_clip, summary)
 
 
+def attack_sample(train_set, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed sample of n training images (x [n, 3, H, W], a [n]), the same on every rank and in every run of a
+    dataset: where ε are calibrated and attack success is measured."""
+    sample = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[:n]
+    x, _, a, _ = (torch.stack([torch.as_tensor(train_set[i][j]) for i in sample.tolist()]) for j in range(4))
+    return x.to(device), a.to(device)
+
+
 def calibrated_eps(attacked: TwoHeadModel, train_set, ft: FinetuneConfig, accelerator: Accelerator) -> list[Calibrated]:
-    """One ε per `ft.attack_success_targets`, chosen against the frozen C on a fixed sample of training images
-    (calibration.py). The main process chooses and every rank receives its choice (PGD's random starts differ
-    between ranks, and all ranks must train with the same E)."""
+    """One ε per `ft.attack_success_targets`, chosen against the frozen C on `attack_sample` (calibration.py). The
+    main process chooses and every rank receives its choice (PGD's random starts differ between ranks, and all
+    ranks must train with the same E)."""
     chosen: list[Optional[list[Calibrated]]] = [None]
     if accelerator.is_main_process:
-        sample = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[:ft.calibration_images]
-        x, _, a, _ = (torch.stack([torch.as_tensor(train_set[i][j]) for i in sample.tolist()]) for j in range(4))
+        x, a = attack_sample(train_set, ft.calibration_images, accelerator.device)
         with eval_mode(attacked):
-            chosen[0] = calibrate_eps(create_attack(ft.attack, ft), attacked.protected_logits,
-                                      x.to(accelerator.device), a.to(accelerator.device), ft.attack_success_targets)
+            chosen[0] = calibrate_eps(create_attack(ft.attack, ft), attacked.protected_logits, x, a,
+                                      ft.attack_success_targets)
         tqdm.write("calibrated ε: " + ", ".join(f"{c.eps:.4g} (fools C on {c.rate:.0%}, target {c.target:.0%})"
                                                  for c in chosen[0]))
     broadcast_object_list(chosen)
     return chosen[0]
+
+
+def measure_attack(ctx: StepContext, x: torch.Tensor, a: torch.Tensor, batch_size: int) -> dict[str, float]:
+    """Attack success of the stage's ASACs against the C they are made against (`ctx.attacked`: the frozen snapshot,
+    or the live C as it is now) on the fixed sample x [n, 3, H, W], a [n], per non-zero ε of E and on average, with
+    that C's clean accuracy beside it (fractions of the n images; docs/method.md, Attack success). Every rank
+    measures the whole sample: with `attack_model: live` under ZeRO-3 each forward needs every rank."""
+    eps = [e for e in ctx.magnitudes if e > 0]
+    devices = [x.device] if x.device.type == "cuda" else []
+    # PGD's random starts come from the global stream: fork it, so that measuring leaves training's draws as they were
+    with torch.random.fork_rng(devices=devices), eval_mode(ctx.attacked):
+        outcome = attack_success(ctx.attack, ctx.attacked.protected_logits, x, a, eps, batch_size)
+    rates = {f"attack_success_eps_{e:g}": outcome.rate(j) for j, e in enumerate(eps)}
+    return {"attack_success_rate": sum(rates.values()) / len(rates), **rates,
+            "attacked_C_clean_accuracy": outcome.clean_accuracy}
 
 
 def balanced_subset(dataset, seed: int = 0) -> Optional[Subset]:
@@ -191,6 +230,9 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
         return model, {}
     stage = build_stage3(model, cfg, accelerator, generator, train_set, tracker)
     summary, eps = stage.summary, stage.ctx.magnitudes
+    attack_probe = (attack_sample(train_set, ft.calibration_images, accelerator.device)
+                    if stage.mode.reports_attack and len(eps) > 1 else None)
+    last_attack: dict[str, float] = {}  # the last epoch's measure_attack
     balanced = balanced_subset(valid_set)
     if balanced is None and ft.select == "balanced_valid":
         raise UserError("finetune.select=balanced_valid needs every (target, protected) combination in the "
@@ -209,6 +251,9 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
             batches.set_postfix(loss=f"{terms['loss'].item():.3f}")
             failpoint("finetune.step", epoch=epoch + 1, step=step)
         metrics = diagnostics.summary(accelerator, eps, time.perf_counter() - began)
+        if attack_probe is not None:
+            last_attack.update(measure_attack(stage.ctx, *attack_probe, ft.batch_size))
+            metrics.update(last_attack)
         check_finite(f"finetune epoch {epoch + 1}", metrics.get("loss", 0.0), model, "finetune.lr", ft.lr)
         valid = evaluate(accelerator, model, valid_set, ft.batch_size, num_workers=cfg.data.num_workers).report()
         metrics.update({f"valid_{k}": v for k, v in valid.items()})
@@ -234,6 +279,7 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
     steps = [abs(after - before) for before, after in zip(deo_history, deo_history[1:])]
     summary.update(selected_epoch=progress.meta["selected"],
                    balanced_valid_DEO_swing=sum(steps) / len(steps) if steps else 0.0)
+    summary.update(last_attack)  # frozen C and FGSM: the same every epoch; a live C: as it was at the end
     tracker.log_metrics({f"finetune/{k}": v for k, v in summary.items()})
     return whole_model(model, cfg.model.backbone, progress.best or None), summary
 

@@ -32,7 +32,7 @@ def train_stage(
 ) -> TwoHeadModel:
     """Train `model` for stage `base` or `probe` and return it holding the best epoch's weights (by the
     stage's valid metric). The probe runs the backbone in eval mode: a frozen θ keeps its batch-norm
-    statistics too, so C is a linear probe on M's features. With `state_dir`, the full training state is
+    statistics too, so C is a linear probe on M's features (an independent C trains its own backbone instead). With `state_dir`, the full training state is
     saved there at every epoch end, and a state found there is resumed (resume.py)."""
     head, select_on = STAGES[stage]
     stage_cfg = cfg.base if stage == "base" else cfg.probe
@@ -44,11 +44,13 @@ def train_stage(
 
     def epoch_work(epoch: int, batches: tqdm, progress: Progress) -> None:
         wrapped.train(stage == "base")
+        if stage == "probe" and model.protected_backbone is not None:  # an independent C trains its own backbone
+            model.protected_backbone.train()
         loss_sum = torch.zeros((), device=accelerator.device)
         seen = torch.zeros((), device=accelerator.device)
         for x, y, a, _ in batches:
             labels = y if stage == "base" else a
-            loss = F.cross_entropy(wrapped(to_pixels(x))[head], labels)  # logits [b, 2]
+            loss = F.cross_entropy(wrapped(to_pixels(x), protected=stage == "probe")[head], labels)  # logits [b, 2]
             optimizer.zero_grad()
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)

@@ -120,3 +120,41 @@ def paired_difference(values: Sequence[float], reference: Sequence[float],
     if len(values) != len(reference):
         raise ValueError(f"paired values need one reference per seed, got {len(values)} and {len(reference)}")
     return t_interval([v - r for v, r in zip(values, reference)], confidence)
+
+
+# Power of the paired verdict: with n seeds, the per-seed differences d_s ~ N(δ, σ²) give the statistic
+# T = mean(d)/(s/√n), noncentral t with n − 1 degrees of freedom and noncentrality δ√n/σ. The verdict is not
+# "no detectable difference" exactly when |T| > t_{(1+c)/2, n−1} (the interval excludes 0).
+POWER = 0.8
+
+
+def paired_power(effect: float, sd: float, n: int, confidence: float = CONFIDENCE) -> float:
+    """P(the paired t-interval over n seeds excludes 0) when the true mean difference is `effect` and the
+    per-seed differences have standard deviation `sd` (both sides of 0 count, as the verdict does)."""
+    if n < 2:
+        return 0.0
+    critical = float(scipy_stats.t.ppf((1 + confidence) / 2, n - 1))
+    shift = effect * math.sqrt(n) / sd
+    return float(scipy_stats.nct.sf(critical, n - 1, shift) + scipy_stats.nct.cdf(-critical, n - 1, shift))
+
+
+def seeds_for_power(effect: float, sd: float, power: float = POWER, confidence: float = CONFIDENCE,
+                    most: int = 10_000) -> int:
+    """The fewest seeds (≥ 2) whose paired verdict detects a true mean difference `effect` with probability
+    ≥ `power`, when per-seed differences have standard deviation `sd`; `most` + 1 when even `most` would not."""
+    n = 2
+    while n <= most and paired_power(effect, sd, n, confidence) < power:
+        n += 1
+    return n
+
+
+def detectable_effect(sd: float, n: int, power: float = POWER, confidence: float = CONFIDENCE) -> float:
+    """The smallest |mean difference| that n seeds detect with probability `power` (bisection on the power,
+    which grows with |effect|)."""
+    low, high = 0.0, sd
+    while paired_power(high, sd, n, confidence) < power:
+        high *= 2
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if paired_power(middle, sd, n, confidence) < power else (low, middle)
+    return high

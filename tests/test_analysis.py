@@ -1,9 +1,11 @@
 """Robustness curves and Integrated Gradients against direct computations."""
 
+import pytest
 import torch
 from torch import nn
 
-from distributed_asac.analysis import box_share, ig_mouth_share, robustness_curve
+from distributed_asac.analysis import box_share, gradient_alignment, ig_mouth_share, robustness_curve
+from distributed_asac.attacks import fgsm
 from distributed_asac.models import create_model
 
 
@@ -56,12 +58,100 @@ def test_robustness_curve_at_zero_is_clean_accuracy_and_c_falls():
     torch.manual_seed(0)
     model = create_model("small_cnn").eval()
     data = _Dataset(40, (0, 0, 1, 1))
-    curve = robustness_curve(model, data, [0.0, 0.1], n_images=40, batch_size=16, device=torch.device("cpu"))
+    curve = robustness_curve(model, model, data, [0.0, 0.1], n_images=40, batch_size=16, device=torch.device("cpu"))
     with torch.no_grad():
         target, protected = model(data.x)
     assert curve[0]["target_ACC"] == 100 * float((target.argmax(1) == 1).float().mean())
     assert curve[0]["protected_ACC"] == 100 * float((protected.argmax(1) == 0).float().mean())
     assert curve[1]["protected_ACC"] <= curve[0]["protected_ACC"]  # FGSM against C does not help C
+    assert "attacker_protected_ACC" not in curve[0]  # its own C: no second C to report
+
+
+def test_robustness_curve_attacks_the_attackers_c_not_the_models_own():
+    torch.manual_seed(0)
+    model, attacker = create_model("small_cnn").eval(), create_model("small_cnn").eval()
+    data = _Dataset(24, (0, 0, 1, 1))
+    eps = [0.0, 0.05]
+    from_attacker = robustness_curve(model, attacker, data, eps, n_images=24, batch_size=8, device=torch.device("cpu"))
+    own = robustness_curve(model, model, data, eps, n_images=24, batch_size=8, device=torch.device("cpu"))
+    asacs = fgsm(attacker.protected_logits, data.x, torch.zeros(24, dtype=torch.long), eps)[1]  # [24, 3, 16, 16]
+    with torch.no_grad():
+        target, protected = model(asacs)
+        attacked = attacker.protected_logits(asacs)
+    expected = {"target_ACC": target.argmax(1) == 1, "protected_ACC": protected.argmax(1) == 0,
+                "attacker_protected_ACC": attacked.argmax(1) == 0}
+    for column, hits in expected.items():
+        assert from_attacker[1][column] == pytest.approx(100 * float(hits.float().mean()))
+    assert from_attacker[0]["target_ACC"] == own[0]["target_ACC"]  # ε = 0: the same clean images
+    # the two sources make different images: C's outputs on them differ
+    assert (from_attacker[1]["protected_ACC"], from_attacker[1]["target_ACC"]) != (own[1]["protected_ACC"],
+                                                                                  own[1]["target_ACC"])
+
+
+class _Linear(nn.Module):
+    """A two-head model on flattened pixels whose heads can be tied: C = M's head when `tied`."""
+
+    def __init__(self, tied: bool, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.target = nn.Linear(3 * 16 * 16, 2)
+        self.protected = nn.Linear(3 * 16 * 16, 2)
+        with torch.no_grad():
+            self.target.weight.copy_(torch.randn(2, 768, generator=g) * 0.05)
+            self.protected.weight.copy_(self.target.weight if tied else torch.randn(2, 768, generator=g) * 0.05)
+            self.protected.bias.copy_(self.target.bias)
+
+    def forward(self, x):
+        return self.target(x.flatten(1)), self.protected(x.flatten(1))
+
+    def target_logits(self, x):
+        return self(x)[0]
+
+    def protected_logits(self, x):
+        return self(x)[1]
+
+
+class _Labelled(_Dataset):
+    def __init__(self, n, a_equals_y: bool):
+        super().__init__(n, (0, 0, 1, 1))
+        self.y = torch.arange(n) % 2
+        self.a = self.y if a_equals_y else 1 - self.y
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i]), int(self.a[i]), i
+
+
+@pytest.mark.parametrize("a_equals_y, cosine", [(True, 1.0), (False, -1.0)])
+def test_gradient_cosine_is_plus_or_minus_one_when_c_is_ms_head(a_equals_y, cosine):
+    # C = M's head: with a = y the two losses are one, with a = 1 − y their input gradients are opposite (for two
+    # classes, ∇_logits CE(·, 0) = −p₁·(1, −1) and ∇_logits CE(·, 1) = p₀·(1, −1)).
+    model = _Linear(tied=True, seed=0)
+    out = gradient_alignment(model, model, _Labelled(12, a_equals_y), [0.0, 0.01], n_images=12, batch_size=5,
+                             device=torch.device("cpu"))
+    for key in ("grad_cosine_mean", "grad_cosine_q25", "grad_cosine_median", "grad_cosine_q75"):
+        assert out[key] == pytest.approx(cosine, abs=1e-5)
+
+
+def test_gradient_cosine_and_flips_on_independent_heads_match_a_direct_computation():
+    model, attacker = _Linear(tied=False, seed=1), _Linear(tied=False, seed=2)
+    data = _Labelled(10, a_equals_y=True)
+    out = gradient_alignment(model, attacker, data, [0.0, 0.5], n_images=10, batch_size=4,
+                             device=torch.device("cpu"))
+    cosines, flips = [], 0
+    for i in range(10):  # one image at a time, by hand: a linear model's input gradient is W^T (p − onehot)
+        x, y, a, _ = data[i]
+        p_m = torch.softmax(model.target_logits(x[None]), 1)[0].detach()
+        p_c = torch.softmax(attacker.protected_logits(x[None]), 1)[0].detach()
+        grad_m = model.target.weight.detach().T @ (p_m - torch.eye(2)[y])
+        grad_c = attacker.protected.weight.detach().T @ (p_c - torch.eye(2)[a])
+        cosines.append(float(grad_m @ grad_c / (grad_m.norm() * grad_c.norm())))
+        asac = (x.flatten() + 0.5 * grad_c.sign()).clamp(0, 1).view(1, 3, 16, 16)
+        flips += int(model.target_logits(asac).argmax(1) != model.target_logits(x[None]).argmax(1))
+    assert out["grad_cosine_mean"] == pytest.approx(sum(cosines) / 10, abs=1e-5)
+    assert out["grad_cosine_median"] == pytest.approx(float(torch.tensor(cosines).double().quantile(0.5)), abs=1e-5)
+    assert abs(out["grad_cosine_mean"]) < 0.5  # independent random heads: far from ±1
+    assert out["asac_flips_M_eps_0.5"] == out["asac_flips_M"] == flips / 10
+    assert 0 < flips < 10  # the case tells flipped from kept apart
 
 
 def test_ig_figure_has_a_panel_per_image_and_model(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from distributed_asac.attacks import ATTACKS, create_attack
-from distributed_asac.calibration import TOLERANCE, calibrate_eps, success_rate
+from distributed_asac.calibration import TOLERANCE, attack_success, calibrate_eps, success_rate
 from distributed_asac.config import FinetuneConfig, load_config
 from distributed_asac.errors import UserError
 
@@ -38,6 +38,19 @@ def test_bisection_reaches_each_target(name):
     assert chosen[1].eps == pytest.approx(0.25, abs=0.01)  # v_i − 0.25 has median 0.25
 
 
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_attack_success_counts_only_images_c_got_right_when_clean(name):
+    # toy_c says class 1 above a mean pixel of 0.25; each attack moves a grey image away from its label a by ε.
+    greys = torch.tensor([0.5, 0.3, 0.1, 0.3, 0.2])
+    a = torch.tensor([1, 1, 1, 0, 0])
+    # right when clean: 0.5/1, 0.3/1, 0.2/0; wrong when clean (never counted, although still wrong after the attack):
+    # 0.1/1 and 0.3/0. At ε = 0.1 the attack flips 0.3/1 (to 0.2) and 0.2/0 (to 0.3); at 0.3 also 0.5/1 (to 0.2).
+    x = greys.view(-1, 1, 1, 1).expand(-1, 3, 4, 4).contiguous()
+    outcome = attack_success(create_attack(name, FinetuneConfig(pgd_steps=20)), toy_c, x, a, [0.0, 0.1, 0.3], 2)
+    assert (outcome.n, outcome.clean_correct, outcome.fooled) == (5, 3, [0, 2, 3])
+    assert outcome.clean_accuracy == pytest.approx(0.6) and outcome.rate(1) == pytest.approx(0.4)
+
+
 def test_unreachable_target_is_one_clear_error():
     def never(x):  # a C that no perturbation fools: its logits do not move with x
         return torch.tensor([-5.0, 5.0]) + 0 * x.mean((1, 2, 3)).unsqueeze(1)
@@ -65,9 +78,9 @@ def test_calibrated_stage_3_logs_its_eps_and_rates(tmp_path, smoke_config):
     from distributed_asac import pipeline
 
     cfg = smoke_config(tmp_path, "tracking.enabled=false", "finetune.eps_mode=calibrated",
-                       "finetune.attack_success_targets=[0.3,0.6]", "finetune.calibration_images=64",
+                       "finetune.attack_success_targets=[0.2,0.4]", "finetune.calibration_images=64",
                        "analysis.ig_images=0", "analysis.robustness_images=0")
     report = pipeline.run(cfg).results["asac_fgsm"]
-    eps = [report["calibrated_eps_0.3"], report["calibrated_eps_0.6"]]
+    eps = [report["calibrated_eps_0.2"], report["calibrated_eps_0.4"]]
     assert 0 < eps[0] < eps[1] <= 1
-    assert report["calibrated_attack_success_0.3"] >= 0.3 and report["calibrated_attack_success_0.6"] >= 0.6
+    assert report["calibrated_attack_success_0.2"] >= 0.2 and report["calibrated_attack_success_0.4"] >= 0.4

@@ -117,10 +117,35 @@ def test_ambiguous_selector_is_one_clear_error():
         measure(two_asacs, claims)
 
 
-def test_claim_metrics_flattens_the_robustness_curve():
+def test_claim_metrics_flattens_both_robustness_curves():
     flat = claim_metrics({"DEO": 0.1, "note": "x", "flag": True, "nan": float("nan"),
-                          "robustness": [{"eps": 0.05, "target_ACC": 70.0, "protected_ACC": 30.0}]})
-    assert flat == {"DEO": 0.1, "robust_target_ACC_eps_0.05": 70.0, "robust_protected_ACC_eps_0.05": 30.0}
+                          "robustness": [{"eps": 0.05, "target_ACC": 70.0, "protected_ACC": 30.0}],
+                          "robustness_own_C": [{"eps": 0.05, "target_ACC": 65.0, "protected_ACC": 10.0}]})
+    assert flat == {"DEO": 0.1, "robust_target_ACC_eps_0.05": 70.0, "robust_protected_ACC_eps_0.05": 30.0,
+                    "robust_own_target_ACC_eps_0.05": 65.0, "robust_own_protected_ACC_eps_0.05": 10.0}
+
+
+def test_power_table_from_the_per_seed_spread(tmp_path):
+    from distributed_asac.stats import detectable_effect, seeds_for_power
+
+    claims = parse_claims("test", section([claim("C5", "DEO", "lower", {"finetune": ASAC}, {"finetune": PLAIN},
+                                                 effect=-0.038),
+                                           claim("C1", "DEO", "lower", {"finetune": ASAC}, "base")]))
+    markdown, _ = write_claims(records(), claims, tmp_path)
+    differences = [a - p for a, p in zip(STRONG_DEO["asac"], STRONG_DEO["plain"])]
+    mean = sum(differences) / 5
+    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / 4)  # 0.00837 by hand
+    row = next(line for line in markdown.splitlines() if line.startswith("| C5 | DEO | -0.038 | strong |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4] == "5" and float(cells[5]) == pytest.approx(sd, rel=1e-3)
+    assert int(cells[6]) == seeds_for_power(-0.038, sd) == 3  # a spread far below the effect: few seeds
+    assert float(cells[7]) == pytest.approx(detectable_effect(sd, 5), rel=1e-3)
+    assert "| C1 |" not in markdown.split("### Power")[1]  # no effect given: not in the power table
+
+
+def test_a_claims_effect_must_be_a_nonzero_number():
+    with pytest.raises(UserError, match="'effect' must be a non-zero number"):
+        parse_claims("claims.yaml", section([claim("C1", "DEO", "lower", {"finetune": ASAC}, "base", effect=0)]))
 
 
 def test_written_tables_csv_and_forest_plot(tmp_path):

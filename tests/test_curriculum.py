@@ -69,7 +69,7 @@ class _Recorder(torch.nn.Module):
         super().__init__()
         self.batches = []
 
-    def forward(self, x):
+    def forward(self, x, protected=True):
         self.batches.append(x.shape[0])
         v = x[:, 0, 0, 0]
         return torch.stack([v, -v], 1), torch.zeros(x.shape[0], 2)
@@ -86,3 +86,49 @@ def test_chunk_loss_forwards_each_clean_image_once_and_matches_per_entry_loss():
     expected = asac_loss(logits(x[[0, 0, 2]]), logits(asacs), chunk.labels, 0.4)
     for name in expected:
         torch.testing.assert_close(terms[name], expected[name])
+
+
+@pytest.mark.parametrize("row, steps, expected", [("asac_fgsm", "per_chunk", 3), ("asac_fgsm", "per_minibatch", 1),
+                                                  ("plain", "per_chunk", 3), ("plain", "per_minibatch", 1)])
+def test_optimizer_steps_per_minibatch(row, steps, expected):
+    """finetune.steps: |E| = 3 steps per minibatch by default, one with per_minibatch, for ASAC and plain alike."""
+    from dataclasses import replace
+
+    from accelerate import Accelerator
+
+    from distributed_asac.config import Config
+    from distributed_asac.models import create_model
+    from distributed_asac.rows import fine_tuned_rows
+    from distributed_asac.stage3 import build_stage3
+
+    torch.manual_seed(0)
+    cfg = Config()
+    cfg.finetune = replace(cfg.finetune, **fine_tuned_rows()[row], steps=steps)
+    stage = build_stage3(create_model("small_cnn"), cfg, Accelerator(cpu=True), torch.Generator().manual_seed(0))
+    calls = []
+    step = stage.optimizer.step
+    stage.optimizer.step = lambda *args, **kwargs: (calls.append(1), step(*args, **kwargs))[1]
+    x, y, a = torch.rand(8, 3, 16, 16), torch.arange(8) % 2, (torch.arange(8) // 2) % 2
+    stage.train_minibatch(x, y, a)
+    assert len(calls) == expected == stage.ctx.diagnostics.counts["steps"]
+
+
+def test_one_step_is_eq_5_averaged_over_every_entry():
+    """per_minibatch joins the |E| ordered chunks into one: the loss is the mean of Eq. 5 over all k·|E| entries,
+    each clean image forwarded once; a repeated chunk (plain) is taken once."""
+    from distributed_asac.stage3 import one_step
+
+    x = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 3, 2, 2).contiguous()  # k = 3
+    entries = torch.cat([x, x + 0.25, x + 0.5])  # |E| = 3, entry j·k + i is image i at E[j]
+    labels = torch.tensor([1, 0, 1]).repeat(3)
+    order = torch.tensor([4, 0, 8, 2, 6, 1, 3, 7, 5]).view(3, 3)  # some curriculum order
+    chunks = [Chunk(entries[r], labels[r], clean=r % 3, is_clean=r < 3) for r in order]
+    model = _Recorder()
+    terms = chunk_loss(model, x, one_step(chunks), alpha=0.3)
+    assert model.batches == [3 + 6]  # the 3 clean images once, the 6 perturbed entries
+    logits = lambda t: torch.stack([t[:, 0, 0, 0], -t[:, 0, 0, 0]], 1)
+    expected = asac_loss(logits(x.repeat(3, 1, 1, 1)), logits(entries), labels, 0.3)
+    for name in expected:
+        torch.testing.assert_close(terms[name], expected[name])
+    plain = [Chunk(x, labels[:3])] * 3
+    assert one_step(plain) is plain[0]

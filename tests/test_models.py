@@ -31,6 +31,28 @@ def test_set_trainable_partitions_parameters():
     assert any(n.startswith("backbone.") for n in trainable)
 
 
+def test_an_independent_c_has_its_own_backbone_trained_in_stage_2_only():
+    torch.manual_seed(0)
+    model = create_model("small_cnn", protected_classifier="independent").eval()
+    x = torch.rand(4, 3, 48, 48)
+    target, protected = model(x)
+    pixels = (x - model.mean) / model.std
+    torch.testing.assert_close(protected, model.protected_head(model.protected_backbone(pixels)))
+    torch.testing.assert_close(target, model.target_logits(x))
+    assert model(x, protected=False)[1] is None  # training M skips C's backbone
+    set_trainable(model, "probe")
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"protected_head", "protected_backbone"}
+    set_trainable(model, "finetune")
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"backbone", "target_head"}
+    # C's gradient no longer flows through M's backbone: changing θ leaves C's logits as they were
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.add_(1.0)
+    torch.testing.assert_close(model.protected_logits(x), protected)
+
+
 def test_local_weights_file(tmp_path):
     import torchvision
     from safetensors.torch import save_file

@@ -104,3 +104,21 @@ def test_paired_bootstrap_sees_a_difference_on_the_same_images():
     assert diff.verdict() == HIGHER
     same = paired_bootstrap(y, a, worse, worse.clone())["DEO"]
     assert (same.low, same.high) == (0.0, 0.0) and same.verdict() == NONE
+
+
+def test_power_of_the_paired_verdict_against_published_and_hand_values():
+    from distributed_asac.stats import detectable_effect, paired_power, seeds_for_power
+
+    # No true difference: the verdict errs exactly at the test's level, 5%.
+    assert paired_power(0.0, 1.0, 7) == pytest.approx(0.05, abs=1e-12)
+    # The paired (one-sample) t-test's standard sample sizes for 80% power at the two-sided 5% level
+    # (Cohen's d = effect/sd): d = 1 needs 10 pairs (power 0.8031), d = 0.5 needs 34 (power 0.8078).
+    assert seeds_for_power(1.0, 1.0) == 10 and paired_power(1.0, 1.0, 10) == pytest.approx(0.8031, abs=1e-4)
+    assert seeds_for_power(-0.5, 1.0) == 34 and paired_power(0.5, 1.0, 34) == pytest.approx(0.8078, abs=1e-4)
+    # Only the ratio matters: the paper's C1 effect (−0.038) against a per-seed sd of 0.076 is d = 0.5.
+    assert seeds_for_power(-0.038, 0.076) == 34
+    # Large n: the normal approximation n ≈ ((z₀.₉₇₅ + z₀.₈) · sd/effect)² = 7.849 · 100 = 785, t adds ~2.
+    assert 785 <= seeds_for_power(0.1, 1.0) <= 788
+    # The smallest detectable effect inverts the power: at 10 seeds and sd 1, just under d = 1.
+    effect = detectable_effect(1.0, 10)
+    assert paired_power(effect, 1.0, 10) == pytest.approx(0.8, abs=1e-6) and 0.99 < effect < 1.0

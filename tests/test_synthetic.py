@@ -383,10 +383,31 @@ def _digest(root: Path) -> str:
     return digest.hexdigest()
 
 
-def test_default_beard_strength_keeps_datasets_byte_identical(tmp_path: Path) -> None:
+def test_default_cue_strengths_keep_datasets_byte_identical(tmp_path: Path) -> None:
     syn.generate(tmp_path / "default", 40, 0.9, 3, (32, 32), workers=1)
-    syn.generate(tmp_path / "explicit", 40, 0.9, 3, (32, 32), workers=1, beard_strength=1.0)
+    syn.generate(tmp_path / "explicit", 40, 0.9, 3, (32, 32), workers=1, beard_strength=1.0, smile_floor=0.0)
     assert _digest(tmp_path / "default") == _digest(tmp_path / "explicit") == DEFAULT_DIGEST
+
+
+def test_a_smile_floor_deepens_only_the_shallow_smiles_and_is_part_of_the_identity(tmp_path: Path) -> None:
+    syn.generate(tmp_path / "floor", 40, 0.9, 3, (32, 32), workers=1, smile_floor=0.5)
+    default, floored = _tree_of(tmp_path, "default"), _tree(tmp_path / "floor")
+    info = json.loads((tmp_path / "floor" / "dataset_info.json").read_text())
+    assert info["args"]["smile_floor"] == 0.5
+    smiling = {line.split()[0] for line in (tmp_path / "floor" / "list_attr_celeba.txt").read_text().splitlines()[2:]
+               if line.split()[1 + plan.ATTRIBUTES.index("Smiling")] == "1"}
+    changed = {Path(name).name for name in floored if name.startswith("img_align_celeba/")
+               and floored[name] != default[name]}
+    assert changed and changed <= smiling  # only smiling faces are redrawn: U(0.5, 1) depths instead of U(0, 1)
+    with pytest.raises(UserError, match=r"smile_floor=0.5 format_version=1, not .* smile_floor=0.0 format"):
+        syn.generate(tmp_path / "floor", 40, 0.9, 3, (32, 32), workers=1)
+    with pytest.raises(UserError, match=r"--smile-floor 1.0 is out of range"):
+        syn.generate(tmp_path / "bad", 40, 0.9, 3, (32, 32), workers=1, smile_floor=1.0)
+
+
+def _tree_of(tmp_path: Path, name: str) -> dict[str, bytes]:
+    syn.generate(tmp_path / name, 40, 0.9, 3, (32, 32), workers=1)
+    return _tree(tmp_path / name)
 
 
 def test_a_fainter_beard_changes_only_men_and_only_inside_the_beard_box() -> None:
@@ -406,7 +427,7 @@ def test_a_fainter_beard_changes_only_men_and_only_inside_the_beard_box() -> Non
 def test_beard_strength_is_part_of_the_dataset_identity(tmp_path: Path) -> None:
     syn.generate(tmp_path / "d", 40, 0.9, 3, (32, 32), workers=1, beard_strength=0.5)
     assert json.loads((tmp_path / "d" / "dataset_info.json").read_text())["args"]["beard_strength"] == 0.5
-    with pytest.raises(UserError, match=r"beard_strength=0.5 format_version=1, not .* beard_strength=1.0 format"):
+    with pytest.raises(UserError, match=r"beard_strength=0.5 smile_floor=0.0 format_version=1, not .* beard_strength=1.0 "):
         syn.generate(tmp_path / "d", 40, 0.9, 3, (32, 32), workers=1)
     with pytest.raises(UserError, match=r"--beard-strength 0 is out of range"):
         syn.generate(tmp_path / "e", 40, 0.9, 3, (32, 32), workers=1, beard_strength=0)

@@ -17,6 +17,7 @@ A sweep file may hold a `claims:` section (configs/sweeps/claims.yaml is the stu
           treatment: {finetune: {mode: asac, attack: fgsm}}
           reference: base      # base (the trial's own base model) | same (the same trial, another metric:
                                # give reference_metric) | a selector of another setting, paired by seed
+          effect: -0.038       # optional: the difference to power the study for (the report's power table)
 
 In each regime a claim's measurement is the mean over seeds of treatment − reference, each seed's pair
 sharing its base model and test images, with the 95% Student-t interval of the per-seed differences
@@ -31,19 +32,22 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
+from distributed_asac.analysis import curve_metrics
 from distributed_asac.errors import UserError
-from distributed_asac.stats import HIGHER, LOWER, Interval, paired_difference
+from distributed_asac.stats import (HIGHER, LOWER, POWER, Interval, detectable_effect, paired_difference,
+                                    seeds_for_power)
 
 if TYPE_CHECKING:
     from .records import TrialRecord
 
 EXPECT = ("lower", "higher", "none")
 SUPPORTED, CONTRADICTED, NOT_DETECTABLE = "supported", "contradicted", "not detectable"
-_CLAIM_KEYS = {"id", "claim", "paper", "metric", "expect", "treatment", "reference", "reference_metric"}
+_CLAIM_KEYS = {"id", "claim", "paper", "metric", "expect", "treatment", "reference", "reference_metric", "effect"}
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class Claim:
     treatment: dict[str, Any]  # selector of the treatment setting
     reference: Any  # "base", "same", or a selector of the reference setting
     reference_metric: Optional[str] = None  # the reference's metric; None: `metric`
+    effect: Optional[float] = None  # the difference the study is powered to detect (the report's power table)
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,7 @@ class Measurement:
     regime: str
     interval: Optional[Interval]  # None: no trial in this regime matches the claim
     verdict: str
+    sd: float = math.nan  # standard deviation of the per-seed differences (NaN below two seeds)
 
 
 def parse_claims(where: str, data: Any) -> Claims:
@@ -118,8 +124,14 @@ def _claim(where: str, item: Any) -> Claim:
         raise UserError(f"{here}: 'reference' must be base, same, or a selector mapping axes to values")
     if reference == "same" and not item.get("reference_metric"):
         raise UserError(f"{here}: 'reference: same' compares two metrics of one trial: give 'reference_metric'")
+    effect = item.get("effect")
+    if effect is not None and (isinstance(effect, bool) or not isinstance(effect, (int, float)) or effect == 0
+                               or not math.isfinite(effect)):
+        raise UserError(f"{here}: 'effect' must be a non-zero number (the difference to power the study for); "
+                        f"got {effect!r}")
     return Claim(str(item["id"]), str(item["claim"]), str(item["paper"]), str(item["metric"]), item["expect"],
-                 item["treatment"], reference, item.get("reference_metric"))
+                 item["treatment"], reference, item.get("reference_metric"),
+                 None if effect is None else float(effect))
 
 
 def matches(axes: dict[str, Any], selector: dict[str, Any]) -> bool:
@@ -169,12 +181,11 @@ def check_claims(claims: Claims, trials: list[Any], where: str) -> None:
 
 
 def claim_metrics(results: Optional[dict[str, Any]]) -> dict[str, float]:
-    """A model's finite scalar results, plus its robustness curve flattened as `robust_<column>_eps_<ε>`
-    (the names its MLflow metrics have)."""
+    """A model's finite scalar results, plus its robustness curves flattened as `robust_<column>_eps_<ε>` and
+    `robust_own_<column>_eps_<ε>` (the names its MLflow metrics have)."""
     out = {k: float(v) for k, v in (results or {}).items()
            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-    for point in (results or {}).get("robustness", []):
-        out.update({f"robust_{k}_eps_{point['eps']:g}": float(v) for k, v in point.items() if k != "eps"})
+    out.update(curve_metrics(results or {}))
     return out
 
 
@@ -211,7 +222,9 @@ def measure(records: list[TrialRecord], claims: Claims) -> list[Measurement]:
                      for s in sorted(treated, key=str) if s in references]
             pairs = [(t, r) for t, r in pairs if t is not None and r is not None]
             interval = paired_difference([t for t, _ in pairs], [r for _, r in pairs]) if pairs else None
-            out.append(Measurement(claim, name, interval, verdict(interval, claim.expect)))
+            differences = [t - r for t, r in pairs]
+            sd = statistics.stdev(differences) if len(differences) >= 2 else math.nan
+            out.append(Measurement(claim, name, interval, verdict(interval, claim.expect), sd))
     return out
 
 
@@ -298,6 +311,25 @@ def _scale(metric: str) -> str:
     return "accuracy points" if "ACC" in metric else "share" if "share" in metric else "fairness gap"
 
 
+def power_table(measurements: list[Measurement]) -> list[str]:
+    """Markdown lines of the power table (claims with an `effect`, in regimes with ≥ 2 seeds): the spread of the
+    per-seed differences found here, the seeds that detect the claim's effect with 80% power at the 5% level, and
+    the smallest effect these seeds detect with that power (stats.seeds_for_power, stats.detectable_effect)."""
+    rows = [m for m in measurements if m.claim.effect is not None and not math.isnan(m.sd) and m.sd > 0]
+    if not rows:
+        return []
+    lines = ["### Power", "",
+             f"The seeds each claim needs to detect its `effect` with {POWER:.0%} power at the 5% level (paired t over "
+             "seeds), from the spread of the per-seed differences measured here.", "",
+             "| Claim | Metric | Effect | Regime | Seeds here | sd of per-seed differences | Seeds needed | "
+             "Smallest effect these seeds detect |", "|---|---|---|---|---|---|---|---|"]
+    for m in rows:
+        needed = seeds_for_power(m.claim.effect, m.sd)
+        lines.append(f"| {m.claim.id} | {m.claim.metric} | {m.claim.effect:+.4g} | {m.regime} | {m.interval.n} | "
+                     f"{m.sd:.4g} | {needed} | {detectable_effect(m.sd, m.interval.n):.4g} |")
+    return lines + [""]
+
+
 def write_claims(records: list[TrialRecord], claims: Claims, out_dir: Path) -> tuple[str, list[Path]]:
     """claims.md (every table), claims.csv (one line per claim and regime) and claims_forest.png in `out_dir`;
     returns the markdown and the paths."""
@@ -311,6 +343,7 @@ def write_claims(records: list[TrialRecord], claims: Claims, out_dir: Path) -> t
     for table, columns in claims.tables.items():
         sections += [f"### Claims table `{table}` (regimes: {', '.join(columns)})", "",
                      claims_table(measurements, claims, table), ""]
+    sections += power_table(measurements)
     sections += ["![claims forest plot](claims_forest.png)", ""]
     markdown = "\n".join(sections)
     (out_dir / "claims.md").write_text(markdown)

@@ -43,7 +43,7 @@ def synthetic_arguments(data: DataConfig) -> dict[str, Any]:
     """The generator's arguments a data config asks for (equal arguments: the same dataset, byte for byte)."""
     return dict(num_images=data.synthetic_num_images, bias=data.synthetic_bias, seed=data.synthetic_seed,
                 size=(data.image_size, data.image_size), beard_strength=data.synthetic_beard_strength,
-                train_twins=data.synthetic_train_twins)
+                train_twins=data.synthetic_train_twins, smile_floor=data.synthetic_smile_floor)
 
 
 def generate_synthetic(data: DataConfig) -> None:

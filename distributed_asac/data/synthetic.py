@@ -27,6 +27,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -86,6 +87,7 @@ class _Task(NamedTuple):
     size: tuple[int, int]
     rows: list[tuple[int, tuple[bool, ...], bool]]
     beard_strength: float = 1.0
+    smile_floor: float = 0.0
 
 
 def _render_task(task: _Task) -> list[_Result]:
@@ -94,6 +96,8 @@ def _render_task(task: _Task) -> list[_Result]:
     results = []
     for index, labels, with_twin in task.rows:
         face = sample_face(image_rng(task.seed, index), task.size)
+        # The target cue's strength: depths U(0, 1) become U(floor, 1); exactly the same floats at floor 0.
+        face = dataclasses.replace(face, smile_depth=task.smile_floor + (1.0 - task.smile_floor) * face.smile_depth)
         attributes = dict(zip(ATTRIBUTES, labels))
         name = image_name(index)
         _save_jpeg(render(face, attributes, task.beard_strength), out_dir / IMAGE_DIR / name)
@@ -108,7 +112,7 @@ def _render_task(task: _Task) -> list[_Result]:
 
 def _render_all(
     out_dir: Path, seed: int, size: tuple[int, int], splits: np.ndarray, labels: np.ndarray, workers: int,
-    beard_strength: float = 1.0, twins: np.ndarray | None = None,
+    beard_strength: float = 1.0, twins: np.ndarray | None = None, smile_floor: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render every image (and its twin where ``twins``, (N,) bool, says; default: the test split's) across
     ``workers`` processes; returns (N, 10) landmarks and (N, 20) boxes."""
@@ -118,7 +122,7 @@ def _render_all(
         _Task(str(out_dir), seed, size, [
             (i, tuple(bool(v) for v in labels[i]), bool(twins[i]))
             for i in range(start, min(start + IMAGES_PER_TASK, num_images))
-        ], beard_strength)
+        ], beard_strength, smile_floor)
         for start in range(0, num_images, IMAGES_PER_TASK)
     ]
     marks = np.zeros((num_images, len(LANDMARK_COLUMNS)), dtype=int)
@@ -173,6 +177,7 @@ def _describe(stamp: Mapping[str, Any]) -> str:
     fields = [f"{key}={args.get(key)}" for key in ("num_images", "bias", "seed", "size")]
     fields.append(f"train_twins={args.get('train_twins', False)}")  # absent from the info at its default
     fields.append(f"beard_strength={args.get('beard_strength', 1.0)}")  # absent from the info at its default
+    fields.append(f"smile_floor={args.get('smile_floor', 0.0)}")  # likewise
     return " ".join(fields + [f"format_version={stamp.get('format_version')}"])
 
 
@@ -230,7 +235,8 @@ def _flag(argument: str, value: Any) -> str:
 
 
 def check_arguments(num_images: int, bias: float, seed: int, size: tuple[int, int], beard_strength: float = 1.0,
-                    train_twins: bool = False, spell: Callable[[str, Any], str] = _flag) -> None:
+                    train_twins: bool = False, smile_floor: float = 0.0,
+                    spell: Callable[[str, Any], str] = _flag) -> None:
     """Refuse arguments the generator cannot honour. ``spell(argument, value)`` words an argument as the user gave
     it: a CLI flag here, a config key when ``config.validate`` checks a config's ``data.synthetic_*`` with this.
     ``train_twins`` is a switch: every value is honoured."""
@@ -250,6 +256,9 @@ def check_arguments(num_images: int, bias: float, seed: int, size: tuple[int, in
     if not (isinstance(beard_strength, (int, float)) and 0.0 < beard_strength <= 1.0):
         raise UserError(f"{spell('beard_strength', beard_strength)} is out of range: pass a contrast in (0, 1] "
                         "(1 = full beard)")
+    if not (isinstance(smile_floor, (int, float)) and 0.0 <= smile_floor < 1.0):
+        raise UserError(f"{spell('smile_floor', smile_floor)} is out of range: pass the shallowest smile's share of "
+                        "the full depth in [0, 1) (0 = from a closed-looking mouth)")
 
 
 def generate(
@@ -261,6 +270,7 @@ def generate(
     workers: int | None = None,
     beard_strength: float = 1.0,
     train_twins: bool = False,
+    smile_floor: float = 0.0,
 ) -> dict[str, Any]:
     """Generate (or reuse) a controlled-bias face dataset in ``out_dir``; return its info.
 
@@ -270,7 +280,9 @@ def generate(
     ``dataset_info.json``. ``beard_strength`` in (0, 1] is the contrast of the protected cue (the beard):
     1, the default, draws the full dark beard (datasets made before the knob existed are the same bytes);
     lower values fade it toward the skin, down to a faint shadow. ``train_twins`` also writes the Male-flipped twin
-    of every train image (test images always get theirs).
+    of every train image (test images always get theirs). ``smile_floor`` in [0, 1) is the target cue's strength:
+    a smile's depth is drawn from U(smile_floor, 1) of the full depth instead of U(0, 1), so that fewer smiles look
+    closed; 0, the default, keeps earlier datasets the same bytes.
 
     With ``workers > 1`` the pool uses the spawn start method, so a calling script needs the usual
     ``if __name__ == "__main__":`` guard.
@@ -278,7 +290,7 @@ def generate(
     out_dir = Path(out_dir)
     size = (int(size[0]), int(size[1]))
     workers = default_workers() if workers is None else workers
-    check_arguments(num_images, bias, seed, size, beard_strength)
+    check_arguments(num_images, bias, seed, size, beard_strength, smile_floor=smile_floor)
     if workers < 1:
         raise UserError(f"--workers {workers} must be at least 1")
     args = {"num_images": num_images, "bias": float(bias), "seed": seed, "size": list(size)}
@@ -286,6 +298,8 @@ def generate(
         args["beard_strength"] = float(beard_strength)
     if train_twins:  # likewise absent at the default
         args["train_twins"] = True
+    if smile_floor != 0.0:  # likewise
+        args["smile_floor"] = float(smile_floor)
     existing = _existing_dataset(out_dir, args)
     if existing is not None:
         log.info("reusing the synthetic dataset in %s (generated earlier with the same arguments)", out_dir)
@@ -296,7 +310,7 @@ def generate(
     _write_json(out_dir / IN_PROGRESS_FILE, {"format_version": FORMAT_VERSION, "args": args})
     splits, labels = plan_labels(num_images, bias, seed)
     twins = (splits == TEST_SPLIT) | ((splits == TRAIN_SPLIT) & bool(train_twins))  # (N,) bool: images given a twin
-    marks, boxes = _render_all(out_dir, seed, size, splits, labels, workers, beard_strength, twins)
+    marks, boxes = _render_all(out_dir, seed, size, splits, labels, workers, beard_strength, twins, smile_floor)
     _write_annotations(out_dir, splits, labels, marks, boxes, twins)
     info = {
         "format_version": FORMAT_VERSION,
@@ -342,13 +356,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="processes; the output does not depend on it (default: one per CPU)")
     parser.add_argument("--beard-strength", type=float, default=1.0,
                         help="contrast of the protected cue (Male's beard) in (0, 1]; 1 = full dark beard (default)")
+    parser.add_argument("--smile-floor", type=float, default=0.0,
+                        help="the target cue's strength: the shallowest smile as a share of the full depth, in [0, 1) "
+                             "(default 0: from a closed-looking mouth)")
     parser.add_argument("--train-twins", action="store_true",
                         help="also write the Male-flipped twin of every train image (test images always get theirs)")
     with exit_on_user_error():
         args = parser.parse_args(argv)
         setup_logging()
         info = generate(args.out, args.num_images, args.bias, args.seed, parse_size(args.size), args.workers,
-                        args.beard_strength, args.train_twins)
+                        args.beard_strength, args.train_twins, args.smile_floor)
         rates = ", ".join(f"{name} {info['splits'][name]['p_smiling_eq_male']:.3f}" for name in SPLITS)
         print(f"{args.out}: {args.num_images} images; P(Smiling == Male): {rates}")
 
