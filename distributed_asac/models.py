@@ -32,15 +32,14 @@ BACKBONES: Registry[BackboneFactory] = Registry("backbone")
 class TwoHeadModel(nn.Module):
     """x [B, 3, H, W] in [0, 1] → (target logits [B, 2], protected logits [B, 2])."""
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, mean: tuple, std: tuple,
-                 protected_backbone: Optional[nn.Module] = None):
+    def __init__(self, backbone: nn.Module, feature_dim: int, mean: tuple, std: tuple):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.backbone = backbone
         self.target_head = nn.Linear(feature_dim, 2)  # ρ
         self.protected_head = nn.Linear(feature_dim, 2)  # φ
-        self.protected_backbone = protected_backbone  # None: C reads θ's features; else C's own backbone
+        self.protected_backbone: Optional[nn.Module] = None  # None: C reads θ's features; else C's own backbone
 
     def forward(self, x: torch.Tensor, protected: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """`protected=False` may skip C where that saves work (its own backbone): training M never reads it."""
@@ -66,8 +65,13 @@ def create_model(backbone: str, weights: Optional[str] = None, protected_classif
     """A `backbone` two-head model; `protected_classifier: independent` gives C its own copy of the backbone
     (with the same starting weights)."""
     features, dim, mean, std = BACKBONES.get(backbone)(weights)
-    own = BACKBONES.get(backbone)(weights)[0] if protected_classifier == "independent" else None
-    return TwoHeadModel(features, dim, mean, std, own)
+    model = TwoHeadModel(features, dim, mean, std)
+    if protected_classifier == "independent":
+        # Drawn off the seeded stream: M's initialisation and every later draw (data order, stage 1) stay those of
+        # the default model, so the variant's base M is the default's base M and rows pair with it exactly.
+        with torch.random.fork_rng(devices=[]):
+            model.protected_backbone = BACKBONES.get(backbone)(weights)[0]
+    return model
 
 
 def protected_classifier(model: TwoHeadModel) -> str:

@@ -212,3 +212,20 @@ def test_bound_study_resolves_to_its_designed_trials():
             selectors = [claim.treatment] + [claim.reference] * isinstance(claim.reference, dict)
             for selector in selectors:
                 assert sorted(select(sweep.trials, regime, selector, claim.id)) == [0, 1, 2, 3, 4]
+
+
+def test_paper_regime_study_resolves_to_its_designed_trials():
+    """configs/sweeps/paper_regime.yaml: 6 rows on the default base and ASAC on an independent C, × the seeds in
+    the file, on 2 bases per seed (the default and the independent C's), and every claim resolving to one setting
+    with every seed."""
+    sweep = load_sweep("configs/sweeps/paper_regime.yaml")
+    seeds = sorted({t.axes["seed"] for t in sweep.trials})
+    assert len(sweep.trials) == 7 * len(seeds) and len({t.base_key for t in sweep.trials}) == 2 * len(seeds)
+    assert [c.id for c in sweep.claims.claims][0] == "P0"  # the positive control first
+    assert {c.id: c.effect for c in sweep.claims.claims if c.effect is not None} == {
+        "C1": -0.038, "C2": 7.62, "C5a": -0.038}
+    for claim in sweep.claims.claims:
+        for regime in sweep.claims.regimes.values():
+            selectors = [claim.treatment] + [claim.reference] * isinstance(claim.reference, dict)
+            for selector in selectors:
+                assert sorted(select(sweep.trials, regime, selector, claim.id)) == seeds

@@ -53,6 +53,16 @@ def test_an_independent_c_has_its_own_backbone_trained_in_stage_2_only():
     torch.testing.assert_close(model.protected_logits(x), protected)
 
 
+def test_an_independent_c_leaves_m_and_the_seeded_stream_as_the_default_model_has_them():
+    torch.manual_seed(3)
+    default, after_default = create_model("small_cnn"), torch.rand(3)
+    torch.manual_seed(3)
+    independent, after_independent = create_model("small_cnn", protected_classifier="independent"), torch.rand(3)
+    for name, tensor in default.state_dict().items():
+        assert torch.equal(tensor, independent.state_dict()[name]), name
+    assert torch.equal(after_default, after_independent)
+
+
 def test_local_weights_file(tmp_path):
     import torchvision
     from safetensors.torch import save_file
