@@ -98,7 +98,7 @@ def mark_incomplete(folder: Path) -> None:
     """The marker names the process (pid and host: `tracking.close_killed_runs` reads them) and the way on."""
     (folder / INCOMPLETE).write_text(
         f"this run has not finished (running, killed or failed): pid {os.getpid()} on {socket.gethostname()}; "
-        f"continue it with resume=latest or resume={folder} (README: Resuming a killed run)\n")
+        f"continue it with resume=latest or resume={folder} (docs/resume.md)\n")
 
 
 def mark_complete(folder: Path) -> None:

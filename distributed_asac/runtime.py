@@ -15,7 +15,7 @@ from .errors import UserError
 
 
 def make_accelerator() -> Accelerator:
-    """An Accelerator for this process, refusing the silent CPU launch traps (README, "Running stage 3").
+    """An Accelerator for this process, refusing the silent CPU launch traps (docs/distributed.md).
 
     On a machine without CUDA the process group must use gloo: DeepSpeed otherwise starts with a backend
     that Accelerate does not see, and its batch-size check fails.
@@ -26,7 +26,7 @@ def make_accelerator() -> Accelerator:
     if launched > 1 and (accelerator.num_processes != launched or accelerator.distributed_type == DistributedType.NO):
         raise UserError(
             f"{launched} processes were launched but Accelerate does not connect them: each would train "
-            "alone. On CPU set ACCELERATE_USE_CPU=true for DDP (or use launch/cpu_ddp.sh); see README.md, Running stage 3"
+            "alone. On CPU set ACCELERATE_USE_CPU=true for DDP (or use launch/cpu_ddp.sh); see docs/distributed.md"
         )
     return accelerator
 

@@ -179,7 +179,7 @@ def calibrated_eps(attacked: TwoHeadModel, train_set, ft: FinetuneConfig, accele
         with eval_mode(attacked):
             chosen[0] = calibrate_eps(create_attack(ft.attack, ft), attacked.protected_logits, x, a,
                                       ft.attack_success_targets)
-        tqdm.write("calibrated ε: " + ", ".join(f"{c.eps:.4g} (fools C on {c.rate:.0%}, target {c.target:.0%})"
+        tqdm.write("calibrated ε: " + ", ".join(f"{c.eps:.4g} (attack success {c.rate:.0%}, target {c.target:.0%})"
                                                  for c in chosen[0]))
     broadcast_object_list(chosen)
     return chosen[0]
@@ -266,8 +266,8 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
             progress.best = whole_state_dict(model)
         tracker.log_metrics({f"finetune/{k}": v for k, v in metrics.items()}, step=epoch)
         if accelerator.is_main_process:
-            shown = {k: metrics[k] for k in ("loss", "attack_success_rate", "valid_ACC", "valid_DEO", "balanced_valid_ACC",
-                                             "balanced_valid_DEO", "images_per_s")
+            shown = {k: metrics[k] for k in ("loss", "attack_success_rate", "attacked_C_clean_accuracy", "valid_ACC",
+                                             "valid_DEO", "balanced_valid_ACC", "balanced_valid_DEO", "images_per_s")
                      if k in metrics}
             tqdm.write(f"finetune epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
 

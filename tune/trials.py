@@ -157,7 +157,7 @@ def _launch(job: TrialJob) -> dict[str, Any]:
     job_path.write_text(json.dumps(asdict(replace(job, resources=share)), allow_nan=True))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     if job.resources.gpu == 0:
-        env["ACCELERATE_USE_CPU"] = "true"  # else --multi_gpu on CPU starts ranks that never talk (README, "Running stage 3")
+        env["ACCELERATE_USE_CPU"] = "true"  # else --multi_gpu on CPU starts ranks that never talk (docs/distributed.md)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
                "-m", "tune.trials", str(job_path)]
