@@ -45,6 +45,28 @@ def test_results_files_read_back(smoke_run):
     assert "| Smiling | asac_fgsm |" in (run_dir / "table.md").read_text()
 
 
+def test_robustness_and_mechanism_against_the_stage_3_attack_c(smoke_run):
+    """Every row's `robustness` attacks the same C (the probe's, which stage 3 attacks): the attacking C's accuracy
+    is the same for every row; at ε = 0 both curves are the clean images; the base row's curves are the probe's
+    (its M is the base's), and the base's own results.json, written before the probe existed, has none."""
+    _, cfg, results, run_dir = smoke_run
+    attacker = [p["attacker_protected_ACC"] for p in results["plain"]["robustness"]]
+    for name in ("plain", "asac_fgsm", "asac_pgd"):
+        curve, own = results[name]["robustness"], results[name]["robustness_own_C"]
+        assert [p["attacker_protected_ACC"] for p in curve] == attacker
+        assert curve[0]["target_ACC"] == own[0]["target_ACC"] and curve[0]["eps"] == own[0]["eps"] == 0
+        assert -1 <= results[name]["grad_cosine_q25"] <= results[name]["grad_cosine_median"] <= 1
+        assert f"asac_flips_M_eps_{cfg.finetune.eps[-1]:g}" in results[name]
+    probe_curve = results["probe"]["robustness"]
+    assert results["base"]["robustness"] == probe_curve == results["probe"]["robustness_own_C"]
+    assert [p["protected_ACC"] for p in probe_curve] == attacker  # the probe's C is the attacking C
+    assert results["base"]["grad_cosine_mean"] == results["probe"]["grad_cosine_mean"]
+    assert "robustness" not in json.loads((run_dir / "base" / "results.json").read_text())["base"]
+    asac = results["asac_fgsm"]
+    assert 0 <= asac["attack_success_rate"] <= asac["attacked_C_clean_accuracy"] <= 1
+    assert "attack_success_rate" not in results["plain"]
+
+
 def test_checkpoint_reloads_to_the_same_weights(smoke_run):
     tmp_path, cfg, results, run_dir = smoke_run
     model, saved_cfg = load_checkpoint(run_dir / "asac_fgsm")
@@ -68,7 +90,8 @@ def test_mlflow_runs_read_back(smoke_run):
     asac = by_name["asac_fgsm"]
     history = client.get_metric_history(asac.info.run_id, "finetune/loss_asac")
     assert len(history) == cfg.finetune.epochs
-    for key in ("finetune/attack_success_rate", "finetune/asac_flips_M_rate", "finetune/mean_DS_eps_0.01",
+    for key in ("finetune/attack_success_rate", "finetune/attacked_C_clean_accuracy", "finetune/asac_flips_M_rate",
+                "finetune/mean_DS_eps_0.01", "grad_cosine_mean", "robust_own_protected_ACC_eps_0.05",
                 "finetune/images_per_s", "finetune/loss_clean", "finetune/loss"):
         assert key in asac.data.metrics
     assert "base/valid_ACC" in by_name["base"].data.metrics
