@@ -229,3 +229,11 @@ def test_paper_regime_study_resolves_to_its_designed_trials():
             selectors = [claim.treatment] + [claim.reference] * isinstance(claim.reference, dict)
             for selector in selectors:
                 assert sorted(select(sweep.trials, regime, selector, claim.id)) == seeds
+
+
+def test_c10_rerun_resolves_to_the_claims_studys_bases_and_asac_trials():
+    """configs/sweeps/claims_c10.yaml: the claims study's bases (same data, config and seeds: the same base keys)
+    and its default ASAC trial in both regimes, nothing else."""
+    c10, claims = load_sweep("configs/sweeps/claims_c10.yaml"), load_sweep("configs/sweeps/claims.yaml")
+    assert len(c10.trials) == 2 * 5 and {t.base_key for t in c10.trials} <= {t.base_key for t in claims.trials}
+    assert [c.id for c in c10.claims.claims] == ["C10a", "C10b", "C10c"]
