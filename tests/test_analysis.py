@@ -130,6 +130,7 @@ def test_gradient_cosine_is_plus_or_minus_one_when_c_is_ms_head(a_equals_y, cosi
                              device=torch.device("cpu"))
     for key in ("grad_cosine_mean", "grad_cosine_q25", "grad_cosine_median", "grad_cosine_q75"):
         assert out[key] == pytest.approx(cosine, abs=1e-5)
+    assert out["grad_abs_cosine_mean"] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_gradient_cosine_and_flips_on_independent_heads_match_a_direct_computation():
@@ -148,6 +149,7 @@ def test_gradient_cosine_and_flips_on_independent_heads_match_a_direct_computati
         asac = (x.flatten() + 0.5 * grad_c.sign()).clamp(0, 1).view(1, 3, 16, 16)
         flips += int(model.target_logits(asac).argmax(1) != model.target_logits(x[None]).argmax(1))
     assert out["grad_cosine_mean"] == pytest.approx(sum(cosines) / 10, abs=1e-5)
+    assert out["grad_abs_cosine_mean"] == pytest.approx(sum(map(abs, cosines)) / 10, abs=1e-5)
     assert out["grad_cosine_median"] == pytest.approx(float(torch.tensor(cosines).double().quantile(0.5)), abs=1e-5)
     assert abs(out["grad_cosine_mean"]) < 0.5  # independent random heads: far from ±1
     assert out["asac_flips_M_eps_0.5"] == out["asac_flips_M"] == flips / 10
