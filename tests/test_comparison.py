@@ -99,10 +99,12 @@ def test_mlflow_ui_shows_the_answer_on_the_parent_run(compared):
     columns = table["columns"]
     lines = [dict(zip(columns, line)) for line in table["data"]]
     assert len(lines) == 3 * len(HEADLINE)  # plain − base, asac_fgsm − base, asac_fgsm − plain
-    saved = {(p["row"], p["reference"], p["metric"]): p for p in json.loads((out.run_dir / "results.json").read_text())["paired"]}
+    paired = json.loads((out.run_dir / "results.json").read_text())["paired"]
+    saved = {(p["row"], p["reference"], p["metric"]): p for p in paired}
     for line in lines:
         expected = saved[(line["row"], line["reference"], line["metric"])]
-        assert line["verdict"] == expected["verdict"] and line["difference"] == pytest.approx(expected["interval"]["estimate"])
+        assert line["verdict"] == expected["verdict"]
+        assert line["difference"] == pytest.approx(expected["interval"]["estimate"])
         assert line["verdict"] in description
     logged = json.loads(parent.data.tags["mlflow.loggedArtifacts"])  # how the UI knows to show them as tables
     assert {"path": "verdicts.json", "type": "table"} in logged and {"path": "table.json", "type": "table"} in logged

@@ -204,7 +204,7 @@ def label_trial(job: TrialJob, record: TrialRecord) -> list[str]:
         tags["error"] = record.error[:_MAX_TAG]
     if not runs:
         run = client.create_run(experiment_id(job.tracking_uri, job.experiment), run_name=job.name,
-                                tags={PARENT_TAG: job.parent_run_id, **tags})
+                                tags={**provenance(), PARENT_TAG: job.parent_run_id, **tags})
         client.set_terminated(run.info.run_id, status="FAILED")
         run_ids = [run.info.run_id]
     else:
