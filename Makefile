@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow install clean-runs
+.PHONY: demo test test-slow install browser ui-screenshots clean-runs
 
 install: $(STAMP)
 
@@ -23,8 +23,22 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) browser
 	$(PY) -m pytest -q -m slow $(ARGS)
+
+# Debian's headless-capable Chromium for the MLflow UI test (tests/test_mlflow_ui.py); sudo unless root.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+browser: $(CHROMIUM)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-liberation
+
+# docs/mlflow_ui.png and docs/mlflow_ui_runs.png: the pages the MLflow UI test renders (docs/mlflow.md).
+ui-screenshots: $(STAMP) browser
+	ASAC_UI_SCREENSHOTS=$(CURDIR)/docs $(PY) -m pytest -q -m slow tests/test_mlflow_ui.py $(ARGS)
 
 clean-runs:
 	rm -rf runs mlflow.db mlartifacts

@@ -19,6 +19,7 @@ setup(
         "torchvision>=0.19",
         "accelerate>=1.0",
         "mlflow>=3.0",
+        "pandas>=1.5",  # the MLflow tables of a comparison and a sweep (tracking.log_table); mlflow needs it too
         "pyyaml>=6.0",
         "safetensors>=0.4",
         "captum>=0.7",  # Integrated Gradients in every evaluation (analysis.py)

@@ -6,7 +6,8 @@
 
 For each seed: stages 1–2, then every row fine-tuned from that seed's base with the same random state
 (`pipeline.run`). MLflow: one parent run per invocation (tag `stage=comparison`) holding the aggregate
-metrics, the table and the plot; every per-seed, per-row run is nested under it.
+metrics, the table and the plot, with the table and verdicts as its description and as sortable MLflow tables;
+every per-seed, per-row run is nested under it, named `<row> · seed <s>`.
 
 `resume=latest` (or a comparison folder) continues a killed comparison: finished seeds are read back from
 their `seed_<s>/results.json`, the unfinished one continues where it stopped (pipeline.run), the rest run.
@@ -43,7 +44,7 @@ from .errors import UserError
 from .logs import setup_logging
 from .metrics import COLUMNS, HEADLINE
 from .pipeline import new_run_dir, run
-from .report import format_paired, format_table, plot_paired
+from .report import format_paired, format_table, format_verdicts, plot_paired
 from .resume import INCOMPLETE, STATE, RunState, find_run, mark_complete, mark_incomplete
 from .rows import in_table_order
 from .runtime import make_accelerator
@@ -102,6 +103,11 @@ def paired(per_seed: dict[int, dict[str, dict]], run_dir: Path) -> list[dict]:
     return out
 
 
+def seed_label(seed: int) -> str:
+    """What tells a seed's MLflow runs apart under the comparison's parent run: `asac_fgsm · seed 1`."""
+    return f"seed {seed}"
+
+
 def _describe(seeds: list[int]) -> str:
     if len(seeds) >= 2:
         return (f"mean over {len(seeds)} seeds ({', '.join(map(str, seeds))}) ± the half-width of its 95% "
@@ -140,11 +146,38 @@ def write_comparison(out: ComparisonOutput, cfg: Config, tracker: Tracker) -> st
         tracker.log_metrics({f"{p['row']}_minus_{p['reference']}_{p['metric']}": p["interval"].estimate})
     for name in ("results.json", "table.md", "paired.png", "config.yaml"):
         tracker.log_artifact(out.run_dir / name)
+    tracker.log_table(_table_rows(out.aggregate), "table.json")
+    tracker.log_table(_verdict_rows(out.paired), "verdicts.json")
+    tracker.describe(_note(text, out), "the artifact table.md")
     for seed in out.seeds:  # each seed's robustness curves, beside the summary
         curves = out.run_dir / f"seed_{seed}" / "robustness.png"
         if curves.is_file():
             tracker.log_artifact(curves, f"seed_{seed}")
     return text
+
+
+def _note(text: str, out: ComparisonOutput) -> str:
+    """The parent run's description: the verdicts first (the UI shows the first lines until "Show more"), then
+    the printed table and verdicts, and where the rest is."""
+    seeds = out.seeds
+    return (f"**Comparison over {len(seeds)} seed{'s' * (len(seeds) > 1)} ({', '.join(map(str, seeds))})**, "
+            "paired differences with their 95% intervals:\n\n"
+            f"{format_verdicts(out.paired)}\n\n{text}\n\nEvery row's models are the runs nested below, named "
+            "`<row> · seed <s>`. Artifacts: `table.md`, `results.json` (every number), `paired.png` (forest "
+            "plot); `table.json` and `verdicts.json` hold the tables, sortable.")
+
+
+def _table_rows(aggregate: dict[str, dict[str, Interval]]) -> list[dict]:
+    """One line per row and metric of the table: the mean over seeds and its 95% interval."""
+    return [{"row": row, "metric": metric, "mean": i.estimate, "ci95_low": i.low, "ci95_high": i.high, "n": i.n}
+            for row, metrics in aggregate.items() for metric, i in metrics.items()]
+
+
+def _verdict_rows(paired: list[dict]) -> list[dict]:
+    """One line per paired difference: row − reference on a metric, its 95% interval and verdict."""
+    return [{"row": p["row"], "reference": p["reference"], "metric": p["metric"], "difference": p["interval"].estimate,
+             "ci95_low": p["interval"].low, "ci95_high": p["interval"].high, "verdict": p["interval"].verdict()}
+            for p in paired]
 
 
 def compare(cfg: Config, variants: Optional[list[dict]] = None,
@@ -184,7 +217,7 @@ def compare(cfg: Config, variants: Optional[list[dict]] = None,
                 if accelerator.is_main_process:
                     print(f"\n=== seed {seed} ({seeds.index(seed) + 1} of {len(seeds)}) ===", flush=True)
                 out = run(dataclasses.replace(cfg, seed=seed), variants, accelerator, parent_run_id=tracker.run_id,
-                          run_dir=run_dir / f"seed_{seed}", resume=resume)
+                          run_dir=run_dir / f"seed_{seed}", resume=resume, label=seed_label(seed))
                 per_seed[seed] = out.results
         per_seed = {seed: per_seed[seed] for seed in seeds}  # in seed order, whichever finished first
         result = ComparisonOutput(run_dir, seeds, per_seed, aggregate(per_seed), [])
@@ -193,6 +226,9 @@ def compare(cfg: Config, variants: Optional[list[dict]] = None,
             text = write_comparison(result, cfg, tracker)
             print(f"\n{text}\n\nresults: {run_dir}/results.json  (MLflow experiment {cfg.experiment!r}, "
                   f"parent run {tracker.run_id})")
+            if tracker.active:
+                answer, runs = tracker.links()
+                print(f"MLflow UI (docs/mlflow.md): the answer {answer}\n  every run by name {runs}")
             mark_complete(run_dir)
     accelerator.wait_for_everyone()
     return result
@@ -222,7 +258,8 @@ def _run_seed(cfg: Config, variants: Optional[list[dict]], parent_run_id: Option
     setup_logging()
     torch.set_num_threads(threads)
     print(f"\n=== seed {cfg.seed} (its own process, {threads} torch thread{'s' * (threads > 1)}) ===", flush=True)
-    return run(cfg, variants, make_accelerator(), parent_run_id=parent_run_id, run_dir=folder, resume=resume).results
+    return run(cfg, variants, make_accelerator(), parent_run_id=parent_run_id, run_dir=folder, resume=resume,
+               label=seed_label(cfg.seed)).results
 
 
 def _seed_status(folder: Path) -> str:

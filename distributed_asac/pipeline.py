@@ -161,11 +161,19 @@ def finish_model(name: str, model: TwoHeadModel, cfg: Config, splits: Splits, ac
     return report
 
 
+def run_name(model: str, label: Optional[str]) -> str:
+    """A model's MLflow run name: the model, and what tells it apart from its siblings under one parent run
+    (`asac_fgsm · seed 1` in a comparison)."""
+    return f"{model} · {label}" if label else model
+
+
 def train_base_and_probe(cfg: Config, splits: Splits, accelerator: Accelerator, run_dir: Path,
-                         tags: dict[str, str], state: RunState) -> tuple[TwoHeadModel, dict[str, dict]]:
+                         tags: dict[str, str], state: RunState,
+                         label: Optional[str] = None) -> tuple[TwoHeadModel, dict[str, dict]]:
     """Stages 1 and 2 from scratch (or from where a killed attempt left them); the model of `run_dir/probe`
     is the base checkpoint for stage 3. The model's initialisation and each stage after it start from the
-    random state `cfg.seed`, so a run resumed between stages draws the same numbers as one that was not."""
+    random state `cfg.seed`, so a run resumed between stages draws the same numbers as one that was not.
+    `label` goes into the run names (`run_name`)."""
     seed_everything(cfg.seed, accelerator)
     model = create_model(cfg.model.backbone, cfg.model.weights, cfg.model.protected_classifier).to(accelerator.device)
     results = {}
@@ -176,7 +184,8 @@ def train_base_and_probe(cfg: Config, splits: Splits, accelerator: Accelerator, 
             continue
         if stage != "base":
             seed_everything(cfg.seed, accelerator)
-        with Tracker(cfg, stage, accelerator.is_main_process, {**tags, "stage": stage}, state.run_id(stage)) as tracker:
+        with Tracker(cfg, run_name(stage, label), accelerator.is_main_process, {**tags, "stage": stage},
+                     state.run_id(stage)) as tracker:
             state.record_run(stage, tracker.run_id)
             model = train_stage(stage, model, splits, cfg, accelerator, tracker, run_dir / stage / "state")
             # The base's C is untrained until stage 2: the base has no attacker yet; the probe attacks itself
@@ -208,12 +217,13 @@ def load_base(cfg: Config) -> TwoHeadModel:
 
 
 def run_finetune(cfg: Config, base: TwoHeadModel, splits: Splits, accelerator: Accelerator, run_dir: Path,
-                 generator: torch.Generator, tags: dict[str, str], state: RunState) -> tuple[str, dict[str, object]]:
+                 generator: torch.Generator, tags: dict[str, str], state: RunState,
+                 label: Optional[str] = None) -> tuple[str, dict[str, object]]:
     """Stage 3 on a copy of `base` per `cfg.finetune`, evaluated and logged as its own MLflow run."""
     name = row_name(cfg.finetune)
     model = copy.deepcopy(base).to(accelerator.device)
     tags = {**tags, "stage": "finetune", "mode": cfg.finetune.mode}
-    with Tracker(cfg, name, accelerator.is_main_process, tags, state.run_id(name)) as tracker:
+    with Tracker(cfg, run_name(name, label), accelerator.is_main_process, tags, state.run_id(name)) as tracker:
         state.record_run(name, tracker.run_id)
         model, summary = finetune(model, splits.train, splits.valid, cfg, accelerator, tracker, generator,
                                   run_dir / name / "state")
@@ -243,11 +253,14 @@ class RunOutput:
 
 
 def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optional[Accelerator] = None,
-        parent_run_id: Optional[str] = None, run_dir: Optional[Path] = None, resume: bool = False) -> RunOutput:
+        parent_run_id: Optional[str] = None, run_dir: Optional[Path] = None, resume: bool = False,
+        label: Optional[str] = None) -> RunOutput:
     """Stages 1–2 (or the base checkpoint), then stage 3 once per variant of `cfg.finetune` (default: the
     config's own), all on one Accelerator. Every model is one MLflow run, nested under `parent_run_id` if
-    given (a sweep's or a comparison's parent run). Each fine-tune starts from the same base weights AND
-    the same random state (`cfg.seed`), so rows differ only by their method: paired comparisons are fair.
+    given (a sweep's or a comparison's parent run) and named after the model and `label`, what tells these
+    models apart from the others under that parent (`run_name`). Each fine-tune starts from the same base
+    weights AND the same random state (`cfg.seed`), so rows differ only by their method: paired comparisons
+    are fair.
 
     `cfg.resume` (or `resume=True` with the `run_dir` of an unfinished run, as a resumed comparison passes)
     continues that run in its folder and MLflow runs: finished stages are skipped, an unfinished one
@@ -280,7 +293,7 @@ def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optiona
     if base is not None:
         results = {}
     else:
-        base, results = train_base_and_probe(cfg, splits, accelerator, run_dir, tags, state)
+        base, results = train_base_and_probe(cfg, splits, accelerator, run_dir, tags, state, label)
     for overrides in variants or [{}]:
         variant = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, **overrides))
         if variant.finetune.mode == "base" and "base" in results:
@@ -290,7 +303,7 @@ def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optiona
             results[name] = state.finished(name)
             continue
         generator = seed_everything(cfg.seed, accelerator)  # data order, attack starts, curriculum shuffles
-        name, report = run_finetune(variant, base, splits, accelerator, run_dir, generator, tags, state)
+        name, report = run_finetune(variant, base, splits, accelerator, run_dir, generator, tags, state, label)
         results[name] = report
     if accelerator.is_main_process:
         table = write_summary(run_dir, results, cfg)

@@ -9,7 +9,7 @@ import torch
 
 from .metrics import COLUMNS
 from .rows import in_table_order
-from .stats import Interval
+from .stats import HIGHER, LOWER, NONE, Interval
 
 
 
@@ -60,10 +60,31 @@ def format_paired(paired: list[dict]) -> str:
         cells = []
         for metric in metrics:
             (found,) = [p["interval"] for p in paired if (p["row"], p["reference"], p["metric"]) == (row, reference, metric)]
-            fmt = formats[metric]
-            shown = f"{_signed(found.estimate, fmt)}{_spread(found, fmt)} **{found.verdict()}**"
+            shown = f"{_difference(found, formats[metric])} **{found.verdict()}**"
             cells.append("n/a" if math.isnan(found.estimate) else shown)
         lines.append(f"| {row} − {reference} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _difference(interval: Interval, fmt: str) -> str:
+    return f"{_signed(interval.estimate, fmt)}{_spread(interval, fmt)}"
+
+
+def format_verdicts(paired: list[dict]) -> str:
+    """The paired verdicts in a few markdown lines, one per (row, reference), those against plain fine-tuning
+    first: the metrics found lower or higher, each with its difference and interval, then the rest."""
+    formats = {c.name: c.fmt for c in COLUMNS}
+    pairs = sorted(dict.fromkeys((p["row"], p["reference"]) for p in paired), key=lambda pair: pair[1] != "plain")
+    lines = []
+    for row, reference in pairs:
+        found = [p for p in paired if (p["row"], p["reference"]) == (row, reference)]
+        parts = [f"{verdict} " + ", ".join(f"{p['metric']} {_difference(p['interval'], formats[p['metric']])}"
+                                           for p in found if p["interval"].verdict() == verdict)
+                 for verdict in (LOWER, HIGHER) if any(p["interval"].verdict() == verdict for p in found)]
+        undecided = [p["metric"] for p in found if p["interval"].verdict() == NONE]
+        if undecided:
+            parts.append(f"{NONE} in {', '.join(undecided)}")
+        lines.append(f"- **{row} − {reference}**: " + "; ".join(parts))
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ would follow each process's working directory. `MLFLOW_TRACKING_URI` or `trackin
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import getpass
 import logging
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from .config import Config
 from .errors import UserError
@@ -57,13 +58,21 @@ def probe_store(uri: str, where: str) -> None:
                             f"{fix}") from None
     from mlflow.tracking import MlflowClient
 
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT_S)})
     try:
-        MlflowClient(uri).search_experiments(max_results=1)
+        with environment({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT_S)}):
+            MlflowClient(uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - a probe: any failure here is the store's, named in one line
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise UserError(f"MLflow tracking store {uri} ({where}) cannot be used: {reason}; {fix}") from None
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """`values` in os.environ for the duration, then the environment as it was."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
     finally:
         for key, value in saved.items():
             if value is None:
@@ -72,18 +81,71 @@ def probe_store(uri: str, where: str) -> None:
                 os.environ[key] = value
 
 
+# MLflow 3 records an experiment's kind in this experiment tag: "Machine learning", not "GenAI apps & agents", in
+# the UI's experiment-type selector; an experiment without it may be taken for a GenAI one, whose page opens on an
+# empty trace overview. MLflow 3.17's UI lets its sidebar switch (GenAI | Model training) decide that for every
+# experiment instead: `ui_link`.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+NOTE_TAG = "mlflow.note.content"  # a run's description: the UI renders it as markdown at the top of the run page
+MAX_NOTE = 8000  # MLflow's limit on a run tag's value
+
+
 def experiment_id(mlflow, name: str, uri: str) -> str:
-    """The id of MLflow experiment `name`, created with an explicit artifact location if it is new."""
+    """The id of MLflow experiment `name`, created with an explicit artifact location if it is new; either way
+    a model-training experiment (EXPERIMENT_KIND), unless someone chose another kind for it in the UI."""
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
+        if not any(key in experiment.tags for key in EXPERIMENT_KIND):  # made by an older version of the project
+            for key, value in EXPERIMENT_KIND.items():
+                mlflow.MlflowClient(uri).set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     artifacts = None
     if uri.startswith("sqlite:///"):
         artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name).as_uri()
     try:
-        return mlflow.create_experiment(name, artifact_location=artifacts)
+        return mlflow.create_experiment(name, artifact_location=artifacts, tags=EXPERIMENT_KIND)
     except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent run
         return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def ui_link(uri: str, experiment: str, run_id: Optional[str] = None) -> str:
+    """The MLflow UI's page of a run, or (no `run_id`) the experiment's runs sorted by name, which lists nested
+    runs flat (`asac_fgsm · seed 1` beside `asac_fgsm · seed 2`); on the tracking server itself, or on
+    `mlflow ui`'s default address for a local store. MLflow 3.17's UI opens every experiment on its GenAI
+    views, whatever its kind, until the sidebar's switch is set to "Model training" (the browser keeps it);
+    `workflowType=machine_learning` sets it for one visit."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    if run_id:
+        return f"{base}/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
+    return (f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+            "&orderByKey=tags.%60mlflow.runName%60&orderByAsc=true")
+
+
+def note(markdown: str, whole: str) -> str:
+    """`markdown` as a run description within MLflow's limit: cut at a line end if too long, saying where the
+    `whole` text is."""
+    if len(markdown) <= MAX_NOTE:
+        return markdown
+    tail = f"\n\n… (cut to fit MLflow's description limit; the whole text: {whole})"
+    return markdown[:MAX_NOTE - len(tail)].rsplit("\n", 1)[0] + tail
+
+
+def log_table(client, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
+    """`rows` as an MLflow table artifact (sortable in the UI's artifact view). A table logged again replaces the
+    earlier one: MlflowClient.log_table would append to it (a resumed comparison, a rewritten sweep report)."""
+    import posixpath
+    import tempfile
+
+    import pandas as pd
+
+    folder = posixpath.dirname(artifact_file) or None
+    if artifact_file not in {a.path for a in client.list_artifacts(run_id, folder)}:
+        client.log_table(run_id, pd.DataFrame(rows), artifact_file)
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # the file log_table writes, in its format, over the old one
+        path = Path(tmp) / posixpath.basename(artifact_file)
+        pd.DataFrame(rows).to_json(path, orient="split", index=False, date_format="iso")
+        client.log_artifact(run_id, str(path), folder)
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,14 +165,30 @@ def _git_state() -> tuple[str, str]:
         return "unknown", "unknown"
 
 
+ENTRY_POINT_ENV = "ASAC_ENTRY_POINT"  # set by a sweep's driver: its trials' processes are Ray's or launched ones
+
+
+def entry_point() -> str:
+    """What the user ran: the module of `python -m <module>`, else the script's file name (MLflow's UI shows it as
+    the run's source)."""
+    if os.environ.get(ENTRY_POINT_ENV):
+        return os.environ[ENTRY_POINT_ENV]
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return spec.name.removesuffix(".__main__")
+    return Path(sys.argv[0]).name or "python"
+
+
 def provenance() -> dict[str, str]:
-    """Tags that say where a run came from: code version, who, what command, where, how many processes."""
+    """Tags that say where a run came from: code version, who, what command, where, how many processes; MLflow's
+    own `mlflow.*` tags repeat what its UI shows (the source column: entry point and commit; the user)."""
     commit, dirty = _git_state()
     try:
         user = getpass.getuser()
     except (KeyError, OSError):  # no passwd entry and no $USER (some containers)
         user = "unknown"
-    return {"git_commit": commit, "git_dirty": dirty, "mlflow.source.git.commit": commit, "user": user,
+    return {"git_commit": commit, "git_dirty": dirty, "mlflow.source.git.commit": commit,
+            "mlflow.source.name": entry_point(), "mlflow.source.type": "LOCAL", "user": user,
             "mlflow.user": user, "command": shlex.join([sys.executable, *sys.argv])[:5000], "host": socket.gethostname(),
             "world_size": os.environ.get("WORLD_SIZE", "1")}  # set by every launcher (accelerate, torchrun)
 
@@ -234,6 +312,20 @@ class Tracker:
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
         if self.active:
             self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
+        if self.active:
+            log_table(self._client, self.run_id, rows, artifact_file)
+
+    def describe(self, markdown: str, whole: str) -> None:
+        """The run's description (markdown, shown first on its page); `whole` names where the full text is."""
+        if self.active:
+            self._client.set_tag(self.run_id, NOTE_TAG, note(markdown, whole))
+
+    def links(self) -> tuple[str, str]:
+        """The run's page and its experiment's runs in the MLflow UI (`ui_link`); for an active tracker."""
+        uri, experiment = tracking_uri(self.cfg), self._client.get_run(self.run_id).info.experiment_id
+        return ui_link(uri, experiment, self.run_id), ui_link(uri, experiment)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.active and self.run_id is not None:

@@ -70,18 +70,48 @@ def test_mlflow_parent_with_every_seed_and_row_nested(compared):
     assert parent.info.status == "FINISHED" and parent.data.tags["seeds"] == "3,5"
     children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     names = sorted((r.data.params["seed"], r.info.run_name) for r in children)
-    assert names == sorted((s, n) for s in ("3", "5") for n in ("base", "probe", "plain", "asac_fgsm"))
+    assert names == sorted((s, f"{n} · seed {s}") for s in ("3", "5") for n in ("base", "probe", "plain", "asac_fgsm"))
     assert parent.data.metrics["asac_fgsm_DEO_mean"] == pytest.approx(out.aggregate["asac_fgsm"]["DEO"].estimate)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.json", "table.md", "paired.png", "config.yaml", "seed_3", "seed_5"} <= artifacts
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "seed_3")] == ["seed_3/robustness.png"]
     # the paper's Fig. 3: each model's run holds the figure of the run so far; the last row's has every model
-    (last,) = [r for r in children if r.data.params["seed"] == "3" and r.info.run_name == "asac_fgsm"]
+    (last,) = [r for r in children if r.info.run_name == "asac_fgsm · seed 3"]
     assert "ig_figure.png" in {a.path for a in client.list_artifacts(last.info.run_id)}
     seed_dir = out.run_dir / "seed_3"
     assert (seed_dir / "ig_figure.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.parent.name for p in seed_dir.glob("*/ig_maps.safetensors")) == ["asac_fgsm", "base", "plain"]
     assert json.loads((seed_dir / "asac_fgsm" / "results.json").read_text())["asac_fgsm"]["ig_figure"] == "ig_figure.png"
+
+
+def test_mlflow_ui_shows_the_answer_on_the_parent_run(compared):
+    """What the MLflow UI shows first: a model-training experiment, the verdicts as the parent run's description,
+    the tables as sortable MLflow tables, and every run's source (entry point and commit)."""
+    tmp, out = compared
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("smoke")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.stage = 'comparison'")
+    description = parent.data.tags["mlflow.note.content"]
+    assert description.startswith("**Comparison over 2 seeds (3, 5)**")
+    assert description.count("\n") > 10 and (out.run_dir / "table.md").read_text().strip() in description
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "verdicts.json", str(tmp))).read_text())
+    columns = table["columns"]
+    lines = [dict(zip(columns, line)) for line in table["data"]]
+    assert len(lines) == 3 * len(HEADLINE)  # plain − base, asac_fgsm − base, asac_fgsm − plain
+    paired = json.loads((out.run_dir / "results.json").read_text())["paired"]
+    saved = {(p["row"], p["reference"], p["metric"]): p for p in paired}
+    for line in lines:
+        expected = saved[(line["row"], line["reference"], line["metric"])]
+        assert line["verdict"] == expected["verdict"]
+        assert line["difference"] == pytest.approx(expected["interval"]["estimate"])
+        assert line["verdict"] in description
+    logged = json.loads(parent.data.tags["mlflow.loggedArtifacts"])  # how the UI knows to show them as tables
+    assert {"path": "verdicts.json", "type": "table"} in logged and {"path": "table.json", "type": "table"} in logged
+    children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    for run in [parent, *children]:
+        assert run.data.tags["mlflow.source.name"] == "pytest" and run.data.tags["mlflow.source.type"] == "LOCAL"
+        assert run.data.tags["mlflow.source.git.commit"] == run.data.tags["git_commit"]
 
 
 def test_a_row_does_not_depend_on_the_rows_before_it(compared):
@@ -152,4 +182,4 @@ def test_seeds_at_once_give_the_numbers_of_seeds_one_after_another(tmp_path):
         (parent,) = client.search_runs([experiment], "tags.stage = 'comparison'")
         children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
         assert sorted((r.data.params["seed"], r.info.run_name) for r in children) == [
-            (s, n) for s in ("1", "2") for n in ("base", "plain", "probe")]
+            (s, f"{n} · seed {s}") for s in ("1", "2") for n in ("base", "plain", "probe")]

@@ -1,5 +1,5 @@
 """What every entry point shares: --help generated from the config dataclasses, provenance tags on every
-MLflow run, and logging configured on the main rank only."""
+MLflow run (what the MLflow UI shows of it), and logging configured on the main rank only."""
 
 import logging
 import subprocess
@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from distributed_asac import logs
 from distributed_asac.config import Config, describe_keys, load_config
 from distributed_asac.data.lfw import LFW
-from distributed_asac.tracking import Tracker
+from distributed_asac.tracking import ENTRY_POINT_ENV, MAX_NOTE, Tracker, note
 
 
 def test_every_config_key_has_a_meaning():
@@ -47,7 +47,33 @@ def test_every_mlflow_run_carries_its_provenance(tmp_path, monkeypatch):
     assert tags["stage"] == "base" and tags["world_size"] == "3"
     assert len(tags["git_commit"]) == 40 and tags["git_dirty"] in ("true", "false")  # the tests run from a checkout
     assert tags["mlflow.source.git.commit"] == tags["git_commit"]
+    assert tags["mlflow.source.name"] == "pytest" and tags["mlflow.source.type"] == "LOCAL"  # python -m pytest
     assert tags["user"] and tags["host"] and sys.executable in tags["command"]
+    monkeypatch.setenv(ENTRY_POINT_ENV, "tune.sweep")  # what a sweep's driver hands its trials' processes
+    with Tracker(cfg, "trial", active=True) as tracker:
+        pass
+    assert MlflowClient(cfg.tracking.uri).get_run(tracker.run_id).data.tags["mlflow.source.name"] == "tune.sweep"
+
+
+def test_experiments_are_model_training_ones_also_those_made_before(tmp_path):
+    """The MLflow UI takes an experiment without a kind for a GenAI one: new experiments get the kind, and so
+    does one an earlier version of the project made without it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    client.create_experiment("old", artifact_location=(tmp_path / "old").as_uri())
+    for name in ("old", "new"):
+        with Tracker(load_config(None, [f"tracking.uri={uri}", f"experiment={name}"]), "stage", active=True):
+            pass
+        assert client.get_experiment_by_name(name).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_a_long_description_is_cut_at_a_line_end_and_names_the_whole_text():
+    text = "\n".join(f"| row {i} | {i / 7:.6f} |" for i in range(2000))
+    cut = note(text, "the artifact table.md")
+    assert len(cut) <= MAX_NOTE < len(text) and cut.endswith("the whole text: the artifact table.md)")
+    kept = cut.split("\n\n…")[0]
+    assert text.startswith(kept + "\n")  # whole lines only
+    assert note("short", "x") == "short"
 
 
 @pytest.fixture()

@@ -226,7 +226,8 @@ def test_killed_comparison_skips_finished_seeds_and_resumes_the_unfinished_one(t
         _same_outputs(killed / seed, folders["uninterrupted"] / seed, ["base", "probe", "asac_fgsm"])
     client = MlflowClient(f"sqlite:///{tmp_path / 'killed' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
-    assert sorted(r.info.run_name for r in runs) == sorted(["comparison", *EPOCHS, *EPOCHS])  # no duplicates
+    names = ["comparison", *(f"{model} · seed {seed}" for seed in (0, 1) for model in EPOCHS)]
+    assert sorted(r.info.run_name for r in runs) == sorted(names)  # no duplicates
     assert {r.info.status for r in runs} == {"FINISHED"}
 
 

@@ -192,6 +192,22 @@ def test_mlflow_children_nested_under_one_parent(swept):
             assert run.info.status == "FAILED" and "no_such_base" in run.data.tags["error"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/trials.csv", "report/length.csv", "report/pareto.png"} <= artifacts
+    # what the MLflow UI shows first: a model-training experiment; the answer as the parent's description; the
+    # report's tables as sortable MLflow tables; every run's source; the base build named by its setting
+    assert client.get_experiment_by_name(EXPERIMENT).tags["mlflow.experimentKind"] == "custom_model_development"
+    description = parent.data.tags["mlflow.note.content"]
+    assert description.startswith("# Sweep main") and "## Grid `length`" in description
+    assert "| asac_fgsm | 3 |" in description
+    assert "## Trials" not in description and "![" not in description
+    logged = json.loads(parent.data.tags["mlflow.loggedArtifacts"])
+    assert {(a["path"], a["type"]) for a in logged} == {(f"tables/{name}.json", "table")
+                                                       for name in ("trials", "length", "broken")}
+    children = _children(swept.root, parent.info.run_id)
+    for run in [parent, *children]:
+        # the driver's entry point, also on the runs made in Ray's workers
+        assert run.data.tags["mlflow.source.name"] == "sweep.py", run.info.run_name
+    builds = sorted(r.info.run_name for r in children if "sweep.trial" not in r.data.tags)
+    assert builds == ["base · seed 0", "probe · seed 0"]
 
 
 def test_base_trained_once(swept):
@@ -416,3 +432,11 @@ def test_report_merges_sweeps_of_more_seeds(tmp_path):
     text = (tmp_path / "sweep0" / "report" / "report.md").read_text()
     assert "2 sweeps merged" in text and "| 0.3 | -0.120 ± " in text and "lower" in text  # five seeds paired
     assert text.count("| 5 |") >= 2  # each setting's row counts five seeds
+    assert report_command(folders, []) == 0  # a rewritten report replaces the parent's tables, not appends to them
+    client = MlflowClient(uri)
+    parent = client.get_run(json.loads((tmp_path / "sweep0" / "sweep.json").read_text())["parent_run_id"])
+    assert "| 0.3 | -0.120 ± " in parent.data.tags["mlflow.note.content"]
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "tables/trials.json",
+                                                      str(tmp_path))).read_text())
+    assert sorted(line[table["columns"].index("trial")] for line in table["data"]) == sorted(
+        f"a{alpha}-s{s}" for s in range(5) for alpha in (0.5, 0.3))

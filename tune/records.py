@@ -36,7 +36,7 @@ from mlflow.tracking import MlflowClient
 from distributed_asac.errors import UserError
 from distributed_asac.files import atomic_write
 from distributed_asac.metrics import HEADLINE
-from distributed_asac.tracking import provenance
+from distributed_asac.tracking import NOTE_TAG, log_table, note, provenance
 
 if TYPE_CHECKING:
     from .trials import TrialJob
@@ -161,9 +161,17 @@ def finish_parent(uri: str, run_id: str, status: str, records: list[TrialRecord]
     client.set_terminated(run_id, status=status)
 
 
-def log_report(uri: str, run_id: str, report_dir: Path) -> None:
-    """Upload the report folder to the parent run (under `report/`, replacing an earlier upload)."""
-    MlflowClient(uri).log_artifacts(run_id, str(report_dir), "report")
+def log_report(uri: str, run_id: str, report_dir: Path, summary: str) -> None:
+    """Upload the report folder to the parent run (under `report/`, replacing an earlier upload), its tables
+    (each CSV: claims, grids, trials) also as sortable MLflow tables under `tables/`, and `summary` (markdown)
+    as the run's description, which the UI shows first."""
+    import pandas as pd
+
+    client = MlflowClient(uri)
+    client.log_artifacts(run_id, str(report_dir), "report")
+    for path in sorted(report_dir.glob("*.csv")):
+        log_table(client, run_id, pd.read_csv(path).to_dict("records"), f"tables/{path.stem}.json")
+    client.set_tag(run_id, NOTE_TAG, note(summary, "the artifact report/report.md"))
 
 
 def child_runs(uri: str, parent_id: str) -> list[Run]:
@@ -196,7 +204,7 @@ def label_trial(job: TrialJob, record: TrialRecord) -> list[str]:
         tags["error"] = record.error[:_MAX_TAG]
     if not runs:
         run = client.create_run(experiment_id(job.tracking_uri, job.experiment), run_name=job.name,
-                                tags={PARENT_TAG: job.parent_run_id, **tags})
+                                tags={**provenance(), PARENT_TAG: job.parent_run_id, **tags})
         client.set_terminated(run.info.run_id, status="FAILED")
         run_ids = [run.info.run_id]
     else:

@@ -164,7 +164,7 @@ def run_sweep(sweep: Sweep, args: argparse.Namespace) -> int:
         done = load_records(folder)
         report_dir = folder / "report"
         write_report(done, sweep.grids, report_dir, f"Sweep {sweep.name}", sweep.claims)
-        records.log_report(state["tracking_uri"], state["parent_run_id"], report_dir)
+        records.log_report(state["tracking_uri"], state["parent_run_id"], report_dir, _summary(report_dir))
         records.finish_parent(state["tracking_uri"], state["parent_run_id"], status, done)
     print(_closing(done, report_dir, time.time() - start))
     if status != "FINISHED":
@@ -190,10 +190,21 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _answer(report_dir: Path) -> str:
+    """The report up to its per-trial table: the claims, each grid's table and its paired verdicts."""
+    return (report_dir / "report.md").read_text().split("## Trials")[0].strip()
+
+
+def _summary(report_dir: Path) -> str:
+    """The parent run's description: the answer without its plots (they are artifacts beside the report)."""
+    text = "\n".join(line for line in _answer(report_dir).splitlines() if not line.startswith("!["))
+    return (f"{text}\n\nEach trial is a run nested below, named after its setting. Artifacts: `report/` (report.md "
+            "with every trial, plots, CSVs); `tables/` holds the same tables, sortable.")
+
+
 def _closing(done: list[TrialRecord], report_dir: Path, seconds: float) -> str:
     counts = status_counts(done)
-    table = (report_dir / "report.md").read_text().split("## Trials")[0]
-    return (f"{table.strip()}\n\n{counts['finished']} finished, {counts['failed']} failed, "
+    return (f"{_answer(report_dir)}\n\n{counts['finished']} finished, {counts['failed']} failed, "
             f"{counts['pending']} pending in {seconds:.0f} s; report: {report_dir}/report.md")
 
 
@@ -224,7 +235,7 @@ def report_command(targets: list[str], overrides: list[str]) -> int:
         claims = _claims(sweep_dir, read_state(sweep_dir)) if sweep_dir.is_dir() else None
         title = f"Sweep {parent.info.run_name}"
     paths = write_report(found, grids, report_dir, title, claims)
-    records.log_report(uri, run_id, report_dir)
+    records.log_report(uri, run_id, report_dir, _summary(report_dir))
     print("\n".join(str(p) for p in paths))
     return 0
 

@@ -45,9 +45,11 @@ from distributed_asac.errors import UserError
 from distributed_asac.failpoints import failpoint
 from distributed_asac.files import atomic_write
 from distributed_asac.runtime import close_process_group
+from distributed_asac.tracking import ENTRY_POINT_ENV, entry_point, environment
 
 from . import watchdog
 from .records import TrialRecord, label_trial, read_record, write_record
+from .report import format_setting, is_base_axis
 from .spec import Resources, base_fields, base_key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +79,7 @@ class TrialJob:
     output_dir: str  # the sweep's output_dir: holds base_cache/
     base: Optional[dict[str, Any]] = None  # the cache entry {checkpoint, results}, or {error} if building failed
     variants: Optional[list[dict]] = None  # pipeline.run's variants (None: the config's own fine-tune)
+    label: Optional[str] = None  # pipeline.run's label: what tells its MLflow runs apart (a base build's setting)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrialJob:
@@ -143,7 +146,7 @@ def call_pipeline(job: TrialJob) -> dict[str, Any]:
 
     # One thread per reserved CPU: trials share the machine, and oversubscribed BLAS threads slow all of them.
     torch.set_num_threads(max(1, int(job.resources.cpu)))
-    out = pipeline.run(load_trial_config(job), variants=job.variants, parent_run_id=job.parent_run_id)
+    out = pipeline.run(load_trial_config(job), variants=job.variants, parent_run_id=job.parent_run_id, label=job.label)
     return {"run_dir": str(out.run_dir), "results": {k: v for k, v in out.results.items() if k != "probe"}}
 
 
@@ -197,7 +200,7 @@ def ensure_base(job: TrialJob) -> dict[str, Any]:
         if entry is not None:
             return entry
         build = replace(job, overrides=[*job.overrides, f"output_dir={json.dumps(str(folder))}", "base_checkpoint=null"],
-                        variants=[{"mode": "base"}], folder=str(folder))
+                        variants=[{"mode": "base"}], folder=str(folder), label=base_label(job.axes))
         cfg = load_trial_config(build)
         if base_key(cfg) != job.key:
             raise RuntimeError(f"base key mismatch for {folder}: the trial's config hashes to {base_key(cfg)}")
@@ -206,6 +209,13 @@ def ensure_base(job: TrialJob) -> dict[str, Any]:
                  "results": outcome["results"], "fields": base_fields(cfg)}
         atomic_write(folder / ENTRY_FILE, json.dumps(entry, indent=2, allow_nan=True))
         return entry
+
+
+def base_label(axes: dict[str, Any]) -> str:
+    """What sets a base build's MLflow runs apart under the sweep's parent: the trial's axes that change the
+    base model, and the seed (`base · backbone=resnet18 · seed 0`)."""
+    shown = [f"{a}={format_setting(v)}" for a, v in axes.items() if is_base_axis(a)]
+    return " · ".join([*shown, f"seed {axes.get('seed')}"])
 
 
 def prepare_data(configs: list[Config]) -> None:
@@ -262,10 +272,13 @@ def _ray():
 
 @contextmanager
 def ray_session(address: Optional[str]) -> Iterator[None]:
-    """A local Ray instance (address None) or a connection to `address` ('auto', 'ray://head:10001')."""
+    """A local Ray instance (address None) or a connection to `address` ('auto', 'ray://head:10001'). Its
+    workers tag their MLflow runs with the driver's entry point (what the user ran), not Ray's worker script."""
     ray = _ray()
+    source = {ENTRY_POINT_ENV: entry_point()}
     with ExitStack() as made:  # the watchdog's clean-up runs after Ray's shutdown
         if address is None:
+            made.enter_context(environment(source))  # local workers inherit the driver's environment
             if os.environ.get(LOOPBACK_ENV) != "0" or os.environ.get("RAY_AUTH_MODE") != "token":
                 raise RuntimeError("a local Ray needs tune.trials.local_ray_environment() before Ray is imported")
             # Local workers inherit the driver's environment: this makes `tune.*` importable in them.
@@ -282,7 +295,7 @@ def ray_session(address: Optional[str]) -> Iterator[None]:
             watchdog.watch(dog, context.address_info["session_dir"])
         else:
             # Remote nodes get the `tune` package shipped with the job; distributed_asac must be installed there.
-            ray.init(address=address, runtime_env={"py_modules": [str(REPO / "tune")]},
+            ray.init(address=address, runtime_env={"py_modules": [str(REPO / "tune")], "env_vars": source},
                      logging_level=logging.WARNING)
         try:
             yield
