@@ -60,4 +60,5 @@ class Diagnostics:
             out["attack_success_rate"] = float(totals["attack_success"]) / asacs
             out["asac_flips_M_rate"] = float(totals["m_flipped"]) / asacs
         out["images_per_s"] = images / max(seconds, 1e-9)
+        out["optimizer_steps"] = steps / accelerator.num_processes  # every rank takes each step
         return out

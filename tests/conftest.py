@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -392,6 +393,18 @@ def in_folder():
     """`in_folder(folder)` → the overrides that keep a run's generated data, run folders and MLflow store inside
     `folder` (for runs started as a command)."""
     return _in_folder
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """`free_port()` → a TCP port on 127.0.0.1 that was free a moment ago (for a launch's rendezvous)."""
+    return _free_port
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
