@@ -111,31 +111,35 @@ def _launch(world: int, tmp: Path, overrides: list[str], experiment: str, rows: 
 
 
 def _max_difference(a: Path, b: Path) -> float:
+    """The largest difference between two checkpoints' tensors, each relative to max(1, the tensor's largest
+    magnitude) (batch-norm running means reach tens)."""
     first, second = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    return max(float((first[k].double() - second[k].double()).abs().max()) for k in first
-               if first[k].is_floating_point())
+    return max(float((first[k].double() - second[k].double()).abs().max() / max(1.0, float(first[k].abs().max())))
+               for k in first if first[k].is_floating_point())
 
 
-@pytest.mark.slow  # about 3 minutes: a base and five launches of up to 4 processes on 2 cores
+@pytest.mark.slow  # 2-3 minutes: a base and four launches of up to 4 processes on 2 cores
 def test_same_experiment_on_1_2_and_4_processes(tmp_path, in_folder):
-    common = [*in_folder(tmp_path), "analysis.robustness_images=0", "analysis.ig_images=0"]
-    base = pipeline.run(load_config(REPO / "configs" / "smoke.yaml",
-                                    [*common, "experiment=base", "base.epochs=1", "probe.epochs=1"]),
+    # 160 images: 96 train images, 3 minibatches of 32, 9 optimizer steps; a base of smoke.yaml's 4 epochs
+    common = [*in_folder(tmp_path), "analysis.robustness_images=0", "analysis.ig_images=0",
+              "data.synthetic_num_images=160"]
+    base = pipeline.run(load_config(REPO / "configs" / "smoke.yaml", [*common, "experiment=base", "probe.epochs=1"]),
                         variants=[{"mode": "base"}])
     overrides = [*common, f"base_checkpoint={base.run_dir / 'probe'}", "finetune.batch_size=32", "finetune.epochs=1"]
     runs = {world: _launch(world, tmp_path, overrides, f"w{world}", "plain,asac") for world in (1, 2, 4)}
     local_bn = _launch(2, tmp_path, [*overrides, "sync_batchnorm=false"], "w2_local_bn", "plain")
 
     # Plain fine-tuning: the same images per step, the same gradient (a mean over the global batch), the same
-    # batch-norm statistics: the same weights after 24 Adam steps, up to summation order (measured: 1.5e-5 at
-    # W = 2, 1.1e-4 at W = 4). Per-rank batch norm is the control: 0.41 measured.
-    for world in (2, 4):
-        assert _max_difference(runs[1] / "plain", runs[world] / "plain") < 1e-3, world
-    assert _max_difference(runs[1] / "plain", local_bn / "plain") > 1e-2
+    # batch-norm statistics: the same weights after 9 Adam steps up to summation order (measured 1.8e-6 at
+    # W = 2, 2.3e-6 at W = 4). Per-rank batch norm is the control, far outside the tolerance.
+    differences = {world: _max_difference(runs[1] / "plain", runs[world] / "plain") for world in (2, 4)}
+    differences["local_bn"] = _max_difference(runs[1] / "plain", local_bn / "plain")
+    print("plain fine-tuning, largest relative weight difference to 1 process:", differences)
+    assert differences[2] < 1e-4 and differences[4] < 1e-4 and differences["local_bn"] > 1e-2, differences
 
     # ASAC: each rank orders its own share's ASACs into |E| chunks (docs/method.md), so a step's entries depend
-    # on W; the number of steps does not. Measured epoch losses 0.658 (W = 1), 0.637 (2), 0.607 (4): the bound
-    # stated in docs/distributed.md is 0.1.
+    # on W; the number of steps does not. Measured epoch losses here 0.630 (W = 1), 0.639 (2), 0.640 (4); on
+    # 400 images (24 steps) 0.658, 0.637, 0.607. The bound stated in docs/distributed.md is 0.1.
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     metrics = {}
     for world in runs:
@@ -145,4 +149,5 @@ def test_same_experiment_on_1_2_and_4_processes(tmp_path, in_folder):
     steps = {world: m["finetune/optimizer_steps"] for world, m in metrics.items()}
     assert len(set(steps.values())) == 1 and steps[1] > 0 and steps[1] % 3 == 0, steps  # |E| = 3 per minibatch
     for world in (2, 4):
-        assert abs(metrics[world]["finetune/loss"] - metrics[1]["finetune/loss"]) < 0.1, world
+        assert abs(metrics[world]["finetune/loss"] - metrics[1]["finetune/loss"]) < 0.1, (world, metrics)
+    print("ASAC epoch loss:", {world: m["finetune/loss"] for world, m in metrics.items()}, "steps:", steps)
