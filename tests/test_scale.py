@@ -8,8 +8,6 @@ and a loss within a stated bound (the curriculum orders each rank's share, so it
 """
 
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +21,8 @@ from distributed_asac import pipeline
 from distributed_asac.config import check_batch_sizes, load_config
 from distributed_asac.errors import UserError
 from distributed_asac.runtime import GlobalBatchNorm2d, per_rank_batch
+
+from .conftest import run_to_end
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -97,15 +97,7 @@ def _launch(world: int, tmp: Path, overrides: list[str], experiment: str, rows: 
         env["ACCELERATE_USE_CPU"] = "true"
         cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "launch" / "cpu_ddp.yaml"), "--num_processes",
                str(world), *run]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=540)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, stderr = proc.communicate()
-        pytest.fail(f"launch on {world} processes timed out: {stderr[-3000:]}")
-    assert proc.returncode == 0, stderr[-3000:]
+    run_to_end(cmd, env)
     (run_dir,) = (tmp / "runs" / experiment).iterdir()
     return run_dir
 
