@@ -1,19 +1,27 @@
-"""ASAC fine-tuning throughput on 1 process against 2 DDP processes (gloo, CPU) at the same global batch.
+"""ASAC fine-tuning throughput on 1, 2 and 4 DDP processes (gloo, CPU): at a fixed global batch, and at today's
+fixed per-rank batch.
 
-The global batch G (default 64) is k × world size: one process trains k = G, two train k = G/2 each, so both
-make the same k·|E| ASAC entries per minibatch and take |E| optimizer steps. Two processes are started the way
-launch/cpu_ddp.sh starts them (`accelerate launch --config_file launch/cpu_ddp.yaml` with
-ACCELERATE_USE_CPU=true; without it the two would never talk). Layouts are processes × intra-op threads:
-1×1 (the baseline) and 2×1 (two ranks, a core each) by default; 1×2 (one process, both cores by threading)
-on request.
+Three batch modes (`--modes`):
+- `global`: the config's meaning since issue 21 — `finetune.batch_size` G is the global batch, each of W ranks
+  trains k = G / W, and batch norm normalises over the global batch (`sync_batchnorm: true`, its all-reduces
+  included). Images/s at W against W × images/s at 1 is the scaling efficiency of the same experiment.
+- `global_local_bn`: the same k = G / W with per-rank batch norm (`sync_batchnorm: false`): the cost of the
+  batch-norm all-reduces is the difference to `global`.
+- `per_rank`: the meaning before issue 21 — every rank trains k = G, so the global batch grows to G × W (a
+  different experiment at each W), per-rank batch norm.
+
+Two or four processes are started the way launch/cpu_ddp.sh starts them (`accelerate launch --config_file
+launch/cpu_ddp.yaml` with ACCELERATE_USE_CPU=true; without it they would never talk). Layouts are processes ×
+intra-op threads: 1×1 (the baseline), 2×1 and 4×1 by default (on a 2-core machine four ranks share two cores).
 
 Each process runs `stage3.Stage3.train_minibatch` on random images of its own and times every minibatch between
 barriers; the step time of a round is the slower rank's. To find the time spent communicating, the same
 minibatch is also run without any communication (DDP's `no_sync` and its forward buffer broadcast switched
-off) in the same rounds: the fraction is 1 − comm-free / synchronised, per round, median. That is the
-exposed cost: all-reduce and broadcast time not hidden behind computation, plus waiting for the slower rank.
-One process runs the same two variants with nothing to switch off, which measures the noise floor. Beside
-it, |E| all-reduces of a gradient-sized buffer timed alone give the raw communication per minibatch.
+off; batch norm local) in the same rounds: the fraction is 1 − comm-free / synchronised, per round, median.
+That is the exposed cost: all-reduce and broadcast time not hidden behind computation, plus waiting for the
+slower rank. One process runs the same two variants with nothing to switch off, which measures the noise
+floor. Beside it, |E| all-reduces of a gradient-sized buffer timed alone give the raw communication per
+minibatch.
 
 Usage (from the repository root)::
 
@@ -29,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -40,7 +48,7 @@ from _common import REPO, add_common_arguments, describe, machine, markdown_tabl
 from distributed_asac.attacks import magnitudes
 from distributed_asac.config import Config
 from distributed_asac.models import create_model
-from distributed_asac.runtime import close_process_group, make_accelerator
+from distributed_asac.runtime import close_process_group, global_batchnorm, make_accelerator
 from distributed_asac.stage3 import build_stage3
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))  # the CLI of this venv
@@ -66,7 +74,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     accelerator = make_accelerator()
     world = accelerator.num_processes
-    k = args.global_batch // world
+    k = args.global_batch if args.mode == "per_rank" else args.global_batch // world
     cfg = Config()
     torch.manual_seed(0)  # the same initial weights on every rank (DDP broadcasts them anyway)
     model = create_model(args.backbone).to(accelerator.device)
@@ -74,7 +82,9 @@ def worker(args: argparse.Namespace) -> None:
     g = torch.Generator().manual_seed(1 + accelerator.process_index)  # each rank its own images
     x = torch.rand(k, 3, args.image_size, args.image_size, generator=g).to(accelerator.device)
     y, a = (torch.randint(0, 2, (k,), generator=g).to(accelerator.device) for _ in range(2))
-    variants = {"synchronised": nullcontext, "comm_free": lambda: no_communication(accelerator, stage.wrapped)}
+    sync_bn = args.mode == "global"
+    variants = {"synchronised": lambda: global_batchnorm(model, sync_bn),
+                "comm_free": lambda: no_communication(accelerator, stage.wrapped)}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(args.warmup + args.repeats):
         for name, context in variants.items():
@@ -90,7 +100,7 @@ def worker(args: argparse.Namespace) -> None:
     allreduce = allreduce_seconds(model, accelerator, args.repeats) if world > 1 else 0.0
     if accelerator.is_main_process:
         out = {name: slowest[i].tolist() for i, name in enumerate(variants)}
-        out.update(world_size=world, local_batch=k, threads=torch.get_num_threads(), allreduce_s=allreduce,
+        out.update(world_size=world, local_batch=k, global_batch=k * world, sync_batchnorm=sync_bn, threads=torch.get_num_threads(), allreduce_s=allreduce,
                    parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
                    distributed_type=accelerator.distributed_type.value)
         Path(args.out).write_text(json.dumps(out))
@@ -111,9 +121,10 @@ def allreduce_seconds(model: torch.nn.Module, accelerator: Accelerator, repeats:
     return median(seconds[1:])
 
 
-def launch(processes: int, threads: int, args: argparse.Namespace, backbone: str, out: Path) -> dict[str, Any]:
+def launch(processes: int, threads: int, args: argparse.Namespace, backbone: str, mode: str,
+           out: Path) -> dict[str, Any]:
     """Run `worker` in `processes` processes (1: plain python; more: accelerate launch as cpu_ddp.sh does)."""
-    cmd = [str(Path(__file__).resolve()), "--worker", "--backbone", backbone, "--out", str(out),
+    cmd = [str(Path(__file__).resolve()), "--worker", "--backbone", backbone, "--mode", mode, "--out", str(out),
            "--global-batch", str(args.global_batch), "--image-size", str(args.image_size),
            "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", str(threads)]
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
@@ -133,12 +144,12 @@ def launch(processes: int, threads: int, args: argparse.Namespace, backbone: str
     return result
 
 
-def summarise(run: dict[str, Any], global_batch: int, steps_per_minibatch: int) -> dict[str, Any]:
+def summarise(run: dict[str, Any], steps_per_minibatch: int) -> dict[str, Any]:
     """Throughput and communication share. With one process both variants run the same code: their
     "fraction" is then the noise floor of the measurement, reported as such."""
     sync, free = run["synchronised"], run["comm_free"]
     step = median(sync)
-    return {**run, "step_s": step, "images_per_s": global_batch / step,
+    return {**run, "step_s": step, "images_per_s": run["global_batch"] / step,
             "comm_fraction": median([1.0 - f / s for s, f in zip(sync, free)]),
             "allreduce_fraction": steps_per_minibatch * run["allreduce_s"] / step}
 
@@ -151,22 +162,27 @@ def driver(args: argparse.Namespace) -> dict[str, Any]:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for backbone in args.backbones:
-            runs = {f"{p}x{t}": summarise(launch(p, t, args, backbone, Path(tmp) / f"{backbone}_{p}x{t}.json"),
-                                          args.global_batch, n_steps) for p, t in layouts}
-            baseline = runs[args.layouts[0]]["images_per_s"]
-            for run in runs.values():
-                run["throughput_over_first"] = run["images_per_s"] / baseline
-            results.append({"backbone": backbone, "runs": runs})
+            for mode in args.modes:
+                runs = {f"{p}x{t}": summarise(launch(p, t, args, backbone, mode,
+                                                     Path(tmp) / f"{backbone}_{mode}_{p}x{t}.json"), n_steps)
+                        for p, t in layouts}
+                baseline = runs[args.layouts[0]]
+                for run in runs.values():
+                    run["throughput_over_first"] = run["images_per_s"] / baseline["images_per_s"]
+                    # of W ranks, each as fast as the first layout's ranks: 1.0 is perfect scaling
+                    run["scaling_efficiency"] = run["throughput_over_first"] * baseline["world_size"] / run["world_size"]
+                results.append({"backbone": backbone, "mode": mode, "runs": runs})
     print(f"machine: {describe(info)}")
-    print(f"global batch {args.global_batch}, {args.image_size}×{args.image_size}, ASAC (FGSM, |E| = 3); medians of "
+    print(f"G = {args.global_batch}, {args.image_size}×{args.image_size}, ASAC (FGSM, |E| = 3); medians of "
           f"{args.repeats} rounds after {args.warmup} warm-up; layouts are processes × threads\n")
-    rows = [[r["backbone"], layout, f"{run['local_batch']} × {run['world_size']}", 1e3 * run["step_s"],
-             run["images_per_s"], run["throughput_over_first"],
+    rows = [[r["backbone"], r["mode"], layout, f"{run['local_batch']} × {run['world_size']}", 1e3 * run["step_s"],
+             run["images_per_s"], run["throughput_over_first"], run["scaling_efficiency"],
              f"{100 * run['comm_fraction']:.1f}%" + (" (noise floor)" if run["world_size"] == 1 else ""),
              f"{100 * run['allreduce_fraction']:.1f}%" if run["world_size"] > 1 else "—"]
             for r in results for layout, run in r["runs"].items()]
-    print(markdown_table(["backbone", "layout", "k × ranks", "step ms", "images/s", f"throughput / {args.layouts[0]}",
-                          "step time in communication", "all-reduces alone / step"], rows))
+    print(markdown_table(["backbone", "batch", "layout", "k × ranks", "step ms", "images/s",
+                          f"throughput / {args.layouts[0]}", "scaling efficiency", "step time in communication",
+                          "all-reduces alone / step"], rows))
     payload = {"benchmark": "distributed", "machine": info, "args": {k: str(v) for k, v in vars(args).items()},
                "results": results}
     write_json(args.json, payload)
@@ -176,13 +192,17 @@ def driver(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbones", nargs="+", default=["small_cnn", "resnet18"])
-    parser.add_argument("--global-batch", type=int, default=64, help="k × world size (default 64)")
+    parser.add_argument("--global-batch", type=int, default=64,
+                        help="G: the global batch (modes global*) or every rank's batch (per_rank); default 64")
+    parser.add_argument("--modes", nargs="+", default=["global", "global_local_bn", "per_rank"],
+                        choices=["global", "global_local_bn", "per_rank"])
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--layouts", nargs="+", default=["1x1", "2x1"],
-                        help="processes x threads each, e.g. 1x2; ratios are to the first (default 1x1 2x1)")
+    parser.add_argument("--layouts", nargs="+", default=["1x1", "2x1", "4x1"],
+                        help="processes x threads each, e.g. 1x2; ratios are to the first (default 1x1 2x1 4x1)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--backbone", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     add_common_arguments(parser, repeats=4)
     args = parser.parse_args(argv)
@@ -191,7 +211,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict[str, Any]]:
         return None
     if args.smoke:
         args.backbones, args.global_batch, args.image_size, args.repeats, args.warmup = ["small_cnn"], 8, 16, 1, 1
-        args.layouts = ["1x1", "2x1"]
+        args.layouts, args.modes = ["1x1", "2x1"], ["global", "per_rank"]
     return driver(args)
 
 

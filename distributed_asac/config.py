@@ -64,7 +64,7 @@ class StageConfig:
     """Optimisation of one training stage (Adam, docs/method.md Defaults)."""
 
     epochs: int = 10  # passes over the train split
-    batch_size: int = 64  # images per process per step
+    batch_size: int = 64  # images per optimizer step over all processes (global; each of W ranks takes batch_size / W)
     lr: float = 1e-3  # Adam learning rate
 
 
@@ -72,7 +72,7 @@ class StageConfig:
 class FinetuneConfig:
     mode: str = "asac"  # stage-3 training (rows.MODES): ASAC, a comparator, or none (base)
     epochs: int = 2  # passes over the train split
-    batch_size: int = 64  # k: images per process per minibatch
+    batch_size: int = 64  # images per minibatch over all processes (global; each of W ranks makes the ASACs of k = batch_size / W)
     lr: float = 1e-3  # Adam learning rate
     alpha: float = 0.5  # weight of the clean term in α·CE(x) + (1 − α)·CE(x')
     eps: list[float] = field(default_factory=lambda: [0.001, 0.01])  # E = {0} ∪ eps (eps_mode fixed)
@@ -128,6 +128,7 @@ class Config:
     base_checkpoint: Optional[str] = None  # a folder written by stages 1–2; None: train them first
     resume: Optional[str] = None  # "latest" (newest unfinished run of the experiment) or a run folder: continue it
     grad_clip: float = 1.0  # max gradient norm of every step (> 0)
+    sync_batchnorm: bool = True  # batch norm in training over the global batch (all ranks), not each rank's share
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam β1, β2
     adam_eps: float = 1e-8  # Adam ε
     data: DataConfig = field(default_factory=DataConfig)  # the dataset and its loading
@@ -268,15 +269,18 @@ def validate(cfg: Config) -> None:
 
 
 def check_batch_sizes(cfg: Config, train_size: int, processes: int, stages: tuple[str, ...]) -> None:
-    """Refuse a batch size that gives no training step: the loaders drop the last incomplete batch, so a
-    train split smaller than batch_size × processes would train nothing and report an untrained model."""
+    """Refuse a batch size that gives no training step or that does not divide among the processes: batch sizes
+    are global (each rank takes batch_size / processes) and the loaders drop the last incomplete batch, so a
+    train split smaller than batch_size would train nothing and report an untrained model."""
+    from .runtime import per_rank_batch
+
     for stage in stages:
         key = f"{stage}.batch_size"
-        if _get(cfg, key) * processes > train_size:
-            per = f" × {processes} processes" if processes > 1 else ""
-            raise UserError(f"config key {key!r}: {_get(cfg, key)}{per} is larger than the train split "
+        per_rank_batch(_get(cfg, key), key, processes)
+        if _get(cfg, key) > train_size:
+            raise UserError(f"config key {key!r}: {_get(cfg, key)} is larger than the train split "
                             f"({train_size} images), which would give no training step; set {key} <= "
-                            f"{train_size // processes}")
+                            f"{train_size // processes * processes}")
 
 
 # The config key of each argument of the generator (data/synthetic.py), for its error messages.

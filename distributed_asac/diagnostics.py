@@ -55,4 +55,5 @@ class Diagnostics:
                 out[f"mean_DS_eps_{e:g}"] = float(totals["ds_sum"][j] / totals["ds_count"])
             out["asac_flips_M_rate"] = float(totals["m_flipped"]) / max(float(totals["asac_count"]), 1.0)
         out["images_per_s"] = images / max(seconds, 1e-9)
+        out["optimizer_steps"] = steps / accelerator.num_processes  # every rank takes each step
         return out

@@ -13,7 +13,9 @@ import copy
 import dataclasses
 import hashlib
 import json
+import socket
 import time
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -85,6 +87,49 @@ def preflight(cfg: Config, accelerator: Accelerator) -> None:
         broadcast_object_list(problem)
     if problem[0]:
         raise UserError(problem[0])
+    if accelerator.num_processes > 1:
+        check_shared_folders(cfg, accelerator)
+
+
+def check_shared_folders(cfg: Config, accelerator: Accelerator) -> None:
+    """Refuse a run whose ranks do not all see the same `output_dir` (and `data.cache_dir`): rank 0 writes a
+    token file into each, every rank reads it back. Run folders, resume states, sweep records and the pixel
+    cache are written by the main process and read by all; on node-local folders each node would otherwise
+    build its own cache and a resumed run would find nothing (docs/distributed.md, Shared storage)."""
+    folders = {"output_dir": Path(cfg.output_dir)}
+    if cfg.data.cache_dir:
+        folders["data.cache_dir"] = Path(cfg.data.cache_dir)
+    shared = [(uuid.uuid4().hex, {key: str(folder.resolve()) for key, folder in folders.items()})
+              if accelerator.is_main_process else None]
+    broadcast_object_list(shared)
+    token, resolved = shared[0]
+    name = f".shared-check-{token}"
+    if accelerator.is_main_process:
+        for folder in folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(token)
+    accelerator.wait_for_everyone()
+
+    def sees(folder: Path) -> bool:
+        try:
+            return (folder / name).read_text() == token
+        except OSError:
+            return False
+
+    views = gather_object([(accelerator.process_index, socket.gethostname(), [sees(f) for f in folders.values()])])
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for folder in folders.values():
+            (folder / name).unlink(missing_ok=True)
+    for j, (key, folder) in enumerate(folders.items()):
+        blind = [(rank, host) for rank, host, seen in views if not seen[j]]
+        if blind:
+            hosts = sorted({host for _, host in blind})
+            raise UserError(
+                f"config key {key!r}: {str(folder)!r} ({resolved[key]} on rank 0) is not the same folder on every "
+                f"node: rank(s) {[rank for rank, _ in blind]} on {', '.join(hosts)} cannot read the file rank 0 wrote "
+                f"there; set {key} to an absolute path on a file system that every node mounts at the same path "
+                "(NFS, Lustre, ...)")
 
 
 def check_replicas(model: TwoHeadModel, accelerator: Accelerator) -> dict[str, object]:

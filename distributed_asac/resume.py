@@ -146,6 +146,15 @@ def check_same_config(cfg: Config, folder: Path) -> None:
 
 # ---- the training state of one stage at an epoch end ----
 
+def shuffle_generator(loader) -> Optional[torch.Generator]:
+    """The shuffle generator of a prepared loader: with W > 1 processes Accelerate's, synced from rank 0; in one
+    process the sampler's own (runtime.train_loader gives every training loader one)."""
+    found = getattr(loader, "synchronized_generator", None)
+    if found is None:
+        found = getattr(getattr(getattr(loader, "batch_sampler", None), "sampler", None), "generator", None)
+    return found
+
+
 def save_training_state(accelerator: Accelerator, folder: Optional[Path], epoch: int, meta: dict[str, Any],
                         tensors: dict[str, torch.Tensor], loader=None, generator: Optional[torch.Generator] = None) -> None:
     """Save the state after `epoch` (1-based) to `folder/epoch_<epoch>` atomically; every rank must call this."""
@@ -162,7 +171,7 @@ def save_training_state(accelerator: Accelerator, folder: Optional[Path], epoch:
         extra = {f"best.{name}": t.detach().cpu().contiguous() for name, t in tensors.items()}
         if generator is not None:
             extra["generator.curriculum"] = generator.get_state()
-        shuffle = getattr(loader, "synchronized_generator", None)  # DDP: the sampler's generator, synced from rank 0
+        shuffle = shuffle_generator(loader)
         if shuffle is not None:
             extra["generator.shuffle"] = shuffle.get_state()
         extra["torch_rng.rank0"] = torch.get_rng_state()  # checked after load_state (which fails silently)
@@ -193,7 +202,7 @@ def load_training_state(accelerator: Accelerator, folder: Optional[Path], loader
         raise RuntimeError(f"the random states in {latest} were not restored; cannot resume with the same numbers")
     if generator is not None:
         generator.set_state(extra["generator.curriculum"])
-    shuffle = getattr(loader, "synchronized_generator", None)
+    shuffle = shuffle_generator(loader)
     if shuffle is not None and "generator.shuffle" in extra:
         shuffle.set_state(extra["generator.shuffle"])
     if loader is not None and hasattr(loader, "iteration"):

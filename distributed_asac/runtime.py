@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from torch.utils.data import DataLoader
 
 from .config import Config
 from .errors import UserError
@@ -40,6 +42,97 @@ def zero_stage(accelerator: Accelerator) -> Optional[int]:
     if not is_deepspeed(accelerator):
         return None
     return int(accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage"])
+
+
+def per_rank_batch(global_batch: int, key: str, processes: int) -> int:
+    """Each rank's share of a global batch (`base.batch_size`, `probe.batch_size`, `finetune.batch_size` name the
+    images of one optimizer step summed over all ranks, so a config is the same experiment at any world size)."""
+    if global_batch % processes:
+        raise UserError(f"config key {key!r}: the global batch {global_batch} does not divide among {processes} "
+                        f"processes; set {key} to a multiple of {processes} (e.g. "
+                        f"{max(processes, global_batch // processes * processes)})")
+    return global_batch // processes
+
+
+def train_loader(dataset, global_batch: int, key: str, accelerator: Accelerator, num_workers: int = 0,
+                 collate_fn=None) -> DataLoader:
+    """A shuffled training loader (last incomplete batch dropped) of each rank's share of the global batch `key`.
+
+    Its shuffle generator is seeded here from the global RNG, the same draw on rank 0 at any world size, and
+    Accelerate hands rank 0's order to every rank, which takes every W-th batch: step s of a run on W processes
+    trains the same images as step s on one. (Without its own generator a single process would draw a new seed
+    each epoch, while Accelerate gives W > 1 processes one generator: their orders would differ from epoch 2.)"""
+    seed = int(torch.empty((), dtype=torch.int64).random_().item())
+    return DataLoader(dataset, batch_size=per_rank_batch(global_batch, key, accelerator.num_processes), shuffle=True,
+                      drop_last=True, num_workers=num_workers, collate_fn=collate_fn,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """A sum over the process group whose gradient is the sum of the ranks' gradients (each rank's loss depends
+    on every rank's contribution)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.clone()
+        torch.distributed.all_reduce(tensor)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _AllReduceSum.apply(grad)
+
+
+def _group_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        return _AllReduceSum.apply(tensor)
+    return tensor
+
+
+class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
+    """BatchNorm2d whose training-mode statistics are those of the global batch: the per-channel sums and, in a
+    second pass, the squared deviations from the global mean are summed over the process group, with gradients.
+    The same math as torch's SyncBatchNorm, which refuses CPU tensors (gloo); and one formula at every world size,
+    one process included (docs/distributed.md: with torch's fused kernel on one process and this on several,
+    rounding-level differences grew to 1e-2 in the weights within 21 Adam steps; with one formula, 1e-5).
+    Eval-mode forwards are plain batch norm with the running statistics.
+
+    `global_batchnorm` swaps a model's BatchNorm2d modules to this class in place (the same parameters and
+    buffers, so DDP's and DeepSpeed's hooks and the checkpoints do not change) and back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        dims, shape = (0, 2, 3), (1, -1, 1, 1)
+        totals = _group_sum(torch.cat([x.sum(dims), x.new_tensor([x.numel() / x.shape[1]])]))  # [C + 1]: sums, count
+        n, mean = totals[-1], totals[:-1] / totals[-1]
+        centred = x - mean.view(shape)
+        var = _group_sum(centred.pow(2).sum(dims)) / n  # [C], biased, as batch norm normalises
+        out = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.lerp_(mean, momentum)
+                self.running_var.lerp_(var * n / (n - 1).clamp(min=1), momentum)
+        return out
+
+
+@contextmanager
+def global_batchnorm(model: torch.nn.Module, enabled: bool) -> Iterator[torch.nn.Module]:
+    """Inside: `model`'s BatchNorm2d layers normalise training batches over the global batch (`sync_batchnorm`,
+    docs/distributed.md); plain BatchNorm2d again after, so that forwards only the main process runs (analysis,
+    checkpoints) never wait for a collective. Every rank must run the same training-mode forwards inside."""
+    swapped = [m for m in model.modules() if type(m) is torch.nn.BatchNorm2d] if enabled else []
+    for module in swapped:
+        module.__class__ = GlobalBatchNorm2d
+    try:
+        yield model
+    finally:
+        for module in swapped:
+            module.__class__ = torch.nn.BatchNorm2d
 
 
 def seed_everything(seed: int, accelerator: Accelerator) -> torch.Generator:

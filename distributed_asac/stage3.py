@@ -37,7 +37,7 @@ from .losses import asac_loss, plain_loss
 from .metrics import HEADLINE
 from .models import TwoHeadModel, eval_mode, set_trainable
 from .rows import MODES, Chunk, Mode, StepContext
-from .runtime import adam, check_finite
+from .runtime import adam, check_finite, global_batchnorm, train_loader
 
 
 def chunk_loss(model: nn.Module, x: torch.Tensor, chunk: Chunk, alpha: float) -> dict[str, torch.Tensor]:
@@ -152,8 +152,8 @@ def build_stage3(model: TwoHeadModel, cfg: Config, accelerator: Accelerator, gen
         wrapped, optimizer = accelerator.prepare(model, optimizer)
     else:
         data, collate = mode.train_data(cfg, train_set) if mode.train_data is not None else (train_set, None)
-        loader = DataLoader(uint8_images(data), batch_size=ft.batch_size, shuffle=True, drop_last=True,
-                            num_workers=cfg.data.num_workers, collate_fn=collate)
+        loader = train_loader(uint8_images(data), ft.batch_size, "finetune.batch_size", accelerator,
+                              cfg.data.num_workers, collate)
         wrapped, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     attacked = attacked.to(accelerator.device)
     ctx = StepContext(ft, eps, create_attack(ft.attack, ft), attacked, model, generator,
@@ -274,7 +274,9 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
     def start() -> Progress:  # the starting model's fairness on the balanced subset is epoch 0 of the swing
         return Progress({"deo_history": [evaluate_balanced()["DEO"]], "best_score": -1.0, "selected": ft.epochs}, {})
 
-    progress = run_epochs("finetune", ft.epochs, stage.loader, accelerator, state_dir, start, epoch_work, generator)
+    with global_batchnorm(model, cfg.sync_batchnorm):  # after build_stage3: its main-process forwards stay local
+        progress = run_epochs("finetune", ft.epochs, stage.loader, accelerator, state_dir, start, epoch_work,
+                              generator)
     deo_history = progress.meta["deo_history"]
     steps = [abs(after - before) for before, after in zip(deo_history, deo_history[1:])]
     summary.update(selected_epoch=progress.meta["selected"],

@@ -9,7 +9,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .checkpoint import whole_model, whole_state_dict
@@ -19,7 +18,7 @@ from .data.datasets import Splits
 from .evaluate import evaluate
 from .loop import Progress, run_epochs
 from .models import TwoHeadModel, set_trainable
-from .runtime import adam, check_finite
+from .runtime import adam, check_finite, global_batchnorm, train_loader
 from .tracking import Tracker
 
 # stage → (output of TwoHeadModel.forward it trains, the valid metric that selects the best epoch)
@@ -38,8 +37,8 @@ def train_stage(
     stage_cfg = cfg.base if stage == "base" else cfg.probe
     set_trainable(model, stage)
     optimizer = adam(model.parameters(), stage_cfg.lr, cfg)
-    loader = DataLoader(uint8_images(splits.train), batch_size=stage_cfg.batch_size, shuffle=True, drop_last=True,
-                        num_workers=cfg.data.num_workers)
+    loader = train_loader(uint8_images(splits.train), stage_cfg.batch_size, f"{stage}.batch_size", accelerator,
+                          cfg.data.num_workers)
     wrapped, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
     def epoch_work(epoch: int, batches: tqdm, progress: Progress) -> None:
@@ -69,6 +68,7 @@ def train_stage(
         if report[select_on] > progress.meta["best_score"]:
             progress.meta["best_score"], progress.best = report[select_on], whole_state_dict(model)  # on every rank
 
-    progress = run_epochs(stage, stage_cfg.epochs, loader, accelerator, state_dir,
-                          lambda: Progress({"best_score": -1.0}, whole_state_dict(model)), epoch_work)
+    with global_batchnorm(model, cfg.sync_batchnorm):
+        progress = run_epochs(stage, stage_cfg.epochs, loader, accelerator, state_dir,
+                              lambda: Progress({"best_score": -1.0}, whole_state_dict(model)), epoch_work)
     return whole_model(model, cfg.model.backbone, progress.best)  # a fresh plain module after ZeRO-3

@@ -12,6 +12,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -392,6 +396,34 @@ def in_folder():
     """`in_folder(folder)` → the overrides that keep a run's generated data, run folders and MLflow store inside
     `folder` (for runs started as a command)."""
     return _in_folder
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """`free_port()` → a TCP port on 127.0.0.1 that was free a moment ago (for a launch's rendezvous)."""
+    return _free_port
+
+
+def run_to_end(cmd: list[str], env: dict[str, str]) -> str:
+    """Run a launch (`accelerate launch ...`) in the repository to its end and return its stderr; it must exit 0.
+    A session of its own: on a timeout (a collective one rank never joins hangs) the ranks are killed with the
+    launcher instead of living on."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=540)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail(f"launch timed out (a hung collective?): {stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
+    return stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

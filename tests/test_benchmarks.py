@@ -47,9 +47,15 @@ def test_bench_e2e_times_both_modes(tmp_path):
 
 @pytest.mark.slow  # ~10 s: tests/test_distributed.py launches two gloo processes in the default run
 def test_bench_distributed_runs_two_synchronised_processes(tmp_path):
-    (result,) = _run(tmp_path, "bench_distributed")["results"]
-    assert result["runs"]["2x1"]["world_size"] == 2 and result["runs"]["2x1"]["distributed_type"] == "MULTI_CPU"
-    assert result["runs"]["1x1"]["world_size"] == 1
+    fixed_global, per_rank = _run(tmp_path, "bench_distributed")["results"]
+    assert (fixed_global["mode"], per_rank["mode"]) == ("global", "per_rank")
+    for result in (fixed_global, per_rank):
+        assert result["runs"]["2x1"]["world_size"] == 2 and result["runs"]["2x1"]["distributed_type"] == "MULTI_CPU"
+        assert result["runs"]["1x1"]["world_size"] == 1
+    # --smoke: G = 8. A fixed global batch splits it; a fixed per-rank batch doubles it on two ranks.
+    assert [fixed_global["runs"][r]["local_batch"] for r in ("1x1", "2x1")] == [8, 4]
+    assert [per_rank["runs"][r]["global_batch"] for r in ("1x1", "2x1")] == [8, 16]
+    assert fixed_global["runs"]["2x1"]["sync_batchnorm"] and not per_rank["runs"]["2x1"]["sync_batchnorm"]
 
 
 @pytest.mark.slow  # ~14 s: two child processes, each generating and loading its dataset

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
+import socket
 import subprocess
 import sys
 from functools import partial
@@ -223,3 +225,29 @@ def test_parallel_pass_matches_inline(tmp_path, monkeypatch, corrupt_jpeg, write
     assert list(inline.bad) == list(parallel.bad) == [6]
     assert all(np.array_equal(inline.pixels(k), parallel.pixels(k)) for k in range(10))
     assert find_bad_images(source, fixture.image_ids, check_image, workers=2, progress=False).keys() == {6}
+
+
+def test_the_full_checksum_pass_runs_once_per_build_and_node(tmp_path, monkeypatch, write_celeba_fixture):
+    """The build stamps its own node; later opens check the first and last blocks only, until the file changes."""
+    monkeypatch.setattr(cache_module, "CHUNK", 1)  # one block per row
+    fixture = write_celeba_fixture(tmp_path / "data", n=12)
+    arguments = dict(split="train", target="Smiling", protected="Male", cache_dir=tmp_path / "cache")
+    CelebA(fixture.root, **arguments)
+    (images,) = images_files(tmp_path / "cache")
+    (stamp,) = images.parent.glob("checked-*.json")
+    assert stamp.name == f"checked-{images.stem}-{socket.gethostname()}.json"
+    passes = []
+    real = cache_module._corruption
+    monkeypatch.setattr(cache_module, "_corruption", lambda *a, **k: passes.append(k.get("blocks")) or real(*a, **k))
+    CelebA(fixture.root, **arguments)
+    blocks = len(json.loads((images.parent / "manifest.json").read_text())["checksums"])
+    assert blocks > 2 and passes == [[0, blocks - 1]]  # the cheap check of an open
+    stamp.unlink()  # another node (no stamp of its own): the full pass, once, then a stamp
+    passes.clear()
+    CelebA(fixture.root, **arguments)
+    CelebA(fixture.root, **arguments)
+    assert passes == [None, [0, blocks - 1]] and stamp.exists()
+    os.utime(images)  # rewritten since the stamp (a copy, an edit): the full pass again
+    passes.clear()
+    CelebA(fixture.root, **arguments)
+    assert passes == [None]

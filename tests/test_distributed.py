@@ -8,7 +8,6 @@ on an odd-sized test split equals a single-process evaluation of the same final 
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,8 @@ from distributed_asac.checkpoint import load_checkpoint
 from distributed_asac.config import load_config
 from distributed_asac.data.build import build_splits
 from distributed_asac.evaluate import evaluate
+
+from .conftest import run_to_end
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))  # the CLI of this venv
@@ -43,17 +44,7 @@ def _launch(config_file: str, env_extra: dict, tmp: Path, overrides: list[str], 
     cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "launch" / config_file),
            "-m", "distributed_asac.finetune", "--config", str(REPO / "configs" / "smoke.yaml"),
            *overrides, f"experiment={experiment}", "finetune.epochs=1"]
-    # A session of its own: on a timeout (a collective one rank never joins hangs) the ranks are killed with
-    # the launcher instead of living on.
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=540)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, stderr = proc.communicate()
-        pytest.fail(f"launch timed out (a hung collective?): {stderr[-3000:]}")
-    assert proc.returncode == 0, stderr[-3000:]
+    run_to_end(cmd, env)
     (run_dir,) = (tmp / "runs" / experiment).iterdir()
     return run_dir / "asac_fgsm"
 

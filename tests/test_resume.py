@@ -5,7 +5,6 @@ and the same MLflow runs; a folder that is not a resumable run, or a differing c
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from distributed_asac.config import load_config, save_config
 from distributed_asac.errors import UserError
 from distributed_asac.failpoints import PAUSE_AT, PAUSE_DIR
 from distributed_asac.resume import INCOMPLETE, STATE, find_run
+
+from .conftest import _free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))  # the CLI of this venv
@@ -43,12 +44,6 @@ def _env(pauses: Path | None = None, point: str | None = None, ddp: bool = False
     if point:
         env.update({PAUSE_AT: point, PAUSE_DIR: str(pauses)})
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _command(overrides: list[str], ddp: bool) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -41,7 +42,11 @@ from tune.trials import TrialJob
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python tune/sweep.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="a sweep file, e.g. configs/sweeps/smoke.yaml")
-    parser.add_argument("--address", help="a Ray cluster to join ('auto' or ray://head:10001); default: start Ray here")
+    parser.add_argument("--address", help="a Ray cluster to join ('auto', head:6379 or ray://head:10001); default: "
+                                           "$RAY_ADDRESS if set, else start Ray here")
+    parser.add_argument("--shared-store", action="store_true",
+                        help="on a cluster: the sqlite tracking store is on a file system every node mounts (else "
+                             "a sqlite store is refused there; use an MLflow server)")
     parser.add_argument("--resume", nargs="?", const="latest", metavar="SWEEP_DIR",
                         help="continue the latest sweep of this file (or SWEEP_DIR): finished trials are not rerun")
     parser.add_argument("--retry-failed", action="store_true", help="with --resume: run failed trials again too")
@@ -148,6 +153,9 @@ def trial_jobs(sweep: Sweep, folder: Path, state: dict[str, Any], retry_failed: 
 
 def run_sweep(sweep: Sweep, args: argparse.Namespace) -> int:
     """Run the trials that have no finished record, then report; the parent run ends FINISHED or KILLED."""
+    address = args.address or os.environ.get("RAY_ADDRESS") or None  # Ray's own variable attaches too
+    if address is not None:
+        check_cluster_store(sweep.tracking_uri, args.shared_store)
     probe_store(sweep.tracking_uri, "the sweep's tracking URI")  # before the parent run: one line, not minutes
     folder, state = open_sweep(sweep, args.resume)
     print(f"sweep folder {folder}\nMLflow parent run {state['parent_run_id']} ({state['tracking_uri']})", flush=True)
@@ -157,7 +165,7 @@ def run_sweep(sweep: Sweep, args: argparse.Namespace) -> int:
     try:
         if jobs:
             trials.prepare_data([trials.load_trial_config(job) for job in jobs])
-            execute(sweep, jobs, folder, args.address)
+            execute(sweep, jobs, folder, address)
         # Tune returns normally after its own Ctrl-C handling: unfinished trials tell the two apart.
         status = "FINISHED" if all(r.status != "pending" for r in load_records(folder)) else "KILLED"
     finally:
@@ -172,16 +180,34 @@ def run_sweep(sweep: Sweep, args: argparse.Namespace) -> int:
     return 1 if any(r.status == "failed" for r in done) else 0
 
 
+def check_cluster_store(uri: str, shared: bool) -> None:
+    """Refuse a local sqlite store for a sweep on a Ray cluster: trials on other nodes would each write a file of
+    their own at that path (or, on NFS, share one with unreliable locking), and the runs would split."""
+    if uri.startswith("sqlite:") and not shared:
+        raise UserError(f"a sweep on a Ray cluster cannot record into the local sqlite store {uri} (trials on other "
+                        "nodes would not see it); run `mlflow server --backend-store-uri " + uri + " --host 0.0.0.0 "
+                        "--port 5000` on one node and pass tracking.uri=http://<that node>:5000, or add "
+                        "--shared-store if that file is on a file system every node mounts")
+
+
 def execute(sweep: Sweep, jobs: list[TrialJob], folder: Path, address: Optional[str]) -> None:
-    """Start Ray, build the missing bases (all before any trial), then run the trials with Tune."""
+    """Start Ray (or join `address`), check that a trial fits one node and, on a cluster, that every node sees the
+    sweep folder; then run the trials with Tune. A trial whose base model is not cached yet trains it first (once:
+    the others of that base wait on its lock), so trials start as soon as their own base exists; the first trial
+    of each base goes first, so that the bases train in parallel."""
     if address is None:
         trials.local_ray_environment()
     with trials.ray_session(address):
         trials.check_resources(sweep.resources)
+        if address is not None:
+            trials.check_shared_folder(folder)
         entries = {k: trials.read_entry(trials.entry_dir(sweep.output_dir, k)) for k in {j.key for j in jobs if j.key}}
-        missing = [next(j for j in jobs if j.key == k) for k, entry in entries.items() if entry is None]
-        entries.update(trials.build_bases([replace(j, name=f"base-{j.key}") for j in missing], sweep.resources))
         jobs = [replace(job, base=entries.get(job.key)) for job in jobs]
+        builders: dict[str, TrialJob] = {}  # base key → the first trial that needs it built
+        for job in jobs:
+            if job.key and job.base is None:
+                builders.setdefault(job.key, job)
+        jobs = [*builders.values(), *(job for job in jobs if builders.get(job.key) is not job)]
         attempt = len(list((folder / "ray").glob("attempt-*"))) + 1
         trials.run_trials(jobs, sweep.resources, sweep.max_concurrent, folder / "ray", f"attempt-{attempt}")
 

@@ -106,6 +106,11 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
     if done is not None and done.status == "finished":
         return done.metrics  # a resumed sweep never retrains a finished trial
     folder.mkdir(parents=True, exist_ok=True)
+    if job.key and job.base is None:  # its base is not cached yet: train it here (or wait for the trial that does)
+        try:
+            job = replace(job, base=ensure_base(replace(job, name=f"base-{job.key}")))
+        except Exception as err:  # the trial fails with it, naming it; the sweep goes on
+            job = replace(job, base={"error": f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:500]}"})
     record = TrialRecord(job.name, job.axes, job.grids, "pending", base=(job.base or {}).get("results", {}).get("base"),
                          started=time.time())
     try:
@@ -304,27 +309,44 @@ def ray_session(address: Optional[str]) -> Iterator[None]:
 
 
 def check_resources(res: Resources) -> None:
-    """Refuse a trial that no node can ever hold (Tune would otherwise wait for it forever)."""
-    cluster = _ray().cluster_resources()
+    """Refuse a trial that no node can ever hold (Tune would otherwise wait for it forever): a trial runs on one
+    node, so it must fit the largest, not the cluster's sum."""
+    nodes = [node["Resources"] for node in _ray().nodes() if node.get("Alive")]
     for name, want in (("CPU", res.cpu), ("GPU", res.gpu)):
-        if want > cluster.get(name, 0):
-            raise UserError(f"resources: a trial asks for {want:g} {name} but the Ray cluster has "
-                            f"{cluster.get(name, 0):g}; lower 'resources' in the sweep file")
+        largest = max((node.get(name, 0) for node in nodes), default=0)
+        if want > largest:
+            raise UserError(f"resources: a trial asks for {want:g} {name} but the largest node of the Ray cluster "
+                            f"has {largest:g} (a trial runs on one node); lower 'resources' in the sweep file")
 
 
-def build_bases(jobs: list[TrialJob], res: Resources) -> dict[str, dict[str, Any]]:
-    """Run `ensure_base` for each job as a Ray task with a trial's resources; key → entry, or {error}."""
+def _reads_token(path: str, token: str) -> bool:
+    try:
+        return Path(path).read_text() == token
+    except OSError:
+        return False
+
+
+def check_shared_folder(folder: Path) -> None:
+    """Refuse a sweep folder that a node of the cluster cannot read: the driver writes a token there and a task
+    pinned to every alive node reads it back. Trials write their records, runs and the base cache under the
+    sweep's output_dir, and Tune its results, from whichever node runs them."""
     ray = _ray()
-    remote = ray.remote(ensure_base).options(num_cpus=res.cpu, num_gpus=res.gpu, max_retries=0)
-    refs = {job.key: remote.remote(job) for job in jobs}
-    entries = {}
-    for key, ref in refs.items():
-        try:
-            entries[key] = ray.get(ref)
-        except ray.exceptions.RayError as err:
-            cause = getattr(err, "cause", None) or err
-            entries[key] = {"error": f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1][:500]}"}
-    return entries
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = secrets.token_hex(16)
+    path = folder / f".shared-check-{token}"
+    path.write_text(token)
+    try:
+        nodes = [node for node in ray.nodes() if node.get("Alive")]
+        reader = ray.remote(_reads_token)
+        refs = [reader.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+                .remote(str(path), token) for node in nodes]
+        blind = [node["NodeManagerAddress"] for node, seen in zip(nodes, ray.get(refs)) if not seen]
+    finally:
+        path.unlink(missing_ok=True)
+    if blind:
+        raise UserError(f"output_dir: the sweep folder {folder} is not readable on node(s) {', '.join(blind)} of the "
+                        "Ray cluster; set output_dir to a path on a file system every node mounts at the same path")
 
 
 def _trainable(config: dict[str, Any], jobs: dict[str, TrialJob]) -> None:

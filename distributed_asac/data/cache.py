@@ -10,13 +10,16 @@ Layout of one cache (``<cache_dir>/<name>-<S>px-<hash of the source folder>/``):
 
     manifest.json          source folder, file list, sizes, mtimes, pipeline, undecodable files, checksums
     images-<build>.npy     uint8 [N, S, S, 3], row k = files[k]
+    checked-images-<build>-<host>.json   this node has checked every block of that build (see below)
     .lock                  held (flock) by the one process that builds
 
 The manifest is the cache's validity proof: a cache whose source files (list, sizes, mtimes), image
 size or pipeline differ is stale, and is rebuilt (with a warning saying why) or refused
 (``on_stale="error"``), never used. So is one whose pixels no longer match the CRC-32 of each block of
-CHUNK rows recorded when it was built (a byte changed on disk, a bad copy): every open checks them,
-about 0.5 s per GB read, so corrupted pixels are never trained on. Several processes may open the same cache at once: the first takes
+CHUNK rows recorded when it was built (a byte changed on disk, a bad copy): all of them are checked once per
+build and per node (about 0.5 s per GB read; a ``checked-<build>-<host>.json`` stamp records it, with the file's
+size, inode, mtime and ctime), and again whenever the file changed since; every other open checks the first and
+last blocks only. So corrupted pixels are not trained on, and 16 ranks opening a 10 GB cache read it once per node. Several processes may open the same cache at once: the first takes
 the lock and builds, the others wait on it and then read what it built.
 
 Also here, sharing the same parallel pass: :func:`find_bad_images`, which only decodes.
@@ -30,6 +33,7 @@ import json
 import logging
 import multiprocessing
 import os
+import socket
 import sys
 import time
 import uuid
@@ -205,14 +209,59 @@ def _staleness(folder: Path, manifest: dict[str, Any], expected: dict[str, Any],
     changed = np.flatnonzero((sizes != np.asarray(manifest["sizes"])) | (mtimes != np.asarray(manifest["mtimes_ns"])))
     if len(changed):
         return f"{len(changed)} source files changed since it was built (first: {files[changed[0]]})"
-    return _corruption(images, manifest)
+    return _checked(folder, images, manifest)
 
 
-def _corruption(images: Path, manifest: dict[str, Any]) -> str | None:
-    """Which rows of ``images`` no longer match the checksums recorded at the build, or None if all do."""
+def _stamp_path(folder: Path, images: Path) -> Path:
+    """The stamp of one build's full checksum pass on this node (host name): `checked-<build>-<host>.json`."""
+    return folder / f"checked-{images.stem}-{socket.gethostname()}.json"
+
+
+def _file_identity(images: Path) -> dict[str, int]:
+    """What changes when the images file is rewritten, replaced or copied over: size, inode, mtime and ctime."""
+    stat = images.stat()
+    return {"size": stat.st_size, "inode": stat.st_ino, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
+
+
+def _write_stamp(folder: Path, images: Path) -> None:
+    stamp = _stamp_path(folder, images)
+    staging = stamp.with_name(f"{stamp.name}.{uuid.uuid4().hex[:8]}")
+    staging.write_text(json.dumps({**_file_identity(images), "checked_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+    os.replace(staging, stamp)
+
+
+def _checked(folder: Path, images: Path, manifest: dict[str, Any]) -> str | None:
+    """`_corruption` once per build and per node, not per open: the full pass (every byte, about 0.5 s per GB) runs
+    when this node holds no stamp for the build or the file changed since (size, inode, mtime, ctime), under a
+    per-node lock so that the ranks of one node check once; every open also checks the first and last blocks."""
+    stamp = _stamp_path(folder, images)
+
+    def stamped() -> bool:
+        try:
+            recorded = json.loads(stamp.read_text())
+        except (OSError, ValueError):
+            return False
+        return {k: recorded.get(k) for k in ("size", "inode", "mtime_ns", "ctime_ns")} == _file_identity(images)
+
+    if stamped():
+        n = len(manifest["checksums"])
+        return _corruption(images, manifest, blocks=sorted({0, n - 1}) if n else [])
+    with _exclusive_lock(folder / f".check-{socket.gethostname()}.lock", folder):
+        if stamped():  # another process of this node checked it while this one waited
+            return None
+        reason = _corruption(images, manifest)
+        if reason is None:
+            _write_stamp(folder, images)
+        return reason
+
+
+def _corruption(images: Path, manifest: dict[str, Any], blocks: Sequence[int] | None = None) -> str | None:
+    """Which rows of ``images`` no longer match the checksums recorded at the build (of ``blocks``; default all),
+    or None if all do."""
     pixels = np.load(images, mmap_mode="r")
     rows = manifest["checksum_rows"]
-    for block, expected in enumerate(manifest["checksums"]):
+    for block in range(len(manifest["checksums"])) if blocks is None else blocks:
+        expected = manifest["checksums"][block]
         first = block * rows
         if zlib.crc32(pixels[first : first + rows]) != expected:  # a slice of whole rows is contiguous
             last = min(first + rows, len(pixels)) - 1
@@ -291,10 +340,11 @@ def _build(
     staging = folder / f"{MANIFEST}.{build}"
     staging.write_text(json.dumps(manifest))
     os.replace(staging, folder / MANIFEST)
+    _write_stamp(folder, images)  # its checksums were computed from the rows as written: checked on this node
     # Older builds (and partial files of crashed builders): processes still reading them keep their
     # mapping, since unlinking a file does not unmap it.
-    for old in folder.glob("images-*"):
-        if old != images:
+    for old in (*folder.glob("images-*"), *folder.glob("checked-*")):
+        if old != images and not old.name.startswith(f"checked-{images.stem}-"):
             old.unlink(missing_ok=True)
     log.info("built image cache %s: %d images in %.1f s", folder, len(files), manifest["build_seconds"])
     if bad:

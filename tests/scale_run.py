@@ -1,0 +1,16 @@
+"""Launched by tests/test_scale.py on 1, 2 or 4 processes: one run of the pipeline with the rows named by
+--rows (stage 3 only, from a base checkpoint), as `python -m distributed_asac.finetune` runs one row."""
+
+import argparse
+
+from distributed_asac.config import load_config
+from distributed_asac.pipeline import run
+from distributed_asac.runtime import close_process_group
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--config")
+parser.add_argument("--rows", default="plain,asac")
+parser.add_argument("overrides", nargs="*")
+args = parser.parse_args()
+run(load_config(args.config, args.overrides), variants=[{"mode": row} for row in args.rows.split(",")])
+close_process_group()
