@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import yaml
 
+from . import mitigations  # noqa: F401  registers the rows beside ASAC in rows.MODES (after rows.py's own)
 from .attacks import ATTACKS
 from .curriculum import ORDERS
 from .data.datasets import DATASETS, synthetic_arguments
@@ -104,6 +105,28 @@ class GanConfig:
 
 
 @dataclass
+class GroupDroConfig:
+    """The group_dro row (Sagawa et al. 2020, Algorithm 1): online weights q over the (target, protected) groups."""
+
+    eta: float = 0.01  # η, step size of the group weights q_g ← q_g·exp(η·loss_g) (the paper's code: 0.01); > 0
+
+
+@dataclass
+class JttConfig:
+    """The jtt row (Liu et al. 2021): the base's mistakes on train are drawn λ times as often."""
+
+    upweight: float = 50.0  # λ, how many times as often an image the base gets wrong is drawn (the paper's CelebA λ_up); >= 1
+
+
+@dataclass
+class DfrConfig:
+    """The dfr row (Kirichenko et al. 2023): the target head refit, backbone frozen, on a group-balanced subset of valid."""
+
+    c_grid: list[float] = field(default_factory=lambda: [1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01])  # inverse ℓ1 strengths C tried (the DFR code's); the best by worst-group accuracy on half of valid
+    retrains: int = 20  # logistic regressions on fresh balanced draws of valid, their weights averaged (the DFR code's 20)
+
+
+@dataclass
 class AnalysisConfig:
     """Per-model analysis on the first test images (analysis.py); 0 images turns a part off."""
 
@@ -138,6 +161,9 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # stage 3: ASAC fine-tuning or a comparator
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)  # robustness curve and Integrated Gradients
     gan: GanConfig = field(default_factory=GanConfig)  # the generator of the gan_augment row
+    group_dro: GroupDroConfig = field(default_factory=GroupDroConfig)  # the group_dro row's group weights
+    jtt: JttConfig = field(default_factory=JttConfig)  # the jtt row's upweighting of the base's mistakes
+    dfr: DfrConfig = field(default_factory=DfrConfig)  # the dfr row's last-layer retraining
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
 
     def to_dict(self) -> dict[str, Any]:
@@ -261,11 +287,26 @@ def validate(cfg: Config) -> None:
             raise UserError(f"config key 'seeds': seeds must be >= 0, got {min(cfg.seeds)}")
     if cfg.data.target == cfg.data.protected:
         raise UserError("config keys 'data.target' and 'data.protected' name the same attribute; choose two")
+    _validate_mitigations(cfg)
     name = cfg.experiment
     if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
         # It names a folder under output_dir: a path there would write outside it.
         raise UserError(f"config key 'experiment': {name!r} is not a plain folder name; use letters, digits, "
                         "'-', '_' or '.', without '/' (e.g. experiment=smiling_resnet18)")
+
+
+def _validate_mitigations(cfg: Config) -> None:
+    """The keys of the rows beside ASAC (distributed_asac/mitigations/)."""
+    if cfg.group_dro.eta <= 0:
+        raise UserError(f"config key 'group_dro.eta': must be > 0, got {cfg.group_dro.eta} (the step size of the group "
+                        "weights; default 0.01, Sagawa et al. 2020)")
+    if cfg.jtt.upweight < 1:
+        raise UserError(f"config key 'jtt.upweight': must be >= 1, got {cfg.jtt.upweight} (λ < 1 would draw the "
+                        "base's mistakes less often than the rest; default 50, Liu et al. 2021)")
+    if not cfg.dfr.c_grid or min(cfg.dfr.c_grid) <= 0:
+        raise UserError(f"config key 'dfr.c_grid': need at least one C > 0, got {cfg.dfr.c_grid} "
+                        "(default [1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01])")
+    _in_range("dfr.retrains", cfg.dfr.retrains, 1, None)
 
 
 def check_batch_sizes(cfg: Config, train_size: int, processes: int, stages: tuple[str, ...]) -> None:

@@ -321,9 +321,11 @@ def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optiona
     check_batch_sizes(cfg, len(splits.train), accelerator.num_processes,
                       ("finetune",) if base is not None else ("base", "probe", "finetune"))
     for overrides in variants or [{}]:  # what a row cannot run on (no generator file, no train twins) stops it now
-        check = MODES.get(overrides.get("mode", cfg.finetune.mode)).check
-        if check is not None:
-            check(cfg)
+        row = MODES.get(overrides.get("mode", cfg.finetune.mode))
+        if row.check is not None:
+            row.check(cfg)
+        if row.check_splits is not None:  # e.g. a valid split too small to balance (dfr)
+            row.check_splits(cfg, splits)
     if resume:
         state = RunState.load(run_dir, "pipeline", variants, accelerator)
         if accelerator.is_main_process:

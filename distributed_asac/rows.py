@@ -24,9 +24,10 @@ from .models import TwoHeadModel, eval_mode
 from .registry import Registry
 
 if TYPE_CHECKING:
-    from torch.utils.data import Dataset
+    from torch.utils.data import Dataset, Sampler
 
     from .config import Config, FinetuneConfig
+    from .data.datasets import Splits
 
 
 @dataclass
@@ -37,6 +38,8 @@ class Chunk:
     labels: torch.Tensor  # [n] target labels y
     clean: Optional[torch.Tensor] = None  # [n] minibatch index of each entry's clean image; None: no clean term
     is_clean: Optional[torch.Tensor] = None  # [n] bool: the entry IS its clean image (ε = 0); None: none known
+    loss: Optional[Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]] = None
+    # (logits [n, 2], labels [n]) → the step's loss terms, for a chunk without a clean term; None: plain CE
 
 
 @dataclass
@@ -67,6 +70,12 @@ class Mode:
     train_data: Optional[Callable[[Config, Dataset], tuple[Dataset, Callable]]] = None
     # the dataset and collate function of stage 3's loader in place of the train split's
     reports_attack: bool = False  # its steps train on ASACs of ctx.attack: stage 3 reports that attack's success
+    sampler: Optional[Callable[[Config, Dataset, Any], Sampler]] = None
+    # (cfg, stage 3's dataset, ctx.prepared) → the sampler of its loader in place of a shuffle (same length)
+    check_splits: Optional[Callable[[Config, Splits], None]] = None  # before any training, on the splits
+    fit: Optional[Callable[..., tuple[TwoHeadModel, dict[str, float]]]] = None
+    # (model, train split, valid split, cfg, accelerator, tracker) → (model, summary): stage 3 for a mode that
+    # sets its weights without minibatch steps (dfr), in place of the epoch loop
 
 
 MODES: Registry[Mode] = Registry("training mode")
@@ -161,7 +170,8 @@ def table_rows() -> dict[str, dict[str, Any]]:
 
 def fine_tuned_rows() -> dict[str, dict[str, Any]]:
     """The rows stage 3 trains (all but the base, which every run has): what the demo's --rows chooses from."""
-    return {row: settings for row, settings in table_rows().items() if MODES.get(settings["mode"]).make_chunks}
+    return {row: settings for row, settings in table_rows().items()
+            if MODES.get(settings["mode"]).make_chunks or MODES.get(settings["mode"]).fit}
 
 
 def row_name(settings: FinetuneConfig) -> str:

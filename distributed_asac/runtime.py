@@ -55,17 +55,21 @@ def per_rank_batch(global_batch: int, key: str, processes: int) -> int:
 
 
 def train_loader(dataset, global_batch: int, key: str, accelerator: Accelerator, num_workers: int = 0,
-                 collate_fn=None) -> DataLoader:
-    """A shuffled training loader (last incomplete batch dropped) of each rank's share of the global batch `key`.
+                 collate_fn=None, sampler=None) -> DataLoader:
+    """A shuffled training loader (last incomplete batch dropped) of each rank's share of the global batch `key`;
+    with `sampler` (a row's own draw, e.g. group-balanced), its order instead of the shuffle.
 
     Its shuffle generator is seeded here from the global RNG, the same draw on rank 0 at any world size, and
     Accelerate hands rank 0's order to every rank, which takes every W-th batch: step s of a run on W processes
     trains the same images as step s on one. (Without its own generator a single process would draw a new seed
     each epoch, while Accelerate gives W > 1 processes one generator: their orders would differ from epoch 2.)"""
+    batch = per_rank_batch(global_batch, key, accelerator.num_processes)
+    if sampler is not None:
+        return DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True, num_workers=num_workers,
+                          collate_fn=collate_fn)
     seed = int(torch.empty((), dtype=torch.int64).random_().item())
-    return DataLoader(dataset, batch_size=per_rank_batch(global_batch, key, accelerator.num_processes), shuffle=True,
-                      drop_last=True, num_workers=num_workers, collate_fn=collate_fn,
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=num_workers,
+                      collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -46,7 +46,7 @@ def chunk_loss(model: nn.Module, x: torch.Tensor, chunk: Chunk, alpha: float) ->
     beside its clean image, whose logits it shares (clean logits are recomputed every step, as the model
     changes between chunks)."""
     if chunk.clean is None:
-        return plain_loss(model(chunk.images, protected=False)[0], chunk.labels)
+        return (chunk.loss or plain_loss)(model(chunk.images, protected=False)[0], chunk.labels)
     unique, inverse = torch.unique(chunk.clean, return_inverse=True)  # u distinct clean images
     u = len(unique)
     if chunk.is_clean is None:
@@ -152,8 +152,9 @@ def build_stage3(model: TwoHeadModel, cfg: Config, accelerator: Accelerator, gen
         wrapped, optimizer = accelerator.prepare(model, optimizer)
     else:
         data, collate = mode.train_data(cfg, train_set) if mode.train_data is not None else (train_set, None)
+        sampler = mode.sampler(cfg, data, prepared) if mode.sampler is not None else None
         loader = train_loader(uint8_images(data), ft.batch_size, "finetune.batch_size", accelerator,
-                              cfg.data.num_workers, collate)
+                              cfg.data.num_workers, collate, sampler)
         wrapped, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     attacked = attacked.to(accelerator.device)
     ctx = StepContext(ft, eps, create_attack(ft.attack, ft), attacked, model, generator,
@@ -226,6 +227,8 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
     With `state_dir`, the full training state (with `generator`) is saved there at every epoch end, and a
     state found there is resumed: the epoch after it restarts from its saved start (resume.py)."""
     ft = cfg.finetune
+    if MODES.get(ft.mode).fit is not None:  # no minibatch steps: the mode sets the weights itself (dfr)
+        return MODES.get(ft.mode).fit(model, train_set, valid_set, cfg, accelerator, tracker)
     if MODES.get(ft.mode).make_chunks is None:
         return model, {}
     stage = build_stage3(model, cfg, accelerator, generator, train_set, tracker)

@@ -193,6 +193,13 @@ CASES = {
     "oracle_without_train_twins": Case(["finetune.mode=oracle_counterfactual"],
                                        r"oracle_counterfactual needs the true twin of every train image.*"
                                        r"data\.synthetic_train_twins=true"),
+    # the rows beside ASAC (distributed_asac/mitigations/): their keys, and a valid split DFR cannot balance
+    "group_dro_eta_zero": Case(["finetune.mode=group_dro", "group_dro.eta=0"],
+                               r"config key 'group_dro\.eta': must be > 0, got 0\.0"),
+    "jtt_upweight_below_one": Case(["finetune.mode=jtt", "jtt.upweight=0.5"],
+                                   r"config key 'jtt\.upweight': must be >= 1, got 0\.5"),
+    "dfr_valid_too_small": Case(["finetune.mode=dfr"], r"finetune\.mode=dfr \(the valid split\) needs at least 2 "
+                                                       r"image\(s\) in every \(target, protected\) group.*\(y=0, a=1\) 0"),
     # names and numbers the config refuses
     "experiment_empty": Case(["experiment="], r"config key 'experiment': '' is not a plain folder name"),
     "experiment_outside": Case(["experiment=../x"], r"config key 'experiment': '\.\./x' is not a plain folder name"),

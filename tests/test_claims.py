@@ -190,22 +190,30 @@ def test_bad_claims_section(change, message):
 
 def test_claims_study_resolves_to_its_designed_trials():
     """configs/sweeps/claims.yaml: 26 fine-tuned settings × 5 seeds (the default ASAC trial is shared by five
-    grids), one base per data setting and seed (4 × 5), and every claim resolving to one setting per regime."""
+    grids) plus the 4 rows beside ASAC at the strongest and weakest cue (8 settings), one base per data setting and
+    seed (4 × 5), and every claim resolving to one setting per regime."""
     sweep = load_sweep("configs/sweeps/claims.yaml")
-    assert len(sweep.trials) == 26 * 5
+    assert len(sweep.trials) == (26 + 4 * 2) * 5
     assert len({t.base_key for t in sweep.trials}) == 4 * 5
-    assert [c.id for c in sweep.claims.claims][:2] == ["C1", "C2"] and len(sweep.claims.claims) == 20
+    assert [c.id for c in sweep.claims.claims][:2] == ["C1", "C2"] and len(sweep.claims.claims) == 20 + 4 * 3
+    for claim in sweep.claims.claims[20:]:  # the new rows: in the strong regime and at the weakest cue
+        for regime in ("strong", "beard_0.25"):
+            assert sorted(select(sweep.trials, sweep.claims.regimes[regime], claim.treatment, claim.id)) == [0, 1, 2, 3, 4]
     assert sweep.claims.tables == {"main": ["strong", "mild"], "cue": ["strong", "beard_0.5", "beard_0.25"]}
 
 
 def test_bound_study_resolves_to_its_designed_trials():
-    """configs/sweeps/bound.yaml: 3 rows × 2 regimes × 5 seeds on 10 bases whose data carry train twins, and
-    each claim's treatment and reference resolving to one setting with all five seeds in both regimes."""
+    """configs/sweeps/bound.yaml: 7 rows (plain, ASAC, the oracle and the 4 mitigations beside ASAC) × 2 regimes
+    × 5 seeds on 10 bases whose data carry train twins, and each claim's treatment and reference resolving to one
+    setting with all five seeds in both regimes."""
     sweep = load_sweep("configs/sweeps/bound.yaml")
-    assert len(sweep.trials) == 3 * 2 * 5
+    assert len(sweep.trials) == 7 * 2 * 5
     assert len({t.base_key for t in sweep.trials}) == 2 * 5
     assert all(t.axes["data"]["synthetic_train_twins"] for t in sweep.trials)
-    assert [c.id for c in sweep.claims.claims] == ["B1", "B2", "B3", "B4", "B5", "B6"]
+    assert {t.axes["finetune"]["mode"] for t in sweep.trials} == {
+        "plain", "asac", "oracle_counterfactual", "resample", "group_dro", "dfr", "jtt"}
+    assert [c.id for c in sweep.claims.claims] == ["B1", "B2", "B3", "B4", "B5", "B6"] + [
+        f"M{m}{letter}" for m in range(1, 5) for letter in "abcdefg"]
     assert sweep.claims.tables == {"bound": ["strong", "mild"]}
     for claim in sweep.claims.claims:
         for regime in sweep.claims.regimes.values():

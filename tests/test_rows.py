@@ -13,7 +13,7 @@ from distributed_asac.rows import MODES, Chunk, in_table_order, mode, row_name, 
 
 def test_the_rows_are_the_papers_table_1_in_order():
     assert list(table_rows()) == ["base", "plain", "adv_augment", "gan_augment", "asac_fgsm", "asac_pgd",
-                                  "oracle_counterfactual"]
+                                  "oracle_counterfactual", "resample", "group_dro", "dfr", "jtt"]
     assert row_variants("asac_pgd,plain") == [{"mode": "asac", "attack": "pgd"}, {"mode": "plain"}]
     assert row_name(load_config(None, ["finetune.attack=pgd"]).finetune) == "asac_pgd"
     assert row_name(load_config(None, ["finetune.mode=adv_augment", "finetune.attack=pgd"]).finetune) == "adv_augment"

@@ -1,0 +1,229 @@
+"""The rows beside ASAC (distributed_asac/mitigations/): each update rule on a toy case with a known answer, the
+same number of optimizer steps as plain fine-tuning through stage 3's own loader, and the values they refuse.
+(Bad values through the CLI: tests/test_bad_input.py; the bound sweep's trial count: tests/test_claims.py.)"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from distributed_asac.config import load_config
+from distributed_asac.data import synthetic as syn
+from distributed_asac.data.celeba import CelebA
+from distributed_asac.errors import UserError
+from distributed_asac.mitigations.dfr import balanced_draw, halves, l1_logistic, set_target_head
+from distributed_asac.mitigations.group_dro import GroupWeights
+from distributed_asac.mitigations.groups import GroupBalancedBatches, dataset_groups, group_ids
+from distributed_asac.mitigations.jtt import UpweightedDraws, upweighted
+from distributed_asac.models import create_model
+from distributed_asac.stage3 import build_stage3, finetune
+
+
+# GroupDRO (Sagawa et al. 2020, Algorithm 1): q_g ← q_g·exp(η·L_g), normalised; loss Σ_g q_g·L_g with the new q.
+
+def test_group_dro_weights_follow_a_hand_computed_loss_sequence():
+    weights = GroupWeights(math.log(2.0), torch.full((4,), 0.25))  # η = ln 2: exp(η·L) = 2^L
+    groups = torch.tensor([0, 1, 1, 2, 3, 3])
+    terms = weights.step(torch.tensor([0.0, 0.5, 1.5, 2.0, 2.0, 4.0]), groups)  # group means L = 0, 1, 2, 3
+    assert torch.allclose(weights.q, torch.tensor([1.0, 2.0, 4.0, 8.0]) / 15)  # ¼·2^L, normalised
+    assert terms["loss"].item() == pytest.approx((0 * 1 + 1 * 2 + 2 * 4 + 3 * 8) / 15)  # 34/15, with the new q
+    assert terms["loss_ce"].item() == pytest.approx(10.0 / 6) and terms["loss_worst_group"].item() == 3.0
+    weights.step(torch.tensor([3.0, 2.0, 1.0, 0.0]), torch.arange(4))  # ×[8, 4, 2, 1]: back to uniform
+    assert torch.allclose(weights.q, torch.full((4,), 0.25))
+    weights.step(torch.tensor([1.0]), torch.tensor([2]))  # absent groups have L = 0: q ∝ [1, 1, 2, 1]
+    assert torch.allclose(weights.q, torch.tensor([1.0, 1.0, 2.0, 1.0]) / 5)
+
+
+def test_group_dro_loss_is_the_weighted_group_mean_of_cross_entropy():
+    """Through the chunk's loss hook: its gradient is that of Σ_g q_g·mean CE over group g, q the updated weights."""
+    weights = GroupWeights(0.01, torch.full((4,), 0.25))
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.5, -0.5], [0.0, 3.0]], requires_grad=True)
+    y, a = torch.tensor([0, 0, 1, 1, 1]), torch.tensor([0, 1, 1, 0, 0])  # groups 0, 1, 3, 2, 2
+    terms = weights.loss(logits, y, group_ids(y, a))
+    ce = torch.nn.functional.cross_entropy(logits.detach(), y, reduction="none")
+    group_loss = torch.stack([ce[0], ce[1], ce[3:].mean(), ce[2]])
+    q = torch.full((4,), 0.25) * torch.exp(0.01 * group_loss)
+    assert torch.allclose(weights.q, q / q.sum())
+    assert terms["loss"].item() == pytest.approx(float((weights.q * group_loss).sum()))
+    terms["loss"].backward()
+    assert logits.grad.abs().sum() > 0
+    assert load_config().group_dro.eta == 0.01  # the paper's code's default step size
+
+
+# Group-balanced minibatches (resample, group_dro)
+
+@pytest.mark.parametrize("k", [8, 10])
+def test_every_resampled_minibatch_is_group_balanced(k):
+    groups = torch.tensor([0] * 50 + [1] * 5 + [2] * 7 + [3] * 38)
+    sampler = GroupBalancedBatches(groups, k, seed=3)
+    order = list(sampler)
+    assert len(order) == len(sampler) == (100 // k) * k  # the minibatches of a shuffled epoch with drop_last
+    for b in range(100 // k):
+        counts = torch.bincount(groups[order[b * k:(b + 1) * k]], minlength=4)
+        assert counts.sum() == k and counts.min() == k // 4 and counts.max() == k // 4 + (k % 4 > 0)
+    small = [i for i in order if groups[i] == 1][:2 * math.ceil(5 / (k // 4))]  # the minibatches that use group 1 up
+    assert set(small) == {50, 51, 52, 53, 54}  # every image of a group before any repeats
+    sampler.set_epoch(0)
+    assert list(sampler) == order  # a function of (seed, epoch): a resumed epoch draws the same
+    assert list(sampler) != order  # the next epoch draws anew
+
+
+# JTT (Liu et al. 2021): the base's mistakes on train, drawn λ times as often
+
+def test_jtt_draws_the_error_set_lambda_times_as_often():
+    errors = torch.zeros(10000, dtype=torch.bool)
+    errors[:1000] = True
+    cfg = load_config(None, ["jtt.upweight=9"])
+    sampler = upweighted(cfg, None, errors)
+    assert sampler.weights[:1000].eq(9).all() and sampler.weights[1000:].eq(1).all()
+    draws = torch.tensor(list(sampler))
+    assert len(draws) == 10000  # one epoch draws len(train) images: the same minibatches as plain
+    assert (draws < 1000).float().mean().item() == pytest.approx(9000 / 18000, abs=0.02)  # λ·|E| / (λ·|E| + rest)
+    assert list(UpweightedDraws(torch.ones(5), 0)) == list(UpweightedDraws(torch.ones(5), 0))
+
+
+# DFR (Kirichenko et al. 2023)
+
+def test_dfr_balanced_subset_is_exactly_balanced_and_halves_hold_every_group():
+    groups = torch.tensor([0] * 50 + [1] * 5 + [2] * 7 + [3] * 38)
+    generator = torch.Generator().manual_seed(0)
+    draws = [balanced_draw(groups, generator) for _ in range(2)]
+    for draw in draws:
+        assert torch.bincount(groups[draw], minlength=4).tolist() == [5, 5, 5, 5] and len(set(draw.tolist())) == 20
+        assert set(range(50, 55)) <= set(draw.tolist())  # the smallest group whole
+    assert not torch.equal(draws[0], draws[1])  # fresh draws of the larger groups
+    first, second = halves(groups, generator)
+    assert sorted(first.tolist() + second.tolist()) == list(range(100))
+    assert torch.bincount(groups[first], minlength=4).tolist() == [25, 3, 4, 19]
+    assert torch.bincount(groups[second], minlength=4).tolist() == [25, 2, 3, 19]
+
+
+def test_l1_logistic_regression_is_liblinears():
+    """The DFR code's solver: scikit-learn's liblinear, ‖w‖₁ + C·Σ log(1 + exp(−s·w·[x, 1])) (intercept penalised)."""
+    linear_model = pytest.importorskip("sklearn.linear_model")  # scikit-learn comes with fairlearn (.[dev])
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 16, generator=generator, dtype=torch.float64)
+    y = (x[:, 0] + 0.5 * x[:, 1] + 0.5 * torch.randn(120, generator=generator, dtype=torch.float64) > 0).long()
+    for c in (1.0, 0.1):
+        w = l1_logistic(x, y, c)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scikit-learn 1.8 deprecates penalty=, the DFR code's spelling
+            reference = linear_model.LogisticRegression(penalty="l1", C=c, solver="liblinear", tol=1e-12,
+                                                        max_iter=100000).fit(x.numpy(), y.numpy())
+        expected = torch.tensor([*reference.coef_[0], *reference.intercept_], dtype=torch.float64)
+        assert torch.allclose(w, expected, atol=1e-5), (c, (w - expected).abs().max())
+        assert ((w == 0) == (expected == 0)).all()  # the same features left out
+    # Known answer: w = 0 is optimal when C·|Σ sᵢ·[xᵢ, 1]|/2 ≤ 1 in every coordinate (the ℓ1 subgradient at 0).
+    assert l1_logistic(x, y, 0.01).eq(0).all()
+
+
+def test_the_folded_head_computes_the_logistic_regression():
+    model = create_model("small_cnn").eval()
+    generator = torch.Generator().manual_seed(1)
+    d = model.target_head.in_features
+    w = torch.randn(d + 1, generator=generator, dtype=torch.float64)
+    mean, std = torch.randn(d, generator=generator, dtype=torch.float64), torch.rand(d, generator=generator, dtype=torch.float64) + 0.5
+    set_target_head(model, w, mean, std)
+    x = torch.rand(6, 3, 32, 32, generator=generator)
+    with torch.no_grad():
+        features = model.backbone((x - model.mean) / model.std).double()
+        logits = model(x)[0].double()
+    expected = ((features - mean) / std) @ w[:-1] + w[-1]
+    assert torch.allclose(logits[:, 1] - logits[:, 0], expected, atol=1e-4)
+
+
+# Through stage 3, on a generated dataset
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """240 generated faces at 32 px, bias 0.8: train 168 images, valid groups [9, 2, 3, 10]."""
+    root = tmp_path_factory.mktemp("mitigations") / "data"
+    syn.generate(root, 240, 0.8, 3, (32, 32), workers=1)
+    return root
+
+
+def _config(root, *overrides):
+    return load_config(None, [f"data.root={root}", "data.image_size=32", "data.synthetic_num_images=240",
+                              "data.synthetic_bias=0.8", "data.synthetic_seed=3", "finetune.batch_size=24", *overrides])
+
+
+class _Tracker:
+    def __init__(self):
+        self.logged = {}
+
+    def log_metrics(self, metrics, step=None):
+        self.logged.update(metrics)
+
+
+def test_each_row_takes_as_many_steps_as_plain_on_the_same_minibatches(dataset):
+    """One epoch of stage 3's own loader: |E| optimizer steps on each of len(train) // k minibatches, as plain
+    fine-tuning takes; resample's and group_dro's minibatches hold k/4 images of every group; jtt's error set is the
+    base's mistakes, image by image."""
+    train = CelebA(dataset, "train", "Smiling", "Male", 32)
+    steps = {}
+    for row in ("plain", "resample", "group_dro", "jtt"):
+        cfg = _config(dataset, f"finetune.mode={row}")
+        torch.manual_seed(0)
+        model = create_model("small_cnn")
+        stage = build_stage3(model, cfg, Accelerator(cpu=True), torch.Generator().manual_seed(0), train_set=train)
+        if row == "jtt":  # before any step: the base's M on each train image, one at a time
+            with torch.no_grad():
+                wrong = [int(model.eval()(train[i][0][None])[0].argmax()) != int(train.targets[i]) for i in range(len(train))]
+            assert stage.ctx.prepared.tolist() == wrong and 0 < sum(wrong) < len(train)
+        for x, y, a, _ in stage.loader:
+            if row in ("resample", "group_dro"):
+                assert torch.bincount(group_ids(y, a), minlength=4).tolist() == [6, 6, 6, 6]
+            stage.train_minibatch(x, y, a)
+        steps[row] = stage.ctx.diagnostics.counts["steps"]
+        if row == "group_dro":
+            assert stage.ctx.prepared.q.sum().item() == pytest.approx(1.0) and not torch.allclose(
+                stage.ctx.prepared.q, torch.full((4,), 0.25))  # the weights moved with the group losses
+    assert steps == dict.fromkeys(steps, (168 // 24) * 3)  # 7 minibatches × |E| = 3
+
+
+def test_dfr_refits_the_target_head_only_on_valid(dataset):
+    """DFR takes no minibatch step: the backbone and C are bit for bit the base's, only ρ changes, and its C is
+    chosen from the grid on valid's halves."""
+    cfg = _config(dataset, "finetune.mode=dfr", "dfr.retrains=3", "dfr.c_grid=[1.0,0.1]")
+    train, valid = (CelebA(dataset, split, "Smiling", "Male", 32) for split in ("train", "valid"))
+    torch.manual_seed(0)
+    model = create_model("small_cnn")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tracker = _Tracker()
+    model, summary = finetune(model, train, valid, cfg, Accelerator(cpu=True), tracker, torch.Generator())
+    after = model.state_dict()
+    for name, tensor in before.items():
+        assert torch.equal(tensor, after[name]) != name.startswith("target_head."), name
+    assert summary["dfr_C"] in (1.0, 0.1) and summary["dfr_images_per_group"] == 2  # valid's smallest group
+    assert tracker.logged["finetune/dfr_C"] == summary["dfr_C"]
+    assert torch.equal(after["target_head.weight"][0], torch.zeros_like(after["target_head.weight"][0]))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("group_dro.eta=0", r"'group_dro\.eta': must be > 0, got 0\.0"),
+    ("group_dro.eta=-0.01", r"'group_dro\.eta': must be > 0, got -0\.01"),
+    ("jtt.upweight=0.5", r"'jtt\.upweight': must be >= 1, got 0\.5"),
+    ("dfr.c_grid=[]", r"'dfr\.c_grid': need at least one C > 0"),
+    ("dfr.c_grid=[1.0,0]", r"'dfr\.c_grid': need at least one C > 0"),
+    ("dfr.retrains=0", r"'dfr\.retrains': 0 is out of range"),
+])
+def test_bad_values_are_refused_by_the_config(override, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, [override])
+
+
+def test_a_split_that_cannot_be_balanced_is_refused(dataset):
+    from distributed_asac.mitigations.groups import check_groups
+    from distributed_asac.rows import MODES
+
+    valid = CelebA(dataset, "valid", "Smiling", "Male", 32)
+    assert torch.bincount(dataset_groups(valid), minlength=4).tolist() == [9, 2, 3, 10]
+    with pytest.raises(UserError, match=r"needs at least 4 image\(s\) in every .*\(y=0, a=1\) 2, \(y=1, a=0\) 3"):
+        check_groups(dataset_groups(valid), 4, "finetune.mode=dfr (the valid split)")
+    splits = type("Splits", (), {"train": valid, "valid": valid})
+    MODES.get("dfr").check_splits(_config(dataset), splits)  # 2 per group: enough
+    MODES.get("resample").check_splits(_config(dataset), splits)
