@@ -64,8 +64,10 @@ def one_step(chunks: list[Chunk]) -> Chunk:
     Algorithm 1): the distinct chunks concatenated (plain fine-tuning repeats one chunk |E| times: one copy).
     For ASAC this is Eq. 5 averaged over all k·|E| entries, and the curriculum order no longer matters."""
     distinct = list({id(chunk): chunk for chunk in chunks}.values())
-    if len(distinct) == 1:
+    if len(distinct) == 1:  # plain, group_dro: one chunk repeated |E| times, its own loss kept
         return distinct[0]
+    if any(chunk.loss is not None for chunk in distinct):
+        raise ValueError("one_step cannot join chunks that carry their own losses")
 
     def joined(name: str) -> Optional[torch.Tensor]:
         parts = [getattr(chunk, name) for chunk in distinct]
