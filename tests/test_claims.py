@@ -228,6 +228,7 @@ def test_paper_regime_study_resolves_to_its_designed_trials():
     with every seed."""
     sweep = load_sweep("configs/sweeps/paper_regime.yaml")
     seeds = sorted({t.axes["seed"] for t in sweep.trials})
+    assert seeds == list(range(30))  # the pilot's power calculation, written into the file before the main run
     assert len(sweep.trials) == 7 * len(seeds) and len({t.base_key for t in sweep.trials}) == 2 * len(seeds)
     assert [c.id for c in sweep.claims.claims][0] == "P0"  # the positive control first
     assert {c.id: c.effect for c in sweep.claims.claims if c.effect is not None} == {
