@@ -309,12 +309,20 @@ def _validate_mitigations(cfg: Config) -> None:
     _in_range("dfr.retrains", cfg.dfr.retrains, 1, None)
 
 
+def per_rank_batch(global_batch: int, key: str, processes: int) -> int:
+    """Each rank's share of a global batch (`base.batch_size`, `probe.batch_size`, `finetune.batch_size` name the
+    images of one optimizer step summed over all ranks, so a config is the same experiment at any world size)."""
+    if global_batch % processes:
+        raise UserError(f"config key {key!r}: the global batch {global_batch} does not divide among {processes} "
+                        f"processes; set {key} to a multiple of {processes} (e.g. "
+                        f"{max(processes, global_batch // processes * processes)})")
+    return global_batch // processes
+
+
 def check_batch_sizes(cfg: Config, train_size: int, processes: int, stages: tuple[str, ...]) -> None:
     """Refuse a batch size that gives no training step or that does not divide among the processes: batch sizes
     are global (each rank takes batch_size / processes) and the loaders drop the last incomplete batch, so a
     train split smaller than batch_size would train nothing and report an untrained model."""
-    from .runtime import per_rank_batch
-
     for stage in stages:
         key = f"{stage}.batch_size"
         per_rank_batch(_get(cfg, key), key, processes)

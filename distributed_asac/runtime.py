@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from torch.utils.data import DataLoader
 
-from .config import Config
+from .config import Config, per_rank_batch
 from .errors import UserError
 
 
@@ -42,16 +42,6 @@ def zero_stage(accelerator: Accelerator) -> Optional[int]:
     if not is_deepspeed(accelerator):
         return None
     return int(accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage"])
-
-
-def per_rank_batch(global_batch: int, key: str, processes: int) -> int:
-    """Each rank's share of a global batch (`base.batch_size`, `probe.batch_size`, `finetune.batch_size` name the
-    images of one optimizer step summed over all ranks, so a config is the same experiment at any world size)."""
-    if global_batch % processes:
-        raise UserError(f"config key {key!r}: the global batch {global_batch} does not divide among {processes} "
-                        f"processes; set {key} to a multiple of {processes} (e.g. "
-                        f"{max(processes, global_batch // processes * processes)})")
-    return global_batch // processes
 
 
 def train_loader(dataset, global_batch: int, key: str, accelerator: Accelerator, num_workers: int = 0,

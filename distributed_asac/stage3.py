@@ -286,7 +286,7 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
     steps = [abs(after - before) for before, after in zip(deo_history, deo_history[1:])]
     summary.update(selected_epoch=progress.meta["selected"],
                    balanced_valid_DEO_swing=sum(steps) / len(steps) if steps else 0.0)
-    summary.update(last_attack)  # frozen C and FGSM: the same every epoch; a live C: as it was at the end
     tracker.log_metrics({f"finetune/{k}": v for k, v in summary.items()})
+    summary.update(last_attack)  # in the summary, not logged again: MLflow has every epoch's (frozen C: all equal)
     return whole_model(model, cfg.model.backbone, progress.best or None), summary
 

@@ -18,9 +18,9 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from distributed_asac import pipeline
-from distributed_asac.config import check_batch_sizes, load_config
+from distributed_asac.config import check_batch_sizes, load_config, per_rank_batch
 from distributed_asac.errors import UserError
-from distributed_asac.runtime import GlobalBatchNorm2d, per_rank_batch
+from distributed_asac.runtime import GlobalBatchNorm2d
 
 from .conftest import run_to_end
 
