@@ -65,7 +65,7 @@ def _bn_worker(rank: int, world: int, port: int, results) -> None:
              "bias_grad": (synced.bias.grad - reference.bias.grad).abs().max(),
              "running_mean": (synced.running_mean - reference.running_mean).abs().max(),
              "running_var": (synced.running_var - reference.running_var).abs().max()}
-    results.put((rank, {k: float(v) for k, v in diffs.items()}))
+    results.put((rank, {k: float(v.detach()) for k, v in diffs.items()}))
     if world > 1:
         torch.distributed.destroy_process_group()
 
