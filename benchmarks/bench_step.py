@@ -47,7 +47,7 @@ from distributed_asac.config import Config
 from distributed_asac.losses import asac_loss
 from distributed_asac.models import TwoHeadModel, create_model, eval_mode
 from distributed_asac.rows import Chunk, Mode, StepContext
-from distributed_asac.stage3 import Stage3, build_stage3, chunk_loss
+from distributed_asac.stage3 import Stage3, build_stage3, chunk_loss, forward_layouts
 
 GOAL = 1.15  # measured / bound
 VARIANTS = ("channels_last_flipped", "bf16_autocast")
@@ -72,10 +72,10 @@ def make_rig(base: TwoHeadModel, cfg: Config, accelerator: Accelerator, bf16: bo
     return rig
 
 
-def distinct_images(chunk: Chunk) -> int:
+def distinct_images(chunk: Chunk, k: int) -> int:
     """Images a chunk step must forward: its distinct clean images plus its entries that are not one."""
-    perturbed = len(chunk.images) if chunk.is_clean is None else int((~chunk.is_clean).sum())
-    return len(torch.unique(chunk.clean)) + perturbed
+    layout = chunk.layout or forward_layouts([chunk], k)[0]  # set by the step (per_chunk), else made here
+    return len(layout.unique) + len(layout.perturbed)
 
 
 def recording(mode: Mode, store: list[Chunk]) -> Mode:
@@ -186,8 +186,8 @@ def bench_backbone(backbone: str, args: argparse.Namespace, accelerator: Acceler
     recorded = replace(asac, mode=recording(asac.mode, chunks))
     sizes: list[int] = []
 
-    def record_sizes() -> None:  # after each ASAC step, off the clock (torch.unique and .sum() wait for a GPU)
-        sizes[:] = [distinct_images(c) for c in chunks]  # its chunks fix this round's bound
+    def record_sizes() -> None:  # after each ASAC step, off the clock
+        sizes[:] = [distinct_images(c, len(batch.x)) for c in chunks]  # its chunks fix this round's bound
 
     contenders: dict[str, Callable[[], Any]] = {
         "asac": lambda: recorded.train_minibatch(batch.x, batch.y, batch.a),
