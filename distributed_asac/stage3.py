@@ -184,6 +184,8 @@ def build_stage3(model: TwoHeadModel, cfg: Config, accelerator: Accelerator, gen
         loader = train_loader(uint8_images(data), ft.batch_size, "finetune.batch_size", accelerator,
                               cfg.data.num_workers, collate, sampler)
         wrapped, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if ft.compile:  # after `prepare`: dynamo then splits a DDP module's graph at its buckets, keeping their overlap
+        wrapped = torch.compile(wrapped)
     attacked = attacked.to(accelerator.device)
     ctx = StepContext(ft, eps, create_attack(ft.attack, ft), attacked, model, generator,
                       Diagnostics(len(eps), accelerator.device), prepared)
