@@ -10,6 +10,7 @@ catches it (docs/performance.md).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -55,16 +56,19 @@ def host_reads(monkeypatch, stage, x, y, a) -> list[str]:
     return mode.reads
 
 
-@pytest.mark.parametrize("row, settings, expected", [
+# (row, its settings, the host reads of one minibatch)
+MINIBATCHES = [
     ("plain", {}, []),
     ("asac_fgsm", {}, ["tolist"]),
     ("asac_fgsm", {"order": "random"}, ["tolist"]),
     ("asac_fgsm", {"steps": "per_minibatch"}, ["tolist"]),
     ("asac_pgd", {"pgd_steps": 2}, ["tolist"]),
-])
-def test_a_minibatch_reads_the_device_only_for_the_chunk_sizes(monkeypatch, row, settings, expected):
-    """An ASAC minibatch reads the device once (the [|E|, 2] batch sizes of its chunks), a plain one never; the
-    old step read it once per minibatch for the order and twice per chunk (torch.unique, nonzero)."""
+]
+
+
+def trained_stage(row: str, settings: dict, cpu: bool):
+    """A stage 3 of `row` on small_cnn after one minibatch (which makes Adam's state, its host-side step
+    counters), with a minibatch (x [8, 3, 16, 16], y [8], a [8]) on its device."""
     from accelerate import Accelerator
 
     from distributed_asac.config import Config
@@ -75,10 +79,35 @@ def test_a_minibatch_reads_the_device_only_for_the_chunk_sizes(monkeypatch, row,
     torch.manual_seed(0)
     cfg = Config()
     cfg.finetune = replace(cfg.finetune, **fine_tuned_rows()[row], **settings)
-    stage = build_stage3(create_model("small_cnn"), cfg, Accelerator(cpu=True), torch.Generator().manual_seed(0))
-    x, y, a = torch.rand(8, 3, 16, 16), torch.arange(8) % 2, (torch.arange(8) // 2) % 2
-    stage.train_minibatch(x, y, a)  # the first minibatch makes Adam's state (its host-side step counters)
-    assert host_reads(monkeypatch, stage, x, y, a) == expected
+    accelerator = Accelerator(cpu=cpu)
+    stage = build_stage3(create_model("small_cnn"), cfg, accelerator, torch.Generator().manual_seed(0))
+    batch = [t.to(accelerator.device) for t in (torch.rand(8, 3, 16, 16), torch.arange(8) % 2, (torch.arange(8) // 2) % 2)]
+    stage.train_minibatch(*batch)
+    return stage, batch
+
+
+@pytest.mark.parametrize("row, settings, expected", MINIBATCHES)
+def test_a_minibatch_reads_the_device_only_for_the_chunk_sizes(monkeypatch, row, settings, expected):
+    """An ASAC minibatch reads the device once (the [|E|, 2] batch sizes of its chunks), a plain one never; the
+    old step read it once per minibatch for the order and twice per chunk (torch.unique, nonzero)."""
+    stage, batch = trained_stage(row, settings, cpu=True)
+    assert host_reads(monkeypatch, stage, *batch) == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU; the test above counts the same calls on CPU")
+@pytest.mark.parametrize("row, settings, expected", MINIBATCHES)
+def test_on_a_gpu_a_minibatch_synchronizes_only_for_the_chunk_sizes(row, settings, expected):
+    """What the CPU test counts, as CUDA sees it: host-to-device copies from pageable memory included."""
+    stage, batch = trained_stage(row, settings, cpu=False)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            stage.train_minibatch(*batch)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert len([w for w in caught if "synchronizing" in str(w.message)]) == len(expected)
 
 
 def test_the_interceptor_sees_the_reads_of_the_old_step(monkeypatch):
