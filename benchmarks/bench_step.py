@@ -19,7 +19,8 @@ per-round ratios. A torch.profiler pass over a few ASAC minibatches then splits 
 The variants table runs the ASAC minibatch with one setting changed against the default, interleaved
 likewise: `channels_last` flipped; and, when asked for, `bf16_autocast`: bf16 autocast of the training
 forward (what Accelerate's `mixed_precision: bf16` does to a prepared model; very slow on CPUs without bf16
-units), and `compiled`: `finetune.compile=true` (minutes of compilation on a CPU).
+units), `compiled`: `finetune.compile=true` (minutes of compilation on a CPU), and `fixed_chunks`:
+`finetune.fixed_chunks=true` (every chunk forwards all k clean images and all its entries).
 
 Before timing, a check that the step computes Eq. 5: with the model in eval mode the chunk loss must equal
 the per-entry formula with separate forwards.
@@ -52,7 +53,7 @@ from distributed_asac.stage3 import Stage3, build_stage3, chunk_loss, forward_la
 GOAL = 1.15  # measured / bound
 # compiled: finetune.compile=true; its first calls compile (the warm-up round and, once the chunk sizes
 # vary, one dynamic-shape recompile), so give it several rounds and read the median
-VARIANTS = ("channels_last_flipped", "bf16_autocast", "compiled")
+VARIANTS = ("channels_last_flipped", "bf16_autocast", "compiled", "fixed_chunks")
 PHASES = ("asac.attack", "asac.score", "asac.order", "step.forward", "step.backward", "step.clip",
           "Optimizer.zero_grad#Adam.zero_grad", "Optimizer.step#Adam.step")
 
@@ -218,14 +219,18 @@ def bench_backbone(backbone: str, args: argparse.Namespace, accelerator: Acceler
 def bench_variants(base: TwoHeadModel, cfg: Config, accelerator: Accelerator, batch: Batch, names: list[str],
                    repeats: int) -> dict[str, dict[str, float]]:
     """The ASAC minibatch with one setting changed each, against the default, interleaved."""
-    flipped, compiled = copy.deepcopy(cfg), copy.deepcopy(cfg)
-    flipped.finetune.channels_last = not cfg.finetune.channels_last
-    compiled.finetune.compile = True
+    def changed(key: str, value: Any) -> Config:
+        out = copy.deepcopy(cfg)
+        setattr(out.finetune, key, value)
+        return out
+
     builders: dict[str, Callable[[], Stage3]] = {
         "default": lambda: make_rig(base, cfg, accelerator),
-        "channels_last_flipped": lambda: make_rig(base, flipped, accelerator),
+        "channels_last_flipped": lambda: make_rig(base, changed("channels_last", not cfg.finetune.channels_last),
+                                                  accelerator),
         "bf16_autocast": lambda: make_rig(base, cfg, accelerator, bf16=True),
-        "compiled": lambda: make_rig(base, compiled, accelerator),
+        "compiled": lambda: make_rig(base, changed("compile", True), accelerator),
+        "fixed_chunks": lambda: make_rig(base, changed("fixed_chunks", True), accelerator),
     }
 
     def step(rig: Stage3) -> Callable[[], Any]:

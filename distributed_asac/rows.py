@@ -34,10 +34,11 @@ if TYPE_CHECKING:
 @dataclass
 class ForwardLayout:
     """Where the entries of a chunk with a clean term find their logits in the chunk's one forward pass, whose
-    batch is cat([x[unique], images[perturbed]]) [u + m, 3, H, W] (`stage3.forward_layouts` computes it)."""
+    batch is cat([x[unique], images[perturbed]]) [u + m, 3, H, W] (`stage3.forward_layouts` computes it), or
+    with fixed-shape chunks cat([x, images]) [k + n, 3, H, W] (`stage3.fixed_layout`)."""
 
-    unique: torch.Tensor  # [u] the distinct clean images of the chunk (minibatch indices), ascending
-    perturbed: torch.Tensor  # [m] the entries that differ from their clean image (chunk positions), ascending
+    unique: Optional[torch.Tensor]  # [u] the distinct clean images of the chunk (minibatch indices), ascending; None: all k
+    perturbed: Optional[torch.Tensor]  # [m] the entries that differ from their clean image, ascending; None: all n
     clean_rows: torch.Tensor  # [n] each entry's clean image's row of the batch
     asac_rows: torch.Tensor  # [n] each entry's own row: its clean image's for an ε = 0 entry
 

@@ -70,6 +70,15 @@ def forward_layouts(chunks: list[Chunk], k: int) -> list[ForwardLayout]:
             for s, (us, ms) in enumerate(sizes)]
 
 
+def fixed_layout(chunk: Chunk, k: int) -> ForwardLayout:
+    """The layout of a fixed-shape chunk (finetune.fixed_chunks): its forward batch is all k clean images and all
+    n entries, [k + n, 3, H, W] whatever the order, so the host reads nothing; an ε = 0 entry still reads its
+    clean image's logits (its own row is forwarded for the shape only, and enters the batch-norm statistics)."""
+    own = k + torch.arange(len(chunk.clean), device=chunk.clean.device)  # [n] rows after the k clean images
+    asac_rows = own if chunk.is_clean is None else torch.where(chunk.is_clean, chunk.clean, own)
+    return ForwardLayout(None, None, chunk.clean, asac_rows)
+
+
 def chunk_loss(model: nn.Module, x: torch.Tensor, chunk: Chunk, alpha: float) -> dict[str, torch.Tensor]:
     """The loss terms of one step, from one forward pass in which every distinct image of the chunk appears
     once: each clean image once, however many of its entries the chunk holds, and an ε = 0 entry not at all
@@ -78,7 +87,9 @@ def chunk_loss(model: nn.Module, x: torch.Tensor, chunk: Chunk, alpha: float) ->
     if chunk.clean is None:
         return (chunk.loss or plain_loss)(model(chunk.images, protected=False)[0], chunk.labels)
     layout = chunk.layout or forward_layouts([chunk], len(x))[0]
-    logits = model(torch.cat([x[layout.unique], chunk.images[layout.perturbed]]), protected=False)[0]  # [u + m, 2]
+    clean = x if layout.unique is None else x[layout.unique]  # [u, 3, H, W]
+    entries = chunk.images if layout.perturbed is None else chunk.images[layout.perturbed]  # [m, 3, H, W]
+    logits = model(torch.cat([clean, entries]), protected=False)[0]  # [u + m, 2]
     return asac_loss(logits[layout.clean_rows], logits[layout.asac_rows], chunk.labels, alpha)
 
 
@@ -127,7 +138,9 @@ class Stage3:
         if ctx.cfg.steps == "per_minibatch":
             chunks = [one_step(chunks)]
         with_clean = [chunk for chunk in chunks if chunk.clean is not None]
-        for chunk, layout in zip(with_clean, forward_layouts(with_clean, len(x))):
+        layouts = ([fixed_layout(chunk, len(x)) for chunk in with_clean] if ctx.cfg.fixed_chunks
+                   else forward_layouts(with_clean, len(x)))
+        for chunk, layout in zip(with_clean, layouts):
             chunk.layout = layout
         wrapped.train()
         if ctx.cfg.batchnorm == "frozen":  # normalise with the base's statistics and never update them

@@ -63,6 +63,8 @@ MINIBATCHES = [
     ("asac_fgsm", {"order": "random"}, ["tolist"]),
     ("asac_fgsm", {"steps": "per_minibatch"}, ["tolist"]),
     ("asac_pgd", {"pgd_steps": 2}, ["tolist"]),
+    ("asac_fgsm", {"fixed_chunks": True}, []),
+    ("asac_fgsm", {"fixed_chunks": True, "steps": "per_minibatch"}, []),
 ]
 
 
@@ -88,8 +90,9 @@ def trained_stage(row: str, settings: dict, cpu: bool):
 
 @pytest.mark.parametrize("row, settings, expected", MINIBATCHES)
 def test_a_minibatch_reads_the_device_only_for_the_chunk_sizes(monkeypatch, row, settings, expected):
-    """An ASAC minibatch reads the device once (the [|E|, 2] batch sizes of its chunks), a plain one never; the
-    old step read it once per minibatch for the order and twice per chunk (torch.unique, nonzero)."""
+    """An ASAC minibatch reads the device once (the [|E|, 2] batch sizes of its chunks), with fixed-shape chunks
+    never, a plain one never; the old step read it once per minibatch for the order and twice per chunk
+    (torch.unique, nonzero)."""
     stage, batch = trained_stage(row, settings, cpu=True)
     assert host_reads(monkeypatch, stage, *batch) == expected
 
