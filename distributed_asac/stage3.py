@@ -83,12 +83,13 @@ def chunk_loss(model: nn.Module, x: torch.Tensor, chunk: Chunk, alpha: float) ->
     """The loss terms of one step, from one forward pass in which every distinct image of the chunk appears
     once: each clean image once, however many of its entries the chunk holds, and an ε = 0 entry not at all
     beside its clean image, whose logits it shares (clean logits are recomputed every step, as the model
-    changes between chunks). A chunk with a clean term and no `layout` yet gets it here (one host read)."""
+    changes between chunks). A fixed-shape layout (`fixed_layout`) forwards all k clean images and all entries
+    instead. A chunk with a clean term and no `layout` yet gets the default one here (one host read)."""
     if chunk.clean is None:
         return (chunk.loss or plain_loss)(model(chunk.images, protected=False)[0], chunk.labels)
     layout = chunk.layout or forward_layouts([chunk], len(x))[0]
-    clean = x if layout.unique is None else x[layout.unique]  # [u, 3, H, W]
-    entries = chunk.images if layout.perturbed is None else chunk.images[layout.perturbed]  # [m, 3, H, W]
+    clean = x if layout.unique is None else x[layout.unique]  # [u, 3, H, W] (fixed layout: u = k)
+    entries = chunk.images if layout.perturbed is None else chunk.images[layout.perturbed]  # [m, 3, H, W] (m = n)
     logits = model(torch.cat([clean, entries]), protected=False)[0]  # [u + m, 2]
     return asac_loss(logits[layout.clean_rows], logits[layout.asac_rows], chunk.labels, alpha)
 
