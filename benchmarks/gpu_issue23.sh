@@ -8,7 +8,7 @@ set -euo pipefail
 out="${OUT:-out}/issue23"
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python -m pytest -q tests/test_host_syncs.py -k gpu  # expected: 7 passed (plain 0 syncs, ASAC 1, fixed chunks 0)
+python -m pytest -q tests/test_host_syncs.py -k gpu  # expected: 8 passed (plain, adv_augment 0 syncs, ASAC 1, fixed chunks 0)
 for k in 64 256; do  # ~1.5 min each, the compiled variant's compilation included
   python benchmarks/bench_step.py --backbones resnet18 --image-size 128 --batch-size "$k" --threads 16 \
     --variants compiled fixed_chunks bf16_autocast --repeats 10 --variant-repeats 10 --json "$out/step_k$k.json"

@@ -66,6 +66,7 @@ def minibatch_reads(monkeypatch, stage, batch: list[torch.Tensor]) -> list[str]:
 # (row, its settings, the host reads of one minibatch)
 MINIBATCHES = [
     ("plain", {}, []),
+    ("adv_augment", {"pgd_steps": 2}, []),
     ("asac_fgsm", {}, ["tolist"]),
     ("asac_fgsm", {"order": "random"}, ["tolist"]),
     ("asac_fgsm", {"steps": "per_minibatch"}, ["tolist"]),
