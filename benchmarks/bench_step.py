@@ -19,7 +19,8 @@ per-round ratios. A torch.profiler pass over a few ASAC minibatches then splits 
 The variants table runs the ASAC minibatch with one setting changed against the default, interleaved
 likewise: `channels_last` flipped; and, when asked for, `bf16_autocast`: bf16 autocast of the training
 forward (what Accelerate's `mixed_precision: bf16` does to a prepared model; very slow on CPUs without bf16
-units).
+units), `compiled`: `finetune.compile=true` (minutes of compilation on a CPU), and `fixed_chunks`:
+`finetune.fixed_chunks=true` (every chunk forwards all k clean images and all its entries).
 
 Before timing, a check that the step computes Eq. 5: with the model in eval mode the chunk loss must equal
 the per-entry formula with separate forwards.
@@ -47,10 +48,12 @@ from distributed_asac.config import Config
 from distributed_asac.losses import asac_loss
 from distributed_asac.models import TwoHeadModel, create_model, eval_mode
 from distributed_asac.rows import Chunk, Mode, StepContext
-from distributed_asac.stage3 import Stage3, build_stage3, chunk_loss
+from distributed_asac.stage3 import Stage3, build_stage3, chunk_loss, forward_layouts
 
 GOAL = 1.15  # measured / bound
-VARIANTS = ("channels_last_flipped", "bf16_autocast")
+# compiled: finetune.compile=true; its first calls compile (the warm-up round and, once the chunk sizes
+# vary, one dynamic-shape recompile), so give it several rounds and read the median
+VARIANTS = ("channels_last_flipped", "bf16_autocast", "compiled", "fixed_chunks")
 PHASES = ("asac.attack", "asac.score", "asac.order", "step.forward", "step.backward", "step.clip",
           "Optimizer.zero_grad#Adam.zero_grad", "Optimizer.step#Adam.step")
 
@@ -72,10 +75,10 @@ def make_rig(base: TwoHeadModel, cfg: Config, accelerator: Accelerator, bf16: bo
     return rig
 
 
-def distinct_images(chunk: Chunk) -> int:
+def distinct_images(chunk: Chunk, k: int) -> int:
     """Images a chunk step must forward: its distinct clean images plus its entries that are not one."""
-    perturbed = len(chunk.images) if chunk.is_clean is None else int((~chunk.is_clean).sum())
-    return len(torch.unique(chunk.clean)) + perturbed
+    layout = chunk.layout or forward_layouts([chunk], k)[0]  # set by the step (per_chunk), else made here
+    return len(layout.unique) + len(layout.perturbed)
 
 
 def recording(mode: Mode, store: list[Chunk]) -> Mode:
@@ -186,8 +189,8 @@ def bench_backbone(backbone: str, args: argparse.Namespace, accelerator: Acceler
     recorded = replace(asac, mode=recording(asac.mode, chunks))
     sizes: list[int] = []
 
-    def record_sizes() -> None:  # after each ASAC step, off the clock (torch.unique and .sum() wait for a GPU)
-        sizes[:] = [distinct_images(c) for c in chunks]  # its chunks fix this round's bound
+    def record_sizes() -> None:  # after each ASAC step, off the clock
+        sizes[:] = [distinct_images(c, len(batch.x)) for c in chunks]  # its chunks fix this round's bound
 
     contenders: dict[str, Callable[[], Any]] = {
         "asac": lambda: recorded.train_minibatch(batch.x, batch.y, batch.a),
@@ -216,12 +219,18 @@ def bench_backbone(backbone: str, args: argparse.Namespace, accelerator: Acceler
 def bench_variants(base: TwoHeadModel, cfg: Config, accelerator: Accelerator, batch: Batch, names: list[str],
                    repeats: int) -> dict[str, dict[str, float]]:
     """The ASAC minibatch with one setting changed each, against the default, interleaved."""
-    flipped = copy.deepcopy(cfg)
-    flipped.finetune.channels_last = not cfg.finetune.channels_last
+    def changed(key: str, value: Any) -> Config:
+        out = copy.deepcopy(cfg)
+        setattr(out.finetune, key, value)
+        return out
+
     builders: dict[str, Callable[[], Stage3]] = {
         "default": lambda: make_rig(base, cfg, accelerator),
-        "channels_last_flipped": lambda: make_rig(base, flipped, accelerator),
+        "channels_last_flipped": lambda: make_rig(base, changed("channels_last", not cfg.finetune.channels_last),
+                                                  accelerator),
         "bf16_autocast": lambda: make_rig(base, cfg, accelerator, bf16=True),
+        "compiled": lambda: make_rig(base, changed("compile", True), accelerator),
+        "fixed_chunks": lambda: make_rig(base, changed("fixed_chunks", True), accelerator),
     }
 
     def step(rig: Stage3) -> Callable[[], Any]:

@@ -89,6 +89,8 @@ class FinetuneConfig:
     batchnorm: str = "train"  # train: each chunk is a train-mode batch (the paper); frozen: keep the base's statistics
     select: str = "last"  # last: keep the last epoch (the paper); balanced_valid: best balanced-valid accuracy
     steps: str = "per_chunk"  # per_chunk: one optimizer step per chunk of k entries, |E| per minibatch (the default); per_minibatch: one step on all of a minibatch's entries, every row alike
+    fixed_chunks: bool = False  # true: each chunk's forward holds all k clean images and all its entries (fixed shape: no host read per minibatch, CUDA-graph-able), so batch-norm statistics differ from the default's exact chunk (BENCHMARKS.md, section 9)
+    compile: bool = False  # torch.compile the model of the training steps (forward and backward; attacks and scoring stay eager): off until measured on a GPU (docs/performance.md)
 
 
 @dataclass

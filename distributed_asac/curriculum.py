@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from .data.batches import host_to_device
 from .registry import Registry
 
 Order = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -37,8 +38,9 @@ def descending(scores: torch.Tensor, generator: torch.Generator) -> torch.Tensor
 
 @ORDERS.register("random")
 def random(scores: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The paper's "without curriculum" row: a uniform permutation, scores ignored."""
-    return torch.randperm(scores.numel(), generator=generator, device="cpu").to(scores.device)
+    """The paper's "without curriculum" row: a uniform permutation, scores ignored. Drawn from the host generator
+    (the same stream on every rank and device), then queued to the scores' device without a wait."""
+    return host_to_device(torch.randperm(scores.numel(), generator=generator, device="cpu"), scores.device)
 
 
 def curriculum_chunks(scores: torch.Tensor, order: str, n_chunks: int, generator: torch.Generator) -> torch.Tensor:

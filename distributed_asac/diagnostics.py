@@ -25,6 +25,10 @@ class Diagnostics:
         value = value.detach().to(self.device, torch.float64)
         self.sums[name] = self.sums[name] + value if name in self.sums else value
 
+    def running_mean(self, name: str) -> float:
+        """This rank's mean of `name` over the steps so far (a host read of the device sum)."""
+        return float(self.sums[name]) / self.counts["steps"]
+
     def count(self, name: str, value: float) -> None:
         """A number the host already knows (steps, images, entries): kept on the host, so that counting
         costs no host-to-device copy per step; `summary` sends all counts in one tensor."""

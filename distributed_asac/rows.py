@@ -17,6 +17,7 @@ import torch
 
 from .attacks import ATTACKS, Attack, pgd
 from .curriculum import curriculum_chunks, difficulty_scores
+from .data.batches import host_to_device
 from .data.twins import WithTwins, collate_with_twins, train_twins
 from .diagnostics import Diagnostics, phase
 from .gan_engine import latent_pairs, load_generator
@@ -31,6 +32,18 @@ if TYPE_CHECKING:
 
 
 @dataclass
+class ForwardLayout:
+    """Where the entries of a chunk with a clean term find their logits in the chunk's one forward pass, whose
+    batch is cat([x[unique], images[perturbed]]) [u + m, 3, H, W] (`stage3.forward_layouts` computes it), or
+    with fixed-shape chunks cat([x, images]) [k + n, 3, H, W] (`stage3.fixed_layout`)."""
+
+    unique: Optional[torch.Tensor]  # [u] the distinct clean images of the chunk (minibatch indices), ascending; None: all k
+    perturbed: Optional[torch.Tensor]  # [m] the entries that differ from their clean image, ascending; None: all n
+    clean_rows: torch.Tensor  # [n] each entry's clean image's row of the batch
+    asac_rows: torch.Tensor  # [n] each entry's own row: its clean image's for an ε = 0 entry
+
+
+@dataclass
 class Chunk:
     """The entries of one optimizer step."""
 
@@ -40,6 +53,7 @@ class Chunk:
     is_clean: Optional[torch.Tensor] = None  # [n] bool: the entry IS its clean image (ε = 0); None: none known
     loss: Optional[Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]] = None
     # (logits [n, 2], labels [n]) → the step's loss terms, for a chunk without a clean term; None: plain CE
+    layout: Optional[ForwardLayout] = None  # of a chunk with a clean term, once the step has computed it
 
 
 @dataclass
@@ -138,10 +152,10 @@ def asac(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor) ->
     with phase("asac.order"):
         scores = difficulty_scores(target_logits, labels)  # [|E|·k]
         ctx.diagnostics.record_asacs(scores, target_logits, k)
-        # The one device-to-host copy of the step: chunk sizes depend on the order, so the host needs it.
-        steps = curriculum_chunks(scores, ctx.cfg.order, n_eps, ctx.generator).cpu()  # [|E|, k] entry indices
+        steps = curriculum_chunks(scores, ctx.cfg.order, n_eps, ctx.generator)  # [|E|, k] entry indices, on the device
         # Entries j·k + i with j = 0 are ε = E[0] = 0: the clean image itself, bit for bit.
-        return [Chunk(entries[rows], labels[rows], clean=rows % k, is_clean=rows < k) for rows in steps]
+        clean, is_clean = steps % k, steps < k  # [|E|, k] each
+        return [Chunk(entries[steps[s]], labels[steps[s]], clean=clean[s], is_clean=is_clean[s]) for s in range(n_eps)]
 
 
 def _with_twins(cfg: Config, train_set: Dataset) -> tuple[Dataset, Callable]:
@@ -159,7 +173,7 @@ def oracle_counterfactual(ctx: StepContext, x: torch.Tensor, y: torch.Tensor, a:
 def shuffled_chunks(ctx: StepContext, pool: torch.Tensor, labels: torch.Tensor) -> list[Chunk]:
     """An augmented minibatch (pool [n, 3, H, W], labels [n]) shuffled into |E| steps of plain cross-entropy:
     the comparators take as many optimizer steps per minibatch as ASAC does."""
-    order = torch.randperm(len(pool), generator=ctx.generator).to(pool.device)
+    order = host_to_device(torch.randperm(len(pool), generator=ctx.generator), pool.device)  # [n]
     return [Chunk(pool[rows], labels[rows]) for rows in order.tensor_split(len(ctx.magnitudes))]
 
 

@@ -36,27 +36,62 @@ from .loop import Progress, run_epochs
 from .losses import asac_loss, plain_loss
 from .metrics import HEADLINE
 from .models import TwoHeadModel, eval_mode, set_trainable
-from .rows import MODES, Chunk, Mode, StepContext
+from .rows import MODES, Chunk, ForwardLayout, Mode, StepContext
 from .runtime import adam, check_finite, global_batchnorm, train_loader
+
+
+# The progress bar shows the epoch's running mean loss every this many minibatches: reading it makes the host
+# wait for the device, so it is not read after every minibatch (the epoch's summary line has the exact mean).
+LOSS_SHOWN_EVERY = 50
+
+
+def forward_layouts(chunks: list[Chunk], k: int) -> list[ForwardLayout]:
+    """The `ForwardLayout` of each of c chunks with a clean term (each of n entries; clean images among the k of
+    the minibatch), all computed at once on the chunks' device with fixed-shape ops.
+
+    The host then reads the c·2 batch sizes (u, m) in one copy: the one wait of a minibatch with a clean term.
+    It cannot go while the numbers stay as they are: a train-mode batch norm normalises over exactly those
+    u + m images, so a batch of fixed shape would change every step's statistics."""
+    if not chunks:
+        return []
+    clean = torch.stack([chunk.clean for chunk in chunks])  # [c, n] minibatch index of each entry's clean image
+    is_clean = (torch.stack([chunk.is_clean for chunk in chunks]) if chunks[0].is_clean is not None
+                else torch.zeros_like(clean, dtype=torch.bool))  # [c, n]; none known: every entry is perturbed
+    present = torch.zeros(len(chunks), k, dtype=torch.bool, device=clean.device).scatter_(1, clean, True)  # [c, k]
+    # A stable sort of "absent" lists the present images first in ascending order (torch.unique's result, whose
+    # length is data-dependent); a stable sort of is_clean lists the perturbed entries first in ascending order.
+    unique = torch.sort((~present).to(torch.uint8), dim=1, stable=True).indices  # [c, k], first u_s per row
+    perturbed = torch.sort(is_clean.to(torch.uint8), dim=1, stable=True).indices  # [c, n], first m_s per row
+    clean_rows = (present.cumsum(1) - 1).gather(1, clean)  # [c, n] rank of each entry's image among the present
+    u, m = present.sum(1), (~is_clean).sum(1)  # [c] each
+    asac_rows = torch.where(is_clean, clean_rows, u[:, None] + (~is_clean).cumsum(1) - 1)  # [c, n]
+    sizes = torch.stack([u, m], 1).tolist()  # [c, 2] to the host: the minibatch's one device-to-host copy
+    return [ForwardLayout(unique[s, :us], perturbed[s, :ms], clean_rows[s], asac_rows[s])
+            for s, (us, ms) in enumerate(sizes)]
+
+
+def fixed_layout(chunk: Chunk, k: int) -> ForwardLayout:
+    """The layout of a fixed-shape chunk (finetune.fixed_chunks): its forward batch is all k clean images and all
+    n entries, [k + n, 3, H, W] whatever the order, so the host reads nothing; an ε = 0 entry still reads its
+    clean image's logits (its own row is forwarded for the shape only, and enters the batch-norm statistics)."""
+    own = k + torch.arange(len(chunk.clean), device=chunk.clean.device)  # [n] rows after the k clean images
+    asac_rows = own if chunk.is_clean is None else torch.where(chunk.is_clean, chunk.clean, own)
+    return ForwardLayout(None, None, chunk.clean, asac_rows)
 
 
 def chunk_loss(model: nn.Module, x: torch.Tensor, chunk: Chunk, alpha: float) -> dict[str, torch.Tensor]:
     """The loss terms of one step, from one forward pass in which every distinct image of the chunk appears
     once: each clean image once, however many of its entries the chunk holds, and an ε = 0 entry not at all
     beside its clean image, whose logits it shares (clean logits are recomputed every step, as the model
-    changes between chunks)."""
+    changes between chunks). A fixed-shape layout (`fixed_layout`) forwards all k clean images and all entries
+    instead. A chunk with a clean term and no `layout` yet gets the default one here (one host read)."""
     if chunk.clean is None:
         return (chunk.loss or plain_loss)(model(chunk.images, protected=False)[0], chunk.labels)
-    unique, inverse = torch.unique(chunk.clean, return_inverse=True)  # u distinct clean images
-    u = len(unique)
-    if chunk.is_clean is None:
-        logits = model(torch.cat([x[unique], chunk.images]), protected=False)[0]  # [u + n, 2]
-        return asac_loss(logits[:u][inverse], logits[u:], chunk.labels, alpha)
-    perturbed = (~chunk.is_clean).nonzero().squeeze(1)  # [m] entries that differ from their clean image
-    logits = model(torch.cat([x[unique], chunk.images[perturbed]]), protected=False)[0]  # [u + m, 2]
-    asac_rows = inverse.clone()  # an ε = 0 entry reads its clean image's row ...
-    asac_rows[perturbed] = u + torch.arange(len(perturbed), device=perturbed.device)  # ... the others their own
-    return asac_loss(logits[inverse], logits[asac_rows], chunk.labels, alpha)
+    layout = chunk.layout or forward_layouts([chunk], len(x))[0]
+    clean = x if layout.unique is None else x[layout.unique]  # [u, 3, H, W] (fixed layout: u = k)
+    entries = chunk.images if layout.perturbed is None else chunk.images[layout.perturbed]  # [m, 3, H, W] (m = n)
+    logits = model(torch.cat([clean, entries]), protected=False)[0]  # [u + m, 2]
+    return asac_loss(logits[layout.clean_rows], logits[layout.asac_rows], chunk.labels, alpha)
 
 
 def one_step(chunks: list[Chunk]) -> Chunk:
@@ -103,6 +138,11 @@ class Stage3:
         chunks = self.mode.make_chunks(ctx, x, y, a)
         if ctx.cfg.steps == "per_minibatch":
             chunks = [one_step(chunks)]
+        with_clean = [chunk for chunk in chunks if chunk.clean is not None]
+        layouts = ([fixed_layout(chunk, len(x)) for chunk in with_clean] if ctx.cfg.fixed_chunks
+                   else forward_layouts(with_clean, len(x)))
+        for chunk, layout in zip(with_clean, layouts):
+            chunk.layout = layout
         wrapped.train()
         if ctx.cfg.batchnorm == "frozen":  # normalise with the base's statistics and never update them
             for module in wrapped.modules():
@@ -158,6 +198,8 @@ def build_stage3(model: TwoHeadModel, cfg: Config, accelerator: Accelerator, gen
         loader = train_loader(uint8_images(data), ft.batch_size, "finetune.batch_size", accelerator,
                               cfg.data.num_workers, collate, sampler)
         wrapped, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if ft.compile:  # after `prepare`: dynamo then splits a DDP module's graph at its buckets, keeping their overlap
+        wrapped = torch.compile(wrapped)
     attacked = attacked.to(accelerator.device)
     ctx = StepContext(ft, eps, create_attack(ft.attack, ft), attacked, model, generator,
                       Diagnostics(len(eps), accelerator.device), prepared)
@@ -252,8 +294,9 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
         diagnostics = stage.ctx.diagnostics = Diagnostics(len(eps), accelerator.device)
         began = time.perf_counter()
         for step, (x, y, a, _) in enumerate(batches, 1):
-            terms = stage.train_minibatch(x, y, a)
-            batches.set_postfix(loss=f"{terms['loss'].item():.3f}")
+            stage.train_minibatch(x, y, a)
+            if step % LOSS_SHOWN_EVERY == 0 and not batches.disable:  # a host read: not every minibatch
+                batches.set_postfix(loss=f"{diagnostics.running_mean('loss'):.3f}")
             failpoint("finetune.step", epoch=epoch + 1, step=step)
         metrics = diagnostics.summary(accelerator, eps, time.perf_counter() - began)
         if attack_probe is not None:

@@ -80,6 +80,16 @@ def test_bench_layout_times_a_sweep_both_ways(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_layout_packs_a_sweeps_trials_per_device(tmp_path):
+    """--per-device: each count runs the sweep's 6 trials with 1/N of the device (and of the cores) per trial."""
+    result = _run(tmp_path, "bench_layout", "--sweep", "configs/sweeps/smoke.yaml", "--per-device", "1", "2",
+                  "--processes", "2")["results"]
+    assert result["trials"] == 6 and list(result["seconds"]) == ["1_per_device", "2_per_device"]
+    assert {n: r["cpu"] for n, r in result["resources"].items()} == {"1_per_device": 2.0, "2_per_device": 1.0}
+    assert all(v > 0 for v in result["trials_per_hour"].values())
+
+
+@pytest.mark.slow
 def test_profile_row_splits_a_pgd_epoch_into_phases(tmp_path):
     result = _run(tmp_path, "profile_row")["results"]
     assert result["row"] == "asac_pgd" and result["phases_ms"]["asac.attack"] > 0

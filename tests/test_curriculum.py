@@ -132,3 +132,24 @@ def test_one_step_is_eq_5_averaged_over_every_entry():
         torch.testing.assert_close(terms[name], expected[name])
     plain = [Chunk(x, labels[:3])] * 3
     assert one_step(plain) is plain[0]
+
+
+def test_a_fixed_shape_chunk_forwards_all_images_and_computes_eq_5():
+    """finetune.fixed_chunks: the forward holds all k clean images and all n entries whatever the order (k + n
+    rows), and the loss is Eq. 5 over the chunk's entries, an ε = 0 entry reading its clean image's logits."""
+    from distributed_asac.stage3 import fixed_layout
+
+    x = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 3, 2, 2).contiguous()  # k = 3
+    entries = torch.cat([x, x + 0.25, x + 0.5])  # |E| = 3, entry j·k + i is image i at E[j]
+    labels = torch.tensor([1, 0, 1]).repeat(3)
+    rows = torch.tensor([4, 0, 3])  # image 1 at E[1], image 0 at E[0] (clean), image 0 at E[1]: image 2 absent
+    chunk = Chunk(entries[rows], labels[rows], clean=rows % 3, is_clean=rows < 3)
+    chunk.layout = fixed_layout(chunk, 3)
+    model = _Recorder()
+    terms = chunk_loss(model, x, chunk, alpha=0.3)
+    assert model.batches == [3 + 3]
+    assert chunk.layout.asac_rows.tolist() == [3, 0, 5]  # entry j at row k + j, but the ε = 0 entry reads clean row 0
+    logits = lambda t: torch.stack([t[:, 0, 0, 0], -t[:, 0, 0, 0]], 1)
+    expected = asac_loss(logits(x[chunk.clean]), logits(chunk.images), chunk.labels, 0.3)
+    for name in expected:
+        torch.testing.assert_close(terms[name], expected[name])

@@ -59,7 +59,8 @@ TOP_KEYS = ("name", "base_config", "experiment", "overrides", "seeds", "grids", 
 
 @dataclass(frozen=True)
 class Resources:
-    """What one trial (or base build) reserves from Ray; fractions share a GPU between trials."""
+    """What one trial (or base build) reserves from Ray; fractions share a GPU between trials (`gpu: 0.125`: 8 trials
+    run on one GPU at once, as far as cpu and max_concurrent allow)."""
 
     cpu: float = 1.0
     gpu: float = 0.0
@@ -207,8 +208,12 @@ def _resources(path: Path, data: Any) -> Resources:
                         processes=int(data.get("processes", 1)))
     except (TypeError, ValueError):
         raise UserError(f"{path}: 'resources' values must be numbers; got {data!r}") from None
-    if res.cpu <= 0 or res.gpu < 0 or res.processes < 1:
-        raise UserError(f"{path}: 'resources' needs cpu > 0, gpu >= 0 and processes >= 1; got {data!r}")
+    if res.cpu <= 0 or res.processes < 1:
+        raise UserError(f"{path}: 'resources' needs cpu > 0 and processes >= 1; got {data!r}")
+    if not (res.gpu == 0 or 0 < res.gpu <= 1 or (res.gpu > 1 and res.gpu.is_integer())):
+        # Ray schedules fractions of one GPU only: 1.5 GPUs is no device count a trial can hold.
+        raise UserError(f"{path}: 'resources': gpu is 0 (no GPU), a fraction of one GPU up to 1 (gpu: 0.125 packs "
+                        f"8 trials on a GPU) or a whole number of GPUs; got gpu: {data.get('gpu')!r}")
     if res.processes > 1 and 0 < res.gpu < res.processes:
         raise UserError(f"{path}: 'resources': {res.processes} processes need {res.processes} GPUs (one each), "
                         f"or gpu: 0 for CPU processes; got gpu: {res.gpu}")

@@ -356,6 +356,15 @@ def _trainable(config: dict[str, Any], jobs: dict[str, TrialJob]) -> None:
     tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
 
+def trial_resources(res: Resources):
+    """What each trial of `run_trials` reserves: one bundle of `res.cpu` CPUs and `res.gpu` GPUs on one node (a
+    fraction: Ray places 1/gpu trials on one GPU and shows each the same device)."""
+    _ray()
+    from ray import tune
+
+    return tune.PlacementGroupFactory([{"CPU": res.cpu, "GPU": res.gpu}])
+
+
 def run_trials(jobs: list[TrialJob], res: Resources, max_concurrent: Optional[int], storage: Path, name: str) -> None:
     """One Tune run over `jobs`: a grid search over the trial names (so names and order are ours, and Tune's
     progress table shows one short column), the jobs themselves handed over through the object store."""
@@ -364,7 +373,7 @@ def run_trials(jobs: list[TrialJob], res: Resources, max_concurrent: Optional[in
 
     trainable = tune.with_parameters(_trainable, jobs={job.name: job for job in jobs})
     tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": res.cpu, "gpu": res.gpu}),
+        tune.with_resources(trainable, trial_resources(res)),
         param_space={"trial": tune.grid_search([job.name for job in jobs])},
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, trial_name_creator=_trial_name,
                                     trial_dirname_creator=_trial_name),

@@ -52,3 +52,12 @@ def to_pixels(x: torch.Tensor) -> torch.Tensor:
     out = np.empty(x.shape, dtype=np.float32)
     np.divide(x.numpy(), np.float32(255), out=out, dtype=np.float32)
     return torch.from_numpy(out)
+
+
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A tensor made on the host (a permutation drawn from a CPU generator) on `device` without waiting: a plain
+    copy from pageable memory makes the host wait for the device's queue; one from pinned memory is queued
+    like a kernel (the pinned buffer is kept alive by PyTorch's caching host allocator until the copy ran)."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

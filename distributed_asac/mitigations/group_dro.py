@@ -36,7 +36,8 @@ class GroupWeights:
         """One step's update of q from per-image losses [n] of groups [n], then the loss terms: `loss` =
         Σ_g q_g · L_g (the robust loss, with the updated q), `loss_ce` the plain mean, `loss_worst_group` max_g L_g."""
         sums = torch.zeros(GROUPS, dtype=losses.dtype, device=losses.device).index_add(0, groups, losses)
-        counts = torch.bincount(groups, minlength=GROUPS).to(losses.dtype)
+        # not torch.bincount, whose output size needs the largest group id on the host (a GPU wait per step)
+        counts = torch.zeros(GROUPS, dtype=losses.dtype, device=losses.device).index_add(0, groups, torch.ones_like(losses))
         group_loss = sums / counts.clamp(min=1)  # [4] L_g, with gradient
         totals = torch.cat([sums.detach(), counts])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
