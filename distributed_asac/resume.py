@@ -22,8 +22,9 @@ import json
 import os
 import shutil
 import socket
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import yaml
@@ -34,6 +35,8 @@ from .config import Config, config_from_dict
 from .errors import UserError
 from .failpoints import failpoint
 from .files import atomic_write
+from .locks import acquire, release
+from .runtime import on_main_process
 
 INCOMPLETE = "INCOMPLETE"  # marker of a run folder whose run has not finished (killed, failed or running)
 STATE = "state.json"
@@ -103,6 +106,18 @@ def mark_incomplete(folder: Path) -> None:
 
 def mark_complete(folder: Path) -> None:
     (folder / INCOMPLETE).unlink(missing_ok=True)
+
+
+@contextmanager
+def run_lock(folder: Path, accelerator: Accelerator) -> Iterator[None]:
+    """The run folder's lock (locks.py), held by the main process for the block: a second `resume=` of this run,
+    while this process runs in it, is refused in one line (on every rank) naming this process."""
+    path = on_main_process(accelerator, lambda: acquire(folder, "run folder", f"continue it with resume={folder}"))
+    try:
+        yield
+    finally:
+        if path is not None:
+            release(path)
 
 
 def find_run(cfg: Config, kind: str) -> Path:

@@ -23,6 +23,7 @@ from typing import Any, Iterator, Optional
 
 from .config import Config
 from .errors import UserError
+from .locks import gone, holder
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -201,13 +202,11 @@ def close_killed_runs(cfg: Config, marker: str) -> list[str]:
     warning, never a reason to stop the new run."""
     if not cfg.tracking.enabled:
         return []
-    import re
-
     dead = set()
     runs_dir = Path(cfg.output_dir) / cfg.experiment
     for path in [*runs_dir.glob(f"*/{marker}"), *runs_dir.glob(f"*/seed_*/{marker}")]:  # runs; a comparison's seeds
-        found = re.search(r"pid (\d+) on (\S+);", path.read_text(errors="replace"))
-        if found and found.group(2) == socket.gethostname() and not _alive(int(found.group(1))):
+        found = holder(path.read_text(errors="replace"))
+        if found and gone(*found):
             dead.add(str(path.parent))
     if not dead:
         return []
@@ -226,16 +225,6 @@ def close_killed_runs(cfg: Config, marker: str) -> list[str]:
     if killed:
         logging.getLogger(__name__).info("marked %d MLflow run(s) of killed processes KILLED", len(killed))
     return killed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 class Tracker:

@@ -20,15 +20,17 @@ import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 if not __package__:  # `python tune/sweep.py`: Python put tune/ on the path, not the repository that holds it
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distributed_asac.config import load_config
 from distributed_asac.errors import UserError, exit_on_user_error
+from distributed_asac.locks import locked
 from distributed_asac.logs import setup_logging
 from distributed_asac.tracking import probe_store, tracking_uri
 from tune import records, trials
@@ -110,17 +112,29 @@ def describe(sweep: Sweep) -> str:
     return "\n".join(lines)
 
 
-def open_sweep(sweep: Sweep, resume: Optional[str]) -> tuple[Path, dict[str, Any]]:
-    """A new sweep folder with its parent run and sweep.json, or the one to resume (its parent reopened)."""
+@contextmanager
+def open_sweep(sweep: Sweep, resume: Optional[str]) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """A new sweep folder with its parent run and sweep.json, or the one to resume (its parent reopened), its lock
+    held for the block: a second driver on a sweep whose driver runs is refused before it changes anything."""
     if resume:
         folder = records.latest_sweep_dir(sweep.output_dir, sweep.name) if resume == "latest" else Path(resume).resolve()
         state = read_state(folder)
         if [(t["name"], t["overrides"]) for t in state["trials"]] != [(t.name, t.overrides) for t in sweep.trials]:
             raise UserError(f"--resume: the trials of {sweep.path} differ from those of {folder}; "
                             "start a new sweep (without --resume) or restore the file")
-        records.reopen_parent(state["tracking_uri"], state["parent_run_id"])
-        return folder, state
-    folder = records.new_sweep_dir(sweep.output_dir, sweep.name)
+    else:
+        folder = records.new_sweep_dir(sweep.output_dir, sweep.name)
+    proceed = f"continue it with: python tune/sweep.py --config {sweep.path} --resume {folder}"
+    with locked(folder, "sweep folder", proceed):
+        if resume:
+            records.reopen_parent(state["tracking_uri"], state["parent_run_id"])
+        else:
+            state = new_state(sweep, folder)
+        yield folder, state
+
+
+def new_state(sweep: Sweep, folder: Path) -> dict[str, Any]:
+    """The sweep.json of a new sweep in `folder`, with its MLflow parent run started."""
     state = {"name": sweep.name, "sweep_file": str(sweep.path), "base_config": str(sweep.base_config),
              "experiment": sweep.experiment, "tracking_uri": sweep.tracking_uri, "grids": sweep.grids,
              "resources": vars(sweep.resources), "trials": sweep.trial_dicts(),
@@ -130,7 +144,7 @@ def open_sweep(sweep: Sweep, resume: Optional[str]) -> tuple[Path, dict[str, Any
         params={"base_config": sweep.base_config, "trials": len(sweep.trials), "grids": json.dumps(sweep.grids),
                 "resources": json.dumps(vars(sweep.resources)), "max_concurrent": sweep.max_concurrent})
     records.write_json(folder / records.STATE, state)
-    return folder, state
+    return state
 
 
 def trial_jobs(sweep: Sweep, folder: Path, state: dict[str, Any], retry_failed: bool) -> list[TrialJob]:
@@ -157,27 +171,27 @@ def run_sweep(sweep: Sweep, args: argparse.Namespace) -> int:
     if address is not None:
         check_cluster_store(sweep.tracking_uri, args.shared_store)
     probe_store(sweep.tracking_uri, "the sweep's tracking URI")  # before the parent run: one line, not minutes
-    folder, state = open_sweep(sweep, args.resume)
-    print(f"sweep folder {folder}\nMLflow parent run {state['parent_run_id']} ({state['tracking_uri']})", flush=True)
-    jobs = trial_jobs(sweep, folder, state, args.retry_failed)
-    status, start = "KILLED", time.time()
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` gets the same clean shutdown as Ctrl-C
-    try:
-        if jobs:
-            trials.prepare_data([trials.load_trial_config(job) for job in jobs])
-            execute(sweep, jobs, folder, address)
-        # Tune returns normally after its own Ctrl-C handling: unfinished trials tell the two apart.
-        status = "FINISHED" if all(r.status != "pending" for r in load_records(folder)) else "KILLED"
-    finally:
-        done = load_records(folder)
-        report_dir = folder / "report"
-        write_report(done, sweep.grids, report_dir, f"Sweep {sweep.name}", sweep.claims)
-        records.log_report(state["tracking_uri"], state["parent_run_id"], report_dir, _summary(report_dir))
-        records.finish_parent(state["tracking_uri"], state["parent_run_id"], status, done)
-    print(_closing(done, report_dir, time.time() - start))
-    if status != "FINISHED":
-        return 130
-    return 1 if any(r.status == "failed" for r in done) else 0
+    with open_sweep(sweep, args.resume) as (folder, state):
+        print(f"sweep folder {folder}\nMLflow parent run {state['parent_run_id']} ({state['tracking_uri']})", flush=True)
+        jobs = trial_jobs(sweep, folder, state, args.retry_failed)
+        status, start = "KILLED", time.time()
+        signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` gets the same clean shutdown as Ctrl-C
+        try:
+            if jobs:
+                trials.prepare_data([trials.load_trial_config(job) for job in jobs])
+                execute(sweep, jobs, folder, address)
+            # Tune returns normally after its own Ctrl-C handling: unfinished trials tell the two apart.
+            status = "FINISHED" if all(r.status != "pending" for r in load_records(folder)) else "KILLED"
+        finally:
+            done = load_records(folder)
+            report_dir = folder / "report"
+            write_report(done, sweep.grids, report_dir, f"Sweep {sweep.name}", sweep.claims)
+            records.log_report(state["tracking_uri"], state["parent_run_id"], report_dir, _summary(report_dir))
+            records.finish_parent(state["tracking_uri"], state["parent_run_id"], status, done)
+        print(_closing(done, report_dir, time.time() - start))
+        if status != "FINISHED":
+            return 130
+        return 1 if any(r.status == "failed" for r in done) else 0
 
 
 def check_cluster_store(uri: str, shared: bool) -> None:
