@@ -266,6 +266,11 @@ def validate(cfg: Config) -> None:
     for key in ("base.epochs", "probe.epochs", "finetune.epochs", "data.num_workers",
                 "analysis.robustness_images", "analysis.ig_images", "analysis.ig_steps"):
         _in_range(key, _get(cfg, key), 0, None)
+    for stage in ("finetune",) if cfg.base_checkpoint else ("base", "probe", "finetune"):
+        if _get(cfg, f"{stage}.epochs") == 0:  # the stage's model would be reported as if trained
+            raise UserError(f"config key '{stage}.epochs': 0 epochs would train nothing and report the untrained "
+                            f"model; set {stage}.epochs >= 1" + (" (or base_checkpoint= to skip stages 1–2)"
+                                                                 if stage != "finetune" else ""))
     for key in SEED_KEYS:
         _in_range(key, _get(cfg, key), 0, MAX_SEED)
     if cfg.data.name == "synthetic":  # the generator's own checks, worded with the config keys
@@ -285,14 +290,21 @@ def validate(cfg: Config) -> None:
                             "shrink the intervals without new evidence — list each seed once")
         if min(cfg.seeds) < 0:
             raise UserError(f"config key 'seeds': seeds must be >= 0, got {min(cfg.seeds)}")
-    if cfg.data.target == cfg.data.protected:
-        raise UserError("config keys 'data.target' and 'data.protected' name the same attribute; choose two")
+    if _attribute(cfg.data.target) == _attribute(cfg.data.protected):
+        raise UserError(f"config keys 'data.target' and 'data.protected' name the same attribute "
+                        f"({cfg.data.target!r} and {cfg.data.protected!r}); choose two, e.g. data.target=Smiling "
+                        "data.protected=Male")
     _validate_mitigations(cfg)
     name = cfg.experiment
     if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
         # It names a folder under output_dir: a path there would write outside it.
         raise UserError(f"config key 'experiment': {name!r} is not a plain folder name; use letters, digits, "
                         "'-', '_' or '.', without '/' (e.g. experiment=smiling_resnet18)")
+
+
+def _attribute(name: str) -> str:
+    """An attribute name as the same attribute however spelled: `Smiling`, `smiling`, `SMILING_`."""
+    return "".join(c for c in name.lower() if c.isalnum())
 
 
 def _validate_mitigations(cfg: Config) -> None:

@@ -8,6 +8,7 @@ names the problem, and that nothing of the earlier run, the dataset or the MLflo
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -21,11 +22,14 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from distributed_asac import pipeline
-from distributed_asac.config import load_config
-from distributed_asac.resume import INCOMPLETE
+from distributed_asac import finetune, pipeline
+from distributed_asac.config import load_config, save_config
+from distributed_asac.data.celeba_format import ATTRIBUTE_FILE, read_attribute_file, write_attribute_file
+from distributed_asac.locks import LOCK, acquire
+from distributed_asac.resume import INCOMPLETE, STATE, mark_incomplete
 
 REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "smoke.yaml"
 # The earlier run and every row share these: a 120-image generated set (84 train images) at 32 px.
 TINY = ["data.synthetic_num_images=120", "base.epochs=1", "probe.epochs=1", "finetune.epochs=1",
         "analysis.robustness_images=0", "analysis.ig_images=0"]
@@ -93,24 +97,68 @@ def unknown_key_in_checkpoint_config(world: World, tmp_path: Path) -> list[str]:
     return [f"base_checkpoint={folder}"]
 
 
-def corrupt_test_image(world: World, tmp_path: Path) -> list[str]:
-    """A copy of the dataset, read as CelebA, whose last test image is a truncated JPEG."""
+def _celeba_copy(world: World, tmp_path: Path) -> tuple[Path, dict[str, list[str]]]:
+    """A copy of the dataset to read as CelebA: its root and the images of each split ("0" train, "2" test)."""
     root = tmp_path / "celeba"
     shutil.copytree(world.root / "data", root)
     partition = (root / "list_eval_partition.txt").read_text().split()
-    test_images = [name for name, split in zip(partition[::2], partition[1::2]) if split == "2"]
-    world.corrupt_jpeg(root / "img_align_celeba" / test_images[-1])
+    splits: dict[str, list[str]] = {}
+    for name, split in zip(partition[::2], partition[1::2]):
+        splits.setdefault(split, []).append(name)
+    return root, splits
+
+
+def _set_attribute(root: Path, images: list[str], attribute: str, value: int) -> None:
+    """Set `attribute` to `value` (±1) for `images` in the copy's list_attr_celeba.txt."""
+    path = root / ATTRIBUTE_FILE
+    table = read_attribute_file(path)
+    values = table.values.copy()
+    rows = [table.image_ids.index(image) for image in images]
+    values[rows, table.names.index(attribute)] = value
+    write_attribute_file(path, table.image_ids, table.names, values > 0)
+
+
+def corrupt_test_image(world: World, tmp_path: Path) -> list[str]:
+    """A copy of the dataset, read as CelebA, whose last test image is a truncated JPEG."""
+    root, splits = _celeba_copy(world, tmp_path)
+    world.corrupt_jpeg(root / "img_align_celeba" / splits["2"][-1])
     return ["data.name=celeba", f"data.root={root}"]
 
 
 def corrupt_train_image_in_a_worker(world: World, tmp_path: Path) -> list[str]:
     """A copy of the dataset, read as CelebA by a DataLoader worker, whose first train image is truncated."""
-    root = tmp_path / "celeba"
-    shutil.copytree(world.root / "data", root)
-    partition = (root / "list_eval_partition.txt").read_text().split()
-    train_images = [name for name, split in zip(partition[::2], partition[1::2]) if split == "0"]
-    world.corrupt_jpeg(root / "img_align_celeba" / train_images[0])
+    root, splits = _celeba_copy(world, tmp_path)
+    world.corrupt_jpeg(root / "img_align_celeba" / splits["0"][0])
     return ["data.name=celeba", f"data.root={root}", "data.num_workers=1"]
+
+
+def train_split_of_one_target_label(world: World, tmp_path: Path) -> list[str]:
+    """A copy of the dataset, read as CelebA, where every train image is Smiling."""
+    root, splits = _celeba_copy(world, tmp_path)
+    _set_attribute(root, splits["0"], "Smiling", 1)
+    return ["data.name=celeba", f"data.root={root}"]
+
+
+def no_smiling_man_in_test(world: World, tmp_path: Path) -> list[str]:
+    """A copy of the dataset, read as CelebA, whose test split has no smiling man: every test man is made female."""
+    root, splits = _celeba_copy(world, tmp_path)
+    _set_attribute(root, splits["2"], "Male", -1)
+    return ["data.name=celeba", f"data.root={root}"]
+
+
+def stage_one_folder(world: World, tmp_path: Path) -> list[str]:
+    return [f"base_checkpoint={world.probe.parent / 'base'}"]
+
+
+def run_held_by_another_process(world: World, tmp_path: Path) -> list[str]:
+    """An unfinished run of this row's config whose folder this test process holds (as a running run would)."""
+    folder = world.root / "runs" / "case_run_in_use" / "held"
+    folder.mkdir(parents=True)
+    save_config(load_config(SMOKE, _row_overrides(world, "run_in_use")), folder / "config.yaml")
+    (folder / STATE).write_text(json.dumps({"kind": "pipeline"}))
+    mark_incomplete(folder)
+    acquire(folder, "run folder", "rerun")  # held by this (live) process until the test session ends
+    return [f"resume={folder}"]
 
 
 def base(world: World, tmp_path: Path) -> list[str]:
@@ -139,6 +187,7 @@ class Case:
     setup: Optional[Callable[[World, Path], list[str]]] = None  # more overrides, made in the row's tmp_path
     env: dict[str, str] = field(default_factory=dict)
     starts: bool = False  # the run starts and must stop: its folder keeps INCOMPLETE, its MLflow run FAILED
+    in_process: bool = False  # refused by the config alone: the same entry point, run without a new interpreter
 
 
 CASES = {
@@ -206,6 +255,21 @@ CASES = {
     "seed_negative": Case(["seed=-1"], r"config key 'seed': -1 is out of range"),
     "synthetic_seed_negative": Case(["data.synthetic_seed=-1"], r"config key 'data\.synthetic_seed': -1 is out"),
     "grad_clip_zero": Case(["grad_clip=0"], r"config key 'grad_clip': must be > 0"),
+    # runs that could not mean anything, refused before training
+    "zero_epochs": Case(["probe.epochs=0"], r"config key 'probe\.epochs': 0 epochs would train nothing .*set "
+                                            r"probe\.epochs >= 1", in_process=True),
+    "same_attribute_spelled_otherwise": Case(["data.protected=smiling"], r"'data\.target' and 'data\.protected' name "
+                                                                        r"the same attribute \('Smiling' and 'smiling'\)",
+                                             in_process=True),
+    "train_split_of_one_target_label": Case([], r"the train split \(84 images\) has only Smiling=1 \(data\.target\)",
+                                            setup=train_split_of_one_target_label),
+    "test_split_without_a_group": Case([], r"the test split lacks a \(target, protected\) group .*\(y=1, a=1\) 0\)"
+                                           r", so every fairness metric would be n/a", setup=no_smiling_man_in_test),
+    "base_checkpoint_of_stage_one": Case([], r"is a stage-1 \(base\) folder: .*point base_checkpoint at .*/probe, the "
+                                             r"probe/ folder", setup=stage_one_folder),
+    # one process at a time in a run folder
+    "run_in_use": Case([], r"run folder .*held is in use by pid \d+ on this host .*\(kill \d+\), then continue it "
+                           r"with resume=.*held$", setup=run_held_by_another_process),
 }
 
 
@@ -215,20 +279,34 @@ SLOW = {"base_other_protected", "base_other_size", "weights_of_other_backbone", 
         "gan_checkpoint_not_a_generator", "lr_inf", "eps_empty", "experiment_empty", "synthetic_seed_negative"}
 
 
+def _row_overrides(world: World, name: str) -> list[str]:
+    """What every row passes: the earlier run's data and folders, the tiny sizes, an experiment of its own."""
+    return [f"data.root={world.root / 'data'}", f"output_dir={world.root / 'runs'}", *TINY, f"experiment=case_{name}"]
+
+
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CASES])
-def test_bad_input_is_one_line_and_changes_nothing(name, world, tmp_path):
+def test_bad_input_is_one_line_and_changes_nothing(name, world, tmp_path, monkeypatch, capsys):
     case = CASES[name]
-    overrides = [f"data.root={world.root / 'data'}", f"output_dir={world.root / 'runs'}", *TINY,
-                 f"experiment=case_{name}", *case.overrides, *(case.setup(world, tmp_path) if case.setup else [])]
+    overrides = [*_row_overrides(world, name), *case.overrides, *(case.setup(world, tmp_path) if case.setup else [])]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])), **case.env)
     before = _snapshot(world)
-    proc = subprocess.run([sys.executable, "-m", "distributed_asac.finetune", "--config",
-                           str(REPO / "configs" / "smoke.yaml"), *overrides],
-                          cwd=world.root, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    if case.in_process:
+        monkeypatch.chdir(world.root)
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        for key, value in case.env.items():
+            monkeypatch.setenv(key, value)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stopped:
+            finetune.main(["--config", str(SMOKE), *overrides])
+        code, stderr = stopped.value.code, capsys.readouterr().err
+    else:
+        proc = subprocess.run([sys.executable, "-m", "distributed_asac.finetune", "--config", str(SMOKE), *overrides],
+                              cwd=world.root, env=env, capture_output=True, text=True, timeout=600)
+        code, stderr = proc.returncode, proc.stderr
+    assert code == 2, stderr[-3000:]
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
     assert re.search(case.message, lines[0]), lines[0]
     files, runs = _snapshot(world)
     assert {p: h for p, h in files.items() if p in before[0]} == before[0]  # nothing earlier changed or went
@@ -254,6 +332,32 @@ def test_sweep_with_an_unreachable_tracking_server_stops_before_its_parent_run(t
     assert len(lines) == 1 and re.match(r"error: MLflow tracking server http://127\.0\.0\.1:9 \(the sweep's "
                                         r"tracking URI\) is unreachable", lines[0]), proc.stderr[-3000:]
     assert not (tmp_path / "runs").exists()  # no sweep folder, no data, no base
+
+
+def test_a_second_driver_on_a_running_sweep_is_refused_and_changes_nothing(tmp_path):
+    """This test process opens a sweep as its driver would (folder, parent run, lock); a second driver's
+    `--resume` of it must stop in one line naming this process, before it deletes or reopens anything."""
+    from tune.sweep import open_sweep
+    from tune.spec import load_sweep
+
+    overrides = [f"output_dir={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    sweep = load_sweep(REPO / "configs" / "sweeps" / "smoke.yaml", overrides, None)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    with open_sweep(sweep, None) as (folder, state):
+        before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        proc = subprocess.run([sys.executable, "tune/sweep.py", "--config", "configs/sweeps/smoke.yaml", *overrides,
+                               "--resume", str(folder)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        lines = proc.stderr.splitlines()
+        assert len(lines) == 1 and re.match(
+            rf"error: sweep folder {re.escape(str(folder))} is in use by pid {os.getpid()} on this host .*\(kill "
+            rf"{os.getpid()}\), then continue it with: python tune/sweep.py --config .*smoke\.yaml --resume "
+            rf"{re.escape(str(folder))}$", lines[0]), proc.stderr[-3000:]
+        assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+        parent = MlflowClient(state["tracking_uri"]).get_run(state["parent_run_id"])
+        assert parent.info.status == "RUNNING" and parent.info.end_time is None
+    assert not (folder / LOCK).exists()  # the first driver's lock went with it
 
 
 def test_a_killed_run_is_marked_killed_by_the_next_run_and_others_are_left_alone(tmp_path):
