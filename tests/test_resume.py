@@ -5,6 +5,7 @@ and the same MLflow runs; a folder that is not a resumable run, or a differing c
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,8 @@ from mlflow.tracking import MlflowClient
 from distributed_asac import pipeline
 from distributed_asac.config import load_config, save_config
 from distributed_asac.errors import UserError
-from distributed_asac.failpoints import PAUSE_AT, PAUSE_DIR
+from distributed_asac.failpoints import PAUSE_AT, PAUSE_DIR, RELEASE
+from distributed_asac.locks import LOCK
 from distributed_asac.resume import INCOMPLETE, STATE, find_run
 
 from .conftest import _free_port
@@ -144,13 +146,14 @@ def test_killed_run_resumes_to_the_same_results(point, first_epoch, tmp_path, da
     overrides = _overrides(data, tmp_path)
     _kill_at(tmp_path, overrides, point)
     killed = _run_folder(tmp_path)
-    assert (killed / INCOMPLETE).is_file()
+    assert (killed / INCOMPLETE).is_file() and (killed / LOCK).is_file()  # a killed process keeps its lock
     if point.startswith("state.before_rename"):
         saved = sorted(p.name for p in (killed / "asac_fgsm" / "state").iterdir())
         assert saved == [".epoch_0002.tmp", "epoch_0001"]
     proc = _run(tmp_path, [*overrides, "resume=latest"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resuming {killed}" in proc.stdout
+    assert "took over the stale lock" in proc.stderr and not (killed / LOCK).exists()  # its holder is dead
     epochs = [line for line in proc.stdout.splitlines() if " epoch " in line]
     assert epochs[0].startswith(first_epoch), epochs  # it continued, it did not start over
     assert _run_folder(tmp_path) == killed  # continued in the same folder, no new one
@@ -236,6 +239,34 @@ def _fake_run(tmp_path: Path, *overrides: str) -> tuple[Path, list[str]]:
                                             "mlflow_runs": {}, "finished": {}}))
     (folder / INCOMPLETE).write_text("")
     return folder, base
+
+
+@pytest.mark.slow  # about a minute: a whole run, held at a pause point while a second process tries to resume it
+def test_a_second_resume_of_a_running_run_is_refused_and_the_run_goes_on(tmp_path, data, reference):
+    overrides, pauses, point = _overrides(data, tmp_path), tmp_path / "pauses", "stage.epoch_end:stage=base,epoch=1"
+    pauses.mkdir()
+    first = subprocess.Popen(_command(overrides, False), cwd=tmp_path, env=_env(pauses, point), text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not list(pauses.glob("stage.epoch_end.*.reached")):  # the first run holds at its first epoch end
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-3000:]
+            time.sleep(0.05)
+        held = _run_folder(tmp_path)
+        before = {p: p.read_bytes() for p in held.rglob("*") if p.is_file()}
+        second = _run(tmp_path, [*overrides, "resume=latest"])
+        assert second.returncode == 2 and second.stderr.splitlines() == [
+            f"error: run folder {held} is in use by pid {first.pid} on this host ({socket.gethostname()}; lock "
+            f"{held / LOCK}); wait for it to finish or stop it (kill {first.pid}), then continue it with "
+            f"resume={held}"], second.stderr[-3000:]
+        assert {p: p.read_bytes() for p in held.rglob("*") if p.is_file()} == before
+        (pauses / RELEASE).write_text("")
+        out, err = first.communicate(timeout=WAIT_S)
+        assert first.returncode == 0, err[-3000:]
+    finally:
+        first.kill()
+    _same_outputs(held, reference, ["base", "probe", "asac_fgsm"])
+    assert not (held / LOCK).exists()
 
 
 def test_a_differing_config_key_is_named(tmp_path):
