@@ -181,6 +181,29 @@ STEP_RULES = ("per_chunk", "per_minibatch")
 EPS_MODES = ("fixed", "calibrated")
 
 
+class RepeatedKey(yaml.YAMLError):
+    """A key that one mapping of a YAML file holds twice."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load`'s loader, except that a key repeated in one mapping is an error: PyYAML keeps the last value
+    silently, so a second `finetune:` block would drop every key of the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges on purpose
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in lines:
+                    raise RepeatedKey(f"key {key!r} appears twice, at line {lines[key]} and line {line}")
+                lines[key] = line
+            except TypeError:  # an unhashable key: the constructor below names it
+                continue
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file at `path`, then `key=value` overrides; validated."""
     cfg = Config()
@@ -189,11 +212,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise UserError(f"config file {str(path)!r} not found (pass an existing YAML file to --config)")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
+        except RepeatedKey as err:
+            raise UserError(f"config file {str(path)!r}: {err}; the second would silently replace the first: "
+                            "keep one (merge the two)") from None
         except yaml.YAMLError as err:
             raise UserError(f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        data = {} if data is None else data  # an empty file (or only comments) sets nothing
         if not isinstance(data, dict):
-            raise UserError(f"config file {str(path)!r} must hold a mapping of keys, not {type(data).__name__}")
+            raise UserError(f"config file {str(path)!r} must hold a mapping of keys (e.g. `finetune:` then "
+                            f"`  alpha: 0.3`), not a {type(data).__name__} ({data!r:.40})")
         for key, value in _flatten(data).items():
             _set(cfg, key, value)
     for item in overrides:
@@ -204,9 +232,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
             value = text
-        _set(cfg, key.strip(), value)
+        _set(cfg, key.strip(), value, text)
     validate(cfg)
     return cfg
+
+
+def load_cli_config(path: Optional[str], overrides: list[str]) -> Config:
+    """`load_config` of what a command gives, each key given once (`check_given_once`)."""
+    check_given_once(overrides)
+    return load_config(path, overrides)
+
+
+def check_given_once(overrides: list[str]) -> None:
+    """Refuse a key given twice on a command line (the last would silently win). Programs layer overrides on
+    purpose (a sweep's trial adds its own output_dir), so only commands check."""
+    given: dict[str, str] = {}
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key in given:
+            raise UserError(f"config key {key!r} is given twice on the command line ({given[key]!r} and {item!r}); "
+                            "give it once")
+        given[key] = item
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -390,7 +436,8 @@ def _get(cfg: Config, key: str) -> Any:
     return obj
 
 
-def _set(cfg: Config, key: str, value: Any) -> None:
+def _set(cfg: Config, key: str, value: Any, text: Optional[str] = None) -> None:
+    """Set `key` to `value`, checked against its type; `text` is the value as typed on a command line."""
     *parents, leaf = key.split(".")
     obj: Any = cfg
     for part in parents:
@@ -404,7 +451,15 @@ def _set(cfg: Config, key: str, value: Any) -> None:
         hint = f" (did you mean {close[0]!r}?)" if close else " (see distributed_asac/config.py for the keys)"
         raise UserError(f"unknown config key {key!r}{hint}")
     hint_type = typing.get_type_hints(type(obj))[leaf]
+    if text is not None and value is not None and not isinstance(value, str) and _holds_text(hint_type):
+        value = text  # a name as typed: YAML reads experiment=0x1F as 31 and data.target=yes as True
     setattr(obj, leaf, _coerce(key, value, hint_type))
+
+
+def _holds_text(hint: Any) -> bool:
+    """Whether a field's type is str or Optional[str]."""
+    return hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                           and set(typing.get_args(hint)) == {str, type(None)})
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

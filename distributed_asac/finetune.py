@@ -13,7 +13,7 @@ import argparse
 import logging
 from typing import Optional
 
-from .config import help_text, load_config
+from .config import help_text, load_cli_config
 from .errors import exit_on_user_error
 from .logs import setup_logging
 from .pipeline import run
@@ -31,7 +31,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. finetune.alpha=0.3")
     args = parser.parse_args(argv)
     with exit_on_user_error():
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_cli_config(args.config, args.overrides)
         if cfg.seeds and cfg.seeds != [cfg.seed]:
             logging.getLogger(__name__).warning(
                 "seeds=%s is for the comparison over seeds (python -m distributed_asac.demo); this one run uses "

@@ -188,6 +188,7 @@ class Case:
     env: dict[str, str] = field(default_factory=dict)
     starts: bool = False  # the run starts and must stop: its folder keeps INCOMPLETE, its MLflow run FAILED
     in_process: bool = False  # refused by the config alone: the same entry point, run without a new interpreter
+    config: Optional[str] = None  # the text of the --config file (default: configs/smoke.yaml)
 
 
 CASES = {
@@ -267,6 +268,16 @@ CASES = {
                                            r", so every fairness metric would be n/a", setup=no_smiling_man_in_test),
     "base_checkpoint_of_stage_one": Case([], r"is a stage-1 \(base\) folder: .*point base_checkpoint at .*/probe, the "
                                              r"probe/ folder", setup=stage_one_folder),
+    # config files and command lines say what they mean
+    "yaml_repeated_section": Case([], r"config\.yaml': key 'finetune' appears twice, at line 1 and line 5; the "
+                                      r"second would silently replace the first", in_process=True,
+                                  config="finetune:\n  alpha: 0.3\nbase:\n  epochs: 1\nfinetune:\n  lr: 0.01\n"),
+    "yaml_not_a_mapping": Case([], r"config\.yaml' must hold a mapping of keys .*not a int \(0\)", in_process=True,
+                               config="0\n"),
+    "key_twice_on_the_command_line": Case(["finetune.alpha=0.3", "finetune.alpha=0.4"],
+                                          r"config key 'finetune\.alpha' is given twice on the command line "
+                                          r"\('finetune\.alpha=0\.3' and 'finetune\.alpha=0\.4'\); give it once",
+                                          in_process=True),
     # one process at a time in a run folder
     "run_in_use": Case([], r"run folder .*held is in use by pid \d+ on this host .*\(kill \d+\), then continue it "
                            r"with resume=.*held$", setup=run_held_by_another_process),
@@ -287,7 +298,13 @@ def _row_overrides(world: World, name: str) -> list[str]:
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CASES])
 def test_bad_input_is_one_line_and_changes_nothing(name, world, tmp_path, monkeypatch, capsys):
     case = CASES[name]
-    overrides = [*_row_overrides(world, name), *case.overrides, *(case.setup(world, tmp_path) if case.setup else [])]
+    own = [*case.overrides, *(case.setup(world, tmp_path) if case.setup else [])]
+    keys = {item.partition("=")[0] for item in own}  # a row's own value of a shared key replaces the shared one
+    overrides = [*(item for item in _row_overrides(world, name) if item.partition("=")[0] not in keys), *own]
+    config = SMOKE
+    if case.config is not None:
+        config = tmp_path / "config.yaml"
+        config.write_text(case.config)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])), **case.env)
     before = _snapshot(world)
@@ -298,10 +315,10 @@ def test_bad_input_is_one_line_and_changes_nothing(name, world, tmp_path, monkey
             monkeypatch.setenv(key, value)
         capsys.readouterr()
         with pytest.raises(SystemExit) as stopped:
-            finetune.main(["--config", str(SMOKE), *overrides])
+            finetune.main(["--config", str(config), *overrides])
         code, stderr = stopped.value.code, capsys.readouterr().err
     else:
-        proc = subprocess.run([sys.executable, "-m", "distributed_asac.finetune", "--config", str(SMOKE), *overrides],
+        proc = subprocess.run([sys.executable, "-m", "distributed_asac.finetune", "--config", str(config), *overrides],
                               cwd=world.root, env=env, capture_output=True, text=True, timeout=600)
         code, stderr = proc.returncode, proc.stderr
     assert code == 2, stderr[-3000:]
@@ -332,6 +349,17 @@ def test_sweep_with_an_unreachable_tracking_server_stops_before_its_parent_run(t
     assert len(lines) == 1 and re.match(r"error: MLflow tracking server http://127\.0\.0\.1:9 \(the sweep's "
                                         r"tracking URI\) is unreachable", lines[0]), proc.stderr[-3000:]
     assert not (tmp_path / "runs").exists()  # no sweep folder, no data, no base
+
+
+def test_an_empty_rows_list_is_one_line(capsys):
+    """`--rows ''` named no row; it used to run the config's own row instead."""
+    from distributed_asac import demo
+
+    with pytest.raises(SystemExit) as stopped:
+        demo.main(["--rows", "", "--config", str(SMOKE)])
+    lines = capsys.readouterr().err.splitlines()
+    assert stopped.value.code == 2 and len(lines) == 1
+    assert re.match(r"error: --rows '' names no row; give at least one of .*asac_fgsm", lines[0])
 
 
 def test_a_second_driver_on_a_running_sweep_is_refused_and_changes_nothing(tmp_path):

@@ -28,7 +28,7 @@ from typing import Any, Iterator, Optional
 if not __package__:  # `python tune/sweep.py`: Python put tune/ on the path, not the repository that holds it
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distributed_asac.config import load_config
+from distributed_asac.config import check_given_once, load_config
 from distributed_asac.errors import UserError, exit_on_user_error
 from distributed_asac.locks import locked
 from distributed_asac.logs import setup_logging
@@ -82,6 +82,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return report_command(args.report, args.overrides)
         if not args.config:
             raise UserError("--config is required (a sweep file such as configs/sweeps/smoke.yaml)")
+        check_given_once(args.overrides)
         sweep = load_sweep(args.config, args.overrides, args.seeds)
         if args.dry_run:
             print(describe(sweep))
