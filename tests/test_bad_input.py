@@ -187,7 +187,6 @@ class Case:
     setup: Optional[Callable[[World, Path], list[str]]] = None  # more overrides, made in the row's tmp_path
     env: dict[str, str] = field(default_factory=dict)
     starts: bool = False  # the run starts and must stop: its folder keeps INCOMPLETE, its MLflow run FAILED
-    in_process: bool = False  # refused by the config alone: the same entry point, run without a new interpreter
     config: Optional[str] = None  # the text of the --config file (default: configs/smoke.yaml)
 
 
@@ -258,10 +257,10 @@ CASES = {
     "grad_clip_zero": Case(["grad_clip=0"], r"config key 'grad_clip': must be > 0"),
     # runs that could not mean anything, refused before training
     "zero_epochs": Case(["probe.epochs=0"], r"config key 'probe\.epochs': 0 epochs would train nothing .*set "
-                                            r"probe\.epochs >= 1", in_process=True),
-    "same_attribute_spelled_otherwise": Case(["data.protected=smiling"], r"'data\.target' and 'data\.protected' name "
-                                                                        r"the same attribute \('Smiling' and 'smiling'\)",
-                                             in_process=True),
+                                            r"probe\.epochs >= 1"),
+    "same_attribute_spelled_otherwise": Case(["data.protected=smiling"],
+                                             r"'data\.target' and 'data\.protected' name the same attribute "
+                                             r"\('Smiling' and 'smiling'\)"),
     "train_split_of_one_target_label": Case([], r"the train split \(84 images\) has only Smiling=1 \(data\.target\)",
                                             setup=train_split_of_one_target_label),
     "test_split_without_a_group": Case([], r"the test split lacks a \(target, protected\) group .*\(y=1, a=1\) 0\)"
@@ -270,24 +269,29 @@ CASES = {
                                              r"probe/ folder", setup=stage_one_folder),
     # config files and command lines say what they mean
     "yaml_repeated_section": Case([], r"config\.yaml': key 'finetune' appears twice, at line 1 and line 5; the "
-                                      r"second would silently replace the first", in_process=True,
+                                      r"second would silently replace the first",
                                   config="finetune:\n  alpha: 0.3\nbase:\n  epochs: 1\nfinetune:\n  lr: 0.01\n"),
-    "yaml_not_a_mapping": Case([], r"config\.yaml' must hold a mapping of keys .*not a int \(0\)", in_process=True,
+    "yaml_not_a_mapping": Case([], r"config\.yaml' must hold a mapping of keys .*not a int \(0\)",
                                config="0\n"),
     "key_twice_on_the_command_line": Case(["finetune.alpha=0.3", "finetune.alpha=0.4"],
                                           r"config key 'finetune\.alpha' is given twice on the command line "
-                                          r"\('finetune\.alpha=0\.3' and 'finetune\.alpha=0\.4'\); give it once",
-                                          in_process=True),
+                                          r"\('finetune\.alpha=0\.3' and 'finetune\.alpha=0\.4'\); give it once"),
     # one process at a time in a run folder
     "run_in_use": Case([], r"run folder .*held is in use by pid \d+ on this host .*\(kill \d+\), then continue it "
                            r"with resume=.*held$", setup=run_held_by_another_process),
 }
 
 
+# Kinds refused by the config alone: the same entry point runs in this process (no new interpreter, no imports).
+IN_PROCESS = {"alpha_nan", "lr_inf", "eps_item_nan", "eps_empty", "eps_only_zero", "group_dro_eta_zero",
+              "jtt_upweight_below_one", "experiment_empty", "experiment_outside", "seed_negative",
+              "synthetic_seed_negative", "grad_clip_zero", "zero_epochs", "same_attribute_spelled_otherwise",
+              "yaml_repeated_section", "yaml_not_a_mapping", "key_twice_on_the_command_line"}
+
 # Kinds that repeat another row's code path with other values (a checkpoint field, a damaged file): each still
 # runs in `make test-slow`, so the default run stays within its time budget.
 SLOW = {"base_other_protected", "base_other_size", "weights_of_other_backbone", "checkpoint_yaml_unknown_key",
-        "gan_checkpoint_not_a_generator", "lr_inf", "eps_empty", "experiment_empty", "synthetic_seed_negative"}
+        "gan_checkpoint_not_a_generator"}
 
 
 def _row_overrides(world: World, name: str) -> list[str]:
@@ -308,7 +312,7 @@ def test_bad_input_is_one_line_and_changes_nothing(name, world, tmp_path, monkey
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])), **case.env)
     before = _snapshot(world)
-    if case.in_process:
+    if name in IN_PROCESS:
         monkeypatch.chdir(world.root)
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
         for key, value in case.env.items():
