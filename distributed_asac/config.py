@@ -264,6 +264,18 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
+def read_saved_config(path: Path) -> Config:
+    """A config.yaml that `save_config` wrote (beside a run or a checkpoint), rebuilt and validated; a damaged one
+    is a UserError whose message is the first line of the reason."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise UserError((str(err).strip().splitlines() or [type(err).__name__])[0]) from None
+    if not isinstance(data, dict):
+        raise UserError(f"it holds a {type(data).__name__}, not a mapping of keys")
+    return config_from_dict(data)
+
+
 def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 

@@ -150,14 +150,26 @@ def stage_one_folder(world: World, tmp_path: Path) -> list[str]:
     return [f"base_checkpoint={world.probe.parent / 'base'}"]
 
 
-def run_held_by_another_process(world: World, tmp_path: Path) -> list[str]:
-    """An unfinished run of this row's config whose folder this test process holds (as a running run would)."""
-    folder = world.root / "runs" / "case_run_in_use" / "held"
+def _unfinished_run(world: World, name: str) -> Path:
+    """The folder of an unfinished run of row `name`'s config, as its start writes it (nothing trained)."""
+    folder = world.root / "runs" / f"case_{name}" / "unfinished"
     folder.mkdir(parents=True)
-    save_config(load_config(SMOKE, _row_overrides(world, "run_in_use")), folder / "config.yaml")
+    save_config(load_config(SMOKE, _row_overrides(world, name)), folder / "config.yaml")
     (folder / STATE).write_text(json.dumps({"kind": "pipeline"}))
     mark_incomplete(folder)
+    return folder
+
+
+def run_held_by_another_process(world: World, tmp_path: Path) -> list[str]:
+    """An unfinished run of this row's config whose folder this test process holds (as a running run would)."""
+    folder = _unfinished_run(world, "run_in_use")
     acquire(folder, "run folder", "rerun")  # held by this (live) process until the test session ends
+    return [f"resume={folder}"]
+
+
+def damaged_run_state(world: World, tmp_path: Path) -> list[str]:
+    folder = _unfinished_run(world, "damaged_run_state")
+    (folder / STATE).write_bytes(b"\x00" * 64)  # a disk fault
     return [f"resume={folder}"]
 
 
@@ -277,8 +289,11 @@ CASES = {
                                           r"config key 'finetune\.alpha' is given twice on the command line "
                                           r"\('finetune\.alpha=0\.3' and 'finetune\.alpha=0\.4'\); give it once"),
     # one process at a time in a run folder
-    "run_in_use": Case([], r"run folder .*held is in use by pid \d+ on this host .*\(kill \d+\), then continue it "
-                           r"with resume=.*held$", setup=run_held_by_another_process),
+    "run_in_use": Case([], r"run folder .*unfinished is in use by pid \d+ on this host .*\(kill \d+\), then "
+                           r"continue it with resume=.*unfinished$", setup=run_held_by_another_process),
+    "damaged_run_state": Case([], r"the run state .*unfinished/state\.json is damaged \(.*\), so this run cannot be "
+                                  r"resumed; start a new run \(without resume=\) or restore the file$",
+                              setup=damaged_run_state),
 }
 
 

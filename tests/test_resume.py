@@ -3,7 +3,9 @@ with `resume=latest` ends with the same files as an uninterrupted run of the sam
 and the same MLflow runs; a folder that is not a resumable run, or a differing config, is one clear error."""
 
 import json
+import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -239,6 +241,29 @@ def _fake_run(tmp_path: Path, *overrides: str) -> tuple[Path, list[str]]:
                                             "mlflow_runs": {}, "finished": {}}))
     (folder / INCOMPLETE).write_text("")
     return folder, base
+
+
+def test_a_damaged_run_is_one_line_and_latest_resumes_the_others(tmp_path, caplog):
+    older, base = _fake_run(tmp_path)
+    damaged = older.with_name("20260101-000001")
+    shutil.copytree(older, damaged)
+    os.utime(damaged / "config.yaml", ns=(time.time_ns(), time.time_ns() + 10**9))  # the newest run
+    (damaged / STATE).write_text('{"kind": ')  # a disk fault or a hand edit
+
+    def resume(value: str):
+        return load_config(REPO / "configs" / "smoke.yaml", [*base, f"resume={value}"])
+
+    with caplog.at_level(logging.WARNING):
+        assert find_run(resume("latest"), "pipeline") == older
+    assert f"resume=latest skips {damaged}: the run state {damaged / STATE} is damaged" in caplog.text
+    with pytest.raises(UserError, match=r"the run state .*000001/state\.json is damaged \(Expecting value: .*\), so "
+                                        r"this run cannot be resumed; start a new run \(without resume=\)"):
+        find_run(resume(str(damaged)), "pipeline")
+    shutil.copy(older / STATE, damaged / STATE)
+    (damaged / "config.yaml").write_text("- a list\n")
+    with pytest.raises(UserError, match=r"the run config .*000001/config\.yaml is damaged \(it holds a list"):
+        find_run(resume(str(damaged)), "pipeline")
+    assert find_run(resume("latest"), "pipeline") == older
 
 
 @pytest.mark.slow  # about a minute: a whole run, held at a pause point while a second process tries to resume it
