@@ -40,7 +40,7 @@ from accelerate.utils import broadcast_object_list
 
 from .config import Config
 from .data.build import build_splits
-from .errors import UserError
+from .errors import UserError, interrupted_in
 from .logs import setup_logging
 from .metrics import COLUMNS, HEADLINE
 from .pipeline import new_run_dir, run
@@ -192,7 +192,7 @@ def compare(cfg: Config, variants: Optional[list[dict]] = None,
     resumed = bool(cfg.resume)
     run_dir = find_run(cfg, "comparison") if resumed else new_run_dir(cfg, accelerator)
     cfg = dataclasses.replace(cfg, resume=None)
-    with run_lock(run_dir, accelerator):  # one process at a time in a run folder
+    with run_lock(run_dir, accelerator), interrupted_in(run_dir):  # one process at a time in a run folder
         if resumed:
             state = RunState.load(run_dir, "comparison", variants, accelerator)
             if accelerator.is_main_process:

@@ -25,7 +25,7 @@ import torch
 
 from .comparison import compare
 from .config import help_text, load_cli_config
-from .errors import UserError, exit_on_user_error
+from .errors import UserError, exit_on_user_error, module_command
 from .logs import setup_logging
 from .registry import suggest
 from .rows import fine_tuned_rows
@@ -57,7 +57,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. finetune.epochs=1")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    with exit_on_user_error():
+    with exit_on_user_error(module_command("distributed_asac.demo", argv)):
         for flag, value in (("--parallel-seeds", args.parallel_seeds), ("--threads", args.threads)):
             if value is not None and value < 1:
                 raise UserError(f"{flag} must be at least 1, got {value}")

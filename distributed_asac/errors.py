@@ -1,23 +1,64 @@
 """The one exception type that entry points turn into a single clear error line."""
 
 import errno
+import shlex
+import signal
 import sqlite3
 import sys
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
 
 
 class UserError(Exception):
     """Bad input from the user (config, data, paths): the message names the problem and the fix."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM, with the run folder it stopped (None: before the run had one)."""
+
+    def __init__(self, signum: int = signal.SIGINT, run_dir: Optional[Path] = None):
+        super().__init__(signum, run_dir)
+        self.signum, self.run_dir = signum, run_dir
+
+
+def _terminate(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
 @contextmanager
-def exit_on_user_error():
+def interrupted_in(run_dir: Path) -> Iterator[None]:
+    """Name `run_dir` on an interrupt raised in the block, so that the command can say how to resume it; an outer
+    folder (a comparison's) replaces an inner one (its seed's)."""
+    try:
+        yield
+    except KeyboardInterrupt as err:
+        raise Interrupted(getattr(err, "signum", signal.SIGINT), run_dir) from None
+
+
+@contextmanager
+def exit_on_user_error(command: Optional[list[str]] = None):
     """Print a UserError as one line on stderr and exit with status 2 (no traceback). A full disk is the
     user's to fix too: it gets one line naming the file that could not be written (the files of finished
     runs are written atomically, so nothing earlier is damaged), or the MLflow store when its sqlite file
-    could not grow (sqlite rolls the failed write back, so the store's earlier records are intact)."""
+    could not grow (sqlite rolls the failed write back, so the store's earlier records are intact).
+    With `command` (the command line that resumes with `resume=<run folder>`), Ctrl-C and SIGTERM are one line
+    too, "interrupted; resume with: <command>", and exit 130 (SIGINT) or 143 (SIGTERM): the block's MLflow runs
+    are left KILLED (tracking.Tracker) and its run folder keeps its INCOMPLETE marker."""
+    previous = signal.signal(signal.SIGTERM, _terminate) if command is not None else None
     try:
         yield
+    except KeyboardInterrupt as err:
+        if command is None:
+            raise
+        signum, run_dir = getattr(err, "signum", signal.SIGINT), getattr(err, "run_dir", None)
+        if run_dir is None:
+            print(f"interrupted before a run folder existed; nothing to resume: rerun {shlex.join(command)}",
+                  file=sys.stderr)
+        else:
+            again = [*(arg for arg in command if not arg.startswith("resume=")), f"resume={run_dir}"]
+            print(f"interrupted; resume with: {shlex.join(again)}", file=sys.stderr)
+        sys.exit(128 + signum)
     except UserError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
@@ -36,6 +77,14 @@ def exit_on_user_error():
               "disk or point tracking.uri at another store, then rerun (resume=latest continues an interrupted "
               "run)", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if command is not None:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def module_command(module: str, argv: Optional[list[str]]) -> list[str]:
+    """The command line that ran `python -m <module>` with `argv` (None: this process's own arguments)."""
+    return [sys.executable, "-m", module, *(sys.argv[1:] if argv is None else argv)]
 
 
 def _sqlite_full(err: BaseException) -> bool:

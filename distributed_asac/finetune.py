@@ -14,7 +14,7 @@ import logging
 from typing import Optional
 
 from .config import help_text, load_cli_config
-from .errors import exit_on_user_error
+from .errors import exit_on_user_error, module_command
 from .logs import setup_logging
 from .pipeline import run
 from .runtime import close_process_group
@@ -30,7 +30,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--config", help="experiment YAML (see configs/); defaults: the CPU demo")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. finetune.alpha=0.3")
     args = parser.parse_args(argv)
-    with exit_on_user_error():
+    with exit_on_user_error(module_command("distributed_asac.finetune", argv)):
         cfg = load_cli_config(args.config, args.overrides)
         if cfg.seeds and cfg.seeds != [cfg.seed]:
             logging.getLogger(__name__).warning(

@@ -29,7 +29,7 @@ from .checkpoint import WEIGHTS, load_checkpoint, save_checkpoint, whole_state_d
 from .config import Config, check_batch_sizes, save_config
 from .data.build import build_splits
 from .data.datasets import Splits
-from .errors import UserError
+from .errors import UserError, interrupted_in
 from .evaluate import evaluate, write_results
 from .failpoints import failpoint
 from .mitigations.groups import dataset_groups, group_counts
@@ -354,7 +354,7 @@ def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optiona
             row.check_splits(cfg, splits)
     if not resume:
         run_dir = new_run_dir(cfg, accelerator, run_dir)
-    with run_lock(run_dir, accelerator):  # one process at a time in a run folder
+    with run_lock(run_dir, accelerator), interrupted_in(run_dir):  # one process at a time in a run folder
         if resume:
             state = RunState.load(run_dir, "pipeline", variants, accelerator)
             if accelerator.is_main_process:

@@ -318,4 +318,7 @@ class Tracker:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.active and self.run_id is not None:
-            self._client.set_terminated(self.run_id, status="FAILED" if exc_type else "FINISHED")
+            status = "FINISHED" if exc_type is None else "FAILED"
+            if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C or SIGTERM (errors.py)
+                status = "KILLED"
+            self._client.set_terminated(self.run_id, status=status)

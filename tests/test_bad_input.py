@@ -451,6 +451,26 @@ def test_a_full_disk_is_one_line(code, capsys):
     assert lines[0].startswith("error: no space left on the device while writing /runs/demo/x/model.safetensors")
 
 
+def test_sigterm_is_one_line_naming_the_outermost_run_folder_and_the_handler_is_restored(capsys):
+    """A comparison's folder (outer) replaces its seed's (inner) in the command; a resume= already given goes."""
+    import signal
+
+    from distributed_asac.errors import exit_on_user_error, interrupted_in
+
+    before = signal.getsignal(signal.SIGTERM)
+    command = ["python", "-m", "distributed_asac.demo", "seed=1", "resume=latest"]
+    with pytest.raises(SystemExit) as stopped, exit_on_user_error(command):
+        with interrupted_in(Path("/runs/demo/1")), interrupted_in(Path("/runs/demo/1/seed_1")):
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert stopped.value.code == 143 and signal.getsignal(signal.SIGTERM) is before
+    assert capsys.readouterr().err.splitlines() == [
+        "interrupted; resume with: python -m distributed_asac.demo seed=1 resume=/runs/demo/1"]
+    with pytest.raises(SystemExit) as stopped, exit_on_user_error(command[:-1]):
+        raise KeyboardInterrupt  # Ctrl-C before any run folder
+    assert stopped.value.code == 130 and capsys.readouterr().err.splitlines() == [
+        "interrupted before a run folder existed; nothing to resume: rerun python -m distributed_asac.demo seed=1"]
+
+
 def test_other_os_errors_are_not_hidden():
     from distributed_asac.errors import exit_on_user_error
 

@@ -5,6 +5,7 @@ and the same MLflow runs; a folder that is not a resumable run, or a differing c
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -292,6 +293,36 @@ def test_a_second_resume_of_a_running_run_is_refused_and_the_run_goes_on(tmp_pat
         first.kill()
     _same_outputs(held, reference, ["base", "probe", "asac_fgsm"])
     assert not (held / LOCK).exists()
+
+
+@pytest.mark.parametrize("signum", [pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGTERM])
+def test_an_interrupted_run_is_one_line_and_resumes_with_the_command_it_prints(signum, tmp_path, data, reference):
+    """Ctrl-C or SIGTERM in stage 1: exit 130 or 143, one line with the exact command that resumes the run, the
+    stage's MLflow run KILLED, the lock released and the marker kept; that command then finishes the run."""
+    overrides, pauses, point = _overrides(data, tmp_path), tmp_path / "pauses", "stage.epoch_end:stage=base,epoch=1"
+    pauses.mkdir()
+    first = subprocess.Popen(_command(overrides, False), cwd=tmp_path, env=_env(pauses, point), text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not list(pauses.glob("stage.epoch_end.*.reached")):  # the run holds at its first epoch end
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-3000:]
+            time.sleep(0.05)
+        first.send_signal(signum)
+        _, err = first.communicate(timeout=WAIT_S)
+    finally:
+        first.kill()
+    run_dir = _run_folder(tmp_path)
+    resume = [*_command(overrides, False), f"resume={run_dir}"]
+    assert first.returncode == 128 + signum and err.splitlines() == [
+        f"interrupted; resume with: {shlex.join(resume)}"], err[-3000:]
+    assert (run_dir / INCOMPLETE).is_file() and not (run_dir / LOCK).exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (base,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert base.info.run_name == "base" and base.info.status == "KILLED"
+    proc = subprocess.run(resume, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=WAIT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _same_outputs(run_dir, reference, ["base", "probe", "asac_fgsm"])
 
 
 def test_a_differing_config_key_is_named(tmp_path):
