@@ -85,6 +85,22 @@ def _kill_at(out: Path, overrides: list[str], point: str, ddp: bool = False) -> 
     assert proc.returncode == -signal.SIGKILL
 
 
+def _held_at(out: Path, overrides: list[str], point: str) -> subprocess.Popen:
+    """Start a one-process run (stdout and stderr piped) and return it once it holds at `point`; creating
+    `out/pauses/release` lets it go on."""
+    pauses = out / "pauses"
+    pauses.mkdir()
+    run = subprocess.Popen(_command(overrides, False), cwd=out, env=_env(pauses, point), text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + WAIT_S
+    while not list(pauses.glob(f"{point.split(':')[0]}.*.reached")):
+        if run.poll() is not None or time.monotonic() > deadline:
+            run.kill()
+            raise AssertionError(f"never reached {point}: {run.communicate()[1][-3000:]}")
+        time.sleep(0.05)  # polls the file the run writes; no timing assumed
+    return run
+
+
 def _run_folder(out: Path) -> Path:
     (folder,) = (out / "runs" / EXPERIMENT).iterdir()
     return folder
@@ -269,15 +285,9 @@ def test_a_damaged_run_is_one_line_and_latest_resumes_the_others(tmp_path, caplo
 
 @pytest.mark.slow  # about a minute: a whole run, held at a pause point while a second process tries to resume it
 def test_a_second_resume_of_a_running_run_is_refused_and_the_run_goes_on(tmp_path, data, reference):
-    overrides, pauses, point = _overrides(data, tmp_path), tmp_path / "pauses", "stage.epoch_end:stage=base,epoch=1"
-    pauses.mkdir()
-    first = subprocess.Popen(_command(overrides, False), cwd=tmp_path, env=_env(pauses, point), text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    overrides = _overrides(data, tmp_path)
+    first = _held_at(tmp_path, overrides, "stage.epoch_end:stage=base,epoch=1")
     try:
-        deadline = time.monotonic() + WAIT_S
-        while not list(pauses.glob("stage.epoch_end.*.reached")):  # the first run holds at its first epoch end
-            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-3000:]
-            time.sleep(0.05)
         held = _run_folder(tmp_path)
         before = {p: p.read_bytes() for p in held.rglob("*") if p.is_file()}
         second = _run(tmp_path, [*overrides, "resume=latest"])
@@ -286,7 +296,7 @@ def test_a_second_resume_of_a_running_run_is_refused_and_the_run_goes_on(tmp_pat
             f"{held / LOCK}); wait for it to finish or stop it (kill {first.pid}), then continue it with "
             f"resume={held}"], second.stderr[-3000:]
         assert {p: p.read_bytes() for p in held.rglob("*") if p.is_file()} == before
-        (pauses / RELEASE).write_text("")
+        (tmp_path / "pauses" / RELEASE).write_text("")
         out, err = first.communicate(timeout=WAIT_S)
         assert first.returncode == 0, err[-3000:]
     finally:
@@ -299,15 +309,9 @@ def test_a_second_resume_of_a_running_run_is_refused_and_the_run_goes_on(tmp_pat
 def test_an_interrupted_run_is_one_line_and_resumes_with_the_command_it_prints(signum, tmp_path, data, reference):
     """Ctrl-C or SIGTERM in stage 1: exit 130 or 143, one line with the exact command that resumes the run, the
     stage's MLflow run KILLED, the lock released and the marker kept; that command then finishes the run."""
-    overrides, pauses, point = _overrides(data, tmp_path), tmp_path / "pauses", "stage.epoch_end:stage=base,epoch=1"
-    pauses.mkdir()
-    first = subprocess.Popen(_command(overrides, False), cwd=tmp_path, env=_env(pauses, point), text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    overrides = _overrides(data, tmp_path)
+    first = _held_at(tmp_path, overrides, "stage.epoch_end:stage=base,epoch=1")
     try:
-        deadline = time.monotonic() + WAIT_S
-        while not list(pauses.glob("stage.epoch_end.*.reached")):  # the run holds at its first epoch end
-            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-3000:]
-            time.sleep(0.05)
         first.send_signal(signum)
         _, err = first.communicate(timeout=WAIT_S)
     finally:
