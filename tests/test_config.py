@@ -38,6 +38,15 @@ def test_a_name_stays_as_typed():
     assert load_config(None, ["seed=0x1F"]).seed == 31
 
 
+def test_zero_epochs_are_refused_only_in_a_stage_that_runs():
+    """A base_checkpoint skips stages 1–2, so their epochs do not matter then; stage 3 always trains."""
+    assert load_config(None, ["base_checkpoint=runs/x/probe", "base.epochs=0", "probe.epochs=0"]).base.epochs == 0
+    with pytest.raises(UserError, match=r"'base\.epochs': 0 epochs would train nothing .*\(or base_checkpoint="):
+        load_config(None, ["base.epochs=0"])
+    with pytest.raises(UserError, match=r"'finetune\.epochs': 0 epochs would train nothing .*>= 1$"):
+        load_config(None, ["base_checkpoint=runs/x/probe", "finetune.epochs=0"])
+
+
 def test_yaml_keeps_its_meaning_without_repeats(tmp_path):
     """The loader is yaml.safe_load's apart from repeated keys: anchors and merge keys still work."""
     path = tmp_path / "merged.yaml"
