@@ -314,12 +314,26 @@ def _row_overrides(world: World, name: str) -> list[str]:
     return [f"data.root={world.root / 'data'}", f"output_dir={world.root / 'runs'}", *TINY, f"experiment=case_{name}"]
 
 
+def _as_a_command(monkeypatch, world: World, case: Case) -> None:
+    """This process as a row's command would start: in the world's folder, with the row's environment."""
+    monkeypatch.chdir(world.root)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value)
+
+
+def _with_own(shared: list[str], own: list[str]) -> list[str]:
+    """`shared` overrides less the keys that `own` sets, then `own`: a row's value replaces the shared one (a
+    command line must give each key once); a row that repeats a key on purpose keeps both."""
+    keys = {item.partition("=")[0] for item in own}
+    return [*(item for item in shared if item.partition("=")[0] not in keys), *own]
+
+
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CASES])
 def test_bad_input_is_one_line_and_changes_nothing(name, world, tmp_path, monkeypatch, capsys):
     case = CASES[name]
-    own = [*case.overrides, *(case.setup(world, tmp_path) if case.setup else [])]
-    keys = {item.partition("=")[0] for item in own}  # a row's own value of a shared key replaces the shared one
-    overrides = [*(item for item in _row_overrides(world, name) if item.partition("=")[0] not in keys), *own]
+    overrides = _with_own(_row_overrides(world, name),
+                          [*case.overrides, *(case.setup(world, tmp_path) if case.setup else [])])
     config = SMOKE
     if case.config is not None:
         config = tmp_path / "config.yaml"
@@ -328,10 +342,7 @@ def test_bad_input_is_one_line_and_changes_nothing(name, world, tmp_path, monkey
     env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])), **case.env)
     before = _snapshot(world)
     if name in IN_PROCESS:
-        monkeypatch.chdir(world.root)
-        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        for key, value in case.env.items():
-            monkeypatch.setenv(key, value)
+        _as_a_command(monkeypatch, world, case)
         capsys.readouterr()
         with pytest.raises(SystemExit) as stopped:
             finetune.main(["--config", str(config), *overrides])
@@ -379,6 +390,26 @@ def test_an_empty_rows_list_is_one_line(capsys):
     lines = capsys.readouterr().err.splitlines()
     assert stopped.value.code == 2 and len(lines) == 1
     assert re.match(r"error: --rows '' names no row; give at least one of .*asac_fgsm", lines[0])
+
+
+@pytest.mark.parametrize("kind", ["server_unreachable", "garbage_sqlite", "output_dir_is_a_file",
+                                  "base_other_backbone"])
+def test_the_demo_refuses_what_finetune_refuses_before_its_folder_and_parent_run(kind, world, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """The comparison (`python -m distributed_asac.demo`) runs the finetune command's preflight first."""
+    from distributed_asac import demo
+
+    case = CASES[kind]
+    _as_a_command(monkeypatch, world, case)
+    shared = [f"data.root={world.root / 'data'}", f"output_dir={tmp_path / 'runs'}", *TINY, "experiment=demo_case"]
+    overrides = _with_own(shared, [*case.overrides, *(case.setup(world, tmp_path) if case.setup else [])])
+    before = _snapshot(world)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        demo.main(["--config", str(SMOKE), "--rows", "plain", *overrides])
+    lines = capsys.readouterr().err.splitlines()
+    assert stopped.value.code == 2 and len(lines) == 1 and re.search(case.message, lines[0]), lines
+    assert not (tmp_path / "runs" / "demo_case").exists() and _snapshot(world) == before
 
 
 def test_a_second_driver_on_a_running_sweep_is_refused_and_changes_nothing(tmp_path):
