@@ -65,6 +65,33 @@ def probe_store(uri: str, where: str) -> None:
     except Exception as err:  # noqa: BLE001 - a probe: any failure here is the store's, named in one line
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise UserError(f"MLflow tracking store {uri} ({where}) cannot be used: {reason}; {fix}") from None
+    if parsed.scheme == "sqlite" and uri.removeprefix("sqlite:///"):
+        _probe_sqlite_write(uri, where, fix)
+
+
+def _probe_sqlite_write(uri: str, where: str, fix: str) -> None:
+    """A sqlite store that can be read but not written (a read-only file or folder, a write lock another process
+    keeps) passed the read above and then failed at the run's first write in a hundred lines: take sqlite's
+    write lock once, waiting at most PROBE_TIMEOUT_S, and roll back (nothing is written)."""
+    import sqlite3
+
+    path = Path(uri.removeprefix("sqlite:///"))
+    problem = None
+    if not os.access(path.parent, os.W_OK):
+        problem = f"its folder {path.parent} is not writable (sqlite writes its journal there)"
+    else:
+        try:
+            connection = sqlite3.connect(path, timeout=PROBE_TIMEOUT_S)
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+                connection.rollback()
+            finally:
+                connection.close()
+        except sqlite3.Error as err:
+            problem = str(err)
+    if problem:
+        raise UserError(f"MLflow tracking store {uri} ({where}) cannot be written: {problem}; make it writable, stop "
+                        f"the process that holds it, or {fix}")
 
 
 @contextlib.contextmanager

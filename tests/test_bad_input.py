@@ -150,6 +150,22 @@ def stage_one_folder(world: World, tmp_path: Path) -> list[str]:
     return [f"base_checkpoint={world.probe.parent / 'base'}"]
 
 
+HELD_OPEN: list = []  # sqlite connections that keep a store's write lock for the rest of the session
+
+
+def store_locked_by_another_process(world: World, tmp_path: Path) -> list[str]:
+    """A store that can be read but not written: another connection keeps its write lock (as a running writer
+    would; a read-only file behaves alike, but permissions do not stop root)."""
+    import sqlite3
+
+    uri = f"sqlite:///{tmp_path / 'locked.db'}"
+    MlflowClient(uri).search_experiments()  # creates the store's tables
+    connection = sqlite3.connect(tmp_path / "locked.db")
+    connection.execute("BEGIN IMMEDIATE")
+    HELD_OPEN.append(connection)
+    return [f"tracking.uri={uri}"]
+
+
 def _unfinished_run(world: World, name: str) -> Path:
     """The folder of an unfinished run of row `name`'s config, as its start writes it (nothing trained)."""
     folder = world.root / "runs" / f"case_{name}" / "unfinished"
@@ -244,6 +260,9 @@ CASES = {
                                                            r"cannot be used"),
     "garbage_sqlite": Case([], r"garbage\.db \(tracking\.uri\) cannot be used: .*file is not a database",
                            setup=garbage_sqlite),
+    "store_cannot_be_written": Case([], r"locked\.db \(tracking\.uri\) cannot be written: database is locked; "
+                                        r"make it writable, stop the process that holds it",
+                                    setup=store_locked_by_another_process),
     "output_dir_is_a_file": Case([], r"config key 'output_dir': .*a_file' is an existing file",
                                  setup=output_dir_is_a_file),
     # a comparator row refuses, before any training, what it cannot run on
