@@ -197,7 +197,8 @@ def run_sweep(sweep: Sweep, args: argparse.Namespace) -> int:
         return terminated[0] if terminated else signal.SIGINT
 
     with open_sweep(sweep, args.resume) as (folder, state), interrupted_in(folder):
-        print(f"sweep folder {folder}\nMLflow parent run {state['parent_run_id']} ({state['tracking_uri']})", flush=True)
+        print(f"sweep folder {folder}\nMLflow parent run {state['parent_run_id']} ({state['tracking_uri']})",
+              flush=True)
         jobs = trial_jobs(sweep, folder, state, args.retry_failed)
         status, start = "KILLED", time.time()
         previous = signal.signal(signal.SIGTERM, forward)
