@@ -33,7 +33,7 @@ from .errors import UserError, interrupted_in
 from .evaluate import evaluate, write_results
 from .failpoints import failpoint
 from .mitigations.groups import dataset_groups, group_counts
-from .models import TwoHeadModel, create_model
+from .models import BACKBONES, TwoHeadModel, create_model
 from .report import format_table, plot_ig_figure, plot_robustness
 from .resume import INCOMPLETE, RunState, find_run, mark_complete, mark_incomplete, run_lock
 from .rows import MODES, in_table_order, row_name
@@ -342,6 +342,9 @@ def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optiona
     preflight(cfg, accelerator)
     seed_everything(cfg.seed, accelerator)
     base = load_base(cfg) if cfg.base_checkpoint else None  # before the data: a bad checkpoint costs nothing
+    if base is None and cfg.model.weights:  # a bad weights file: refused now, not once the run folder exists
+        with torch.random.fork_rng(devices=[]):  # the throwaway network must not move the run's random state
+            BACKBONES.get(cfg.model.backbone)(cfg.model.weights)
     splits = build_splits(cfg, accelerator)
     check_splits(cfg, splits)
     check_batch_sizes(cfg, len(splits.train), accelerator.num_processes,

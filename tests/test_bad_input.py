@@ -166,6 +166,11 @@ def store_locked_by_another_process(world: World, tmp_path: Path) -> list[str]:
     return [f"tracking.uri={uri}"]
 
 
+def weights_not_a_state_dict(world: World, tmp_path: Path) -> list[str]:
+    (tmp_path / "resnet18.pth").write_bytes(os.urandom(4096))
+    return ["model.backbone=resnet18", f"model.weights={tmp_path / 'resnet18.pth'}"]
+
+
 def _unfinished_run(world: World, name: str) -> Path:
     """The folder of an unfinished run of row `name`'s config, as its start writes it (nothing trained)."""
     folder = world.root / "runs" / f"case_{name}" / "unfinished"
@@ -263,6 +268,8 @@ CASES = {
     "store_cannot_be_written": Case([], r"locked\.db \(tracking\.uri\) cannot be written: database is locked; "
                                         r"make it writable, stop the process that holds it",
                                     setup=store_locked_by_another_process),
+    "weights_not_a_state_dict": Case([], r"model\.weights '.*resnet18\.pth' cannot be read as a state dict \(.*\); "
+                                         r"give a torchvision resnet18 state dict", setup=weights_not_a_state_dict),
     "output_dir_is_a_file": Case([], r"config key 'output_dir': .*a_file' is an existing file",
                                  setup=output_dir_is_a_file),
     # a comparator row refuses, before any training, what it cannot run on
