@@ -218,6 +218,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                             "keep one (merge the two)") from None
         except yaml.YAMLError as err:
             raise UserError(f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        except UnicodeDecodeError as err:
+            raise UserError(f"config file {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}); pass "
+                            "a YAML file to --config") from None
         data = {} if data is None else data  # an empty file (or only comments) sets nothing
         if not isinstance(data, dict):
             raise UserError(f"config file {str(path)!r} must hold a mapping of keys (e.g. `finetune:` then "

@@ -14,6 +14,16 @@ class UserError(Exception):
     """Bad input from the user (config, data, paths): the message names the problem and the fix."""
 
 
+# Faults of a path the user gave (a config key, a file argument): what to do about each.
+PATH_FAULTS = {
+    errno.ENAMETOOLONG: "give a shorter path",
+    errno.ELOOP: "the path runs through a loop of symbolic links: fix the links or give another path",
+    errno.EACCES: "give a path this user may read and write (or fix its permissions)",
+    errno.EROFS: "give a path on a writable file system",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: give another path",
+}
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C (SIGINT) or SIGTERM, with the run folder it stopped (None: before the run had one)."""
 
@@ -63,6 +73,9 @@ def exit_on_user_error(command: Optional[list[str]] = None):
         print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
     except OSError as err:
+        if err.errno in PATH_FAULTS and err.filename:
+            print(f"error: {err.filename}: {err.strerror}; {PATH_FAULTS[err.errno]}, then rerun", file=sys.stderr)
+            sys.exit(2)
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         where = f" while writing {err.filename}" if err.filename else ""

@@ -171,6 +171,15 @@ def weights_not_a_state_dict(world: World, tmp_path: Path) -> list[str]:
     return ["model.backbone=resnet18", f"model.weights={tmp_path / 'resnet18.pth'}"]
 
 
+def name_too_long(world: World, tmp_path: Path) -> list[str]:
+    return [f"output_dir={tmp_path / ('x' * 300)}"]
+
+
+def symlink_loop(world: World, tmp_path: Path) -> list[str]:
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    return [f"output_dir={tmp_path / 'loop' / 'runs'}"]
+
+
 def _unfinished_run(world: World, name: str) -> Path:
     """The folder of an unfinished run of row `name`'s config, as its start writes it (nothing trained)."""
     folder = world.root / "runs" / f"case_{name}" / "unfinished"
@@ -220,7 +229,7 @@ class Case:
     setup: Optional[Callable[[World, Path], list[str]]] = None  # more overrides, made in the row's tmp_path
     env: dict[str, str] = field(default_factory=dict)
     starts: bool = False  # the run starts and must stop: its folder keeps INCOMPLETE, its MLflow run FAILED
-    config: Optional[str] = None  # the text of the --config file (default: configs/smoke.yaml)
+    config: Optional[str | bytes] = None  # what the --config file holds (default: configs/smoke.yaml)
 
 
 CASES = {
@@ -270,6 +279,13 @@ CASES = {
                                     setup=store_locked_by_another_process),
     "weights_not_a_state_dict": Case([], r"model\.weights '.*resnet18\.pth' cannot be read as a state dict \(.*\); "
                                          r"give a torchvision resnet18 state dict", setup=weights_not_a_state_dict),
+    # faults of a path the user gave: one line naming it, wherever they happen
+    "output_dir_name_too_long": Case([], r"^error: .*/x{300}/case_\w+: File name too long; give a shorter path, "
+                                         r"then rerun$", setup=name_too_long),
+    "output_dir_in_a_symlink_loop": Case([], r"^error: .*/loop.*: Too many levels of symbolic links; the path runs "
+                                             r"through a loop", setup=symlink_loop),
+    "config_not_utf8": Case([], r"config\.yaml' is not UTF-8 text \(invalid start byte at byte 0\)",
+                            config=b"\xff\xfe" + os.urandom(64)),
     "output_dir_is_a_file": Case([], r"config key 'output_dir': .*a_file' is an existing file",
                                  setup=output_dir_is_a_file),
     # a comparator row refuses, before any training, what it cannot run on
@@ -327,7 +343,8 @@ CASES = {
 IN_PROCESS = {"alpha_nan", "lr_inf", "eps_item_nan", "eps_empty", "eps_only_zero", "group_dro_eta_zero",
               "jtt_upweight_below_one", "experiment_empty", "experiment_outside", "seed_negative",
               "synthetic_seed_negative", "grad_clip_zero", "zero_epochs", "same_attribute_spelled_otherwise",
-              "yaml_repeated_section", "yaml_not_a_mapping", "key_twice_on_the_command_line"}
+              "yaml_repeated_section", "yaml_not_a_mapping", "key_twice_on_the_command_line",
+              "config_not_utf8"}
 
 # Kinds that repeat another row's code path with other values (a checkpoint field, a damaged file): each still
 # runs in `make test-slow`, so the default run stays within its time budget.
@@ -363,7 +380,7 @@ def test_bad_input_is_one_line_and_changes_nothing(name, world, tmp_path, monkey
     config = SMOKE
     if case.config is not None:
         config = tmp_path / "config.yaml"
-        config.write_text(case.config)
+        config.write_bytes(case.config if isinstance(case.config, bytes) else case.config.encode())
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])), **case.env)
     before = _snapshot(world)
@@ -529,10 +546,27 @@ def test_sigterm_is_one_line_naming_the_outermost_run_folder_and_the_handler_is_
 
 
 def test_other_os_errors_are_not_hidden():
+    """A fault that is no path's (an I/O error, or one without a file name) keeps its traceback."""
+    import errno
+
     from distributed_asac.errors import exit_on_user_error
 
+    with pytest.raises(OSError), exit_on_user_error():
+        raise OSError(errno.EIO, "Input/output error", "/x")
     with pytest.raises(PermissionError), exit_on_user_error():
-        raise PermissionError(13, "Permission denied", "/x")
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+
+def test_a_read_only_path_is_one_line(capsys):
+    """Permissions do not stop root, which runs these tests: the fault is raised as the OS raises it."""
+    import errno
+
+    from distributed_asac.errors import exit_on_user_error
+
+    with pytest.raises(SystemExit) as stopped, exit_on_user_error():
+        raise OSError(errno.EROFS, "Read-only file system", "/mnt/ro/runs/demo")
+    assert stopped.value.code == 2 and capsys.readouterr().err.splitlines() == [
+        "error: /mnt/ro/runs/demo: Read-only file system; give a path on a writable file system, then rerun"]
 
 
 # Loaded by the run's interpreter at start-up (sitecustomize on PYTHONPATH): every sqlite connection may use
