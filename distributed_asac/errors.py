@@ -7,7 +7,7 @@ import sqlite3
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 
 class UserError(Exception):
@@ -84,11 +84,18 @@ def exit_on_user_error(command: Optional[list[str]] = None):
               file=sys.stderr)
         sys.exit(2)
     except Exception as err:
-        if not _sqlite_full(err):
+        if _cause(err, lambda e: isinstance(e, sqlite3.OperationalError) and "database or disk is full" in str(e)):
+            print("error: the MLflow tracking store is full (sqlite: database or disk is full); free space on its "
+                  "disk or point tracking.uri at another store, then rerun (resume=latest continues an interrupted "
+                  "run)", file=sys.stderr)
+            sys.exit(2)
+        failed = _cause(err, lambda e: any(sign in str(e) for sign in WRITE_FAILED))
+        if failed is None:
             raise
-        print("error: the MLflow tracking store is full (sqlite: database or disk is full); free space on its "
-              "disk or point tracking.uri at another store, then rerun (resume=latest continues an interrupted "
-              "run)", file=sys.stderr)
+        reason = str(failed).strip().splitlines()[0][-200:]
+        print(f"error: a file could not be written ({type(failed).__name__}: {reason}), most likely because the disk "
+              "or quota is full; free some space or point output_dir at another disk, then rerun (resume=latest "
+              "continues an interrupted run)", file=sys.stderr)
         sys.exit(2)
     finally:
         if command is not None:
@@ -100,16 +107,21 @@ def module_command(module: str, argv: Optional[list[str]]) -> list[str]:
     return [sys.executable, "-m", module, *(sys.argv[1:] if argv is None else argv)]
 
 
-def _sqlite_full(err: BaseException) -> bool:
-    """Whether `err` comes from sqlite's SQLITE_FULL, however wrapped (MLflow wraps SQLAlchemy's error, which
-    wraps sqlite3's)."""
+# How torch.save (its zip writer) and safetensors (an io::Error in its message) report a write that failed: a full
+# disk inside torch.save printed 42 lines of C++ context.
+WRITE_FAILED = ("file write failed", "StorageFull", "No space left on device", "Disk quota exceeded")
+
+
+def _cause(err: BaseException, matches: Callable[[BaseException], bool]) -> Optional[BaseException]:
+    """The first exception in `err`'s chain that `matches`, however wrapped (MLflow wraps SQLAlchemy's error,
+    which wraps sqlite3's), or None."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
-        if isinstance(err, sqlite3.OperationalError) and "database or disk is full" in str(err):
-            return True
+        if matches(err):
+            return err
         seen.add(id(err))
         err = err.__cause__ or err.__context__
-    return False
+    return None
 
 
 def one_line(err: UserError) -> str:

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from safetensors import SafetensorError
 
 from distributed_asac import finetune, pipeline
 from distributed_asac.config import load_config, save_config
@@ -545,6 +546,26 @@ def test_sigterm_is_one_line_naming_the_outermost_run_folder_and_the_handler_is_
         "interrupted before a run folder existed; nothing to resume: rerun python -m distributed_asac.demo seed=1"]
 
 
+@pytest.mark.parametrize("raised", [
+    RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file data/0: file "
+                 "write failed"),  # torch.save
+    SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left '
+                    'on device" })'),  # safetensors' save_file
+])
+def test_a_write_that_torch_or_safetensors_reports_failed_is_one_line(raised, capsys):
+    from distributed_asac.errors import exit_on_user_error
+
+    with pytest.raises(SystemExit) as stopped, exit_on_user_error():
+        try:
+            raise raised
+        except Exception as err:
+            raise RuntimeError("while saving the training state") from err  # wrapped, as Accelerate may
+    lines = capsys.readouterr().err.splitlines()
+    assert stopped.value.code == 2 and len(lines) == 1
+    assert lines[0].startswith(f"error: a file could not be written ({type(raised).__name__}: ")
+    assert "most likely because the disk or quota is full" in lines[0]
+
+
 def test_other_os_errors_are_not_hidden():
     """A fault that is no path's (an I/O error, or one without a file name) keeps its traceback."""
     import errno
@@ -555,6 +576,8 @@ def test_other_os_errors_are_not_hidden():
         raise OSError(errno.EIO, "Input/output error", "/x")
     with pytest.raises(PermissionError), exit_on_user_error():
         raise PermissionError(errno.EACCES, "Permission denied")
+    with pytest.raises(RuntimeError, match="no write"), exit_on_user_error():
+        raise RuntimeError("no write failed here")
 
 
 def test_a_read_only_path_is_one_line(capsys):
