@@ -190,15 +190,19 @@ class UniqueKeyLoader(yaml.SafeLoader):
     silently, so a second `finetune:` block would drop every key of the first."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        lines: dict[Any, int] = {}
+        places: dict[Any, tuple[int, int]] = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges on purpose
                 continue
-            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            key, mark = self.construct_object(key_node, deep=True), key_node.start_mark
+            place = (mark.line + 1, mark.column + 1)
             try:
-                if key in lines:
-                    raise RepeatedKey(f"key {key!r} appears twice, at line {lines[key]} and line {line}")
-                lines[key] = line
+                if key in places:
+                    (line, column), first = place, places[key]
+                    where = (f"line {first[0]} and line {line}" if first[0] != line
+                             else f"line {line}, columns {first[1]} and {column}")  # a flow mapping: {a: 1, a: 2}
+                    raise RepeatedKey(f"key {key!r} appears twice, at {where}")
+                places[key] = place
             except TypeError:  # an unhashable key: the constructor below names it
                 continue
         return super().construct_mapping(node, deep)

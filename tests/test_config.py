@@ -97,7 +97,7 @@ def test_bad_file(tmp_path):
     bad.write_text("# nothing yet\n")
     assert load_config(bad) == Config()
     bad.write_text("base:\n  epochs: 1\nfinetune: {alpha: 0.3, alpha: 0.4}\n")
-    with pytest.raises(UserError, match=r"key 'alpha' appears twice, at line 3 and line 3"):
+    with pytest.raises(UserError, match=r"key 'alpha' appears twice, at line 3, columns 12 and 24; the second"):
         load_config(bad)
 
 
