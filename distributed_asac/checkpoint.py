@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import Config, config_from_dict, save_config
-from .errors import UserError
+from .config import Config, read_saved_config, save_config
+from .errors import UserError, one_line
 from .files import atomic_path
 from .models import TwoHeadModel, create_model, protected_classifier
 
@@ -43,13 +42,9 @@ def load_checkpoint(folder: str | Path) -> tuple[TwoHeadModel, Config]:
         )
     fix = "point base_checkpoint at an intact checkpoint folder or train a new base (leave base_checkpoint unset)"
     try:
-        data = yaml.safe_load((folder / CONFIG).read_text())
-        if not isinstance(data, dict):
-            raise UserError(f"it holds a {type(data).__name__}, not a mapping of keys")
-        cfg = config_from_dict(data)
-    except (yaml.YAMLError, UnicodeDecodeError, UserError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"checkpoint config {str(folder / CONFIG)!r} is invalid ({reason}); {fix}") from None
+        cfg = read_saved_config(folder / CONFIG)
+    except UserError as err:
+        raise UserError(f"checkpoint config {str(folder / CONFIG)!r} is invalid ({one_line(err)}); {fix}") from None
     model = create_model(cfg.model.backbone, protected_classifier=cfg.model.protected_classifier)
     try:
         state = load_file(str(folder / WEIGHTS))

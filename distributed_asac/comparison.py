@@ -40,12 +40,12 @@ from accelerate.utils import broadcast_object_list
 
 from .config import Config
 from .data.build import build_splits
-from .errors import UserError
+from .errors import UserError, interrupted_in
 from .logs import setup_logging
 from .metrics import COLUMNS, HEADLINE
-from .pipeline import new_run_dir, run
+from .pipeline import load_base, new_run_dir, preflight, run
 from .report import format_paired, format_table, format_verdicts, plot_paired
-from .resume import INCOMPLETE, STATE, RunState, find_run, mark_complete, mark_incomplete
+from .resume import INCOMPLETE, STATE, RunState, find_run, mark_complete, mark_incomplete, run_lock
 from .rows import in_table_order
 from .runtime import make_accelerator
 from .stats import Interval, paired_bootstrap, paired_difference, t_interval
@@ -189,15 +189,27 @@ def compare(cfg: Config, variants: Optional[list[dict]] = None,
         raise UserError("--parallel-seeds runs each seed in a process of its own, which a multi-process launch "
                         "cannot do; use one of the two")
     seeds = list(cfg.seeds or [cfg.seed])
-    if cfg.resume:
-        run_dir = find_run(cfg, "comparison")
-        cfg = dataclasses.replace(cfg, resume=None)
-        state = RunState.load(run_dir, "comparison", variants, accelerator)
-        if accelerator.is_main_process:
-            mark_incomplete(run_dir)  # the marker names this process now
-    else:
-        run_dir = new_run_dir(cfg, accelerator)
-        state = RunState.create(run_dir, "comparison", variants, accelerator)
+    # Before the comparison's folder and parent run exist, what the finetune command checks before its own: an
+    # unreachable tracking server once took minutes and a traceback here, and left an INCOMPLETE folder behind.
+    preflight(cfg, accelerator)
+    if cfg.base_checkpoint:
+        load_base(cfg)  # a damaged or mismatched base: refused now, not inside the first seed's run
+    resumed = bool(cfg.resume)
+    run_dir = find_run(cfg, "comparison") if resumed else new_run_dir(cfg, accelerator)
+    cfg = dataclasses.replace(cfg, resume=None)
+    with run_lock(run_dir, accelerator), interrupted_in(run_dir):  # one process at a time in a run folder
+        if resumed:
+            state = RunState.load(run_dir, "comparison", variants, accelerator)
+            if accelerator.is_main_process:
+                mark_incomplete(run_dir)  # the marker names this process now
+        else:
+            state = RunState.create(run_dir, "comparison", variants, accelerator)
+        return _compare_seeds(cfg, seeds, variants, accelerator, parallel, run_dir, state)
+
+
+def _compare_seeds(cfg: Config, seeds: list[int], variants: Optional[list[dict]], accelerator: Accelerator,
+                   parallel: int, run_dir: Path, state: RunState) -> ComparisonOutput:
+    """Every seed still to run (finished seeds are read back), then the summary; marks the comparison complete."""
     tags = {"run_dir": str(run_dir), "stage": "comparison", "seeds": ",".join(map(str, seeds))}
     with Tracker(cfg, "comparison", accelerator.is_main_process, tags, state.run_id("comparison")) as tracker:
         state.record_run("comparison", tracker.run_id)

@@ -183,6 +183,33 @@ STEP_RULES = ("per_chunk", "per_minibatch")
 EPS_MODES = ("fixed", "calibrated")
 
 
+class RepeatedKey(yaml.YAMLError):
+    """A key that one mapping of a YAML file holds twice."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load`'s loader, except that a key repeated in one mapping is an error: PyYAML keeps the last value
+    silently, so a second `finetune:` block would drop every key of the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        places: dict[Any, tuple[int, int]] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges on purpose
+                continue
+            key, mark = self.construct_object(key_node, deep=True), key_node.start_mark
+            place = (mark.line + 1, mark.column + 1)
+            try:
+                if key in places:
+                    (line, column), first = place, places[key]
+                    where = (f"line {first[0]} and line {line}" if first[0] != line
+                             else f"line {line}, columns {first[1]} and {column}")  # a flow mapping: {a: 1, a: 2}
+                    raise RepeatedKey(f"key {key!r} appears twice, at {where}")
+                places[key] = place
+            except TypeError:  # an unhashable key: the constructor below names it
+                continue
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file at `path`, then `key=value` overrides; validated."""
     cfg = Config()
@@ -191,11 +218,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise UserError(f"config file {str(path)!r} not found (pass an existing YAML file to --config)")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
+        except RepeatedKey as err:
+            raise UserError(f"config file {str(path)!r}: {err}; the second would silently replace the first: "
+                            "keep one (merge the two)") from None
         except yaml.YAMLError as err:
             raise UserError(f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        except UnicodeDecodeError as err:
+            raise UserError(f"config file {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}); pass "
+                            "a YAML file to --config") from None
+        data = {} if data is None else data  # an empty file (or only comments) sets nothing
         if not isinstance(data, dict):
-            raise UserError(f"config file {str(path)!r} must hold a mapping of keys, not {type(data).__name__}")
+            raise UserError(f"config file {str(path)!r} must hold a mapping of keys (e.g. `finetune:` then "
+                            f"`  alpha: 0.3`), not a {type(data).__name__} ({data!r:.40})")
         for key, value in _flatten(data).items():
             _set(cfg, key, value)
     for item in overrides:
@@ -206,9 +241,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
             value = text
-        _set(cfg, key.strip(), value)
+        _set(cfg, key.strip(), value, text)
     validate(cfg)
     return cfg
+
+
+def load_cli_config(path: Optional[str], overrides: list[str]) -> Config:
+    """`load_config` of what a command gives, each key given once (`check_given_once`)."""
+    check_given_once(overrides)
+    return load_config(path, overrides)
+
+
+def check_given_once(overrides: list[str]) -> None:
+    """Refuse a key given twice on a command line (the last would silently win). Programs layer overrides on
+    purpose (a sweep's trial adds its own output_dir), so only commands check."""
+    given: dict[str, str] = {}
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key in given:
+            raise UserError(f"config key {key!r} is given twice on the command line ({given[key]!r} and {item!r}); "
+                            "give it once")
+        given[key] = item
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -218,6 +271,18 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         _set(cfg, key, value)
     validate(cfg)
     return cfg
+
+
+def read_saved_config(path: Path) -> Config:
+    """A config.yaml that `save_config` wrote (beside a run or a checkpoint), rebuilt and validated; a damaged one
+    is a UserError whose message is the first line of the reason."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise UserError((str(err).strip().splitlines() or [type(err).__name__])[0]) from None
+    if not isinstance(data, dict):
+        raise UserError(f"it holds a {type(data).__name__}, not a mapping of keys")
+    return config_from_dict(data)
 
 
 def save_config(cfg: Config, path: Path) -> None:
@@ -268,6 +333,11 @@ def validate(cfg: Config) -> None:
     for key in ("base.epochs", "probe.epochs", "finetune.epochs", "data.num_workers",
                 "analysis.robustness_images", "analysis.ig_images", "analysis.ig_steps"):
         _in_range(key, _get(cfg, key), 0, None)
+    for stage in ("finetune",) if cfg.base_checkpoint else ("base", "probe", "finetune"):
+        if _get(cfg, f"{stage}.epochs") == 0:  # the stage's model would be reported as if trained
+            raise UserError(f"config key '{stage}.epochs': 0 epochs would train nothing and report the untrained "
+                            f"model; set {stage}.epochs >= 1" + (" (or base_checkpoint= to skip stages 1–2)"
+                                                                 if stage != "finetune" else ""))
     for key in SEED_KEYS:
         _in_range(key, _get(cfg, key), 0, MAX_SEED)
     if cfg.data.name == "synthetic":  # the generator's own checks, worded with the config keys
@@ -287,14 +357,21 @@ def validate(cfg: Config) -> None:
                             "shrink the intervals without new evidence — list each seed once")
         if min(cfg.seeds) < 0:
             raise UserError(f"config key 'seeds': seeds must be >= 0, got {min(cfg.seeds)}")
-    if cfg.data.target == cfg.data.protected:
-        raise UserError("config keys 'data.target' and 'data.protected' name the same attribute; choose two")
+    if _attribute(cfg.data.target) == _attribute(cfg.data.protected):
+        raise UserError(f"config keys 'data.target' and 'data.protected' name the same attribute "
+                        f"({cfg.data.target!r} and {cfg.data.protected!r}); choose two, e.g. data.target=Smiling "
+                        "data.protected=Male")
     _validate_mitigations(cfg)
     name = cfg.experiment
     if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
         # It names a folder under output_dir: a path there would write outside it.
         raise UserError(f"config key 'experiment': {name!r} is not a plain folder name; use letters, digits, "
                         "'-', '_' or '.', without '/' (e.g. experiment=smiling_resnet18)")
+
+
+def _attribute(name: str) -> str:
+    """An attribute name as the same attribute however spelled: `Smiling`, `smiling`, `SMILING_`."""
+    return "".join(c for c in name.lower() if c.isalnum())
 
 
 def _validate_mitigations(cfg: Config) -> None:
@@ -380,7 +457,8 @@ def _get(cfg: Config, key: str) -> Any:
     return obj
 
 
-def _set(cfg: Config, key: str, value: Any) -> None:
+def _set(cfg: Config, key: str, value: Any, text: Optional[str] = None) -> None:
+    """Set `key` to `value`, checked against its type; `text` is the value as typed on a command line."""
     *parents, leaf = key.split(".")
     obj: Any = cfg
     for part in parents:
@@ -394,7 +472,15 @@ def _set(cfg: Config, key: str, value: Any) -> None:
         hint = f" (did you mean {close[0]!r}?)" if close else " (see distributed_asac/config.py for the keys)"
         raise UserError(f"unknown config key {key!r}{hint}")
     hint_type = typing.get_type_hints(type(obj))[leaf]
+    if text is not None and value is not None and not isinstance(value, str) and _holds_text(hint_type):
+        value = text  # a name as typed: YAML reads experiment=0x1F as 31 and data.target=yes as True
     setattr(obj, leaf, _coerce(key, value, hint_type))
+
+
+def _holds_text(hint: Any) -> bool:
+    """Whether a field's type is str or Optional[str]."""
+    return hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                           and set(typing.get_args(hint)) == {str, type(None)})
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

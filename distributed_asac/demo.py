@@ -24,8 +24,8 @@ from typing import Optional
 import torch
 
 from .comparison import compare
-from .config import help_text, load_config
-from .errors import UserError, exit_on_user_error
+from .config import help_text, load_cli_config
+from .errors import UserError, exit_on_user_error, module_command
 from .logs import setup_logging
 from .registry import suggest
 from .rows import fine_tuned_rows
@@ -37,6 +37,8 @@ DEMO_ROWS = ("plain", "asac_fgsm")  # asac_pgd, the slowest row, is left to --ro
 def row_variants(rows: str) -> list[dict]:
     """The stage-3 settings of each row named in `rows` (comma-separated; the rows of rows.py)."""
     names, valid = [r.strip() for r in rows.split(",") if r.strip()], fine_tuned_rows()
+    if not names:  # no rows would mean the config's own row, which the user did not ask for
+        raise UserError(f"--rows {rows!r} names no row; give at least one of {', '.join(valid)}")
     for name in names:
         if name not in valid:
             raise UserError(f"unknown row {name!r} in --rows{suggest(name, list(valid))}")
@@ -55,13 +57,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. finetune.epochs=1")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    with exit_on_user_error():
+    with exit_on_user_error(module_command("distributed_asac.demo", argv)):
         for flag, value in (("--parallel-seeds", args.parallel_seeds), ("--threads", args.threads)):
             if value is not None and value < 1:
                 raise UserError(f"{flag} must be at least 1, got {value}")
         if args.threads is not None:
             torch.set_num_threads(args.threads)
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_cli_config(args.config, args.overrides)
         compare(cfg, variants=row_variants(args.rows), parallel=args.parallel_seeds)
     close_process_group()
     print(f"finished in {time.perf_counter() - start:.0f} s")

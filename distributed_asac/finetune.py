@@ -13,8 +13,8 @@ import argparse
 import logging
 from typing import Optional
 
-from .config import help_text, load_config
-from .errors import exit_on_user_error
+from .config import help_text, load_cli_config
+from .errors import exit_on_user_error, module_command
 from .logs import setup_logging
 from .pipeline import run
 from .runtime import close_process_group
@@ -30,8 +30,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--config", help="experiment YAML (see configs/); defaults: the CPU demo")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. finetune.alpha=0.3")
     args = parser.parse_args(argv)
-    with exit_on_user_error():
-        cfg = load_config(args.config, args.overrides)
+    with exit_on_user_error(module_command("distributed_asac.finetune", argv)):
+        cfg = load_cli_config(args.config, args.overrides)
         if cfg.seeds and cfg.seeds != [cfg.seed]:
             logging.getLogger(__name__).warning(
                 "seeds=%s is for the comparison over seeds (python -m distributed_asac.demo); this one run uses "

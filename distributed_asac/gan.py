@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-from .config import help_text, load_config
+from .config import help_text, load_cli_config
 from .data.build import build_splits
 from .errors import UserError, exit_on_user_error
 from .gan_engine import generator_file
@@ -28,7 +28,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. gan.epochs=5")
     args = parser.parse_intermixed_args(argv)  # `train --config x.yaml k=v`: the overrides follow the option
     with exit_on_user_error():
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_cli_config(args.config, args.overrides)
         if cfg.gan.checkpoint:
             raise UserError(f"gan.checkpoint is set ({cfg.gan.checkpoint!r}), so there is no generator to train; "
                             "unset it (gan.checkpoint=null) to train one")

@@ -11,6 +11,7 @@ returns (feature extractor, feature dimension, normalisation mean, normalisation
 
 from __future__ import annotations
 
+import pickle
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -123,12 +124,20 @@ def _load_local_weights(model: nn.Module, weights: Optional[str], name: str) -> 
     path = _imagenet_file(name) if weights == "imagenet" else Path(weights)
     if not path.is_file():
         raise UserError(f"model.weights file {weights!r} not found (give a local torchvision state dict for {name})")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        state = err
+    if not isinstance(state, dict):  # damaged, not a torch or safetensors file, or a tensor / model object
+        reason = (str(state).strip().splitlines() or [type(state).__name__])[0][:200]
+        raise UserError(f"model.weights {weights!r} cannot be read as a state dict ({reason}); give a torchvision "
+                        f"{name} state dict (.pth or .safetensors)")
     try:
         model.load_state_dict(state)
     except RuntimeError as err:  # missing, unexpected or wrongly shaped keys

@@ -29,14 +29,15 @@ from .checkpoint import WEIGHTS, load_checkpoint, save_checkpoint, whole_state_d
 from .config import Config, check_batch_sizes, save_config
 from .data.build import build_splits
 from .data.datasets import Splits
-from .errors import UserError
+from .errors import UserError, interrupted_in
 from .evaluate import evaluate, write_results
 from .failpoints import failpoint
-from .models import TwoHeadModel, create_model
+from .mitigations.groups import dataset_groups, group_counts
+from .models import BACKBONES, TwoHeadModel, create_model
 from .report import format_table, plot_ig_figure, plot_robustness
-from .resume import INCOMPLETE, RunState, find_run, mark_complete, mark_incomplete
+from .resume import INCOMPLETE, RunState, find_run, mark_complete, mark_incomplete, run_lock
 from .rows import MODES, in_table_order, row_name
-from .runtime import make_accelerator, seed_everything, zero_stage
+from .runtime import make_accelerator, on_main_process, seed_everything, zero_stage
 from .stage3 import finetune
 from .stages import train_stage
 from .stats import bootstrap_interval
@@ -70,23 +71,17 @@ def preflight(cfg: Config, accelerator: Accelerator) -> None:
     """Refuse, before any data or training, an output_dir that cannot hold run folders and a tracking store
     that cannot be used (then mark KILLED the runs of this experiment whose process was killed). The main
     process checks; every rank raises the same one-line error."""
-    problem: list[Optional[str]] = [None]
-    if accelerator.is_main_process:
-        try:
-            for path in (Path(cfg.output_dir) / cfg.experiment, *(Path(cfg.output_dir) / cfg.experiment).parents):
-                if path.exists():  # the nearest existing path on the way must be a folder
-                    if not path.is_dir():
-                        raise UserError(f"config key 'output_dir': {str(path)!r} is an existing file, not a folder; "
-                                        "set output_dir to a folder (it is created if missing)")
-                    break
-            check_store(cfg)
-            close_killed_runs(cfg, INCOMPLETE)
-        except UserError as err:
-            problem = [str(err)]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(problem)
-    if problem[0]:
-        raise UserError(problem[0])
+    def check() -> None:
+        for path in (Path(cfg.output_dir) / cfg.experiment, *(Path(cfg.output_dir) / cfg.experiment).parents):
+            if path.exists():  # the nearest existing path on the way must be a folder
+                if not path.is_dir():
+                    raise UserError(f"config key 'output_dir': {str(path)!r} is an existing file, not a folder; "
+                                    "set output_dir to a folder (it is created if missing)")
+                break
+        check_store(cfg)
+        close_killed_runs(cfg, INCOMPLETE)
+
+    on_main_process(accelerator, check)
     if accelerator.num_processes > 1:
         check_shared_folders(cfg, accelerator)
 
@@ -130,6 +125,23 @@ def check_shared_folders(cfg: Config, accelerator: Accelerator) -> None:
                 f"node: rank(s) {[rank for rank, _ in blind]} on {', '.join(hosts)} cannot read the file rank 0 wrote "
                 f"there; set {key} to an absolute path on a file system that every node mounts at the same path "
                 "(NFS, Lustre, ...)")
+
+
+def check_splits(cfg: Config, splits: Splits) -> None:
+    """Refuse splits on which a run means nothing, before any training: a train split with one target label or
+    one protected group (M or C would learn a constant) and a test split missing a (target, protected) group
+    (the fairness metrics compare the groups: every one of them would be n/a)."""
+    for key, labels in (("data.target", splits.train.targets), ("data.protected", splits.train.protected_labels)):
+        if len(labels.unique()) < 2:
+            name = cfg.data.target if key == "data.target" else cfg.data.protected
+            raise UserError(f"the train split ({len(labels)} images) has only {name}={int(labels[0])} ({key}): a "
+                            f"classifier of one class learns nothing; use a dataset where {name} takes both values, "
+                            f"or set {key} to another attribute")
+    counts, shown = group_counts(dataset_groups(splits.test))
+    if min(counts) == 0:
+        raise UserError(f"the test split lacks a (target, protected) group ((y, a) = ({cfg.data.target}, "
+                        f"{cfg.data.protected}): {shown}), so every fairness metric would be n/a; use a larger or "
+                        "less biased test split, or other data.target / data.protected")
 
 
 def check_replicas(model: TwoHeadModel, accelerator: Accelerator) -> dict[str, object]:
@@ -250,6 +262,11 @@ BASE_KEYS = ("model.backbone", "model.protected_classifier", "data.target", "dat
 
 def load_base(cfg: Config) -> TwoHeadModel:
     """The model of `cfg.base_checkpoint`, checked to match the config on every key that a base fixes."""
+    folder = Path(cfg.base_checkpoint)
+    if _model_name(folder) == "base":  # stage 1's folder: C is untrained
+        raise UserError(f"base_checkpoint {cfg.base_checkpoint!r} is a stage-1 (base) folder: its protected "
+                        "classifier C was never trained (stage 2 trains it); point base_checkpoint at "
+                        f"{folder.parent / 'probe'}, the probe/ folder of the same run")
     model, saved = load_checkpoint(cfg.base_checkpoint)
     ours, theirs = cfg.flat(), saved.flat()
     for key in BASE_KEYS:
@@ -259,6 +276,14 @@ def load_base(cfg: Config) -> TwoHeadModel:
                 f"{key}={ours[key]}; set {key}={theirs[key]} or train a new base (leave base_checkpoint unset)"
             )
     return model
+
+
+def _model_name(folder: Path) -> Optional[str]:
+    """The model a checkpoint folder's results.json reports (`{name: report}`), None if it has none readable."""
+    try:
+        return next(iter(json.loads((folder / "results.json").read_text())), None)
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def run_finetune(cfg: Config, base: TwoHeadModel, splits: Splits, accelerator: Accelerator, run_dir: Path,
@@ -317,7 +342,11 @@ def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optiona
     preflight(cfg, accelerator)
     seed_everything(cfg.seed, accelerator)
     base = load_base(cfg) if cfg.base_checkpoint else None  # before the data: a bad checkpoint costs nothing
+    if base is None and cfg.model.weights:  # a bad weights file: refused now, not once the run folder exists
+        with torch.random.fork_rng(devices=[]):  # the throwaway network must not move the run's random state
+            BACKBONES.get(cfg.model.backbone)(cfg.model.weights)
     splits = build_splits(cfg, accelerator)
+    check_splits(cfg, splits)
     check_batch_sizes(cfg, len(splits.train), accelerator.num_processes,
                       ("finetune",) if base is not None else ("base", "probe", "finetune"))
     for overrides in variants or [{}]:  # what a row cannot run on (no generator file, no train twins) stops it now
@@ -326,14 +355,26 @@ def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optiona
             row.check(cfg)
         if row.check_splits is not None:  # e.g. a valid split too small to balance (dfr)
             row.check_splits(cfg, splits)
-    if resume:
-        state = RunState.load(run_dir, "pipeline", variants, accelerator)
-        if accelerator.is_main_process:
-            mark_incomplete(run_dir)  # the marker names this process now
-            print(f"resuming {run_dir} (finished: {', '.join(state.data['finished']) or 'nothing yet'})", flush=True)
-    else:
+    if not resume:
         run_dir = new_run_dir(cfg, accelerator, run_dir)
-        state = RunState.create(run_dir, "pipeline", variants, accelerator)
+    with run_lock(run_dir, accelerator), interrupted_in(run_dir):  # one process at a time in a run folder
+        if resume:
+            state = RunState.load(run_dir, "pipeline", variants, accelerator)
+            if accelerator.is_main_process:
+                mark_incomplete(run_dir)  # the marker names this process now
+                print(f"resuming {run_dir} (finished: {', '.join(state.data['finished']) or 'nothing yet'})",
+                      flush=True)
+        else:
+            state = RunState.create(run_dir, "pipeline", variants, accelerator)
+        results = train_rows(cfg, variants, base, splits, accelerator, run_dir, state, parent_run_id, label)
+    return RunOutput(run_dir, results)
+
+
+def train_rows(cfg: Config, variants: Optional[list[dict]], base: Optional[TwoHeadModel], splits: Splits,
+               accelerator: Accelerator, run_dir: Path, state: RunState, parent_run_id: Optional[str],
+               label: Optional[str]) -> dict[str, dict]:
+    """Stages 1–2 (unless `base` is given), then stage 3 once per variant, then the run's summary: the run folder
+    is complete. Returns model name → test report."""
     tags = {"run_dir": str(run_dir)}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
@@ -357,4 +398,4 @@ def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optiona
         mark_complete(run_dir)
         print(f"\n{table}\n\nresults: {run_dir}/results.json  (MLflow experiment {cfg.experiment!r})")
     accelerator.wait_for_everyone()
-    return RunOutput(run_dir, results)
+    return results

@@ -19,21 +19,24 @@ A resumed stage restarts the epoch after the newest saved one from that epoch's 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
-import yaml
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
-from .config import Config, config_from_dict
-from .errors import UserError
+from .config import Config, read_saved_config
+from .errors import UserError, one_line
 from .failpoints import failpoint
 from .files import atomic_write
+from .locks import acquire, release
+from .runtime import on_main_process
 
 INCOMPLETE = "INCOMPLETE"  # marker of a run folder whose run has not finished (killed, failed or running)
 STATE = "state.json"
@@ -56,7 +59,7 @@ class RunState:
 
     @classmethod
     def load(cls, folder: Path, kind: str, variants: Optional[list[dict]], accelerator: Accelerator) -> "RunState":
-        data = json.loads((folder / STATE).read_text())
+        data = read_state(folder)
         if data["kind"] != kind:
             entry = "python -m distributed_asac.demo" if data["kind"] == "comparison" else "python -m distributed_asac.finetune"
             raise UserError(f"resume: {str(folder)!r} is a {data['kind']} run; resume it with {entry}")
@@ -105,14 +108,60 @@ def mark_complete(folder: Path) -> None:
     (folder / INCOMPLETE).unlink(missing_ok=True)
 
 
+@contextmanager
+def run_lock(folder: Path, accelerator: Accelerator) -> Iterator[None]:
+    """The run folder's lock (locks.py), held by the main process for the block: a second `resume=` of this run,
+    while this process runs in it, is refused in one line (on every rank) naming this process."""
+    path = on_main_process(accelerator, lambda: acquire(folder, "run folder", f"continue it with resume={folder}"))
+    try:
+        yield
+    finally:
+        if path is not None:
+            release(path)
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    """The state.json of a run folder, or one UserError naming it when it is damaged (a disk fault, a hand edit;
+    the file is written atomically, so never half by a kill)."""
+    try:
+        data = json.loads((folder / STATE).read_text())
+        problem = None if isinstance(data, dict) and isinstance(data.get("kind"), str) else "no run kind in it"
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        problem = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if problem:
+        raise UserError(f"the run state {folder / STATE} is damaged ({problem}), so this run cannot be resumed; "
+                        "start a new run (without resume=) or restore the file")
+    return data
+
+
+def saved_config(folder: Path) -> Config:
+    """The config.yaml of a run folder, or one UserError naming it when it is damaged."""
+    try:
+        return read_saved_config(folder / "config.yaml")
+    except UserError as err:
+        raise UserError(f"the run config {folder / 'config.yaml'} is damaged ({one_line(err)}), so this run cannot "
+                        "be resumed; start a new run (without resume=) or restore the file") from None
+
+
+def _resumable(folder: Path, kind: str) -> bool:
+    """Whether `folder` is an unfinished `kind` run that `resume=latest` can take; a damaged one is skipped with
+    a warning, so that it never stops the experiment's other runs from being resumed."""
+    if not all((folder / name).is_file() for name in (INCOMPLETE, STATE, "config.yaml")):
+        return False
+    try:
+        saved_config(folder)
+        return read_state(folder)["kind"] == kind
+    except UserError as err:
+        logging.getLogger(__name__).warning("resume=latest skips %s: %s", folder, err)
+        return False
+
+
 def find_run(cfg: Config, kind: str) -> Path:
     """The run folder `cfg.resume` names ("latest": the newest unfinished `kind` run of the experiment), checked
     to be resumable and to have been started with the same config (every key but `IGNORED_KEYS`)."""
     if cfg.resume == "latest":
         base = Path(cfg.output_dir) / cfg.experiment
-        candidates = [p for p in (base.iterdir() if base.is_dir() else [])
-                      if (p / INCOMPLETE).is_file() and (p / STATE).is_file() and (p / "config.yaml").is_file()
-                      and json.loads((p / STATE).read_text()).get("kind") == kind]
+        candidates = [p for p in (base.iterdir() if base.is_dir() else []) if _resumable(p, kind)]
         if not candidates:
             raise UserError(f"resume=latest: no unfinished {kind} run of experiment {cfg.experiment!r} under "
                             f"{str(base)!r} (a run folder with an {INCOMPLETE} marker)")
@@ -122,7 +171,7 @@ def find_run(cfg: Config, kind: str) -> Path:
         if not (folder / "config.yaml").is_file() or not (folder / STATE).is_file():
             raise UserError(f"resume={cfg.resume}: not a resumable run folder (it needs config.yaml and {STATE}, "
                             f"as written in runs/<experiment>/<run>/); use resume=latest or a run folder")
-        found = json.loads((folder / STATE).read_text()).get("kind")
+        found = read_state(folder)["kind"]
         if found != kind:
             entry = "python -m distributed_asac.demo" if found == "comparison" else "python -m distributed_asac.finetune"
             raise UserError(f"resume={cfg.resume}: this folder is a {found} run; resume it with {entry}")
@@ -133,7 +182,7 @@ def find_run(cfg: Config, kind: str) -> Path:
 
 
 def check_same_config(cfg: Config, folder: Path) -> None:
-    saved = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text()) or {}).flat()
+    saved = saved_config(folder).flat()
     given = cfg.flat()
     for key in given:
         if key in IGNORED_KEYS:

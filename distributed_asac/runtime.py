@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 import os
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, TypeVar
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 
 from .config import Config, per_rank_batch
@@ -31,6 +31,26 @@ def make_accelerator() -> Accelerator:
             "alone. On CPU set ACCELERATE_USE_CPU=true for DDP (or use launch/cpu_ddp.sh); see docs/distributed.md"
         )
     return accelerator
+
+
+T = TypeVar("T")
+
+
+def on_main_process(accelerator: Accelerator, work: Callable[[], T]) -> Optional[T]:
+    """`work()` on the main process alone (None elsewhere); a UserError it raises is raised on every rank, so
+    that all stop together instead of the others waiting at the next collective for a rank that left."""
+    problem: list[Optional[str]] = [None]
+    result = None
+    if accelerator.is_main_process:
+        try:
+            result = work()
+        except UserError as err:
+            problem = [str(err)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(problem)
+    if problem[0]:
+        raise UserError(problem[0])
+    return result
 
 
 def is_deepspeed(accelerator: Accelerator) -> bool:

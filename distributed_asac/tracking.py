@@ -23,6 +23,7 @@ from typing import Any, Iterator, Optional
 
 from .config import Config
 from .errors import UserError
+from .locks import gone, holder
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -64,6 +65,33 @@ def probe_store(uri: str, where: str) -> None:
     except Exception as err:  # noqa: BLE001 - a probe: any failure here is the store's, named in one line
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise UserError(f"MLflow tracking store {uri} ({where}) cannot be used: {reason}; {fix}") from None
+    if parsed.scheme == "sqlite" and uri.removeprefix("sqlite:///"):
+        _probe_sqlite_write(uri, where, fix)
+
+
+def _probe_sqlite_write(uri: str, where: str, fix: str) -> None:
+    """A sqlite store that can be read but not written (a read-only file or folder, a write lock another process
+    keeps) passed the read above and then failed at the run's first write in a hundred lines: take sqlite's
+    write lock once, waiting at most PROBE_TIMEOUT_S, and roll back (nothing is written)."""
+    import sqlite3
+
+    path = Path(uri.removeprefix("sqlite:///"))
+    problem = None
+    if not os.access(path.parent, os.W_OK):
+        problem = f"its folder {path.parent} is not writable (sqlite writes its journal there)"
+    else:
+        try:
+            connection = sqlite3.connect(path, timeout=PROBE_TIMEOUT_S)
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+                connection.rollback()
+            finally:
+                connection.close()
+        except sqlite3.Error as err:
+            problem = str(err)
+    if problem:
+        raise UserError(f"MLflow tracking store {uri} ({where}) cannot be written: {problem}; make it writable, stop "
+                        f"the process that holds it, or {fix}")
 
 
 @contextlib.contextmanager
@@ -201,13 +229,11 @@ def close_killed_runs(cfg: Config, marker: str) -> list[str]:
     warning, never a reason to stop the new run."""
     if not cfg.tracking.enabled:
         return []
-    import re
-
     dead = set()
     runs_dir = Path(cfg.output_dir) / cfg.experiment
     for path in [*runs_dir.glob(f"*/{marker}"), *runs_dir.glob(f"*/seed_*/{marker}")]:  # runs; a comparison's seeds
-        found = re.search(r"pid (\d+) on (\S+);", path.read_text(errors="replace"))
-        if found and found.group(2) == socket.gethostname() and not _alive(int(found.group(1))):
+        found = holder(path.read_text(errors="replace"))
+        if found and gone(*found):
             dead.add(str(path.parent))
     if not dead:
         return []
@@ -226,16 +252,6 @@ def close_killed_runs(cfg: Config, marker: str) -> list[str]:
     if killed:
         logging.getLogger(__name__).info("marked %d MLflow run(s) of killed processes KILLED", len(killed))
     return killed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 class Tracker:
@@ -329,4 +345,7 @@ class Tracker:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.active and self.run_id is not None:
-            self._client.set_terminated(self.run_id, status="FAILED" if exc_type else "FINISHED")
+            status = "FINISHED" if exc_type is None else "FAILED"
+            if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C or SIGTERM (errors.py)
+                status = "KILLED"
+            self._client.set_terminated(self.run_id, status=status)

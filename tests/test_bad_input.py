@@ -8,6 +8,7 @@ names the problem, and that nothing of the earlier run, the dataset or the MLflo
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -20,12 +21,16 @@ from typing import Callable, Optional
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from safetensors import SafetensorError
 
-from distributed_asac import pipeline
-from distributed_asac.config import load_config
-from distributed_asac.resume import INCOMPLETE
+from distributed_asac import finetune, pipeline
+from distributed_asac.config import load_config, save_config
+from distributed_asac.data.celeba_format import ATTRIBUTE_FILE, read_attribute_file, write_attribute_file
+from distributed_asac.locks import LOCK, acquire
+from distributed_asac.resume import INCOMPLETE, STATE, mark_incomplete
 
 REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "smoke.yaml"
 # The earlier run and every row share these: a 120-image generated set (84 train images) at 32 px.
 TINY = ["data.synthetic_num_images=120", "base.epochs=1", "probe.epochs=1", "finetune.epochs=1",
         "analysis.robustness_images=0", "analysis.ig_images=0"]
@@ -93,24 +98,110 @@ def unknown_key_in_checkpoint_config(world: World, tmp_path: Path) -> list[str]:
     return [f"base_checkpoint={folder}"]
 
 
-def corrupt_test_image(world: World, tmp_path: Path) -> list[str]:
-    """A copy of the dataset, read as CelebA, whose last test image is a truncated JPEG."""
+def _celeba_copy(world: World, tmp_path: Path) -> tuple[Path, dict[str, list[str]]]:
+    """A copy of the dataset to read as CelebA: its root and the images of each split ("0" train, "2" test)."""
     root = tmp_path / "celeba"
     shutil.copytree(world.root / "data", root)
     partition = (root / "list_eval_partition.txt").read_text().split()
-    test_images = [name for name, split in zip(partition[::2], partition[1::2]) if split == "2"]
-    world.corrupt_jpeg(root / "img_align_celeba" / test_images[-1])
+    splits: dict[str, list[str]] = {}
+    for name, split in zip(partition[::2], partition[1::2]):
+        splits.setdefault(split, []).append(name)
+    return root, splits
+
+
+def _set_attribute(root: Path, images: list[str], attribute: str, value: int) -> None:
+    """Set `attribute` to `value` (±1) for `images` in the copy's list_attr_celeba.txt."""
+    path = root / ATTRIBUTE_FILE
+    table = read_attribute_file(path)
+    values = table.values.copy()
+    rows = [table.image_ids.index(image) for image in images]
+    values[rows, table.names.index(attribute)] = value
+    write_attribute_file(path, table.image_ids, table.names, values > 0)
+
+
+def corrupt_test_image(world: World, tmp_path: Path) -> list[str]:
+    """A copy of the dataset, read as CelebA, whose last test image is a truncated JPEG."""
+    root, splits = _celeba_copy(world, tmp_path)
+    world.corrupt_jpeg(root / "img_align_celeba" / splits["2"][-1])
     return ["data.name=celeba", f"data.root={root}"]
 
 
 def corrupt_train_image_in_a_worker(world: World, tmp_path: Path) -> list[str]:
     """A copy of the dataset, read as CelebA by a DataLoader worker, whose first train image is truncated."""
-    root = tmp_path / "celeba"
-    shutil.copytree(world.root / "data", root)
-    partition = (root / "list_eval_partition.txt").read_text().split()
-    train_images = [name for name, split in zip(partition[::2], partition[1::2]) if split == "0"]
-    world.corrupt_jpeg(root / "img_align_celeba" / train_images[0])
+    root, splits = _celeba_copy(world, tmp_path)
+    world.corrupt_jpeg(root / "img_align_celeba" / splits["0"][0])
     return ["data.name=celeba", f"data.root={root}", "data.num_workers=1"]
+
+
+def train_split_of_one_target_label(world: World, tmp_path: Path) -> list[str]:
+    """A copy of the dataset, read as CelebA, where every train image is Smiling."""
+    root, splits = _celeba_copy(world, tmp_path)
+    _set_attribute(root, splits["0"], "Smiling", 1)
+    return ["data.name=celeba", f"data.root={root}"]
+
+
+def no_smiling_man_in_test(world: World, tmp_path: Path) -> list[str]:
+    """A copy of the dataset, read as CelebA, whose test split has no smiling man: every test man is made female."""
+    root, splits = _celeba_copy(world, tmp_path)
+    _set_attribute(root, splits["2"], "Male", -1)
+    return ["data.name=celeba", f"data.root={root}"]
+
+
+def stage_one_folder(world: World, tmp_path: Path) -> list[str]:
+    return [f"base_checkpoint={world.probe.parent / 'base'}"]
+
+
+HELD_OPEN: list = []  # sqlite connections that keep a store's write lock for the rest of the session
+
+
+def store_locked_by_another_process(world: World, tmp_path: Path) -> list[str]:
+    """A store that can be read but not written: another connection keeps its write lock (as a running writer
+    would; a read-only file behaves alike, but permissions do not stop root)."""
+    import sqlite3
+
+    uri = f"sqlite:///{tmp_path / 'locked.db'}"
+    MlflowClient(uri).search_experiments()  # creates the store's tables
+    connection = sqlite3.connect(tmp_path / "locked.db")
+    connection.execute("BEGIN IMMEDIATE")
+    HELD_OPEN.append(connection)
+    return [f"tracking.uri={uri}"]
+
+
+def weights_not_a_state_dict(world: World, tmp_path: Path) -> list[str]:
+    (tmp_path / "resnet18.pth").write_bytes(os.urandom(4096))
+    return ["model.backbone=resnet18", f"model.weights={tmp_path / 'resnet18.pth'}"]
+
+
+def name_too_long(world: World, tmp_path: Path) -> list[str]:
+    return [f"output_dir={tmp_path / ('x' * 300)}"]
+
+
+def symlink_loop(world: World, tmp_path: Path) -> list[str]:
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    return [f"output_dir={tmp_path / 'loop' / 'runs'}"]
+
+
+def _unfinished_run(world: World, name: str) -> Path:
+    """The folder of an unfinished run of row `name`'s config, as its start writes it (nothing trained)."""
+    folder = world.root / "runs" / f"case_{name}" / "unfinished"
+    folder.mkdir(parents=True)
+    save_config(load_config(SMOKE, _row_overrides(world, name)), folder / "config.yaml")
+    (folder / STATE).write_text(json.dumps({"kind": "pipeline"}))
+    mark_incomplete(folder)
+    return folder
+
+
+def run_held_by_another_process(world: World, tmp_path: Path) -> list[str]:
+    """An unfinished run of this row's config whose folder this test process holds (as a running run would)."""
+    folder = _unfinished_run(world, "run_in_use")
+    acquire(folder, "run folder", "rerun")  # held by this (live) process until the test session ends
+    return [f"resume={folder}"]
+
+
+def damaged_run_state(world: World, tmp_path: Path) -> list[str]:
+    folder = _unfinished_run(world, "damaged_run_state")
+    (folder / STATE).write_bytes(b"\x00" * 64)  # a disk fault
+    return [f"resume={folder}"]
 
 
 def base(world: World, tmp_path: Path) -> list[str]:
@@ -139,6 +230,7 @@ class Case:
     setup: Optional[Callable[[World, Path], list[str]]] = None  # more overrides, made in the row's tmp_path
     env: dict[str, str] = field(default_factory=dict)
     starts: bool = False  # the run starts and must stop: its folder keeps INCOMPLETE, its MLflow run FAILED
+    config: Optional[str | bytes] = None  # what the --config file holds (default: configs/smoke.yaml)
 
 
 CASES = {
@@ -183,6 +275,18 @@ CASES = {
                                                            r"cannot be used"),
     "garbage_sqlite": Case([], r"garbage\.db \(tracking\.uri\) cannot be used: .*file is not a database",
                            setup=garbage_sqlite),
+    "store_cannot_be_written": Case([], r"locked\.db \(tracking\.uri\) cannot be written: database is locked; "
+                                        r"make it writable, stop the process that holds it",
+                                    setup=store_locked_by_another_process),
+    "weights_not_a_state_dict": Case([], r"model\.weights '.*resnet18\.pth' cannot be read as a state dict \(.*\); "
+                                         r"give a torchvision resnet18 state dict", setup=weights_not_a_state_dict),
+    # faults of a path the user gave: one line naming it, wherever they happen
+    "output_dir_name_too_long": Case([], r"^error: .*/x{300}/case_\w+: File name too long; give a shorter path, "
+                                         r"then rerun$", setup=name_too_long),
+    "output_dir_in_a_symlink_loop": Case([], r"^error: .*/loop.*: Too many levels of symbolic links; the path runs "
+                                             r"through a loop", setup=symlink_loop),
+    "config_not_utf8": Case([], r"config\.yaml' is not UTF-8 text \(invalid start byte at byte 0\)",
+                            config=b"\xff\xfe" + os.urandom(64)),
     "output_dir_is_a_file": Case([], r"config key 'output_dir': .*a_file' is an existing file",
                                  setup=output_dir_is_a_file),
     # a comparator row refuses, before any training, what it cannot run on
@@ -206,29 +310,94 @@ CASES = {
     "seed_negative": Case(["seed=-1"], r"config key 'seed': -1 is out of range"),
     "synthetic_seed_negative": Case(["data.synthetic_seed=-1"], r"config key 'data\.synthetic_seed': -1 is out"),
     "grad_clip_zero": Case(["grad_clip=0"], r"config key 'grad_clip': must be > 0"),
+    # runs that could not mean anything, refused before training
+    "zero_epochs": Case(["probe.epochs=0"], r"config key 'probe\.epochs': 0 epochs would train nothing .*set "
+                                            r"probe\.epochs >= 1"),
+    "same_attribute_spelled_otherwise": Case(["data.protected=smiling"],
+                                             r"'data\.target' and 'data\.protected' name the same attribute "
+                                             r"\('Smiling' and 'smiling'\)"),
+    "train_split_of_one_target_label": Case([], r"the train split \(84 images\) has only Smiling=1 \(data\.target\)",
+                                            setup=train_split_of_one_target_label),
+    "test_split_without_a_group": Case([], r"the test split lacks a \(target, protected\) group .*\(y=1, a=1\) 0\)"
+                                           r", so every fairness metric would be n/a", setup=no_smiling_man_in_test),
+    "base_checkpoint_of_stage_one": Case([], r"is a stage-1 \(base\) folder: .*point base_checkpoint at .*/probe, the "
+                                             r"probe/ folder", setup=stage_one_folder),
+    # config files and command lines say what they mean
+    "yaml_repeated_section": Case([], r"config\.yaml': key 'finetune' appears twice, at line 1 and line 5; the "
+                                      r"second would silently replace the first",
+                                  config="finetune:\n  alpha: 0.3\nbase:\n  epochs: 1\nfinetune:\n  lr: 0.01\n"),
+    "yaml_not_a_mapping": Case([], r"config\.yaml' must hold a mapping of keys .*not a int \(0\)",
+                               config="0\n"),
+    "key_twice_on_the_command_line": Case(["finetune.alpha=0.3", "finetune.alpha=0.4"],
+                                          r"config key 'finetune\.alpha' is given twice on the command line "
+                                          r"\('finetune\.alpha=0\.3' and 'finetune\.alpha=0\.4'\); give it once"),
+    # one process at a time in a run folder
+    "run_in_use": Case([], r"run folder .*unfinished is in use by pid \d+ on this host .*\(kill \d+\), then "
+                           r"continue it with resume=.*unfinished$", setup=run_held_by_another_process),
+    "damaged_run_state": Case([], r"the run state .*unfinished/state\.json is damaged \(.*\), so this run cannot be "
+                                  r"resumed; start a new run \(without resume=\) or restore the file$",
+                              setup=damaged_run_state),
 }
 
+
+# Kinds refused by the config alone: the same entry point runs in this process (no new interpreter, no imports).
+IN_PROCESS = {"alpha_nan", "lr_inf", "eps_item_nan", "eps_empty", "eps_only_zero", "group_dro_eta_zero",
+              "jtt_upweight_below_one", "experiment_empty", "experiment_outside", "seed_negative",
+              "synthetic_seed_negative", "grad_clip_zero", "zero_epochs", "same_attribute_spelled_otherwise",
+              "yaml_repeated_section", "yaml_not_a_mapping", "key_twice_on_the_command_line",
+              "config_not_utf8"}
 
 # Kinds that repeat another row's code path with other values (a checkpoint field, a damaged file): each still
 # runs in `make test-slow`, so the default run stays within its time budget.
 SLOW = {"base_other_protected", "base_other_size", "weights_of_other_backbone", "checkpoint_yaml_unknown_key",
-        "gan_checkpoint_not_a_generator", "lr_inf", "eps_empty", "experiment_empty", "synthetic_seed_negative"}
+        "gan_checkpoint_not_a_generator"}
+
+
+def _row_overrides(world: World, name: str) -> list[str]:
+    """What every row passes: the earlier run's data and folders, the tiny sizes, an experiment of its own."""
+    return [f"data.root={world.root / 'data'}", f"output_dir={world.root / 'runs'}", *TINY, f"experiment=case_{name}"]
+
+
+def _as_a_command(monkeypatch, world: World, case: Case) -> None:
+    """This process as a row's command would start: in the world's folder, with the row's environment."""
+    monkeypatch.chdir(world.root)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value)
+
+
+def _with_own(shared: list[str], own: list[str]) -> list[str]:
+    """`shared` overrides less the keys that `own` sets, then `own`: a row's value replaces the shared one (a
+    command line must give each key once); a row that repeats a key on purpose keeps both."""
+    keys = {item.partition("=")[0] for item in own}
+    return [*(item for item in shared if item.partition("=")[0] not in keys), *own]
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CASES])
-def test_bad_input_is_one_line_and_changes_nothing(name, world, tmp_path):
+def test_bad_input_is_one_line_and_changes_nothing(name, world, tmp_path, monkeypatch, capsys):
     case = CASES[name]
-    overrides = [f"data.root={world.root / 'data'}", f"output_dir={world.root / 'runs'}", *TINY,
-                 f"experiment=case_{name}", *case.overrides, *(case.setup(world, tmp_path) if case.setup else [])]
+    overrides = _with_own(_row_overrides(world, name),
+                          [*case.overrides, *(case.setup(world, tmp_path) if case.setup else [])])
+    config = SMOKE
+    if case.config is not None:
+        config = tmp_path / "config.yaml"
+        config.write_bytes(case.config if isinstance(case.config, bytes) else case.config.encode())
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])), **case.env)
     before = _snapshot(world)
-    proc = subprocess.run([sys.executable, "-m", "distributed_asac.finetune", "--config",
-                           str(REPO / "configs" / "smoke.yaml"), *overrides],
-                          cwd=world.root, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    if name in IN_PROCESS:
+        _as_a_command(monkeypatch, world, case)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stopped:
+            finetune.main(["--config", str(config), *overrides])
+        code, stderr = stopped.value.code, capsys.readouterr().err
+    else:
+        proc = subprocess.run([sys.executable, "-m", "distributed_asac.finetune", "--config", str(config), *overrides],
+                              cwd=world.root, env=env, capture_output=True, text=True, timeout=600)
+        code, stderr = proc.returncode, proc.stderr
+    assert code == 2, stderr[-3000:]
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
     assert re.search(case.message, lines[0]), lines[0]
     files, runs = _snapshot(world)
     assert {p: h for p, h in files.items() if p in before[0]} == before[0]  # nothing earlier changed or went
@@ -254,6 +423,63 @@ def test_sweep_with_an_unreachable_tracking_server_stops_before_its_parent_run(t
     assert len(lines) == 1 and re.match(r"error: MLflow tracking server http://127\.0\.0\.1:9 \(the sweep's "
                                         r"tracking URI\) is unreachable", lines[0]), proc.stderr[-3000:]
     assert not (tmp_path / "runs").exists()  # no sweep folder, no data, no base
+
+
+def test_an_empty_rows_list_is_one_line(capsys):
+    """`--rows ''` named no row; it used to run the config's own row instead."""
+    from distributed_asac import demo
+
+    with pytest.raises(SystemExit) as stopped:
+        demo.main(["--rows", "", "--config", str(SMOKE)])
+    lines = capsys.readouterr().err.splitlines()
+    assert stopped.value.code == 2 and len(lines) == 1
+    assert re.match(r"error: --rows '' names no row; give at least one of .*asac_fgsm", lines[0])
+
+
+@pytest.mark.parametrize("kind", ["server_unreachable", "garbage_sqlite", "output_dir_is_a_file",
+                                  "base_other_backbone"])
+def test_the_demo_refuses_what_finetune_refuses_before_its_folder_and_parent_run(kind, world, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """The comparison (`python -m distributed_asac.demo`) runs the finetune command's preflight first."""
+    from distributed_asac import demo
+
+    case = CASES[kind]
+    _as_a_command(monkeypatch, world, case)
+    shared = [f"data.root={world.root / 'data'}", f"output_dir={tmp_path / 'runs'}", *TINY, "experiment=demo_case"]
+    overrides = _with_own(shared, [*case.overrides, *(case.setup(world, tmp_path) if case.setup else [])])
+    before = _snapshot(world)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        demo.main(["--config", str(SMOKE), "--rows", "plain", *overrides])
+    lines = capsys.readouterr().err.splitlines()
+    assert stopped.value.code == 2 and len(lines) == 1 and re.search(case.message, lines[0]), lines
+    assert not (tmp_path / "runs" / "demo_case").exists() and _snapshot(world) == before
+
+
+def test_a_second_driver_on_a_running_sweep_is_refused_and_changes_nothing(tmp_path):
+    """This test process opens a sweep as its driver would (folder, parent run, lock); a second driver's
+    `--resume` of it must stop in one line naming this process, before it deletes or reopens anything."""
+    from tune.sweep import open_sweep
+    from tune.spec import load_sweep
+
+    overrides = [f"output_dir={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    sweep = load_sweep(REPO / "configs" / "sweeps" / "smoke.yaml", overrides, None)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    with open_sweep(sweep, None) as (folder, state):
+        before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        proc = subprocess.run([sys.executable, "tune/sweep.py", "--config", "configs/sweeps/smoke.yaml", *overrides,
+                               "--resume", str(folder)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        lines = proc.stderr.splitlines()
+        assert len(lines) == 1 and re.match(
+            rf"error: sweep folder {re.escape(str(folder))} is in use by pid {os.getpid()} on this host .*\(kill "
+            rf"{os.getpid()}\), then continue it with: python tune/sweep.py --config .*smoke\.yaml --resume "
+            rf"{re.escape(str(folder))}$", lines[0]), proc.stderr[-3000:]
+        assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+        parent = MlflowClient(state["tracking_uri"]).get_run(state["parent_run_id"])
+        assert parent.info.status == "RUNNING" and parent.info.end_time is None
+    assert not (folder / LOCK).exists()  # the first driver's lock went with it
 
 
 def test_a_killed_run_is_marked_killed_by_the_next_run_and_others_are_left_alone(tmp_path):
@@ -300,11 +526,70 @@ def test_a_full_disk_is_one_line(code, capsys):
     assert lines[0].startswith("error: no space left on the device while writing /runs/demo/x/model.safetensors")
 
 
-def test_other_os_errors_are_not_hidden():
+def test_sigterm_is_one_line_naming_the_outermost_run_folder_and_the_handler_is_restored(capsys):
+    """A comparison's folder (outer) replaces its seed's (inner) in the command; a resume= already given goes."""
+    import signal
+
+    from distributed_asac.errors import exit_on_user_error, interrupted_in
+
+    before = signal.getsignal(signal.SIGTERM)
+    command = ["python", "-m", "distributed_asac.demo", "seed=1", "resume=latest"]
+    with pytest.raises(SystemExit) as stopped, exit_on_user_error(command):
+        with interrupted_in(Path("/runs/demo/1")), interrupted_in(Path("/runs/demo/1/seed_1")):
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert stopped.value.code == 143 and signal.getsignal(signal.SIGTERM) is before
+    assert capsys.readouterr().err.splitlines() == [
+        "interrupted; resume with: python -m distributed_asac.demo seed=1 resume=/runs/demo/1"]
+    with pytest.raises(SystemExit) as stopped, exit_on_user_error(command[:-1]):
+        raise KeyboardInterrupt  # Ctrl-C before any run folder
+    assert stopped.value.code == 130 and capsys.readouterr().err.splitlines() == [
+        "interrupted before a run folder existed; nothing to resume: rerun python -m distributed_asac.demo seed=1"]
+
+
+@pytest.mark.parametrize("raised", [
+    RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file data/0: file "
+                 "write failed"),  # torch.save
+    SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left '
+                    'on device" })'),  # safetensors' save_file
+])
+def test_a_write_that_torch_or_safetensors_reports_failed_is_one_line(raised, capsys):
     from distributed_asac.errors import exit_on_user_error
 
+    with pytest.raises(SystemExit) as stopped, exit_on_user_error():
+        try:
+            raise raised
+        except Exception as err:
+            raise RuntimeError("while saving the training state") from err  # wrapped, as Accelerate may
+    lines = capsys.readouterr().err.splitlines()
+    assert stopped.value.code == 2 and len(lines) == 1
+    assert lines[0].startswith(f"error: a file could not be written ({type(raised).__name__}: ")
+    assert "most likely because the disk or quota is full" in lines[0]
+
+
+def test_other_os_errors_are_not_hidden():
+    """A fault that is no path's (an I/O error, or one without a file name) keeps its traceback."""
+    import errno
+
+    from distributed_asac.errors import exit_on_user_error
+
+    with pytest.raises(OSError), exit_on_user_error():
+        raise OSError(errno.EIO, "Input/output error", "/x")
     with pytest.raises(PermissionError), exit_on_user_error():
-        raise PermissionError(13, "Permission denied", "/x")
+        raise PermissionError(errno.EACCES, "Permission denied")
+    with pytest.raises(RuntimeError, match="no write"), exit_on_user_error():
+        raise RuntimeError("no write failed here")
+
+
+def test_a_read_only_path_is_one_line(capsys):
+    """Permissions do not stop root, which runs these tests: the fault is raised as the OS raises it."""
+    import errno
+
+    from distributed_asac.errors import exit_on_user_error
+
+    with pytest.raises(SystemExit) as stopped, exit_on_user_error():
+        raise OSError(errno.EROFS, "Read-only file system", "/mnt/ro/runs/demo")
+    assert stopped.value.code == 2 and capsys.readouterr().err.splitlines() == [
+        "error: /mnt/ro/runs/demo: Read-only file system; give a path on a writable file system, then rerun"]
 
 
 # Loaded by the run's interpreter at start-up (sitecustomize on PYTHONPATH): every sqlite connection may use

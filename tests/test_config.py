@@ -30,6 +30,31 @@ def test_types_are_coerced_only_where_safe():
         load_config(None, ["seed=true"])
 
 
+def test_a_name_stays_as_typed():
+    """YAML reads 0x1F as 31, yes as True and 1e3 as a float: a str key keeps the text (a non-str key does not)."""
+    cfg = load_config(None, ["experiment=0x1F", "data.target=yes", "data.protected=1e3", "model.weights='a b'"])
+    assert (cfg.experiment, cfg.data.target, cfg.data.protected, cfg.model.weights) == ("0x1F", "yes", "1e3", "a b")
+    assert load_config(None, ["base_checkpoint=null", "seed=0x1F"]).base_checkpoint is None
+    assert load_config(None, ["seed=0x1F"]).seed == 31
+
+
+def test_zero_epochs_are_refused_only_in_a_stage_that_runs():
+    """A base_checkpoint skips stages 1–2, so their epochs do not matter then; stage 3 always trains."""
+    assert load_config(None, ["base_checkpoint=runs/x/probe", "base.epochs=0", "probe.epochs=0"]).base.epochs == 0
+    with pytest.raises(UserError, match=r"'base\.epochs': 0 epochs would train nothing .*\(or base_checkpoint="):
+        load_config(None, ["base.epochs=0"])
+    with pytest.raises(UserError, match=r"'finetune\.epochs': 0 epochs would train nothing .*>= 1$"):
+        load_config(None, ["base_checkpoint=runs/x/probe", "finetune.epochs=0"])
+
+
+def test_yaml_keeps_its_meaning_without_repeats(tmp_path):
+    """The loader is yaml.safe_load's apart from repeated keys: anchors and merge keys still work."""
+    path = tmp_path / "merged.yaml"
+    path.write_text("base: &stage {epochs: 2, lr: 0.01}\nprobe:\n  <<: *stage\n  epochs: 1\n")
+    cfg = load_config(path)
+    assert (cfg.base.epochs, cfg.probe.epochs, cfg.probe.lr) == (2, 1, 0.01)
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -65,6 +90,14 @@ def test_bad_file(tmp_path):
         load_config(bad)
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(UserError, match="mapping"):
+        load_config(bad)
+    bad.write_text("0\n")  # a falsy scalar too: it is not an empty file
+    with pytest.raises(UserError, match=r"must hold a mapping of keys .*not a int \(0\)"):
+        load_config(bad)
+    bad.write_text("# nothing yet\n")
+    assert load_config(bad) == Config()
+    bad.write_text("base:\n  epochs: 1\nfinetune: {alpha: 0.3, alpha: 0.4}\n")
+    with pytest.raises(UserError, match=r"key 'alpha' appears twice, at line 3, columns 12 and 24; the second"):
         load_config(bad)
 
 

@@ -32,8 +32,8 @@ ACCELERATE = str(Path(sys.executable).with_name("accelerate"))  # the CLI of thi
 def base_checkpoint(tmp_path_factory, in_folder):
     """Stages 1–2 once, single process, on a generated set whose test split has an odd size."""
     tmp = tmp_path_factory.mktemp("dist")
-    overrides = [*in_folder(tmp), "data.synthetic_num_images=305", "experiment=base", "base.epochs=1", "probe.epochs=1"]
-    cfg = load_config(REPO / "configs" / "smoke.yaml", overrides)
+    overrides = [*in_folder(tmp), "data.synthetic_num_images=305", "base.epochs=1", "probe.epochs=1"]
+    cfg = load_config(REPO / "configs" / "smoke.yaml", [*overrides, "experiment=base"])
     out = pipeline.run(cfg, variants=[{"mode": "base"}])
     return tmp, overrides, out.run_dir / "probe"
 
@@ -98,7 +98,8 @@ def test_deepspeed_zero3_two_cpu_processes(base_checkpoint):
     epoch with the best logged valid ACC; both are checked against single-process evaluations.
     """
     tmp, overrides, _ = base_checkpoint
-    overrides = [*overrides, "base.epochs=4"]  # several epochs: the best-epoch keep and restore have a choice to make
+    # several epochs: the best-epoch keep and restore have a choice to make (a command line gives a key once)
+    overrides = [*(o for o in overrides if not o.startswith("base.epochs=")), "base.epochs=4"]
     folder = _launch("deepspeed_zero3.yaml", {}, tmp, overrides, "zero3")
     model, splits, accelerator = _check(folder, overrides, "DEEPSPEED", zero_stage=3)
     base, _, _ = _check(folder.parent / "base", overrides, "DEEPSPEED", zero_stage=3)

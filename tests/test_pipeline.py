@@ -105,7 +105,7 @@ def test_same_seed_same_numbers(smoke_run, tmp_path, smoke_config):
 
 
 def test_failed_run_is_marked_and_damages_nothing(smoke_run, tmp_path, monkeypatch, smoke_config):
-    cfg = smoke_config(tmp_path, "experiment=fails", "probe.epochs=0")
+    cfg = smoke_config(tmp_path, "experiment=fails", "probe.epochs=1")
     first = pipeline.run(cfg, variants=[{"mode": "base"}])
     run_dir = first.run_dir
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}

@@ -3,8 +3,12 @@ with `resume=latest` ends with the same files as an uninterrupted run of the sam
 and the same MLflow runs; a folder that is not a resumable run, or a differing config, is one clear error."""
 
 import json
+import logging
 import os
+import shlex
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +20,8 @@ from mlflow.tracking import MlflowClient
 from distributed_asac import pipeline
 from distributed_asac.config import load_config, save_config
 from distributed_asac.errors import UserError
-from distributed_asac.failpoints import PAUSE_AT, PAUSE_DIR
+from distributed_asac.failpoints import PAUSE_AT, PAUSE_DIR, RELEASE
+from distributed_asac.locks import LOCK
 from distributed_asac.resume import INCOMPLETE, STATE, find_run
 
 from .conftest import _free_port
@@ -78,6 +83,22 @@ def _kill_at(out: Path, overrides: list[str], point: str, ddp: bool = False) -> 
         proc.wait()
         log.close()
     assert proc.returncode == -signal.SIGKILL
+
+
+def _held_at(out: Path, overrides: list[str], point: str) -> subprocess.Popen:
+    """Start a one-process run (stdout and stderr piped) and return it once it holds at `point`; creating
+    `out/pauses/release` lets it go on."""
+    pauses = out / "pauses"
+    pauses.mkdir()
+    run = subprocess.Popen(_command(overrides, False), cwd=out, env=_env(pauses, point), text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + WAIT_S
+    while not list(pauses.glob(f"{point.split(':')[0]}.*.reached")):
+        if run.poll() is not None or time.monotonic() > deadline:
+            run.kill()
+            raise AssertionError(f"never reached {point}: {run.communicate()[1][-3000:]}")
+        time.sleep(0.05)  # polls the file the run writes; no timing assumed
+    return run
 
 
 def _run_folder(out: Path) -> Path:
@@ -144,13 +165,14 @@ def test_killed_run_resumes_to_the_same_results(point, first_epoch, tmp_path, da
     overrides = _overrides(data, tmp_path)
     _kill_at(tmp_path, overrides, point)
     killed = _run_folder(tmp_path)
-    assert (killed / INCOMPLETE).is_file()
+    assert (killed / INCOMPLETE).is_file() and (killed / LOCK).is_file()  # a killed process keeps its lock
     if point.startswith("state.before_rename"):
         saved = sorted(p.name for p in (killed / "asac_fgsm" / "state").iterdir())
         assert saved == [".epoch_0002.tmp", "epoch_0001"]
     proc = _run(tmp_path, [*overrides, "resume=latest"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resuming {killed}" in proc.stdout
+    assert "took over the stale lock" in proc.stderr and not (killed / LOCK).exists()  # its holder is dead
     epochs = [line for line in proc.stdout.splitlines() if " epoch " in line]
     assert epochs[0].startswith(first_epoch), epochs  # it continued, it did not start over
     assert _run_folder(tmp_path) == killed  # continued in the same folder, no new one
@@ -236,6 +258,75 @@ def _fake_run(tmp_path: Path, *overrides: str) -> tuple[Path, list[str]]:
                                             "mlflow_runs": {}, "finished": {}}))
     (folder / INCOMPLETE).write_text("")
     return folder, base
+
+
+def test_a_damaged_run_is_one_line_and_latest_resumes_the_others(tmp_path, caplog):
+    older, base = _fake_run(tmp_path)
+    damaged = older.with_name("20260101-000001")
+    shutil.copytree(older, damaged)
+    os.utime(damaged / "config.yaml", ns=(time.time_ns(), time.time_ns() + 10**9))  # the newest run
+    (damaged / STATE).write_text('{"kind": ')  # a disk fault or a hand edit
+
+    def resume(value: str):
+        return load_config(REPO / "configs" / "smoke.yaml", [*base, f"resume={value}"])
+
+    with caplog.at_level(logging.WARNING):
+        assert find_run(resume("latest"), "pipeline") == older
+    assert f"resume=latest skips {damaged}: the run state {damaged / STATE} is damaged" in caplog.text
+    with pytest.raises(UserError, match=r"the run state .*000001/state\.json is damaged \(Expecting value: .*\), so "
+                                        r"this run cannot be resumed; start a new run \(without resume=\)"):
+        find_run(resume(str(damaged)), "pipeline")
+    shutil.copy(older / STATE, damaged / STATE)
+    (damaged / "config.yaml").write_text("- a list\n")
+    with pytest.raises(UserError, match=r"the run config .*000001/config\.yaml is damaged \(it holds a list"):
+        find_run(resume(str(damaged)), "pipeline")
+    assert find_run(resume("latest"), "pipeline") == older
+
+
+@pytest.mark.slow  # about a minute: a whole run, held at a pause point while a second process tries to resume it
+def test_a_second_resume_of_a_running_run_is_refused_and_the_run_goes_on(tmp_path, data, reference):
+    overrides = _overrides(data, tmp_path)
+    first = _held_at(tmp_path, overrides, "stage.epoch_end:stage=base,epoch=1")
+    try:
+        held = _run_folder(tmp_path)
+        before = {p: p.read_bytes() for p in held.rglob("*") if p.is_file()}
+        second = _run(tmp_path, [*overrides, "resume=latest"])
+        assert second.returncode == 2 and second.stderr.splitlines() == [
+            f"error: run folder {held} is in use by pid {first.pid} on this host ({socket.gethostname()}; lock "
+            f"{held / LOCK}); wait for it to finish or stop it (kill {first.pid}), then continue it with "
+            f"resume={held}"], second.stderr[-3000:]
+        assert {p: p.read_bytes() for p in held.rglob("*") if p.is_file()} == before
+        (tmp_path / "pauses" / RELEASE).write_text("")
+        out, err = first.communicate(timeout=WAIT_S)
+        assert first.returncode == 0, err[-3000:]
+    finally:
+        first.kill()
+    _same_outputs(held, reference, ["base", "probe", "asac_fgsm"])
+    assert not (held / LOCK).exists()
+
+
+@pytest.mark.parametrize("signum", [pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGTERM])
+def test_an_interrupted_run_is_one_line_and_resumes_with_the_command_it_prints(signum, tmp_path, data, reference):
+    """Ctrl-C or SIGTERM in stage 1: exit 130 or 143, one line with the exact command that resumes the run, the
+    stage's MLflow run KILLED, the lock released and the marker kept; that command then finishes the run."""
+    overrides = _overrides(data, tmp_path)
+    first = _held_at(tmp_path, overrides, "stage.epoch_end:stage=base,epoch=1")
+    try:
+        first.send_signal(signum)
+        _, err = first.communicate(timeout=WAIT_S)
+    finally:
+        first.kill()
+    run_dir = _run_folder(tmp_path)
+    resume = [*_command(overrides, False), f"resume={run_dir}"]
+    assert first.returncode == 128 + signum and err.splitlines() == [
+        f"interrupted; resume with: {shlex.join(resume)}"], err[-3000:]
+    assert (run_dir / INCOMPLETE).is_file() and not (run_dir / LOCK).exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (base,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert base.info.run_name == "base" and base.info.status == "KILLED"
+    proc = subprocess.run(resume, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=WAIT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _same_outputs(run_dir, reference, ["base", "probe", "asac_fgsm"])
 
 
 def test_a_differing_config_key_is_named(tmp_path):

@@ -232,20 +232,26 @@ def test_report_has_one_row_per_trial(swept):
 
 
 @pytest.mark.slow  # a third Ray start (~45 s here): the fast tests already check no process outlives a sweep
-def test_ctrl_c_stops_the_sweep_and_ray(swept, ray_tmp):
-    """SIGINT while a trial runs (its base is cached): Tune stops it, Ray is shut down, the driver exits 130."""
-    path = _write_sweep(swept.root, "interrupted", {"g": {"finetune.epochs": [3]}})
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_stops_the_sweep_and_ray(signum, swept, ray_tmp):
+    """SIGINT or SIGTERM while a trial runs (its base is cached): Tune stops it, Ray is shut down, the trial's run
+    and the parent end KILLED, the driver exits 130 or 143 naming the command that resumes the sweep."""
+    path = _write_sweep(swept.root, f"interrupted-{signum}", {"g": {"finetune.epochs": [3]}})
     marker = uuid.uuid4().hex
-    pauses = swept.root / "interrupted-pauses"
+    pauses = swept.root / f"interrupted-{signum}-pauses"
     pauses.mkdir()
     env = {**_env(marker, ray_tmp), PAUSE_DIR: str(pauses), PAUSE_AT: "stage.epoch_end:stage=finetune,epoch=1"}
     driver = subprocess.Popen(_sweep_cli("--config", str(path)), env=env, cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for_files(driver, (pauses, "stage.epoch_end.*.reached"))  # the trial is mid-run, paused
-    driver.send_signal(signal.SIGINT)
+    driver.send_signal(signum)
     _, err = driver.communicate(timeout=600)  # bounds a hang only
-    assert driver.returncode == 130 and "--resume" in err.splitlines()[-1]
-    folder = _sweep_dir(swept.root, "interrupted")
+    folder = _sweep_dir(swept.root, f"interrupted-{signum}")
+    assert driver.returncode == 128 + signum, err[-3000:]
+    assert err.splitlines()[-1] == (f"interrupted; resume with: {sys.executable} -m tune.sweep --config {path} "
+                                    f"--resume {folder}")
+    children = _children(swept.root, read_state(folder)["parent_run_id"])  # the trial's fine-tune (its base is cached)
+    assert children and "RUNNING" not in {r.info.status for r in children}, [r.info.status for r in children]
     assert not list(folder.glob(f"trials/*/{RECORD}"))  # unfinished: --resume would run it
     parent = MlflowClient(f"sqlite:///{swept.root / 'mlflow.db'}").get_run(read_state(folder)["parent_run_id"])
     assert parent.info.status == "KILLED" and parent.data.metrics["trials_pending"] == 1

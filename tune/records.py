@@ -154,10 +154,16 @@ def reopen_parent(uri: str, run_id: str) -> None:
 
 
 def finish_parent(uri: str, run_id: str, status: str, records: list[TrialRecord]) -> None:
-    """End the parent run as `status` with the trial counts (`trials_finished`, ...) as its metrics."""
+    """End the parent run as `status` with the trial counts (`trials_finished`, ...) as its metrics. A parent that
+    ends KILLED ends its children still RUNNING as KILLED too: the trials' processes were stopped with the
+    driver, and a killed process cannot end its own run."""
     client = MlflowClient(uri)
     counts = status_counts(records)
     client.log_batch(run_id, metrics=[Metric(f"trials_{s}", float(n), _now(), 0) for s, n in counts.items()])
+    if status == "KILLED":
+        for child in child_runs(uri, run_id):
+            if child.info.status == "RUNNING":
+                client.set_terminated(child.info.run_id, status="KILLED")
     client.set_terminated(run_id, status=status)
 
 

@@ -8,8 +8,8 @@
 The driver reads and validates the sweep file (spec.py: every trial's config is built before Ray starts),
 generates the synthetic dataset once, starts Ray, trains each missing base model once (as Ray tasks, before any
 trial) and runs the trials with Tune (trials.py), keeps their records and MLflow runs (records.py) and writes
-the report (report.py). Exit status: 0 all trials finished, 1 some failed, 2 bad input, 130 interrupted
-(continue with --resume).
+the report (report.py). Exit status: 0 all trials finished, 1 some failed, 2 bad input, 130 (Ctrl-C) or 143 (SIGTERM)
+interrupted (the last line is the command that resumes it).
 """
 
 from __future__ import annotations
@@ -17,18 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 if not __package__:  # `python tune/sweep.py`: Python put tune/ on the path, not the repository that holds it
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distributed_asac.config import load_config
-from distributed_asac.errors import UserError, exit_on_user_error
+from distributed_asac.config import check_given_once, load_config
+from distributed_asac.errors import Interrupted, UserError, exit_on_user_error, interrupted_in, module_command
+from distributed_asac.locks import locked
 from distributed_asac.logs import setup_logging
 from distributed_asac.tracking import probe_store, tracking_uri
 from tune import records, trials
@@ -80,17 +83,30 @@ def main(argv: Optional[list[str]] = None) -> int:
             return report_command(args.report, args.overrides)
         if not args.config:
             raise UserError("--config is required (a sweep file such as configs/sweeps/smoke.yaml)")
+        check_given_once(args.overrides)
         sweep = load_sweep(args.config, args.overrides, args.seeds)
         if args.dry_run:
             print(describe(sweep))
             return 0
         try:
-            code = run_sweep(sweep, args)
-        except KeyboardInterrupt:
-            code = 130
-        if code == 130:
-            print(f"\ninterrupted; continue with: python tune/sweep.py --config {args.config} --resume", file=sys.stderr)
-        return code
+            return run_sweep(sweep, args)
+        except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (run_sweep forwards it as SIGINT)
+            folder = getattr(err, "run_dir", None)
+            if folder is None:
+                print(f"interrupted before the sweep folder existed; nothing to resume: rerun "
+                      f"{shlex.join(module_command('tune.sweep', argv))}", file=sys.stderr)
+            else:
+                print(f"interrupted; resume with: {shlex.join(resume_command(args, folder))}", file=sys.stderr)
+            return 128 + getattr(err, "signum", signal.SIGINT)
+
+
+def resume_command(args: argparse.Namespace, folder: Path) -> list[str]:
+    """The command that continues the sweep in `folder` with the same settings."""
+    options = [*(["--address", args.address] if args.address else []),
+               *(["--shared-store"] if args.shared_store else []),
+               *(["--seeds", ",".join(map(str, args.seeds))] if args.seeds else [])]
+    return [*module_command("tune.sweep", []), "--config", args.config, *options, *args.overrides, "--resume",
+            str(folder)]
 
 
 def describe(sweep: Sweep) -> str:
@@ -110,17 +126,29 @@ def describe(sweep: Sweep) -> str:
     return "\n".join(lines)
 
 
-def open_sweep(sweep: Sweep, resume: Optional[str]) -> tuple[Path, dict[str, Any]]:
-    """A new sweep folder with its parent run and sweep.json, or the one to resume (its parent reopened)."""
+@contextmanager
+def open_sweep(sweep: Sweep, resume: Optional[str]) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """A new sweep folder with its parent run and sweep.json, or the one to resume (its parent reopened), its lock
+    held for the block: a second driver on a sweep whose driver runs is refused before it changes anything."""
     if resume:
         folder = records.latest_sweep_dir(sweep.output_dir, sweep.name) if resume == "latest" else Path(resume).resolve()
         state = read_state(folder)
         if [(t["name"], t["overrides"]) for t in state["trials"]] != [(t.name, t.overrides) for t in sweep.trials]:
             raise UserError(f"--resume: the trials of {sweep.path} differ from those of {folder}; "
                             "start a new sweep (without --resume) or restore the file")
-        records.reopen_parent(state["tracking_uri"], state["parent_run_id"])
-        return folder, state
-    folder = records.new_sweep_dir(sweep.output_dir, sweep.name)
+    else:
+        folder = records.new_sweep_dir(sweep.output_dir, sweep.name)
+    proceed = f"continue it with: python tune/sweep.py --config {sweep.path} --resume {folder}"
+    with locked(folder, "sweep folder", proceed):
+        if resume:
+            records.reopen_parent(state["tracking_uri"], state["parent_run_id"])
+        else:
+            state = new_state(sweep, folder)
+        yield folder, state
+
+
+def new_state(sweep: Sweep, folder: Path) -> dict[str, Any]:
+    """The sweep.json of a new sweep in `folder`, with its MLflow parent run started."""
     state = {"name": sweep.name, "sweep_file": str(sweep.path), "base_config": str(sweep.base_config),
              "experiment": sweep.experiment, "tracking_uri": sweep.tracking_uri, "grids": sweep.grids,
              "resources": vars(sweep.resources), "trials": sweep.trial_dicts(),
@@ -130,7 +158,7 @@ def open_sweep(sweep: Sweep, resume: Optional[str]) -> tuple[Path, dict[str, Any
         params={"base_config": sweep.base_config, "trials": len(sweep.trials), "grids": json.dumps(sweep.grids),
                 "resources": json.dumps(vars(sweep.resources)), "max_concurrent": sweep.max_concurrent})
     records.write_json(folder / records.STATE, state)
-    return folder, state
+    return state
 
 
 def trial_jobs(sweep: Sweep, folder: Path, state: dict[str, Any], retry_failed: bool) -> list[TrialJob]:
@@ -157,27 +185,42 @@ def run_sweep(sweep: Sweep, args: argparse.Namespace) -> int:
     if address is not None:
         check_cluster_store(sweep.tracking_uri, args.shared_store)
     probe_store(sweep.tracking_uri, "the sweep's tracking URI")  # before the parent run: one line, not minutes
-    folder, state = open_sweep(sweep, args.resume)
-    print(f"sweep folder {folder}\nMLflow parent run {state['parent_run_id']} ({state['tracking_uri']})", flush=True)
-    jobs = trial_jobs(sweep, folder, state, args.retry_failed)
-    status, start = "KILLED", time.time()
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` gets the same clean shutdown as Ctrl-C
-    try:
-        if jobs:
-            trials.prepare_data([trials.load_trial_config(job) for job in jobs])
-            execute(sweep, jobs, folder, address)
-        # Tune returns normally after its own Ctrl-C handling: unfinished trials tell the two apart.
-        status = "FINISHED" if all(r.status != "pending" for r in load_records(folder)) else "KILLED"
-    finally:
-        done = load_records(folder)
-        report_dir = folder / "report"
-        write_report(done, sweep.grids, report_dir, f"Sweep {sweep.name}", sweep.claims)
-        records.log_report(state["tracking_uri"], state["parent_run_id"], report_dir, _summary(report_dir))
-        records.finish_parent(state["tracking_uri"], state["parent_run_id"], status, done)
-    print(_closing(done, report_dir, time.time() - start))
-    if status != "FINISHED":
-        return 130
-    return 1 if any(r.status == "failed" for r in done) else 0
+    terminated: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        # `kill` gets Ctrl-C's clean shutdown: Tune's own SIGINT handler stops the trials (Ray's SIGTERM handler
+        # aborted the driver, exit 134, and left the trials' runs RUNNING); the exit status remembers the signal
+        terminated.append(signum)
+        signal.raise_signal(signal.SIGINT)
+
+    def received() -> int:
+        return terminated[0] if terminated else signal.SIGINT
+
+    with open_sweep(sweep, args.resume) as (folder, state), interrupted_in(folder):
+        print(f"sweep folder {folder}\nMLflow parent run {state['parent_run_id']} ({state['tracking_uri']})",
+              flush=True)
+        jobs = trial_jobs(sweep, folder, state, args.retry_failed)
+        status, start = "KILLED", time.time()
+        previous = signal.signal(signal.SIGTERM, forward)
+        try:
+            if jobs:
+                trials.prepare_data([trials.load_trial_config(job) for job in jobs])
+                execute(sweep, jobs, folder, address, forward)
+            # Tune returns normally after its own Ctrl-C handling: unfinished trials tell the two apart.
+            status = "FINISHED" if all(r.status != "pending" for r in load_records(folder)) else "KILLED"
+        except KeyboardInterrupt:  # outside Tune (preparing data, starting Ray): a forwarded SIGTERM lands here too
+            raise Interrupted(received()) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            done = load_records(folder)
+            report_dir = folder / "report"
+            write_report(done, sweep.grids, report_dir, f"Sweep {sweep.name}", sweep.claims)
+            records.log_report(state["tracking_uri"], state["parent_run_id"], report_dir, _summary(report_dir))
+            records.finish_parent(state["tracking_uri"], state["parent_run_id"], status, done)
+        print(_closing(done, report_dir, time.time() - start))
+        if status != "FINISHED":  # Tune returned after its own Ctrl-C handling
+            raise Interrupted(received())
+        return 1 if any(r.status == "failed" for r in done) else 0
 
 
 def check_cluster_store(uri: str, shared: bool) -> None:
@@ -190,7 +233,8 @@ def check_cluster_store(uri: str, shared: bool) -> None:
                         "--shared-store if that file is on a file system every node mounts")
 
 
-def execute(sweep: Sweep, jobs: list[TrialJob], folder: Path, address: Optional[str]) -> None:
+def execute(sweep: Sweep, jobs: list[TrialJob], folder: Path, address: Optional[str],
+            on_sigterm: Callable[[int, Any], None]) -> None:
     """Start Ray (or join `address`), check that a trial fits one node and, on a cluster, that every node sees the
     sweep folder; then run the trials with Tune. A trial whose base model is not cached yet trains it first (once:
     the others of that base wait on its lock), so trials start as soon as their own base exists; the first trial
@@ -198,6 +242,7 @@ def execute(sweep: Sweep, jobs: list[TrialJob], folder: Path, address: Optional[
     if address is None:
         trials.local_ray_environment()
     with trials.ray_session(address):
+        signal.signal(signal.SIGTERM, on_sigterm)  # again: starting Ray installed its own, which aborts the driver
         trials.check_resources(sweep.resources)
         if address is not None:
             trials.check_shared_folder(folder)
@@ -210,10 +255,6 @@ def execute(sweep: Sweep, jobs: list[TrialJob], folder: Path, address: Optional[
         jobs = [*builders.values(), *(job for job in jobs if builders.get(job.key) is not job)]
         attempt = len(list((folder / "ray").glob("attempt-*"))) + 1
         trials.run_trials(jobs, sweep.resources, sweep.max_concurrent, folder / "ray", f"attempt-{attempt}")
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 def _answer(report_dir: Path) -> str:

@@ -23,11 +23,16 @@ def dataset_groups(dataset: Dataset) -> torch.Tensor:
     return group_ids(dataset.targets, dataset.protected_labels)
 
 
+def group_counts(groups: torch.Tensor) -> tuple[list[int], str]:
+    """The images of each group, and the same as text: `(y=0, a=0) 12, (y=0, a=1) 0, ...`."""
+    counts = torch.bincount(groups, minlength=GROUPS).tolist()
+    return counts, ", ".join(f"(y={g // 2}, a={g % 2}) {n}" for g, n in enumerate(counts))
+
+
 def check_groups(groups: torch.Tensor, minimum: int, what: str) -> None:
     """One UserError, naming `what` (the row and split), unless every group holds at least `minimum` images."""
-    counts = torch.bincount(groups, minlength=GROUPS).tolist()
+    counts, shown = group_counts(groups)
     if min(counts) < minimum:
-        shown = ", ".join(f"(y={g // 2}, a={g % 2}) {n}" for g, n in enumerate(counts))
         raise UserError(f"{what} needs at least {minimum} image(s) in every (target, protected) group to balance, "
                         f"and has {shown}; use a larger or less biased dataset, or another row")
 
