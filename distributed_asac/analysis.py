@@ -16,6 +16,7 @@ metric that needs every image.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -54,24 +55,36 @@ def robustness_curve(model: TwoHeadModel, attacker: TwoHeadModel, dataset: Datas
     return [{"eps": e, **{name: 100 * float(c) / n for name, c in zip(columns, row)}} for e, row in zip(eps_list, correct)]
 
 
+def per_image_cosine(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """cos(u_i, v_i) = u_i·v_i / (‖u_i‖ ‖v_i‖) per image of u, v [b, ...], in float64 → [b]; NaN where either is 0.
+
+    In float64 because input gradients of a confident model are tiny (1e-20 and less): in float32 the product of
+    the two norms underflows and torch's cosine_similarity returns values far outside [−1, 1]."""
+    u, v = u.flatten(1).double(), v.flatten(1).double()
+    norms = u.norm(dim=1) * v.norm(dim=1)
+    return torch.where(norms > 0, (u * v).sum(1) / norms, torch.full_like(norms, math.nan))
+
+
 def gradient_alignment(model: TwoHeadModel, attacker: TwoHeadModel, dataset: Dataset, eps: list[float], n_images: int,
                        batch_size: int, device: torch.device) -> dict[str, float]:
     """How close an ASAC is to an adversarial example against M, on the first `n_images` test images:
     cos(∇ₓ CE(C(x), a), ∇ₓ CE(M(x), y)) per image (C: the attacker's, M: this model's), as its mean and quartiles
     (`grad_cosine_mean`, `_q25`, `_median`, `_q75`) and mean |cos| (`grad_abs_cosine_mean`), and per ε > 0 of `eps` the share of FGSM ASACs against that C
     whose M prediction differs from M's on the clean image (`asac_flips_M_eps_<ε>`, and their mean
-    `asac_flips_M`). Everything in eval mode: per-image gradients do not depend on the batch."""
+    `asac_flips_M`). Everything in eval mode: per-image gradients do not depend on the batch. An image where
+    either gradient is exactly 0 (a loss saturated in float32) has no cosine and is left out of its statistics."""
     model.eval()
     attacker.eval()
     eps = [e for e in eps if e > 0]
-    cosines, flips = [], torch.zeros(len(eps))
+    cosines, flips, seen = [], torch.zeros(len(eps)), 0
     for x, y, a, _ in _first_images(dataset, n_images, batch_size):
         x, y, a = x.to(device), y.to(device), a.to(device)
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():  # sums: each image's gradient is its own
             (grad_c,) = torch.autograd.grad(F.cross_entropy(attacker.protected_logits(x), a, reduction="sum"), x)
             (grad_m,) = torch.autograd.grad(F.cross_entropy(model.target_logits(x), y, reduction="sum"), x)
-        cosines.append(F.cosine_similarity(grad_c.flatten(1), grad_m.flatten(1), dim=1, eps=1e-30).cpu())  # [b]
+        cosines.append(per_image_cosine(grad_c, grad_m).cpu())  # [b]
+        seen += len(x)
         if eps:
             x = x.detach()
             asacs = torch.clamp(x + torch.tensor(eps, device=device).view(-1, 1, 1, 1, 1) * grad_c.sign(), 0.0, 1.0)
@@ -79,14 +92,15 @@ def gradient_alignment(model: TwoHeadModel, attacker: TwoHeadModel, dataset: Dat
                 clean = model.target_logits(x).argmax(1)
                 flipped = model.target_logits(asacs.flatten(0, 1)).argmax(1).view(len(eps), -1) != clean
             flips += flipped.sum(1).float().cpu()
-    cos = torch.cat(cosines).double()
+    cos = torch.cat(cosines)
+    cos = cos[~cos.isnan()] if not cos.isnan().all() else cos  # a vanished gradient has no direction: left out
     q25, median, q75 = torch.quantile(cos, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
     # On a balanced test split the sign follows y == a (the two losses pull together where the labels agree and
     # apart where they differ), so the mean can sit near 0 while every |cos| is near 1: report both.
     out = {"grad_cosine_mean": float(cos.mean()), "grad_cosine_q25": q25, "grad_cosine_median": median,
            "grad_cosine_q75": q75, "grad_abs_cosine_mean": float(cos.abs().mean())}
     if eps:
-        rates = {f"asac_flips_M_eps_{e:g}": float(f) / len(cos) for e, f in zip(eps, flips)}
+        rates = {f"asac_flips_M_eps_{e:g}": float(f) / seen for e, f in zip(eps, flips)}
         out.update(rates, asac_flips_M=sum(rates.values()) / len(rates))
     return out
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from distributed_asac.analysis import box_share, gradient_alignment, ig_mouth_share, robustness_curve
+from distributed_asac.analysis import box_share, gradient_alignment, ig_mouth_share, per_image_cosine, robustness_curve
 from distributed_asac.attacks import fgsm
 from distributed_asac.models import create_model
 
@@ -131,6 +131,15 @@ def test_gradient_cosine_is_plus_or_minus_one_when_c_is_ms_head(a_equals_y, cosi
     for key in ("grad_cosine_mean", "grad_cosine_q25", "grad_cosine_median", "grad_cosine_q75"):
         assert out[key] == pytest.approx(cosine, abs=1e-5)
     assert out["grad_abs_cosine_mean"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_per_image_cosine_holds_for_tiny_gradients_and_leaves_out_vanished_ones():
+    # A confident model's input gradients are 1e-20 and smaller: in float32 the product of their norms underflows
+    # (torch's cosine_similarity then returned |cos| > 1). Hand values: parallel 1, opposite −1, orthogonal 0.
+    u = torch.tensor([[3.0, 4.0], [1.0, 0.0], [1.0, 2.0], [0.0, 0.0]]).view(4, 1, 2)
+    v = torch.tensor([[6.0, 8.0], [-2.0, 0.0], [2.0, -1.0], [1.0, 1.0]]).view(4, 1, 2)
+    cos = per_image_cosine(u * 1e-30, v * 1e-12)
+    assert cos[:3].tolist() == pytest.approx([1.0, -1.0, 0.0], abs=1e-12) and cos[3].isnan()
 
 
 def test_gradient_cosine_and_flips_on_independent_heads_match_a_direct_computation():
