@@ -43,7 +43,7 @@ from .data.build import build_splits
 from .errors import UserError, interrupted_in
 from .logs import setup_logging
 from .metrics import COLUMNS, HEADLINE
-from .pipeline import load_base, new_run_dir, preflight, run
+from .pipeline import check_run, new_run_dir, run
 from .report import format_paired, format_table, format_verdicts, plot_paired
 from .resume import INCOMPLETE, STATE, RunState, find_run, mark_complete, mark_incomplete, run_lock
 from .rows import in_table_order
@@ -190,10 +190,9 @@ def compare(cfg: Config, variants: Optional[list[dict]] = None,
                         "cannot do; use one of the two")
     seeds = list(cfg.seeds or [cfg.seed])
     # Before the comparison's folder and parent run exist, what the finetune command checks before its own: an
-    # unreachable tracking server once took minutes and a traceback here, and left an INCOMPLETE folder behind.
-    preflight(cfg, accelerator)
-    if cfg.base_checkpoint:
-        load_base(cfg)  # a damaged or mismatched base: refused now, not inside the first seed's run
+    # unreachable tracking server once took minutes and a traceback here, and left an INCOMPLETE folder behind. The
+    # seeds share the data (no split depends on `seed`), so one check covers every seed's run.
+    check_run(dataclasses.replace(cfg, resume=None), variants, accelerator)
     resumed = bool(cfg.resume)
     run_dir = find_run(cfg, "comparison") if resumed else new_run_dir(cfg, accelerator)
     cfg = dataclasses.replace(cfg, resume=None)

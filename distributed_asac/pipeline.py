@@ -339,6 +339,27 @@ def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optiona
     if cfg.resume and run_dir is None:
         run_dir, resume = find_run(cfg, "pipeline"), True
     cfg = dataclasses.replace(cfg, resume=None)  # what the run's files record: the run's own config
+    base, splits = check_run(cfg, variants, accelerator)
+    if not resume:
+        run_dir = new_run_dir(cfg, accelerator, run_dir)
+    with run_lock(run_dir, accelerator), interrupted_in(run_dir):  # one process at a time in a run folder
+        if resume:
+            state = RunState.load(run_dir, "pipeline", variants, accelerator)
+            if accelerator.is_main_process:
+                mark_incomplete(run_dir)  # the marker names this process now
+                print(f"resuming {run_dir} (finished: {', '.join(state.data['finished']) or 'nothing yet'})",
+                      flush=True)
+        else:
+            state = RunState.create(run_dir, "pipeline", variants, accelerator)
+        results = train_rows(cfg, variants, base, splits, accelerator, run_dir, state, parent_run_id, label)
+    return RunOutput(run_dir, results)
+
+
+def check_run(cfg: Config, variants: Optional[list[dict]],
+              accelerator: Accelerator) -> tuple[Optional[TwoHeadModel], Splits]:
+    """Everything a run is refused for before its folder or any MLflow run exists: `preflight`, the base checkpoint
+    and model weights, the splits (`check_splits`), the batch sizes and what each row of `variants` needs.
+    Returns the base model (None: stages 1–2 will train it) and the splits; the random state is `cfg.seed`'s."""
     preflight(cfg, accelerator)
     seed_everything(cfg.seed, accelerator)
     base = load_base(cfg) if cfg.base_checkpoint else None  # before the data: a bad checkpoint costs nothing
@@ -355,19 +376,7 @@ def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optiona
             row.check(cfg)
         if row.check_splits is not None:  # e.g. a valid split too small to balance (dfr)
             row.check_splits(cfg, splits)
-    if not resume:
-        run_dir = new_run_dir(cfg, accelerator, run_dir)
-    with run_lock(run_dir, accelerator), interrupted_in(run_dir):  # one process at a time in a run folder
-        if resume:
-            state = RunState.load(run_dir, "pipeline", variants, accelerator)
-            if accelerator.is_main_process:
-                mark_incomplete(run_dir)  # the marker names this process now
-                print(f"resuming {run_dir} (finished: {', '.join(state.data['finished']) or 'nothing yet'})",
-                      flush=True)
-        else:
-            state = RunState.create(run_dir, "pipeline", variants, accelerator)
-        results = train_rows(cfg, variants, base, splits, accelerator, run_dir, state, parent_run_id, label)
-    return RunOutput(run_dir, results)
+    return base, splits
 
 
 def train_rows(cfg: Config, variants: Optional[list[dict]], base: Optional[TwoHeadModel], splits: Splits,

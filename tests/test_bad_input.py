@@ -437,7 +437,8 @@ def test_an_empty_rows_list_is_one_line(capsys):
 
 
 @pytest.mark.parametrize("kind", ["server_unreachable", "garbage_sqlite", "output_dir_is_a_file",
-                                  "base_other_backbone"])
+                                  "base_other_backbone", "train_split_of_one_target_label",
+                                  "test_split_without_a_group", "base_batch_too_big", "corrupt_test_image"])
 def test_the_demo_refuses_what_finetune_refuses_before_its_folder_and_parent_run(kind, world, tmp_path, monkeypatch,
                                                                                    capsys):
     """The comparison (`python -m distributed_asac.demo`) runs the finetune command's preflight first."""
