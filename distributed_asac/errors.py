@@ -21,6 +21,8 @@ PATH_FAULTS = {
     errno.EACCES: "give a path this user may read and write (or fix its permissions)",
     errno.EROFS: "give a path on a writable file system",
     errno.ENOTDIR: "a part of the path is a file, not a folder: give another path",
+    errno.EFBIG: ("the file is too large for its file system or for this process's file size limit (ulimit -f): "
+                  "raise the limit or give a path on another file system"),
 }
 
 
@@ -79,8 +81,8 @@ def exit_on_user_error(command: Optional[list[str]] = None):
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         where = f" while writing {err.filename}" if err.filename else ""
-        print(f"error: no space left on the device{where}; free some space or point output_dir (and the "
-              "tracking store) at another disk, then rerun (resume=latest continues an interrupted run)",
+        print(f"error: no space left on the device{where}; free some space or point output_dir (data.cache_dir, "
+              "the tracking store) at another disk, then rerun (resume=latest continues an interrupted run)",
               file=sys.stderr)
         sys.exit(2)
     except Exception as err:

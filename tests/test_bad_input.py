@@ -629,3 +629,40 @@ def test_a_full_tracking_store_is_one_line_and_changes_nothing(spare_pages, worl
     files, runs = _snapshot(world)
     assert {p: h for p, h in files.items() if p in before[0]} == before[0]
     assert {r: v for r, v in runs.items() if r in before[1]} == before[1]
+
+
+# Builds an image cache of 1,000 rows at 32 px (3 MB) in the folder argv[1], under the entry points' error handling.
+BUILD_CACHE = """
+import sys
+import numpy as np
+from distributed_asac.data.cache import open_image_cache
+from distributed_asac.errors import exit_on_user_error
+
+with exit_on_user_error():
+    open_image_cache(sys.argv[1], "big", sys.argv[1], [f"{k}.jpg" for k in range(1000)],
+                     lambda path: np.zeros((32, 32, 3), np.uint8), image_size=32, pipeline="zeros", workers=1)
+"""
+
+
+def test_an_image_cache_over_the_file_size_limit_is_one_line_and_leaves_nothing(tmp_path):
+    """The file a cache is built in is made whole before it is mapped: a file system that cannot hold it is an
+    OSError naming it (here EFBIG, from a file size limit below its size, as `ulimit -f` sets), not a SIGBUS at a
+    later write, and the half-made file is removed (a full tmpfs, ENOSPC, was checked by hand: docs/data.md)."""
+    import resource
+    import signal
+
+    def limited() -> None:  # in the child: a write past 64 KiB fails with EFBIG instead of killing it by SIGXFSZ
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run([sys.executable, "-c", BUILD_CACHE, str(tmp_path / "cache")], env=env, capture_output=True,
+                          text=True, timeout=120, preexec_fn=limited)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert re.fullmatch(rf"error: {re.escape(str(folder))}/images-\w+\.npy\.partial: File too large; the file is too "
+                        r"large for its file system or for this process's file size limit \(ulimit -f\): raise the "
+                        r"limit or give a path on another file system, then rerun", lines[0]), lines[0]
+    assert sorted(p.name for p in folder.iterdir()) == [".lock"]  # no images file, no manifest

@@ -251,3 +251,42 @@ def test_the_full_checksum_pass_runs_once_per_build_and_node(tmp_path, monkeypat
     passes.clear()
     CelebA(fixture.root, **arguments)
     assert passes == [None]
+
+
+def test_a_full_file_system_stops_the_build_naming_the_file_and_leaves_nothing(tmp_path, monkeypatch,
+                                                                                write_celeba_fixture):
+    """The images file's blocks are reserved before it is mapped: on a full file system the memmap's first write
+    would kill the process by SIGBUS, saying nothing; the reservation fails with an OSError naming the file, and the
+    half-made file goes (a full tmpfs, checked by hand: docs/data.md)."""
+    import errno
+
+    fixture = write_celeba_fixture(tmp_path / "data", n=12)
+    asked = []
+
+    def full(fd: int, offset: int, length: int) -> None:
+        asked.append((offset, length))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError) as raised:
+        CelebA(fixture.root, "train", "Smiling", "Male", image_size=32, cache_dir=tmp_path / "cache")
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert raised.value.errno == errno.ENOSPC
+    assert Path(raised.value.filename).parent == folder and raised.value.filename.endswith(".npy.partial")
+    rows = len(CelebA(fixture.root, "train", "Smiling", "Male", image_size=32))
+    assert asked == [(0, 128 + rows * 32 * 32 * 3)]  # the whole file: its .npy header and every row
+    assert images_files(tmp_path / "cache") == [] and not (folder / "manifest.json").exists()
+
+
+def test_a_file_system_that_cannot_reserve_blocks_builds_as_before(tmp_path, monkeypatch, write_celeba_fixture):
+    import errno
+
+    fixture = write_celeba_fixture(tmp_path / "data", n=12)
+
+    def unsupported(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    cached = CelebA(fixture.root, "train", "Smiling", "Male", image_size=32, cache_dir=tmp_path / "cache")
+    assert_same_items(CelebA(fixture.root, "train", "Smiling", "Male", image_size=32), cached)
+    assert len(images_files(tmp_path / "cache")) == 1

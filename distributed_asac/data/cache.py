@@ -27,6 +27,7 @@ Also here, sharing the same parallel pass: :func:`find_bad_images`, which only d
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -315,8 +316,8 @@ def _build(
     size = expected["image_size"]
     build = uuid.uuid4().hex[:12]
     partial = folder / f"images-{build}.npy.partial"
-    np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3)).flush()
     try:
+        _create_images_file(partial, (len(files), size, size, 3))
         bad, checksums = _run_pass(source_dir, files, loader, partial, workers, progress, desc)
         with open(partial, "rb+") as handle:
             os.fsync(handle.fileno())
@@ -350,6 +351,26 @@ def _build(
     if bad:
         log.warning("image cache %s: %d of %d files could not be decoded", folder, len(bad), len(files))
     return manifest
+
+
+def _create_images_file(path: Path, shape: tuple[int, ...]) -> None:
+    """A zeroed uint8 .npy of ``shape`` at ``path`` with all its blocks allocated now. The memmap of a sparse file
+    allocates a page at its first write, and on a full file system (a full tmpfs, a quota) that write kills the
+    process with SIGBUS, saying nothing; posix_fallocate fails instead with an OSError (ENOSPC, EDQUOT, EFBIG) that
+    names the file. Where the file system cannot reserve blocks (EOPNOTSUPP, EINVAL) the file stays sparse."""
+    try:
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape).flush()
+        if hasattr(os, "posix_fallocate"):  # not on macOS
+            with open(path, "rb+") as handle:
+                try:
+                    os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+                except OSError as err:
+                    if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+    except OSError as err:
+        if err.filename is None:  # posix_fallocate and numpy's writes do not say which file
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
 
 
 def _run_pass(
