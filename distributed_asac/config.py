@@ -142,6 +142,7 @@ class AnalysisConfig:
 class TrackingConfig:
     uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     enabled: bool = True  # false: no MLflow logging at all
+    lock_wait_s: float = 60.0  # how long a write waits for a store another process keeps locked, then the run stops
 
 
 @dataclass
@@ -343,7 +344,8 @@ def validate(cfg: Config) -> None:
     if cfg.data.name == "synthetic":  # the generator's own checks, worded with the config keys
         check_generator_arguments(**synthetic_arguments(cfg.data), spell=_generator_key)
     _in_range("gan.latents", cfg.gan.latents, 8, None)  # a hyperplane needs latents of both classes
-    for key in ("base.lr", "probe.lr", "finetune.lr", "gan.lr", "adam_eps", "grad_clip"):  # grad_clip 0 would zero every gradient
+    for key in ("base.lr", "probe.lr", "finetune.lr", "gan.lr", "adam_eps", "grad_clip",  # grad_clip 0 would zero every gradient
+                "tracking.lock_wait_s"):
         if _get(cfg, key) <= 0:
             raise UserError(f"config key {key!r}: must be > 0, got {_get(cfg, key)} (default {_get(Config(), key)})")
     if len(cfg.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.adam_betas):

@@ -26,6 +26,16 @@ PATH_FAULTS = {
 }
 
 
+class ResumableError(UserError):
+    """A fault that stops a run whose folder stays resumable (a tracking store another process kept locked): its
+    message ends with what to do; `exit_on_user_error` adds the command that resumes the run folder (`run_dir`,
+    set by `interrupted_in`), or "then rerun" without one."""
+
+    def __init__(self, message: str, run_dir: Optional[Path] = None):
+        super().__init__(message)
+        self.run_dir = run_dir
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C (SIGINT) or SIGTERM, with the run folder it stopped (None: before the run had one)."""
 
@@ -40,12 +50,15 @@ def _terminate(signum: int, frame) -> None:
 
 @contextmanager
 def interrupted_in(run_dir: Path) -> Iterator[None]:
-    """Name `run_dir` on an interrupt raised in the block, so that the command can say how to resume it; an outer
-    folder (a comparison's) replaces an inner one (its seed's)."""
+    """Name `run_dir` on an interrupt or a ResumableError raised in the block, so that the command can say how to
+    resume it; an outer folder (a comparison's) replaces an inner one (its seed's)."""
     try:
         yield
     except KeyboardInterrupt as err:
         raise Interrupted(getattr(err, "signum", signal.SIGINT), run_dir) from None
+    except ResumableError as err:
+        err.run_dir = run_dir
+        raise
 
 
 @contextmanager
@@ -68,11 +81,14 @@ def exit_on_user_error(command: Optional[list[str]] = None):
             print(f"interrupted before a run folder existed; nothing to resume: rerun {shlex.join(command)}",
                   file=sys.stderr)
         else:
-            again = [*(arg for arg in command if not arg.startswith("resume=")), f"resume={run_dir}"]
-            print(f"interrupted; resume with: {shlex.join(again)}", file=sys.stderr)
+            print(f"interrupted; resume with: {shlex.join(resume_command(command, run_dir))}", file=sys.stderr)
         sys.exit(128 + signum)
     except UserError as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
+        then = ""
+        if isinstance(err, ResumableError):
+            then = (f", then resume with: {shlex.join(resume_command(command, err.run_dir))}"
+                    if command is not None and err.run_dir is not None else ", then rerun")
+        print(f"error: {one_line(err)}{then}", file=sys.stderr)
         sys.exit(2)
     except OSError as err:
         if err.errno in PATH_FAULTS and err.filename:
@@ -86,12 +102,12 @@ def exit_on_user_error(command: Optional[list[str]] = None):
               file=sys.stderr)
         sys.exit(2)
     except Exception as err:
-        if _cause(err, lambda e: isinstance(e, sqlite3.OperationalError) and "database or disk is full" in str(e)):
+        if cause(err, lambda e: isinstance(e, sqlite3.OperationalError) and "database or disk is full" in str(e)):
             print("error: the MLflow tracking store is full (sqlite: database or disk is full); free space on its "
                   "disk or point tracking.uri at another store, then rerun (resume=latest continues an interrupted "
                   "run)", file=sys.stderr)
             sys.exit(2)
-        failed = _cause(err, lambda e: any(sign in str(e) for sign in WRITE_FAILED))
+        failed = cause(err, lambda e: any(sign in str(e) for sign in WRITE_FAILED))
         if failed is None:
             raise
         reason = str(failed).strip().splitlines()[0][-200:]
@@ -104,6 +120,11 @@ def exit_on_user_error(command: Optional[list[str]] = None):
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+def resume_command(command: list[str], run_dir: Path) -> list[str]:
+    """`command` (an entry point's command line) continuing the run in `run_dir`: its `resume=` replaced."""
+    return [*(arg for arg in command if not arg.startswith("resume=")), f"resume={run_dir}"]
+
+
 def module_command(module: str, argv: Optional[list[str]]) -> list[str]:
     """The command line that ran `python -m <module>` with `argv` (None: this process's own arguments)."""
     return [sys.executable, "-m", module, *(sys.argv[1:] if argv is None else argv)]
@@ -114,7 +135,7 @@ def module_command(module: str, argv: Optional[list[str]]) -> list[str]:
 WRITE_FAILED = ("file write failed", "StorageFull", "No space left on device", "Disk quota exceeded")
 
 
-def _cause(err: BaseException, matches: Callable[[BaseException], bool]) -> Optional[BaseException]:
+def cause(err: BaseException, matches: Callable[[BaseException], bool]) -> Optional[BaseException]:
     """The first exception in `err`'s chain that `matches`, however wrapped (MLflow wraps SQLAlchemy's error,
     which wraps sqlite3's), or None."""
     seen: set[int] = set()

@@ -40,7 +40,7 @@ from .runtime import on_main_process
 
 INCOMPLETE = "INCOMPLETE"  # marker of a run folder whose run has not finished (killed, failed or running)
 STATE = "state.json"
-IGNORED_KEYS = ("resume",)  # config keys that may differ between a run and its resumption
+IGNORED_KEYS = ("resume", "tracking.lock_wait_s")  # config keys that may differ between a run and its resumption
 
 
 class RunState:

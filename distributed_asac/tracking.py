@@ -15,14 +15,15 @@ import math
 import os
 import shlex
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 from .config import Config
-from .errors import UserError
+from .errors import ResumableError, UserError, cause
 from .locks import gone, holder
 
 
@@ -73,8 +74,6 @@ def _probe_sqlite_write(uri: str, where: str, fix: str) -> None:
     """A sqlite store that can be read but not written (a read-only file or folder, a write lock another process
     keeps) passed the read above and then failed at the run's first write in a hundred lines: take sqlite's
     write lock once, waiting at most PROBE_TIMEOUT_S, and roll back (nothing is written)."""
-    import sqlite3
-
     path = Path(uri.removeprefix("sqlite:///"))
     problem = None
     if not os.access(path.parent, os.W_OK):
@@ -92,6 +91,38 @@ def _probe_sqlite_write(uri: str, where: str, fix: str) -> None:
     if problem:
         raise UserError(f"MLflow tracking store {uri} ({where}) cannot be written: {problem}; make it writable, stop "
                         f"the process that holds it, or {fix}")
+
+
+T = TypeVar("T")
+LOCK_PAUSES_S = (0.1, 5.0)  # the first pause between tries of a write to a locked store, and the longest
+
+
+def locked(err: BaseException) -> bool:
+    """Whether `err` is sqlite's "database is locked" (another connection holds the store's write lock), however
+    MLflow wraps it (an MlflowException from SQLAlchemy's OperationalError from sqlite3's)."""
+    return cause(err, lambda e: isinstance(e, sqlite3.OperationalError) and "database is locked" in str(e)) is not None
+
+
+def while_locked(call: Callable[[], T], uri: str, wait_s: float, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> T:
+    """`call()`, tried again while the store `uri` is locked by another process, with pauses doubling from
+    LOCK_PAUSES_S[0] to LOCK_PAUSES_S[1], for `wait_s` seconds in all (tracking.lock_wait_s; each try also waits in
+    sqlite's busy handler, which MLflow sets to 20 s); then a ResumableError saying so. Other errors pass as raised.
+    A write that failed on the lock was rolled back by sqlite: trying it again writes it once."""
+    start, pause = clock(), LOCK_PAUSES_S[0]
+    while True:
+        try:
+            return call()
+        except Exception as err:
+            if not locked(err):
+                raise
+            left = start + wait_s - clock()
+            if left <= 0:
+                raise ResumableError(
+                    f"MLflow tracking store {uri} stayed locked for {clock() - start:.0f} s (another process holds "
+                    f"its write lock; tracking.lock_wait_s={wait_s:g}); stop that process") from err
+            sleep(min(pause, left))
+            pause = min(2 * pause, LOCK_PAUSES_S[1])
 
 
 @contextlib.contextmanager
@@ -261,6 +292,8 @@ class Tracker:
     with its `provenance` (git commit and dirty flag, user, command, host, world size). On non-main
     processes, or with tracking.enabled false, every call is a no-op. `run_id` reopens an existing run (a
     resumed stage): it is set RUNNING again, and a metric already logged at a step is not logged twice.
+    A store that another process keeps locked is waited for (`while_locked`, tracking.lock_wait_s), then the run
+    stops with one line; its MLflow run is ended FAILED, waiting for the store as long again.
     """
 
     def __init__(self, cfg: Config, run_name: str, active: bool, tags: Optional[dict[str, str]] = None,
@@ -282,7 +315,7 @@ class Tracker:
         self._client = MlflowClient(uri)
         if self.run_id is not None:
             try:
-                self._client.update_run(self.run_id, status="RUNNING")
+                self._store(lambda: self._client.update_run(self.run_id, status="RUNNING"))
             except mlflow.exceptions.MlflowException as err:
                 from .errors import UserError
 
@@ -290,18 +323,23 @@ class Tracker:
                                 "working directory of the run, or set tracking.uri to its store") from err
             self._logged = {}
             return self
-        experiment = experiment_id(mlflow, self.cfg.experiment, uri)
+        experiment = self._store(lambda: experiment_id(mlflow, self.cfg.experiment, uri))
         tags = {"experiment": self.cfg.experiment, **provenance(), **self.tags}
-        run = self._client.create_run(experiment, run_name=self.run_name, tags=tags)
+        run = self._store(lambda: self._client.create_run(experiment, run_name=self.run_name, tags=tags))
         self.run_id = run.info.run_id
         self.log_params(self.cfg.flat())
         return self
+
+    def _store(self, call: Callable[[], T]) -> T:
+        """`call()` on the store, waiting while another process keeps it locked (`while_locked`)."""
+        return while_locked(call, tracking_uri(self.cfg), self.cfg.tracking.lock_wait_s)
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.active:
             from mlflow.entities import Param
 
-            self._client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+            batch = [Param(k, str(v)) for k, v in params.items()]
+            self._store(lambda: self._client.log_batch(self.run_id, params=batch))
 
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
         """Log the finite numbers of `metrics` (NaN rates of empty groups are left out, not logged as NaN)."""
@@ -311,7 +349,7 @@ class Tracker:
             now = int(time.time() * 1000)
             batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
                      if isinstance(v, (int, float)) and math.isfinite(v) and not self._was_logged(k, step or 0)]
-            self._client.log_batch(self.run_id, metrics=batch)
+            self._store(lambda: self._client.log_batch(self.run_id, metrics=batch))
 
     def _was_logged(self, key: str, step: int) -> bool:
         """In a reopened run: whether the attempt before already logged `key` at `step` (then this is a redone
@@ -319,7 +357,8 @@ class Tracker:
         if self._logged is None:
             return False
         if key not in self._logged:
-            self._logged[key] = {m.step for m in self._client.get_metric_history(self.run_id, key)}
+            history = self._store(lambda: self._client.get_metric_history(self.run_id, key))
+            self._logged[key] = {m.step for m in history}
         if step in self._logged[key]:
             return True
         self._logged[key].add(step)
@@ -327,20 +366,21 @@ class Tracker:
 
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
         if self.active:
-            self._client.log_artifact(self.run_id, str(path), artifact_path)
+            self._store(lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
 
     def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
         if self.active:
-            log_table(self._client, self.run_id, rows, artifact_file)
+            self._store(lambda: log_table(self._client, self.run_id, rows, artifact_file))
 
     def describe(self, markdown: str, whole: str) -> None:
         """The run's description (markdown, shown first on its page); `whole` names where the full text is."""
         if self.active:
-            self._client.set_tag(self.run_id, NOTE_TAG, note(markdown, whole))
+            self._store(lambda: self._client.set_tag(self.run_id, NOTE_TAG, note(markdown, whole)))
 
     def links(self) -> tuple[str, str]:
         """The run's page and its experiment's runs in the MLflow UI (`ui_link`); for an active tracker."""
-        uri, experiment = tracking_uri(self.cfg), self._client.get_run(self.run_id).info.experiment_id
+        uri, run = tracking_uri(self.cfg), self._store(lambda: self._client.get_run(self.run_id))
+        experiment = run.info.experiment_id
         return ui_link(uri, experiment, self.run_id), ui_link(uri, experiment)
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -348,4 +388,4 @@ class Tracker:
             status = "FINISHED" if exc_type is None else "FAILED"
             if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C or SIGTERM (errors.py)
                 status = "KILLED"
-            self._client.set_terminated(self.run_id, status=status)
+            self._store(lambda: self._client.set_terminated(self.run_id, status=status))

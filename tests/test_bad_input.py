@@ -666,3 +666,102 @@ def test_an_image_cache_over_the_file_size_limit_is_one_line_and_leaves_nothing(
                         r"large for its file system or for this process's file size limit \(ulimit -f\): raise the "
                         r"limit or give a path on another file system, then rerun", lines[0]), lines[0]
     assert sorted(p.name for p in folder.iterdir()) == [".lock"]  # no images file, no manifest
+
+
+def _as_mlflow_raises(error: Exception) -> Exception:
+    """`error` (sqlite3's) as MLflow's SQL store raises it: an MlflowException from SQLAlchemy's OperationalError
+    from sqlite3's (mlflow/store/db/utils.py, make_managed_session)."""
+    import sqlalchemy
+    from mlflow.exceptions import MlflowException
+
+    wrapped = sqlalchemy.exc.OperationalError("INSERT INTO metrics ...", (), error)
+    wrapped.__cause__ = error
+    raised = MlflowException(message=wrapped)
+    raised.__cause__ = wrapped
+    return raised
+
+
+def test_a_write_to_a_locked_store_is_tried_again_with_pauses_then_stops_in_one_line(capsys):
+    """`while_locked` on a fake clock: each try costs 1 s (sqlite's busy wait), pauses double up to 5 s, the bound
+    is tracking.lock_wait_s; the line names the store and the command that resumes the run folder."""
+    import sqlite3
+
+    from distributed_asac.errors import exit_on_user_error, interrupted_in
+    from distributed_asac.tracking import while_locked
+
+    now, pauses, tries = [0.0], [], []
+
+    def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        now[0] += seconds
+
+    def write(free_after: int) -> str:
+        tries.append(now[0])
+        now[0] += 1.0
+        if len(tries) <= free_after:
+            raise _as_mlflow_raises(sqlite3.OperationalError("database is locked"))
+        return "written"
+
+    uri = "sqlite:///store/mlflow.db"
+    assert while_locked(lambda: write(3), uri, 30, lambda: now[0], sleep) == "written"
+    assert pauses == pytest.approx([0.1, 0.2, 0.4]) and len(tries) == 4
+    now[0], pauses[:], tries[:] = 0.0, [], []
+    command = ["python", "-m", "distributed_asac.finetune", "seed=1", "resume=latest"]
+    with pytest.raises(SystemExit) as stopped, exit_on_user_error(command), interrupted_in(Path("/runs/exp/1")):
+        while_locked(lambda: write(1000), uri, 30, lambda: now[0], sleep)
+    assert pauses == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 4.7])  # the last one ends at the bound
+    assert stopped.value.code == 2 and capsys.readouterr().err.splitlines() == [
+        "error: MLflow tracking store sqlite:///store/mlflow.db stayed locked for 31 s (another process holds its "
+        "write lock; tracking.lock_wait_s=30); stop that process, then resume with: python -m "
+        "distributed_asac.finetune seed=1 resume=/runs/exp/1"]
+    full = _as_mlflow_raises(sqlite3.OperationalError("database or disk is full"))
+    with pytest.raises(type(full)):  # not a lock: raised at once, to its own one line (a full store)
+        while_locked(lambda: (_ for _ in ()).throw(full), uri, 30, lambda: now[0], sleep)
+    assert len(pauses) == 9
+
+
+def test_a_store_locked_mid_run_stops_in_one_line_and_leaves_the_stage_failed(tmp_path, monkeypatch, capsys):
+    """Another process takes the store's write lock while a stage's MLflow run is open (this test's own sqlite
+    connection, as the run logs its first metric): the write waits tracking.lock_wait_s, then the command stops in
+    one line; the test lets the lock go when that line's error is raised, and the stage's run ends FAILED, not
+    RUNNING. MLflow makes every try wait 20 s in sqlite's busy handler: here 50 ms, so the test takes a second."""
+    import sqlite3
+
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from distributed_asac.errors import exit_on_user_error, interrupted_in
+    from distributed_asac.logs import setup_logging
+    from distributed_asac.tracking import Tracker
+
+    def shorter_busy_wait(conn, cursor, statement, parameters, context, executemany):
+        return statement.replace("PRAGMA busy_timeout = 20000", "PRAGMA busy_timeout = 50"), parameters
+
+    setup_logging()  # as every entry point: MLflow's SQL store logs each failed try with its traceback
+    event.listen(Engine, "before_cursor_execute", shorter_busy_wait, retval=True)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    db, run_dir = tmp_path / "mlflow.db", tmp_path / "runs" / "locked" / "20261205-101500"
+    cfg = load_config(None, [f"output_dir={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{db}", "experiment=locked",
+                             "tracking.lock_wait_s=1"])
+    command = ["python", "-m", "distributed_asac.finetune", "tracking.lock_wait_s=1"]
+    try:
+        with pytest.raises(SystemExit) as stopped, exit_on_user_error(command):
+            with interrupted_in(run_dir), Tracker(cfg, "base", active=True) as tracker:
+                run_id = tracker.run_id
+                holder = sqlite3.connect(db, isolation_level=None)
+                holder.execute("BEGIN IMMEDIATE")
+                try:
+                    tracker.log_metrics({"base/train_loss": 0.5}, step=0)
+                finally:  # the other process lets go: the stage's run can be ended
+                    holder.execute("ROLLBACK")
+                    holder.close()
+    finally:
+        event.remove(Engine, "before_cursor_execute", shorter_busy_wait)
+    lines = capsys.readouterr().err.splitlines()
+    assert stopped.value.code == 2 and len(lines) == 1, lines
+    assert re.fullmatch(rf"error: MLflow tracking store sqlite:///{re.escape(str(db))} stayed locked for [12] s "
+                        r"\(another process holds its write lock; tracking\.lock_wait_s=1\); stop that process, then "
+                        rf"resume with: python -m distributed_asac\.finetune tracking\.lock_wait_s=1 "
+                        rf"resume={re.escape(str(run_dir))}", lines[0]), lines[0]
+    run = MlflowClient(f"sqlite:///{db}").get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.metrics == {} and run.data.params["experiment"] == "locked"
