@@ -310,6 +310,8 @@ CASES = {
     "seed_negative": Case(["seed=-1"], r"config key 'seed': -1 is out of range"),
     "synthetic_seed_negative": Case(["data.synthetic_seed=-1"], r"config key 'data\.synthetic_seed': -1 is out"),
     "grad_clip_zero": Case(["grad_clip=0"], r"config key 'grad_clip': must be > 0"),
+    "tracking_lock_wait_zero": Case(["tracking.lock_wait_s=0"], r"config key 'tracking\.lock_wait_s': must be > 0, "
+                                                                r"got 0\.0 \(default 60\.0\)"),
     # runs that could not mean anything, refused before training
     "zero_epochs": Case(["probe.epochs=0"], r"config key 'probe\.epochs': 0 epochs would train nothing .*set "
                                             r"probe\.epochs >= 1"),
