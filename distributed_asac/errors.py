@@ -69,7 +69,8 @@ def exit_on_user_error(command: Optional[list[str]] = None):
     could not grow (sqlite rolls the failed write back, so the store's earlier records are intact).
     With `command` (the command line that resumes with `resume=<run folder>`), Ctrl-C and SIGTERM are one line
     too, "interrupted; resume with: <command>", and exit 130 (SIGINT) or 143 (SIGTERM): the block's MLflow runs
-    are left KILLED (tracking.Tracker) and its run folder keeps its INCOMPLETE marker."""
+    are left KILLED (tracking.Tracker) and its run folder keeps its INCOMPLETE marker; a ResumableError's line
+    ends with that command too ("..., then resume with: <command>")."""
     previous = signal.signal(signal.SIGTERM, _terminate) if command is not None else None
     try:
         yield
