@@ -417,16 +417,18 @@ def test_bad_input_is_one_line_and_changes_nothing(name, world, tmp_path, monkey
         assert new_files == [] and new_runs == []
 
 
-def test_sweep_with_an_unreachable_tracking_server_stops_before_its_parent_run(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "tune/sweep.py", "--config", "configs/sweeps/smoke.yaml",
-                           "tracking.uri=http://127.0.0.1:9", f"output_dir={tmp_path / 'runs'}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = proc.stderr.splitlines()
+def test_sweep_with_an_unreachable_tracking_server_stops_before_its_parent_run(tmp_path, monkeypatch, capsys):
+    from tune.sweep import main
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        main(["--config", "configs/sweeps/smoke.yaml", "tracking.uri=http://127.0.0.1:9", f"output_dir={tmp_path / 'runs'}"])
+    stderr = capsys.readouterr().err
+    assert stopped.value.code == 2, stderr[-3000:]
+    lines = stderr.splitlines()
     assert len(lines) == 1 and re.match(r"error: MLflow tracking server http://127\.0\.0\.1:9 \(the sweep's "
-                                        r"tracking URI\) is unreachable", lines[0]), proc.stderr[-3000:]
+                                        r"tracking URI\) is unreachable", lines[0]), stderr[-3000:]
     assert not (tmp_path / "runs").exists()  # no sweep folder, no data, no base
 
 

@@ -2,7 +2,6 @@
 
 import csv
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -126,10 +125,13 @@ def test_a_row_does_not_depend_on_the_rows_before_it(compared):
 
 
 @pytest.mark.parametrize("seeds, message", [("[]", "the list is empty"), ("[1,2,1]", "[1] appear more than once")])
-def test_bad_seed_lists_give_one_line(tmp_path, seeds, message):
-    proc = subprocess.run([sys.executable, "-m", "distributed_asac.demo", "--config", str(REPO / "configs" / "smoke.yaml"),
-                           f"seeds={seeds}", f"output_dir={tmp_path / 'runs'}"], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr
+def test_bad_seed_lists_give_one_line(tmp_path, seeds, message, capsys):
+    from distributed_asac import demo
+
+    with pytest.raises(SystemExit) as stopped:
+        demo.main(["--config", str(REPO / "configs" / "smoke.yaml"), f"seeds={seeds}", f"output_dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1 and message in err
     assert not (tmp_path / "runs").exists()
 
 
