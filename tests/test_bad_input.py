@@ -344,11 +344,11 @@ CASES = {
 
 
 # Rows that run as a user meets them, `python -m distributed_asac.finetune` in a new interpreter: one that trains and
-# stops (its exit status and marker from a real process), one whose fault is in a DataLoader worker process, one
-# whose store comes from the environment, one a config file refuses. Every other row calls the same entry point,
-# `finetune.main`, in this process (a new interpreter costs seconds of imports per row, and adds nothing the four
+# stops (its exit status and marker from a real process) and one whose fault is in a DataLoader worker process
+# (a refusal by the config through the real CLI: tests/test_config.py). Every other row calls the same entry point,
+# `finetune.main`, in this process (a new interpreter costs seconds of imports per row, and adds nothing these two
 # do not check).
-SUBPROCESS = {"base_diverges", "corrupt_train_image_in_a_worker", "server_unreachable", "yaml_repeated_section"}
+SUBPROCESS = {"base_diverges", "corrupt_train_image_in_a_worker"}
 
 # Kinds that repeat another row's code path with other values (a checkpoint field, a damaged file): each still
 # runs in `make test-slow`, so the default run stays within its time budget.
@@ -464,26 +464,29 @@ def test_the_demo_refuses_what_finetune_refuses_before_its_folder_and_parent_run
     assert not (tmp_path / "runs" / "demo_case").exists() and _snapshot(world) == before
 
 
-def test_a_second_driver_on_a_running_sweep_is_refused_and_changes_nothing(tmp_path):
+def test_a_second_driver_on_a_running_sweep_is_refused_and_changes_nothing(tmp_path, monkeypatch, capsys):
     """This test process opens a sweep as its driver would (folder, parent run, lock); a second driver's
-    `--resume` of it must stop in one line naming this process, before it deletes or reopens anything."""
-    from tune.sweep import open_sweep
+    `--resume` of it (the same entry point, `tune.sweep.main`; the lock file, not the process, decides) must stop
+    in one line naming this process, before it deletes or reopens anything."""
+    from tune.sweep import main, open_sweep
     from tune.spec import load_sweep
 
     overrides = [f"output_dir={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     sweep = load_sweep(REPO / "configs" / "sweeps" / "smoke.yaml", overrides, None)
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with open_sweep(sweep, None) as (folder, state):
         before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-        proc = subprocess.run([sys.executable, "tune/sweep.py", "--config", "configs/sweeps/smoke.yaml", *overrides,
-                               "--resume", str(folder)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 2, proc.stderr[-3000:]
-        lines = proc.stderr.splitlines()
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stopped:
+            main(["--config", "configs/sweeps/smoke.yaml", *overrides, "--resume", str(folder)])
+        stderr = capsys.readouterr().err
+        assert stopped.value.code == 2, stderr[-3000:]
+        lines = stderr.splitlines()
         assert len(lines) == 1 and re.match(
             rf"error: sweep folder {re.escape(str(folder))} is in use by pid {os.getpid()} on this host .*\(kill "
             rf"{os.getpid()}\), then continue it with: python tune/sweep.py --config .*smoke\.yaml --resume "
-            rf"{re.escape(str(folder))}$", lines[0]), proc.stderr[-3000:]
+            rf"{re.escape(str(folder))}$", lines[0]), stderr[-3000:]
         assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
         parent = MlflowClient(state["tracking_uri"]).get_run(state["parent_run_id"])
         assert parent.info.status == "RUNNING" and parent.info.end_time is None
@@ -615,7 +618,8 @@ def _no_more_pages(connection, record):
 """
 
 
-@pytest.mark.parametrize("spare_pages", [0, 8])  # full at the run's first write; full while it trains
+# full while it trains; full at the run's first write (slow: the same one-line handler, ~5 s for a new interpreter)
+@pytest.mark.parametrize("spare_pages", [8, pytest.param(0, marks=pytest.mark.slow)])
 def test_a_full_tracking_store_is_one_line_and_changes_nothing(spare_pages, world, tmp_path):
     import sqlite3
 

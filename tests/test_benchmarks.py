@@ -39,6 +39,7 @@ def test_bench_step_reports_ratios_and_profile(tmp_path):
     assert set(result["variants"]) == {"default", *variants}
 
 
+@pytest.mark.slow  # ~7 s: the pipeline and comparison tests run the same end-to-end path in the default run
 def test_bench_e2e_times_both_modes(tmp_path):
     result = _run(tmp_path, "bench_e2e")["results"]
     assert set(result["images_per_s"]) == {"plain", "asac"}

@@ -359,7 +359,13 @@ def test_not_a_resumable_run_is_refused(tmp_path):
         pipeline.run(resume(str(tmp_path / "nowhere")))
 
 
-def test_the_cli_error_is_one_line_with_exit_code_2(tmp_path):
-    proc = _run(tmp_path, [f"output_dir={tmp_path / 'runs'}", "resume=latest"])
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: resume=latest: no unfinished pipeline run")
+def test_the_cli_error_is_one_line_with_exit_code_2(tmp_path, monkeypatch, capsys):
+    from distributed_asac import finetune
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        finetune.main(["--config", str(REPO / "configs" / "smoke.yaml"), f"output_dir={tmp_path / 'runs'}",
+                       f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "resume=latest"])
+    lines = capsys.readouterr().err.splitlines()
+    assert stopped.value.code == 2 and len(lines) == 1
+    assert lines[0].startswith("error: resume=latest: no unfinished pipeline run")
