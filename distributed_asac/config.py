@@ -219,7 +219,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise UserError(f"config file {str(path)!r} not found (pass an existing YAML file to --config)")
         try:
-            data = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
+            source = path.read_text()
+            data = yaml.load(source, Loader=UniqueKeyLoader)
+            # every scalar as written (BaseLoader resolves no types): a name field keeps `experiment: 0x1F` as
+            # "0x1F", which the load above reads as 31
+            written_data = yaml.load(source, Loader=yaml.BaseLoader)
         except RepeatedKey as err:
             raise UserError(f"config file {str(path)!r}: {err}; the second would silently replace the first: "
                             "keep one (merge the two)") from None
@@ -232,8 +236,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(data, dict):
             raise UserError(f"config file {str(path)!r} must hold a mapping of keys (e.g. `finetune:` then "
                             f"`  alpha: 0.3`), not a {type(data).__name__} ({data!r:.40})")
+        as_written = _flatten(written_data) if isinstance(written_data, dict) else {}
         for key, value in _flatten(data).items():
-            _set(cfg, key, value)
+            written = as_written.get(key)
+            _set(cfg, key, value, written if isinstance(written, str) else None)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -460,7 +466,8 @@ def _get(cfg: Config, key: str) -> Any:
 
 
 def _set(cfg: Config, key: str, value: Any, text: Optional[str] = None) -> None:
-    """Set `key` to `value`, checked against its type; `text` is the value as typed on a command line."""
+    """Set `key` to `value`, checked against its type; `text` is the value as written (on a command line or in a
+    YAML file), which a name field keeps."""
     *parents, leaf = key.split(".")
     obj: Any = cfg
     for part in parents:

@@ -38,6 +38,17 @@ def test_a_name_stays_as_typed():
     assert load_config(None, ["seed=0x1F"]).seed == 31
 
 
+def test_a_name_in_a_yaml_file_stays_as_written(tmp_path):
+    """The same in a config file: `experiment: 0x1F` is the name "0x1F", not "31"; numbers stay numbers, and a
+    name written in quotes or through an anchor is read as written."""
+    path = tmp_path / "config.yaml"
+    path.write_text("experiment: 0x1F\nseed: 0x1F\ndata:\n  target: yes\n  protected: &p 1e3\nfinetune:\n"
+                    "  alpha: 0.25\nmodel:\n  weights: '007'\nbase_checkpoint: null\ntracking:\n  uri: *p\n")
+    cfg = load_config(path)
+    assert (cfg.experiment, cfg.data.target, cfg.data.protected, cfg.model.weights) == ("0x1F", "yes", "1e3", "007")
+    assert (cfg.seed, cfg.finetune.alpha, cfg.base_checkpoint, cfg.tracking.uri) == (31, 0.25, None, "1e3")
+
+
 def test_zero_epochs_are_refused_only_in_a_stage_that_runs():
     """A base_checkpoint skips stages 1–2, so their epochs do not matter then; stage 3 always trains."""
     assert load_config(None, ["base_checkpoint=runs/x/probe", "base.epochs=0", "probe.epochs=0"]).base.epochs == 0
