@@ -11,8 +11,8 @@ import pytest
 from scipy import stats as scipy_stats
 
 from distributed_asac.errors import UserError
-from tune.claims import (CONTRADICTED, NOT_DETECTABLE, SUPPORTED, claim_metrics, matches, measure, parse_claims,
-                         select, write_claims)
+from tune.claims import (CONTRADICTED, NOT_DETECTABLE, SUPPORTED, metric_unit, claim_metrics, matches, measure,
+                         parse_claims, select, write_claims)
 from tune.records import TrialRecord
 from tune.report import write_report
 from tune.spec import load_sweep
@@ -164,6 +164,16 @@ def test_written_tables_csv_and_forest_plot(tmp_path):
     image = matplotlib.image.imread(tmp_path / "claims_forest.png")
     assert image.ndim == 3 and image.shape[0] > 100
     assert tmp_path / "claims_forest.png" in paths
+
+
+@pytest.mark.parametrize("metric, panel", [
+    ("DEO", "fairness gap"), ("DDP", "fairness gap"), ("DEOp", "fairness gap"), ("worst_group_ACC", "accuracy points"),
+    ("robust_target_ACC_eps_0.05", "accuracy points"), ("IG_mouth_share", "share"), ("asac_flips_M", "share"),
+    ("attack_success_rate", "share"), ("grad_cosine_q75", "cosine"), ("images_per_s", "images_per_s")])
+def test_each_metric_is_drawn_on_the_axis_of_its_unit(metric, panel):
+    """The forest plot puts claims on one x axis only when their numbers share a unit: a flip share or a cosine was
+    drawn on the axis labelled "fairness gap"."""
+    assert metric_unit(metric) == panel
 
 
 def test_write_claims_without_any_finished_trial(tmp_path):

@@ -278,14 +278,14 @@ def plot_forest(measurements: list[Measurement], claims: Claims, path: Path) -> 
     import matplotlib.pyplot as plt
 
     shown = [m for m in measurements if m.interval is not None]
-    panels = sorted({_scale(m.claim.metric) for m in shown}) or ["difference"]
+    panels = sorted({metric_unit(m.claim.metric) for m in shown}) or ["difference"]
     regimes = list(claims.regimes)
     rows = list(dict.fromkeys(m.claim.id for m in shown))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.45 * max(len(rows), 4) + 1.5),
                              dpi=120, squeeze=False)
     colours = dict(zip(regimes, plt.rcParams["axes.prop_cycle"].by_key()["color"] * len(regimes)))
     for ax, panel in zip(axes[0], panels):
-        ids = [c for c in rows if any(m.claim.id == c and _scale(m.claim.metric) == panel for m in shown)]
+        ids = [c for c in rows if any(m.claim.id == c and metric_unit(m.claim.metric) == panel for m in shown)]
         for row, claim_id in enumerate(ids):
             here = [m for m in shown if m.claim.id == claim_id]  # in regime order; centred on the claim's tick
             for k, m in enumerate(here):
@@ -307,8 +307,17 @@ def plot_forest(measurements: list[Measurement], claims: Claims, path: Path) -> 
     return path
 
 
-def _scale(metric: str) -> str:
-    return "accuracy points" if "ACC" in metric else "share" if "share" in metric else "fairness gap"
+def metric_unit(metric: str) -> str:
+    """The forest plot's panel of a metric: claims share an x axis only when their numbers share a unit."""
+    if "ACC" in metric:
+        return "accuracy points"
+    if metric.split("_")[0] in ("DEO", "DEOp", "DDP"):
+        return "fairness gap"
+    if "cosine" in metric:
+        return "cosine"
+    if any(word in metric for word in ("share", "flip", "rate")):
+        return "share"
+    return metric
 
 
 def power_table(measurements: list[Measurement]) -> list[str]:
