@@ -11,7 +11,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from distributed_asac.errors import UserError
-from tune.claims import (CONTRADICTED, NOT_DETECTABLE, SUPPORTED, metric_unit, claim_metrics, matches, measure,
+from tune.claims import (CONTRADICTED, NOT_DETECTABLE, SUPPORTED, claim_metrics, matches, measure, metric_unit,
                          parse_claims, select, write_claims)
 from tune.records import TrialRecord
 from tune.report import write_report
