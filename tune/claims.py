@@ -270,12 +270,13 @@ def _value_text(value: Any) -> str:
 
 
 def plot_forest(measurements: list[Measurement], claims: Claims, path: Path) -> Path:
-    """Each claim's paired difference with its 95% interval, one marker per regime; one panel per metric
-    family so that DEO-scale and accuracy-scale differences keep their own axis."""
+    """Each claim's paired difference with its 95% interval, one marker per regime; one panel per unit
+    (`metric_unit`) so that DEO-scale and accuracy-scale differences keep their own axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     shown = [m for m in measurements if m.interval is not None]
     panels = sorted({metric_unit(m.claim.metric) for m in shown}) or ["difference"]
@@ -297,6 +298,7 @@ def plot_forest(measurements: list[Measurement], claims: Claims, path: Path) -> 
         ax.set_ylim(max(len(ids), 1) - 0.5, -0.5)  # first claim on top
         ax.set_yticklabels([f"{c}: {next(m.claim.metric for m in shown if m.claim.id == c)}" for c in ids], fontsize=7)
         ax.set_xlabel(f"treatment − reference ({panel})")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6))  # narrow panels: default ticks of small numbers overlap
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], marker="o", linestyle="", color=colours[r]) for r in regimes]
     axes[0][0].legend(handles, regimes, fontsize=7, title="regime", title_fontsize=7)
