@@ -7,7 +7,7 @@ at every epoch end (resume.py) and offers the `stage.epoch_end` pause point afte
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -22,10 +22,12 @@ from .resume import load_training_state, save_training_state
 @dataclass
 class Progress:
     """What a stage carries from epoch to epoch, saved at every epoch end: its bookkeeping (`meta`, JSON: the best
-    score so far, ...) and the weights of the epoch it keeps so far (`best`; empty while it keeps none)."""
+    score so far, ...), the weights of the epoch it keeps so far (`best`; empty while it keeps none) and the tensors
+    its training rule carries from step to step (`carried`: GroupDRO's q; empty for most)."""
 
     meta: dict[str, Any]
     best: dict[str, torch.Tensor]
+    carried: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def run_epochs(stage: str, epochs: int, loader, accelerator: Accelerator, state_dir: Optional[Path],
@@ -39,13 +41,14 @@ def run_epochs(stage: str, epochs: int, loader, accelerator: Accelerator, state_
     if resumed is None:
         progress, first = start(), 0
     else:
-        (meta, best), first = resumed, resumed[0]["epoch"]
-        progress = Progress({k: v for k, v in meta.items() if k != "epoch"}, best)
+        (meta, best, carried), first = resumed, resumed[0]["epoch"]
+        progress = Progress({k: v for k, v in meta.items() if k != "epoch"}, best, carried)
     for epoch in range(first, epochs):
         bar = tqdm(loader, desc=f"{stage} epoch {epoch + 1}/{epochs}", leave=False,
                    disable=True if not accelerator.is_main_process else None)  # None: off when not a terminal
         epoch_work(epoch, bar, progress)
-        save_training_state(accelerator, state_dir, epoch + 1, progress.meta, progress.best, loader, generator)
+        save_training_state(accelerator, state_dir, epoch + 1, progress.meta, progress.best, loader, generator,
+                            progress.carried)
         failpoint("stage.epoch_end", stage=stage, epoch=epoch + 1)
     accelerator.free_memory()  # drop the accelerator's references so the next stage prepares afresh
     return progress

@@ -205,8 +205,10 @@ def shuffle_generator(loader) -> Optional[torch.Generator]:
 
 
 def save_training_state(accelerator: Accelerator, folder: Optional[Path], epoch: int, meta: dict[str, Any],
-                        tensors: dict[str, torch.Tensor], loader=None, generator: Optional[torch.Generator] = None) -> None:
-    """Save the state after `epoch` (1-based) to `folder/epoch_<epoch>` atomically; every rank must call this."""
+                        tensors: dict[str, torch.Tensor], loader=None, generator: Optional[torch.Generator] = None,
+                        carried: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Save the state after `epoch` (1-based) to `folder/epoch_<epoch>` atomically; every rank must call this.
+    `tensors` are the kept epoch's weights, `carried` what the training rule carries (the same on every rank)."""
     if folder is None:
         return
     main = accelerator.is_main_process
@@ -218,6 +220,7 @@ def save_training_state(accelerator: Accelerator, folder: Optional[Path], epoch:
     accelerator.save_state(str(tmp), safe_serialization=True)  # model, optimizer, this rank's RNG states
     if main:
         extra = {f"best.{name}": t.detach().cpu().contiguous() for name, t in tensors.items()}
+        extra.update({f"carried.{name}": t.detach().cpu().contiguous() for name, t in (carried or {}).items()})
         if generator is not None:
             extra["generator.curriculum"] = generator.get_state()
         shuffle = shuffle_generator(loader)
@@ -237,9 +240,9 @@ def save_training_state(accelerator: Accelerator, folder: Optional[Path], epoch:
 
 
 def load_training_state(accelerator: Accelerator, folder: Optional[Path], loader=None,
-                        generator: Optional[torch.Generator] = None) -> Optional[tuple[dict, dict[str, torch.Tensor]]]:
+                        generator: Optional[torch.Generator] = None) -> Optional[tuple[dict, dict, dict]]:
     """Restore the newest state in `folder` into the prepared objects, the RNGs, `loader`'s shuffle generator and
-    `generator`; returns (meta, best-epoch tensors), or None when there is none (a fresh stage)."""
+    `generator`; returns (meta, best-epoch tensors, carried tensors), or None when there is none (a fresh stage)."""
     states = sorted(folder.glob("epoch_*")) if folder is not None and folder.is_dir() else []
     if not states:
         return None
@@ -257,5 +260,6 @@ def load_training_state(accelerator: Accelerator, folder: Optional[Path], loader
     if loader is not None and hasattr(loader, "iteration"):
         loader.iteration = meta["epoch"]
     best = {name.removeprefix("best."): t for name, t in extra.items() if name.startswith("best.")}
-    return meta, best
+    carried = {name.removeprefix("carried."): t for name, t in extra.items() if name.startswith("carried.")}
+    return meta, best, carried
 

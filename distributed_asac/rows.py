@@ -67,7 +67,9 @@ class StepContext:
     scorer: TwoHeadModel  # the current model (unwrapped), for difficulty scores
     generator: torch.Generator  # curriculum shuffles; the same on every rank
     diagnostics: Diagnostics
-    prepared: Any = None  # what the mode's `prepare` made at stage-3 start (gan_augment: its latent pairs)
+    # what the mode's `prepare` made at stage-3 start (gan_augment: its latent pairs); one that training changes
+    # (GroupDRO's q) has `carried() -> dict[str, Tensor]` and `restore(dict)`, saved with every epoch's state
+    prepared: Any = None
 
 
 ChunkMaker = Callable[[StepContext, torch.Tensor, torch.Tensor, torch.Tensor], list[Chunk]]

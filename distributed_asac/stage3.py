@@ -290,7 +290,11 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
             return dict.fromkeys(HEADLINE, math.nan)
         return evaluate(accelerator, model, balanced, ft.batch_size, num_workers=cfg.data.num_workers).report()
 
+    carries = hasattr(stage.ctx.prepared, "carried")  # the rule's own state goes with the epoch's (rows.StepContext)
+
     def epoch_work(epoch: int, batches: tqdm, progress: Progress) -> None:
+        if carries and progress.carried:  # a resumed stage: the state its last finished epoch left
+            stage.ctx.prepared.restore(progress.carried)
         diagnostics = stage.ctx.diagnostics = Diagnostics(len(eps), accelerator.device)
         began = time.perf_counter()
         for step, (x, y, a, _) in enumerate(batches, 1):
@@ -303,6 +307,8 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
             last_attack.update(measure_attack(stage.ctx, *attack_probe, ft.batch_size))
             metrics.update(last_attack)
         check_finite(f"finetune epoch {epoch + 1}", metrics.get("loss", 0.0), model, "finetune.lr", ft.lr)
+        if carries:
+            progress.carried = stage.ctx.prepared.carried()
         valid = evaluate(accelerator, model, valid_set, ft.batch_size, num_workers=cfg.data.num_workers).report()
         metrics.update({f"valid_{k}": v for k, v in valid.items()})
         balanced_report = evaluate_balanced()

@@ -185,6 +185,42 @@ def test_each_row_takes_as_many_steps_as_plain_on_the_same_minibatches(dataset):
     assert steps == dict.fromkeys(steps, (168 // 24) * 3)  # 7 minibatches × |E| = 3
 
 
+def test_a_resumed_group_dro_stage_goes_on_with_the_q_it_left(dataset, tmp_path, monkeypatch):
+    """q is part of every epoch's saved state: stage 3 stopped after its first epoch and resumed from its state ends
+    with the weights of the uninterrupted stage, bit for bit (every step's loss is q-weighted; a resumed stage
+    used to restart q uniform, and ended elsewhere)."""
+    from distributed_asac import loop
+
+    cfg = _config(dataset, "finetune.mode=group_dro", "finetune.epochs=2")
+    train, valid = (CelebA(dataset, split, "Smiling", "Male", 32) for split in ("train", "valid"))
+
+    def stage_3(state_dir):
+        torch.manual_seed(0)
+        model = create_model("small_cnn")
+        return finetune(model, train, valid, cfg, Accelerator(cpu=True), _Tracker(), torch.Generator().manual_seed(0),
+                        state_dir)[0].state_dict()
+
+    whole = stage_3(tmp_path / "whole")
+
+    class Stopped(Exception):
+        pass
+
+    def stop_after_epoch_1(name, **context):
+        if name == "stage.epoch_end" and context == {"stage": "finetune", "epoch": 1}:
+            raise Stopped  # as a kill there would: the state of epoch 1 is saved, epoch 2 not begun
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "failpoint", stop_after_epoch_1)
+        with pytest.raises(Stopped):
+            stage_3(tmp_path / "resumed")
+    (saved,) = (tmp_path / "resumed").iterdir()
+    assert saved.name == "epoch_0001"
+    resumed = stage_3(tmp_path / "resumed")
+    assert whole.keys() == resumed.keys()
+    for name, tensor in whole.items():
+        assert torch.equal(tensor, resumed[name]), name
+
+
 def test_dfr_refits_the_target_head_only_on_valid(dataset):
     """DFR takes no minibatch step: the backbone and C are bit for bit the base's, only ρ changes, and its C is
     chosen from the grid on valid's halves."""

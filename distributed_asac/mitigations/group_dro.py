@@ -9,7 +9,8 @@ absent). As the paper's Algorithm 1 draws the group first and its code samples g
 (`--reweight_groups`), minibatches are group-balanced (`groups.GroupBalancedBatches`, as the resample row's).
 Cost equals plain fine-tuning's: the same base and minibatches per epoch, |E| optimizer steps on each, each
 step one q update. Across ranks, the q update uses the group losses summed over all ranks, so that every rank
-keeps the same q; the descent uses the rank's own minibatch, as DDP does for any loss.
+keeps the same q; the descent uses the rank's own minibatch, as DDP does for any loss. q is saved with every
+epoch's training state, so that a resumed stage goes on with the q its last finished epoch left.
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ class GroupWeights:
         self.q = self.q * torch.exp(self.eta * global_loss)
         self.q = self.q / self.q.sum()
         return {"loss": (self.q * group_loss).sum(), "loss_ce": losses.mean(), "loss_worst_group": global_loss.max()}
+
+    def carried(self) -> dict[str, torch.Tensor]:
+        """What a resumed stage needs of the weights: q as the last finished epoch left it."""
+        return {"group_dro.q": self.q.detach().clone()}
+
+    def restore(self, carried: dict[str, torch.Tensor]) -> None:
+        self.q = carried["group_dro.q"].to(self.q.device, self.q.dtype)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> dict[str, torch.Tensor]:
         """A chunk's `loss` hook: `step` on the per-image cross-entropy of logits [n, 2] against labels [n]."""
