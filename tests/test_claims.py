@@ -212,6 +212,28 @@ def test_claims_study_resolves_to_its_designed_trials():
     assert sweep.claims.tables == {"main": ["strong", "mild"], "cue": ["strong", "beard_0.5", "beard_0.25"]}
 
 
+def test_a_subset_of_grids_keeps_their_trials_and_the_claims_they_measure(capsys):
+    """--grids cue,cue_mitigations of claims.yaml: the cue axis (3 cue strengths × plain, ASAC) and the rows beside
+    ASAC at the strongest and weakest cue (2 × 4), 5 seeds on 3 × 5 bases; only the claims those trials measure
+    (those of plain, ASAC and the four rows; not the order, ε, α or attack-model ones), each still one setting per
+    regime; a grid the file lacks is one line."""
+    from tune.sweep import main
+
+    whole = load_sweep("configs/sweeps/claims.yaml")
+    sweep = load_sweep("configs/sweeps/claims.yaml", only=["cue", "cue_mitigations"])
+    assert len(sweep.trials) == (3 * 2 + 2 * 4) * 5 and len({t.base_key for t in sweep.trials}) == 3 * 5
+    assert {t.base_key for t in sweep.trials} < {t.base_key for t in whole.trials}  # the whole study's bases
+    kept = [c.id for c in sweep.claims.claims]
+    assert kept == [c.id for c in whole.claims.claims if c.id in kept]
+    assert {"C1", "C2", "C5a"} <= set(kept) and {c[:3] for c in kept} >= {"C13", "C14", "C15", "C16"}
+    assert {"C3a", "C6a", "C11"} <= {c.id for c in whole.claims.claims} - set(kept)  # claims of grids left out
+    with pytest.raises(SystemExit) as stopped:
+        main(["--config", "configs/sweeps/claims.yaml", "--grids", "cue,cue_mitigation", "--dry-run"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1
+    assert "no grid 'cue_mitigation' (did you mean 'cue_mitigations'?" in err
+
+
 def test_bound_study_resolves_to_its_designed_trials():
     """configs/sweeps/bound.yaml: 7 rows (plain, ASAC, the oracle and the 4 mitigations beside ASAC) × 2 regimes
     × 5 seeds on 10 bases whose data carry train twins, and each claim's treatment and reference resolving to one

@@ -164,18 +164,24 @@ def select(records: Iterable[Any], regime: dict[str, Any], selector: dict[str, A
     return {r.axes.get("seed"): r for r in chosen}
 
 
+def measured(claims: Claims, claim: Claim, trials: list[Any], where: str) -> bool:
+    """Whether some regime has trials of the claim's treatment (and of its reference setting, if it names one);
+    a UserError where a selector singles out more than one setting."""
+    found = False
+    for name, regime in claims.regimes.items():
+        here = f"{where}: claim {claim.id!r}, regime {name!r}"
+        treated = select(trials, regime, claim.treatment, here)
+        if isinstance(claim.reference, dict):
+            found |= bool(treated) and bool(select(trials, regime, claim.reference, here))
+        else:
+            found |= bool(treated)
+    return found
+
+
 def check_claims(claims: Claims, trials: list[Any], where: str) -> None:
     """Every selector singles out at most one setting in each regime, and every claim is measured somewhere."""
     for claim in claims.claims:
-        found = False
-        for name, regime in claims.regimes.items():
-            here = f"{where}: claim {claim.id!r}, regime {name!r}"
-            treated = select(trials, regime, claim.treatment, here)
-            if isinstance(claim.reference, dict):
-                found |= bool(treated) and bool(select(trials, regime, claim.reference, here))
-            else:
-                found |= bool(treated)
-        if not found:
+        if not measured(claims, claim, trials, where):
             raise UserError(f"{where}: claim {claim.id!r} matches no trial in any regime; check its selectors "
                             "against the grids (python tune/sweep.py --dry-run lists the trials' axes)")
 

@@ -19,6 +19,7 @@ key or value is one error line before Ray starts.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -34,7 +35,7 @@ from distributed_asac.errors import UserError
 from distributed_asac.registry import suggest
 from distributed_asac.tracking import tracking_uri
 
-from .claims import Claims, check_claims, parse_claims
+from .claims import Claims, check_claims, measured, parse_claims
 
 # Short axis names of the paper's ablations → config keys.
 AXES = {
@@ -95,14 +96,17 @@ class Sweep:
 
 
 def load_sweep(path: str | Path, cli_overrides: list[str] | tuple[str, ...] = (),
-               seeds: Optional[list[int]] = None) -> Sweep:
+               seeds: Optional[list[int]] = None, only: Optional[list[str]] = None) -> Sweep:
     """Read and validate a sweep file, building every trial's config (UserError on any problem). `seeds`
     replaces the file's seed list (adding seeds to a study: a new sweep of the same grids, whose report can
-    be merged with the earlier one's by `--report DIR DIR`)."""
+    be merged with the earlier one's by `--report DIR DIR`); `only` keeps these of its grids, and the claims
+    that their trials measure."""
     path = Path(path)
     data = _read_yaml(path)
     if seeds is not None:
         data = {**data, "seeds": seeds}
+    if only is not None:
+        data = {**data, "grids": _only_grids(path, data, only)}
     unknown = [k for k in data if k not in TOP_KEYS]
     if unknown:
         raise UserError(f"{path}: unknown key {unknown[0]!r}{suggest(unknown[0], list(TOP_KEYS))}")
@@ -128,8 +132,22 @@ def load_sweep(path: str | Path, cli_overrides: list[str] | tuple[str, ...] = ()
     sweep.trials = _expand(sweep, grids, _seeds(path, data, base.seed), common)
     if "claims" in data:
         sweep.claims = parse_claims(str(path), data["claims"])
+        if only is not None:  # the claims of the grids left out have no trials here
+            sweep.claims = dataclasses.replace(sweep.claims, claims=[
+                c for c in sweep.claims.claims if measured(sweep.claims, c, sweep.trials, str(path))])
         check_claims(sweep.claims, sweep.trials, str(path))
     return sweep
+
+
+def _only_grids(path: Path, data: dict[str, Any], only: list[str]) -> dict[str, Any]:
+    """The grids of the file named in `only` (--grids), in the file's order."""
+    grids = data.get("grids")
+    if not isinstance(grids, dict):
+        raise UserError(f"--grids: {path} has no named grids ('grids:'); run it whole")
+    unknown = [name for name in only if name not in grids]
+    if unknown:
+        raise UserError(f"--grids: {path} has no grid {unknown[0]!r}{suggest(unknown[0], [str(g) for g in grids])}")
+    return {name: axes for name, axes in grids.items() if name in only}
 
 
 def is_base_key(key: str) -> bool:

@@ -56,6 +56,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="print the trials and exit")
     parser.add_argument("--seeds", type=_seed_list, metavar="S,S,...",
                         help="run these seeds instead of the file's (e.g. more seeds for a finished study)")
+    parser.add_argument("--grids", type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+                        metavar="G,G,...", help="run only these grids of the file, and report the claims their "
+                                                "trials measure (e.g. --grids cue,cue_mitigations of claims.yaml)")
     parser.add_argument("--report", metavar="RUN_ID_OR_DIR", nargs="+",
                         help="rewrite the report of a sweep and exit; several sweep folders of the same grids "
                              "(e.g. seeds added later) give one report over all their trials, in the first")
@@ -84,7 +87,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not args.config:
             raise UserError("--config is required (a sweep file such as configs/sweeps/smoke.yaml)")
         check_given_once(args.overrides)
-        sweep = load_sweep(args.config, args.overrides, args.seeds)
+        sweep = load_sweep(args.config, args.overrides, args.seeds, args.grids)
         if args.dry_run:
             print(describe(sweep))
             return 0
@@ -104,7 +107,8 @@ def resume_command(args: argparse.Namespace, folder: Path) -> list[str]:
     """The command that continues the sweep in `folder` with the same settings."""
     options = [*(["--address", args.address] if args.address else []),
                *(["--shared-store"] if args.shared_store else []),
-               *(["--seeds", ",".join(map(str, args.seeds))] if args.seeds else [])]
+               *(["--seeds", ",".join(map(str, args.seeds))] if args.seeds else []),
+               *(["--grids", ",".join(args.grids)] if args.grids else [])]
     return [*module_command("tune.sweep", []), "--config", args.config, *options, *args.overrides, "--resume",
             str(folder)]
 
