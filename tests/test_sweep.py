@@ -28,11 +28,12 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from distributed_asac.config import load_config
+from distributed_asac.errors import UserError
 from distributed_asac.failpoints import PAUSE_AT, PAUSE_DIR
 from tune import report
 from tune.records import RECORD, TrialRecord, read_state
 from tune.spec import base_key, load_sweep
-from tune.sweep import main
+from tune.sweep import main, open_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "sweep-test"
@@ -300,6 +301,28 @@ def test_resume_without_an_earlier_sweep_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", str(path), "--resume"])
     assert exit_info.value.code == 2 and "no earlier sweep 'fresh'" in capsys.readouterr().err
+
+
+def test_resume_latest_takes_the_newest_sweep_of_the_same_grids(tmp_path):
+    """`--resume` with `--grids a` after a whole-file sweep began: the `a` sweep is continued, not the newer
+    whole-file one (refused as "trials differ" before); with no sweep of those trials, one line says so."""
+    path = _write_sweep(tmp_path, "two", {"a": {"order": ["ascending"]}, "b": {"order": ["descending"]}})
+    only_a, whole = load_sweep(path, only=["a"]), load_sweep(path)
+    folders = {}
+    for label, sweep in (("a", only_a), ("whole", whole)):
+        with open_sweep(sweep, None) as (folder, _):
+            folders[label] = folder
+    os.utime(folders["a"] / "sweep.json", (1, 1))  # the order of the two starts, whatever the clock's resolution
+    damaged = folders["whole"].parent / "damaged"  # the newest folder, its sweep.json cut short: passed over
+    damaged.mkdir()
+    (damaged / "sweep.json").write_text('{"name": "two", "tri')
+    with open_sweep(only_a, "latest") as (folder, state):
+        assert folder == folders["a"] and [t["name"] for t in state["trials"]] == [t.name for t in only_a.trials]
+    with open_sweep(whole, "latest") as (folder, _):
+        assert folder == folders["whole"]
+    with pytest.raises(UserError, match=r"no sweep 'two' under .*sweeps/two runs these trials \(they ran other"):
+        with open_sweep(load_sweep(path, only=["b"]), "latest"):
+            pass
 
 
 def test_paper_grid_shares_its_default_point(tmp_path):

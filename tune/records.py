@@ -28,7 +28,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
@@ -102,14 +102,23 @@ def new_sweep_dir(output_dir: Path, name: str) -> Path:
     return folder
 
 
-def latest_sweep_dir(output_dir: Path, name: str) -> Path:
-    """The most recent sweep folder of `name` that holds a sweep.json (what `--resume` continues)."""
-    folders = sorted((p for p in (output_dir / "sweeps" / name).glob("*") if (p / STATE).is_file()),
-                     key=lambda p: (p / STATE).stat().st_mtime)
+def latest_sweep_dir(output_dir: Path, name: str, runs_these: Callable[[dict[str, Any]], bool]) -> Path:
+    """The most recent sweep folder of `name` whose sweep.json `runs_these` accepts (what `--resume` continues):
+    a sweep of the same file run with other `--grids`, `--seeds` or overrides since is passed over, as is a
+    folder whose sweep.json cannot be read (a damaged folder never hides the rest)."""
+    root = output_dir / "sweeps" / name
+    folders = sorted((p for p in root.glob("*") if (p / STATE).is_file()), key=lambda p: (p / STATE).stat().st_mtime)
     if not folders:
-        raise UserError(f"--resume: no earlier sweep {name!r} under {output_dir / 'sweeps' / name} to resume; "
-                        "run without --resume to start one")
-    return folders[-1]
+        raise UserError(f"--resume: no earlier sweep {name!r} under {root} to resume; run without --resume to start one")
+    for folder in reversed(folders):
+        try:
+            state = json.loads((folder / STATE).read_text())
+        except (OSError, ValueError):
+            continue
+        if runs_these(state):
+            return folder
+    raise UserError(f"--resume: no sweep {name!r} under {root} runs these trials (they ran other --grids, --seeds "
+                    "or overrides); give the options of the sweep to resume, or --resume <its folder>")
 
 
 def read_state(sweep_dir: Path) -> dict[str, Any]:

@@ -135,9 +135,13 @@ def open_sweep(sweep: Sweep, resume: Optional[str]) -> Iterator[tuple[Path, dict
     """A new sweep folder with its parent run and sweep.json, or the one to resume (its parent reopened), its lock
     held for the block: a second driver on a sweep whose driver runs is refused before it changes anything."""
     if resume:
-        folder = records.latest_sweep_dir(sweep.output_dir, sweep.name) if resume == "latest" else Path(resume).resolve()
+        def runs_these(state: dict[str, Any]) -> bool:
+            return [(t["name"], t["overrides"]) for t in state["trials"]] == [(t.name, t.overrides) for t in sweep.trials]
+
+        folder = (records.latest_sweep_dir(sweep.output_dir, sweep.name, runs_these) if resume == "latest"
+                  else Path(resume).resolve())
         state = read_state(folder)
-        if [(t["name"], t["overrides"]) for t in state["trials"]] != [(t.name, t.overrides) for t in sweep.trials]:
+        if not runs_these(state):
             raise UserError(f"--resume: the trials of {sweep.path} differ from those of {folder}; "
                             "start a new sweep (without --resume) or restore the file")
     else:
