@@ -4,8 +4,11 @@ same number of optimizer steps as plain fine-tuning through stage 3's own loader
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytest
 import torch
@@ -18,7 +21,7 @@ from distributed_asac.errors import UserError
 from distributed_asac.mitigations.dfr import balanced_draw, halves, l1_logistic, set_target_head
 from distributed_asac.mitigations.group_dro import GroupWeights
 from distributed_asac.mitigations.groups import GroupBalancedBatches, dataset_groups, group_ids
-from distributed_asac.mitigations.jtt import UpweightedDraws, upweighted
+from distributed_asac.mitigations.jtt import UpweightedDraws, collapse_warning, error_draw_share, upweighted
 from distributed_asac.models import create_model
 from distributed_asac.stage3 import build_stage3, finetune
 
@@ -84,6 +87,20 @@ def test_jtt_draws_the_error_set_lambda_times_as_often():
     assert len(draws) == 10000  # one epoch draws len(train) images: the same minibatches as plain
     assert (draws < 1000).float().mean().item() == pytest.approx(9000 / 18000, abs=0.02)  # λ·|E| / (λ·|E| + rest)
     assert list(UpweightedDraws(torch.ones(5), 0)) == list(UpweightedDraws(torch.ones(5), 0))
+
+
+
+def test_jtt_warns_when_the_error_set_fills_the_draws():
+    """λe / (λe + 1 − e) of the draws are mistakes: 50·0.2 / (10 + 0.8) = 92.6% in the bound study's mild regime
+    (where M collapsed), 50·0.05 / (2.5 + 0.95) = 72.5% at a 5% error share (where it did not)."""
+    assert error_draw_share(0.2, 50) == pytest.approx(10 / 10.8)
+    assert error_draw_share(0.05, 50) == pytest.approx(2.5 / 3.45)
+    assert error_draw_share(0.2, 1) == pytest.approx(0.2)  # λ = 1: plain's draws
+    assert collapse_warning(0.05, 50) is None
+    warning = collapse_warning(0.2, 50)
+    # λ = 3(1 − e)/e = 12 brings the share to 12·0.2 / (2.4 + 0.8) = 3/4
+    assert warning.startswith("jtt: the base gets 20.0% of train wrong, so 93% of the draws at jtt.upweight=50 ")
+    assert warning.endswith("jtt.upweight=12 keeps them at 75%") and error_draw_share(0.2, 12) == pytest.approx(0.75)
 
 
 # DFR (Kirichenko et al. 2023)
@@ -159,6 +176,20 @@ class _Tracker:
         self.logged.update(metrics)
 
 
+@contextmanager
+def _records(name: str) -> Iterator[list[logging.LogRecord]]:
+    """The records logged to `name` inside the block (the package's loggers do not propagate to pytest's caplog)."""
+    handler = logging.Handler()
+    records: list[logging.LogRecord] = []
+    handler.emit = records.append
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_each_row_takes_as_many_steps_as_plain_on_the_same_minibatches(dataset):
     """One epoch of stage 3's own loader: |E| optimizer steps on each of len(train) // k minibatches, as plain
     fine-tuning takes; resample's and group_dro's minibatches hold k/4 images of every group; jtt's error set is the
@@ -169,11 +200,16 @@ def test_each_row_takes_as_many_steps_as_plain_on_the_same_minibatches(dataset):
         cfg = _config(dataset, f"finetune.mode={row}")
         torch.manual_seed(0)
         model = create_model("small_cnn")
-        stage = build_stage3(model, cfg, Accelerator(cpu=True), torch.Generator().manual_seed(0), train_set=train)
+        with _records("distributed_asac.mitigations.jtt") as logged:
+            stage = build_stage3(model, cfg, Accelerator(cpu=True), torch.Generator().manual_seed(0), train_set=train)
         if row == "jtt":  # before any step: the base's M on each train image, one at a time
             with torch.no_grad():
                 wrong = [int(model.eval()(train[i][0][None])[0].argmax()) != int(train.targets[i]) for i in range(len(train))]
             assert stage.ctx.prepared.tolist() == wrong and 0 < sum(wrong) < len(train)
+            # an untrained M errs on about half of train: nearly every draw at λ = 50 is a mistake, and it says so
+            assert [r.getMessage() for r in logged] == [collapse_warning(sum(wrong) / len(train), 50.0)]
+        else:
+            assert logged == []
         for x, y, a, _ in stage.loader:
             if row in ("resample", "group_dro"):
                 assert torch.bincount(group_ids(y, a), minlength=4).tolist() == [6, 6, 6, 6]

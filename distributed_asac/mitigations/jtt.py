@@ -12,6 +12,9 @@ equals plain fine-tuning's: len(train) // k minibatches per epoch (one epoch dra
 
 from __future__ import annotations
 
+import logging
+from typing import Optional
+
 import torch
 from torch.utils.data import Sampler
 
@@ -25,10 +28,38 @@ def error_set(model, dataset, batch_size: int, device: torch.device) -> torch.Te
     return logits.argmax(1) != dataset.targets.long()
 
 
+# Above this share of error-set draws M collapsed to one class in the bound study (docs/mitigations.md): 0.82-0.95
+# in the 7 runs that collapsed, 0.74-0.80 in the 3 that did not.
+COLLAPSE_DRAW_SHARE = 0.8
+
+
+def error_draw_share(error_share: float, upweight: float) -> float:
+    """The expected share of draws that are error-set images, λe / (λe + 1 − e), e the error set's share of train."""
+    return upweight * error_share / (upweight * error_share + 1.0 - error_share)
+
+
+def collapse_warning(error_share: float, upweight: float) -> Optional[str]:
+    """A warning when so many draws are the base's mistakes that M is likely to collapse to one class, with the λ
+    that brings them down to 3/4 (λ = 3(1 − e)/e); None otherwise."""
+    share = error_draw_share(error_share, upweight)
+    if share <= COLLAPSE_DRAW_SHARE:
+        return None
+    suggested = max(1, round(3.0 * (1.0 - error_share) / error_share))
+    return (f"jtt: the base gets {error_share:.1%} of train wrong, so {share:.0%} of the draws at jtt.upweight="
+            f"{upweight:g} are its mistakes; above {COLLAPSE_DRAW_SHARE:.0%} M collapsed to one class in the bound "
+            f"study (docs/mitigations.md): jtt.upweight={suggested} keeps them at 75%")
+
+
 def find_errors(cfg, model, train_set, accelerator, tracker) -> tuple[torch.Tensor, dict[str, float]]:
-    """The `prepare` hook: the error set of the base on train, and its size for the fine-tune's summary."""
+    """The `prepare` hook: the error set of the base on train, its size and its share of the draws for the
+    fine-tune's summary; a warning when that share is one M collapsed at."""
     errors = error_set(model, train_set, cfg.finetune.batch_size, accelerator.device)
-    return errors, {"jtt_error_set_size": float(errors.sum()), "jtt_error_share": float(errors.float().mean())}
+    share = float(errors.float().mean())
+    warning = collapse_warning(share, cfg.jtt.upweight)
+    if warning and accelerator.is_main_process:
+        logging.getLogger(__name__).warning(warning)
+    return errors, {"jtt_error_set_size": float(errors.sum()), "jtt_error_share": share,
+                    "jtt_error_draw_share": error_draw_share(share, cfg.jtt.upweight)}
 
 
 class UpweightedDraws(Sampler[int]):
