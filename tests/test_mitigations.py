@@ -91,16 +91,17 @@ def test_jtt_draws_the_error_set_lambda_times_as_often():
 
 
 def test_jtt_warns_when_the_error_set_fills_the_draws():
-    """λe / (λe + 1 − e) of the draws are mistakes: 50·0.2 / (10 + 0.8) = 92.6% in the bound study's mild regime
-    (where M collapsed), 50·0.05 / (2.5 + 0.95) = 72.5% at a 5% error share (where it did not)."""
+    """λe / (λe + 1 − e) of the draws are mistakes: 50·0.2 / (10 + 0.8) = 92.6% as in the bound study's mild regime
+    (where M collapsed), 50·0.05 / (2.5 + 0.95) = 72.5% at a 5% error share; the warning starts above 85%."""
     assert error_draw_share(0.2, 50) == pytest.approx(10 / 10.8)
     assert error_draw_share(0.05, 50) == pytest.approx(2.5 / 3.45)
     assert error_draw_share(0.2, 1) == pytest.approx(0.2)  # λ = 1: plain's draws
     assert collapse_warning(0.05, 50) is None
     warning = collapse_warning(0.2, 50)
-    # λ = 3(1 − e)/e = 12 brings the share to 12·0.2 / (2.4 + 0.8) = 3/4
+    # λ = 2(1 − e)/e = 8 brings the share to 8·0.2 / (1.6 + 0.8) = 2/3
     assert warning.startswith("jtt: the base gets 20.0% of train wrong, so 93% of the draws at jtt.upweight=50 ")
-    assert warning.endswith("jtt.upweight=12 keeps them at 75%") and error_draw_share(0.2, 12) == pytest.approx(0.75)
+    assert warning.endswith("jtt.upweight=8 brings them to 2/3") and error_draw_share(0.2, 8) == pytest.approx(2 / 3)
+    assert collapse_warning(0.1, 50) is None and collapse_warning(0.1, 52) is not None  # 5/5.9 = 84.7%, 5.2/6.1 = 85.2%
 
 
 # DFR (Kirichenko et al. 2023)
