@@ -89,7 +89,6 @@ def test_jtt_draws_the_error_set_lambda_times_as_often():
     assert list(UpweightedDraws(torch.ones(5), 0)) == list(UpweightedDraws(torch.ones(5), 0))
 
 
-
 def test_jtt_warns_when_the_error_set_fills_the_draws():
     """λe / (λe + 1 − e) of the draws are mistakes: 50·0.2 / (10 + 0.8) = 92.6% as in the bound study's mild regime
     (where M collapsed), 50·0.05 / (2.5 + 0.95) = 72.5% at a 5% error share; the warning starts above 85%."""
