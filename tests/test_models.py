@@ -79,6 +79,19 @@ def test_local_weights_file(tmp_path):
         create_model("resnet50", str(tmp_path / "r18.pth"))
 
 
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_damaged_weights_file_is_one_user_error_for_many_seeded_garbages(tmp_path, suffix):
+    """A damaged file fails inside torch's unpickler in many ways (UnpicklingError, EOFError, and on some bytes
+    KeyError or IndexError: seeds 17 and 21 below): every one is the same UserError, never a traceback."""
+    import numpy as np
+
+    path = tmp_path / f"garbage{suffix}"
+    for seed in range(24):
+        path.write_bytes(np.random.default_rng(seed).bytes(4096))
+        with pytest.raises(UserError, match=r"cannot be read as a state dict \(.+\); give a torchvision resnet18"):
+            create_model("resnet18", str(path))
+
+
 def test_imagenet_weights_come_from_the_torch_cache_only(tmp_path, monkeypatch):
     import torchvision
 
