@@ -327,6 +327,10 @@ CASES = {
                                            r", so every fairness metric would be n/a", setup=no_smiling_man_in_test),
     "base_checkpoint_of_stage_one": Case([], r"is a stage-1 \(base\) folder: .*point base_checkpoint at .*/probe, the "
                                              r"probe/ folder", setup=stage_one_folder),
+    # Accelerate's environment: DeepSpeed asked for in a process no launcher started
+    "deepspeed_without_a_launcher": Case([], r"ACCELERATE_USE_DEEPSPEED=true, but this process was not started by a "
+                                             r"launcher .*accelerate launch --config_file launch/deepspeed_zero2\.yaml",
+                                         env={"ACCELERATE_USE_DEEPSPEED": "true"}),
     # config files and command lines say what they mean
     "yaml_repeated_section": Case([], r"config\.yaml': key 'finetune' appears twice, at line 1 and line 5; the "
                                       r"second would silently replace the first",
