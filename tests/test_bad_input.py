@@ -474,14 +474,16 @@ def test_a_second_driver_on_a_running_sweep_is_refused_and_changes_nothing(tmp_p
     """This test process opens a sweep as its driver would (folder, parent run, lock); a second driver's
     `--resume` of it (the same entry point, `tune.sweep.main`; the lock file, not the process, decides) must stop
     in one line naming this process, before it deletes or reopens anything."""
-    from tune.sweep import main, open_sweep
+    import shlex
+
     from tune.spec import load_sweep
+    from tune.sweep import main, open_sweep, parse_args
 
     overrides = [f"output_dir={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     sweep = load_sweep(REPO / "configs" / "sweeps" / "smoke.yaml", overrides, None)
     monkeypatch.chdir(REPO)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with open_sweep(sweep, None) as (folder, state):
+    with open_sweep(sweep, parse_args(["--config", "configs/sweeps/smoke.yaml", *overrides])) as (folder, state):
         before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
         capsys.readouterr()
         with pytest.raises(SystemExit) as stopped:
@@ -489,10 +491,14 @@ def test_a_second_driver_on_a_running_sweep_is_refused_and_changes_nothing(tmp_p
         stderr = capsys.readouterr().err
         assert stopped.value.code == 2, stderr[-3000:]
         lines = stderr.splitlines()
-        assert len(lines) == 1 and re.match(
-            rf"error: sweep folder {re.escape(str(folder))} is in use by pid {os.getpid()} on this host .*\(kill "
-            rf"{os.getpid()}\), then continue it with: python tune/sweep.py --config .*smoke\.yaml --resume "
-            rf"{re.escape(str(folder))}$", lines[0]), stderr[-3000:]
+        refusal = re.match(rf"error: sweep folder {re.escape(str(folder))} is in use by pid {os.getpid()} on this host "
+                           rf".*\(kill {os.getpid()}\), then continue it with: (.*)$", lines[0])
+        assert len(lines) == 1 and refusal, stderr[-3000:]
+        # the command it prints resumes this sweep: its overrides kept, or its trials would differ
+        command = shlex.split(refusal.group(1))
+        args = parse_args(command[3:])
+        assert command[:3] == [sys.executable, "-m", "tune.sweep"]
+        assert (args.config, args.overrides, args.resume) == ("configs/sweeps/smoke.yaml", overrides, str(folder))
         assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
         parent = MlflowClient(state["tracking_uri"]).get_run(state["parent_run_id"])
         assert parent.info.status == "RUNNING" and parent.info.end_time is None

@@ -33,7 +33,7 @@ from distributed_asac.failpoints import PAUSE_AT, PAUSE_DIR
 from tune import report
 from tune.records import RECORD, TrialRecord, read_state
 from tune.spec import base_key, load_sweep
-from tune.sweep import main, open_sweep
+from tune.sweep import main, open_sweep, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "sweep-test"
@@ -309,19 +309,19 @@ def test_resume_latest_takes_the_newest_sweep_of_the_same_grids(tmp_path):
     path = _write_sweep(tmp_path, "two", {"a": {"order": ["ascending"]}, "b": {"order": ["descending"]}})
     only_a, whole = load_sweep(path, only=["a"]), load_sweep(path)
     folders = {}
-    for label, sweep in (("a", only_a), ("whole", whole)):
-        with open_sweep(sweep, None) as (folder, _):
+    for label, sweep, grids in (("a", only_a, ["--grids", "a"]), ("whole", whole, [])):
+        with open_sweep(sweep, parse_args(["--config", str(path), *grids])) as (folder, _):
             folders[label] = folder
     os.utime(folders["a"] / "sweep.json", (1, 1))  # the order of the two starts, whatever the clock's resolution
     damaged = folders["whole"].parent / "damaged"  # the newest folder, its sweep.json cut short: passed over
     damaged.mkdir()
     (damaged / "sweep.json").write_text('{"name": "two", "tri')
-    with open_sweep(only_a, "latest") as (folder, state):
+    with open_sweep(only_a, parse_args(["--config", str(path), "--grids", "a", "--resume"])) as (folder, state):
         assert folder == folders["a"] and [t["name"] for t in state["trials"]] == [t.name for t in only_a.trials]
-    with open_sweep(whole, "latest") as (folder, _):
+    with open_sweep(whole, parse_args(["--config", str(path), "--resume"])) as (folder, _):
         assert folder == folders["whole"]
     with pytest.raises(UserError, match=r"no sweep 'two' under .*sweeps/two runs these trials \(they ran other"):
-        with open_sweep(load_sweep(path, only=["b"]), "latest"):
+        with open_sweep(load_sweep(path, only=["b"]), parse_args(["--config", str(path), "--grids", "b", "--resume"])):
             pass
 
 

@@ -68,6 +68,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         # `--resume seed=1`: argparse hands the override to --resume's optional folder; it is an override
         args.overrides.insert(0, args.resume)
         args.resume = "latest"
+    if args.report:  # `--report <folder> tracking.uri=...`: --report's list takes the override too; it is one
+        overrides = [item for item in args.report if "=" in item and not Path(item).is_dir()]
+        args.report = [item for item in args.report if item not in overrides]
+        args.overrides[:0] = overrides
     return args
 
 
@@ -131,9 +135,11 @@ def describe(sweep: Sweep) -> str:
 
 
 @contextmanager
-def open_sweep(sweep: Sweep, resume: Optional[str]) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """A new sweep folder with its parent run and sweep.json, or the one to resume (its parent reopened), its lock
-    held for the block: a second driver on a sweep whose driver runs is refused before it changes anything."""
+def open_sweep(sweep: Sweep, args: argparse.Namespace) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """A new sweep folder with its parent run and sweep.json, or the one `args.resume` names (its parent reopened),
+    its lock held for the block: a second driver on a sweep whose driver runs is refused before it changes
+    anything, with the command that continues it once the first has finished."""
+    resume = args.resume
     if resume:
         def runs_these(state: dict[str, Any]) -> bool:
             return [(t["name"], t["overrides"]) for t in state["trials"]] == [(t.name, t.overrides) for t in sweep.trials]
@@ -146,7 +152,7 @@ def open_sweep(sweep: Sweep, resume: Optional[str]) -> Iterator[tuple[Path, dict
                             "start a new sweep (without --resume) or restore the file")
     else:
         folder = records.new_sweep_dir(sweep.output_dir, sweep.name)
-    proceed = f"continue it with: python tune/sweep.py --config {sweep.path} --resume {folder}"
+    proceed = f"continue it with: {shlex.join(resume_command(args, folder))}"
     with locked(folder, "sweep folder", proceed):
         if resume:
             records.reopen_parent(state["tracking_uri"], state["parent_run_id"])
@@ -204,7 +210,7 @@ def run_sweep(sweep: Sweep, args: argparse.Namespace) -> int:
     def received() -> int:
         return terminated[0] if terminated else signal.SIGINT
 
-    with open_sweep(sweep, args.resume) as (folder, state), interrupted_in(folder):
+    with open_sweep(sweep, args) as (folder, state), interrupted_in(folder):
         print(f"sweep folder {folder}\nMLflow parent run {state['parent_run_id']} ({state['tracking_uri']})",
               flush=True)
         jobs = trial_jobs(sweep, folder, state, args.retry_failed)
