@@ -159,7 +159,14 @@ def test_sweep_finishes_and_records_the_failed_trial(swept):
     assert len(records) == 3
     failed = [r for r in records.values() if r["status"] == "failed"]
     assert len(failed) == 1 and "no_such_base" in failed[0]["error"]
-    assert (swept.folder / "trials" / failed[0]["name"] / "error.txt").read_text().strip()
+    error_file = swept.folder / "trials" / failed[0]["name"] / "error.txt"
+    assert error_file.read_text().strip()
+    # one line names it, in the sweep folder; Ray's traceback and its error file (in Ray's session folder,
+    # deleted when the sweep ends) are not shown
+    output = swept.resumed.stdout + swept.resumed.stderr
+    assert [line for line in output.splitlines() if "failed: " in line] == [
+        f"trial {failed[0]['name']} failed: {failed[0]['error'].splitlines()[0]}; traceback: {error_file}"]
+    assert "Traceback" not in output and "error file" not in output.lower()
     finished = [r for r in records.values() if r["status"] == "finished"]
     assert sorted(r["axes"]["finetune.epochs"] for r in finished) == [1, 3]
     for r in finished:

@@ -231,7 +231,7 @@ def run_sweep(sweep: Sweep, args: argparse.Namespace) -> int:
             write_report(done, sweep.grids, report_dir, f"Sweep {sweep.name}", sweep.claims)
             records.log_report(state["tracking_uri"], state["parent_run_id"], report_dir, _summary(report_dir))
             records.finish_parent(state["tracking_uri"], state["parent_run_id"], status, done)
-        print(_closing(done, report_dir, time.time() - start))
+        print(_closing(done, folder, time.time() - start))
         if status != "FINISHED":  # Tune returned after its own Ctrl-C handling
             raise Interrupted(received())
         return 1 if any(r.status == "failed" for r in done) else 0
@@ -283,10 +283,16 @@ def _summary(report_dir: Path) -> str:
             "with every trial, plots, CSVs); `tables/` holds the same tables, sortable.")
 
 
-def _closing(done: list[TrialRecord], report_dir: Path, seconds: float) -> str:
-    counts = status_counts(done)
-    return (f"{_answer(report_dir)}\n\n{counts['finished']} finished, {counts['failed']} failed, "
-            f"{counts['pending']} pending in {seconds:.0f} s; report: {report_dir}/report.md")
+def _closing(done: list[TrialRecord], folder: Path, seconds: float) -> str:
+    """The answer, one line per failed trial naming its traceback's file in the sweep folder (Ray's own copy is in
+    its session folder, deleted when the sweep ends), and the counts."""
+    counts, report_dir = status_counts(done), folder / "report"
+    failed = [f"trial {r.name} failed: {(r.error or '').splitlines()[0] if r.error else 'no error recorded'}; "
+              f"traceback: {records.trial_folder(folder, r.name) / records.ERROR_FILE}"
+              for r in done if r.status == "failed"]
+    return "\n".join([_answer(report_dir), "", *failed,
+                      f"{counts['finished']} finished, {counts['failed']} failed, {counts['pending']} pending in "
+                      f"{seconds:.0f} s; report: {report_dir}/report.md"])
 
 
 def report_command(targets: list[str], overrides: list[str]) -> int:
