@@ -24,6 +24,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from distributed_asac import finetune, pipeline, tracking
 from distributed_asac.config import load_config, save_config
@@ -151,6 +152,22 @@ def no_smiling_man_in_test(world: World, tmp_path: Path) -> list[str]:
 
 def stage_one_folder(world: World, tmp_path: Path) -> list[str]:
     return [f"base_checkpoint={world.probe.parent / 'base'}"]
+
+
+def fine_tuned_row_folder(world: World, tmp_path: Path) -> list[str]:
+    """A copy of the earlier run with a fine-tuned row beside its probe/: the probe's weights as stage 3 writes
+    them (its metadata naming the row asac_fgsm)."""
+    run = tmp_path / "run"
+    shutil.copytree(world.probe.parent, run)
+    row = run / "asac_fgsm"
+    shutil.copytree(run / "probe", row)
+    save_file(load_file(row / "model.safetensors"), row / "model.safetensors", metadata={"stage": "3", "row": "asac_fgsm"})
+    (row / "results.json").write_text(json.dumps({"asac_fgsm": {}}))
+    return [f"base_checkpoint={row}"]
+
+
+def run_folder(world: World, tmp_path: Path) -> list[str]:
+    return [f"base_checkpoint={world.probe.parent}"]
 
 
 HELD_OPEN: list = []  # sqlite connections that keep a store's write lock for the rest of the session
@@ -327,6 +344,12 @@ CASES = {
                                            r", so every fairness metric would be n/a", setup=no_smiling_man_in_test),
     "base_checkpoint_of_stage_one": Case([], r"is a stage-1 \(base\) folder: .*point base_checkpoint at .*/probe, the "
                                              r"probe/ folder", setup=stage_one_folder),
+    "base_checkpoint_of_a_fine_tuned_row": Case([], r"/run/asac_fgsm' holds the fine-tuned row 'asac_fgsm' \(stage 3\), "
+                                                    r"not a base: .*point base_checkpoint at .*/run/probe, the probe/ "
+                                                    r"folder of the same run$", setup=fine_tuned_row_folder),
+    "base_checkpoint_is_a_run_folder": Case([], r"base_checkpoint '.*/earlier/\d{8}-\d{6}' is a run folder, not a "
+                                                r"checkpoint; point base_checkpoint at .*/earlier/\d{8}-\d{6}/probe, its "
+                                                r"base", setup=run_folder),
     # Accelerate's environment: DeepSpeed asked for in a process no launcher started
     "deepspeed_without_a_launcher": Case([], r"ACCELERATE_USE_DEEPSPEED=true, but this process was not started by a "
                                              r"launcher .*accelerate launch --config_file launch/deepspeed_zero2\.yaml",
@@ -447,6 +470,35 @@ def test_an_empty_rows_list_is_one_line(capsys):
     lines = capsys.readouterr().err.splitlines()
     assert stopped.value.code == 2 and len(lines) == 1
     assert re.match(r"error: --rows '' names no row; give at least one of .*asac_fgsm", lines[0])
+
+
+def test_a_base_checkpoint_is_told_for_what_it_is(tmp_path):
+    """Folders as the pipeline writes them, without training: a comparison's folder names a seed's base; a
+    fine-tuned row saved before checkpoints recorded their row is found by its results.json; a base is accepted,
+    with or without the record."""
+    import torch
+
+    from distributed_asac.checkpoint import check_base_folder
+    from distributed_asac.errors import UserError
+
+    def checkpoint(folder: Path, row: Optional[str] = None, report: Optional[str] = None) -> Path:
+        folder.mkdir(parents=True)
+        save_file({"w": torch.zeros(1)}, folder / "model.safetensors",
+                  metadata={"stage": "2", "row": row} if row else None)
+        if report:
+            (folder / "results.json").write_text(json.dumps({report: {"ACC": 50.0}}))
+        return folder
+
+    seed = checkpoint(tmp_path / "comparison" / "seed_0" / "probe", row="probe")
+    with pytest.raises(UserError, match=rf"is a comparison's folder .*one seed's base, e\.g\. {re.escape(str(seed))}$"):
+        check_base_folder(tmp_path / "comparison")
+    check_base_folder(seed)
+    run = tmp_path / "older_run"
+    probe, plain = checkpoint(run / "probe", report="probe"), checkpoint(run / "plain", report="plain")
+    with pytest.raises(UserError, match=rf"holds the fine-tuned row 'plain' \(stage 3\).* at {re.escape(str(probe))}, "):
+        check_base_folder(plain)
+    check_base_folder(probe)
+    check_base_folder(checkpoint(tmp_path / "made_by_hand"))
 
 
 @pytest.mark.parametrize("kind", ["server_unreachable", "garbage_sqlite", "output_dir_is_a_file",
