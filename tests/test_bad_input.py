@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -140,6 +141,21 @@ def train_split_of_one_target_label(world: World, tmp_path: Path) -> list[str]:
     """A copy of the dataset, read as CelebA, where every train image is Smiling."""
     root, splits = _celeba_copy(world, tmp_path)
     _set_attribute(root, splits["0"], "Smiling", 1)
+    return ["data.name=celeba", f"data.root={root}"]
+
+
+def attribute_file_not_utf8(world: World, tmp_path: Path) -> list[str]:
+    """A copy of the dataset, read as CelebA, whose attribute file holds a Latin-1 byte (a name saved by an editor)."""
+    root, _ = _celeba_copy(world, tmp_path)
+    path = root / ATTRIBUTE_FILE
+    path.write_bytes(path.read_bytes().replace(b"000007.jpg", b"000007\xe9.jpg", 1))
+    return ["data.name=celeba", f"data.root={root}"]
+
+
+def float_test_image(world: World, tmp_path: Path) -> list[str]:
+    """A copy of the dataset, read as CelebA, whose last test image is a 32-bit float TIFF (under its .jpg name)."""
+    root, splits = _celeba_copy(world, tmp_path)
+    Image.fromarray(np.zeros((32, 32), np.float32), "F").save(root / "img_align_celeba" / splits["2"][-1], "TIFF")
     return ["data.name=celeba", f"data.root={root}"]
 
 
@@ -272,6 +288,9 @@ CASES = {
     "eps_only_zero": Case(["finetune.eps=[0]"], r"'finetune\.eps': \[0\.0\] holds no ε > 0"),
     # a corrupt test image is found before training, not after it
     "corrupt_test_image": Case([], r"cannot decode image .*\.jpg .*on_bad_image='skip'", setup=corrupt_test_image),
+    # an image whose pixels have no known 8-bit RGB (a float TIFF): refused naming it, not trained as it clips
+    "image_of_no_8_bit_rgb": Case([], r"image .*\.jpg has mode F \(pixels of no 8-bit RGB meaning .*"
+                                      r"on_bad_image='skip'$", setup=float_test_image),
     "corrupt_train_image_in_a_worker": Case([], r"^error: cannot decode image .*\.jpg .*on_bad_image='skip'$",
                                             setup=corrupt_train_image_in_a_worker, starts=True),
     # a base checkpoint must match what a base fixes, and be intact
@@ -340,6 +359,8 @@ CASES = {
                                              r"\('Smiling' and 'smiling'\)"),
     "train_split_of_one_target_label": Case([], r"the train split \(84 images\) has only Smiling=1 \(data\.target\)",
                                             setup=train_split_of_one_target_label),
+    "attribute_file_not_utf8": Case([], r"list_attr_celeba\.txt is not UTF-8 text: byte 0xe9 at line 9 .*restore "
+                                        r"the original file", setup=attribute_file_not_utf8),
     "test_split_without_a_group": Case([], r"the test split lacks a \(target, protected\) group .*\(y=1, a=1\) 0\)"
                                            r", so every fairness metric would be n/a", setup=no_smiling_man_in_test),
     "base_checkpoint_of_stage_one": Case([], r"is a stage-1 \(base\) folder: .*point base_checkpoint at .*/probe, the "
