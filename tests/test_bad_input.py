@@ -861,3 +861,12 @@ def test_a_store_locked_mid_run_stops_in_one_line_and_leaves_the_stage_failed(tm
                         rf"resume={re.escape(str(run_dir))}", lines[0]), lines[0]
     run = MlflowClient(f"sqlite:///{db}").get_run(run_id)
     assert run.info.status == "FAILED" and run.data.metrics == {} and run.data.params["experiment"] == "locked"
+
+
+def test_a_new_store_is_created_by_one_process_at_a_time(tmp_path, waits_on_lock):
+    """Two runs creating one new sqlite store at once: one failed in MLflow's table creation ("Online migration
+    expected to match one row ...") and was told to fix a store that was fine. The first open holds the store's
+    lock (here this test holds it, as the other run would); the second waits, then opens the store made."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    waited, _ = waits_on_lock(tmp_path / "mlflow.db.lock", lambda: tracking.probe_store(uri, "tracking.uri"))
+    assert waited and MlflowClient(uri).search_experiments()[0].name == "Default"
