@@ -349,6 +349,8 @@ CASES = {
     "seed_negative": Case(["seed=-1"], r"config key 'seed': -1 is out of range"),
     "synthetic_seed_negative": Case(["data.synthetic_seed=-1"], r"config key 'data\.synthetic_seed': -1 is out"),
     "grad_clip_zero": Case(["grad_clip=0"], r"config key 'grad_clip': must be > 0"),
+    "ig_steps_zero": Case(["analysis.ig_steps=0"], r"config key 'analysis\.ig_steps': 0 is out of range \(must be "
+                                                  r">= 1\)"),
     "tracking_lock_wait_zero": Case(["tracking.lock_wait_s=0"], r"config key 'tracking\.lock_wait_s': must be > 0, "
                                                                 r"got 0\.0 \(default 60\.0\)"),
     # runs that could not mean anything, refused before training
@@ -379,6 +381,9 @@ CASES = {
     "yaml_repeated_section": Case([], r"config\.yaml': key 'finetune' appears twice, at line 1 and line 5; the "
                                       r"second would silently replace the first",
                                   config="finetune:\n  alpha: 0.3\nbase:\n  epochs: 1\nfinetune:\n  lr: 0.01\n"),
+    "yaml_null_for_a_path": Case([], r"config key 'data\.root': expected str, got no value \(YAML reads ~, null and "
+                                     r"an empty value as none\); give a value, or quote it \('~'\)",
+                                 config="data:\n  root: ~\n"),
     "yaml_not_a_mapping": Case([], r"config\.yaml' must hold a mapping of keys .*not a int \(0\)",
                                config="0\n"),
     "key_twice_on_the_command_line": Case(["finetune.alpha=0.3", "finetune.alpha=0.4"],
