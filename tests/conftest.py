@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import signal
@@ -421,6 +422,17 @@ def run_to_end(cmd: list[str], env: dict[str, str]) -> str:
         pytest.fail(f"launch timed out (a hung collective?): {stderr[-3000:]}")
     assert proc.returncode == 0, stderr[-3000:]
     return stderr
+
+
+@pytest.fixture(scope="session")
+def marker_of():
+    """`marker_of(folder)` → a hex string unique to a test's own folder (pytest numbers each session's folders), to
+    find the processes a test started by their environment; derived, never drawn from the machine's entropy."""
+    return _marker_of
+
+
+def _marker_of(folder: Path) -> str:
+    return hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32]
 
 
 @pytest.fixture(scope="session")

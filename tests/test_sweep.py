@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -119,7 +118,7 @@ def _wait_for_files(driver: subprocess.Popen, *patterns: tuple[Path, str]) -> No
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, ray_tmp, process_running) -> SimpleNamespace:
+def swept(tmp_path_factory, ray_tmp, process_running, marker_of) -> SimpleNamespace:
     """Two fine-tunes that start at once (1 and 3 epochs), then a trial whose base checkpoint does not exist.
     The 3-epoch trial pauses at the end of its second epoch and the broken one before writing its record;
     the driver is killed (SIGKILL) once the 1-epoch trial has finished and both others are paused, so the
@@ -129,7 +128,7 @@ def swept(tmp_path_factory, ray_tmp, process_running) -> SimpleNamespace:
     path = _write_sweep(root, "main", {"length": {"finetune.epochs": [1, 3]},
                                        "broken": {"base_checkpoint": [str(root / "no_such_base")]}},
                         max_concurrent=2)
-    marker = uuid.uuid4().hex
+    marker = marker_of(root)
     pauses = root / "pauses"
     pauses.mkdir()
     env = {**_env(marker, ray_tmp), PAUSE_DIR: str(pauses),
@@ -241,12 +240,12 @@ def test_report_has_one_row_per_trial(swept):
 
 @pytest.mark.slow  # a third Ray start (~45 s here): the fast tests already check no process outlives a sweep
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_stops_the_sweep_and_ray(signum, swept, ray_tmp):
+def test_ctrl_c_stops_the_sweep_and_ray(signum, swept, ray_tmp, marker_of):
     """SIGINT or SIGTERM while a trial runs (its base is cached): Tune stops it, Ray is shut down, the trial's run
     and the parent end KILLED, the driver exits 130 or 143 naming the command that resumes the sweep."""
     path = _write_sweep(swept.root, f"interrupted-{signum}", {"g": {"finetune.epochs": [3]}})
-    marker = uuid.uuid4().hex
     pauses = swept.root / f"interrupted-{signum}-pauses"
+    marker = marker_of(pauses)
     pauses.mkdir()
     env = {**_env(marker, ray_tmp), PAUSE_DIR: str(pauses), PAUSE_AT: "stage.epoch_end:stage=finetune,epoch=1"}
     driver = subprocess.Popen(_sweep_cli("--config", str(path)), env=env, cwd=REPO,
@@ -413,9 +412,9 @@ def test_pareto_front():
 
 
 @pytest.mark.slow
-def test_smoke_preset_runs_to_the_end(tmp_path, ray_tmp):
+def test_smoke_preset_runs_to_the_end(tmp_path, ray_tmp, marker_of):
     """configs/sweeps/smoke.yaml itself (6 trials on 2 bases), outputs redirected to tmp_path."""
-    marker = uuid.uuid4().hex
+    marker = marker_of(tmp_path)
     proc = subprocess.run(_sweep_cli("--config", "configs/sweeps/smoke.yaml", f"data.root={tmp_path / 'data'}",
                                      f"output_dir={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"),
                           env=_env(marker, ray_tmp), cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -428,10 +427,10 @@ def test_smoke_preset_runs_to_the_end(tmp_path, ray_tmp):
 
 
 @pytest.mark.slow
-def test_trial_with_two_accelerate_processes(tmp_path, ray_tmp):
+def test_trial_with_two_accelerate_processes(tmp_path, ray_tmp, marker_of):
     """resources.processes: 2 runs the trial's fine-tune under `accelerate launch` (CPU: gloo), both ranks synced."""
     path = _write_sweep(tmp_path, "ddp", {"g": {"order": ["ascending"]}}, resources={"cpu": 2, "gpu": 0, "processes": 2})
-    marker = uuid.uuid4().hex
+    marker = marker_of(tmp_path)
     proc = subprocess.run(_sweep_cli("--config", str(path)), env=_env(marker, ray_tmp), cwd=REPO,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
