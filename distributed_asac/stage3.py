@@ -315,7 +315,7 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
         candidate = selection.score(ft.select, metrics)
         if selection.improves(ft.select, candidate, meta["best_score"]):
             meta["best_score"], meta["selected"] = candidate, epoch + 1
-            meta["selected_valid"] = {k: metrics[f"valid_{k}"] for k in HEADLINE}
+            meta["selected_valid"] = {k: v for k, v in metrics.items() if k.startswith(("valid_", "balanced_valid_"))}
             if ft.select != "last":  # the last epoch's weights are the model itself at the end
                 progress.best = whole_state_dict(model)
         tracker.log_metrics({f"finetune/{k}": v for k, v in metrics.items()}, step=epoch)
@@ -339,7 +339,7 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
     summary.update(selected_epoch=progress.meta["selected"],
                    balanced_valid_DEO_swing=sum(steps) / len(steps) if steps else 0.0)
     # The kept epoch's valid metrics: what a search ranks this setting by (tune/search.py), test never read.
-    summary.update({f"selected_valid_{k}": v for k, v in progress.meta.get("selected_valid", {}).items()})
+    summary.update({f"selected_{k}": v for k, v in progress.meta.get("selected_valid", {}).items()})
     tracker.log_metrics({f"finetune/{k}": v for k, v in summary.items()})
     summary.update(last_attack)  # in the summary, not logged again: MLflow has every epoch's (frozen C: all equal)
     return whole_model(model, cfg.model.backbone, progress.best or None), summary
