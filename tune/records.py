@@ -177,6 +177,17 @@ def finish_parent(uri: str, run_id: str, status: str, records: list[TrialRecord]
     client.set_terminated(run_id, status=status)
 
 
+def holds_run(uri: str, run_id: str) -> bool:
+    """Whether the store at `uri` holds run `run_id`, without creating anything (a missing sqlite file stays missing)."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return False
+    try:
+        MlflowClient(uri).get_run(run_id)
+    except Exception:  # noqa: BLE001 - MLflow raises its own exceptions for an unknown id or an unreachable store
+        return False
+    return True
+
+
 def log_report(uri: str, run_id: str, report_dir: Path, summary: str) -> None:
     """Upload the report folder to the parent run (under `report/`, replacing an earlier upload), its tables
     (each CSV: claims, grids, trials) also as sortable MLflow tables under `tables/`, and `summary` (markdown)

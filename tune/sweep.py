@@ -379,7 +379,11 @@ def report_command(targets: list[str], overrides: list[str]) -> int:
         claims = _claims(sweep_dir, read_state(sweep_dir)) if sweep_dir.is_dir() else None
         title = f"Sweep {parent.info.run_name}"
     paths = write_report(found, grids, report_dir, title, claims)
-    records.log_report(uri, run_id, report_dir, _summary(report_dir))
+    if records.holds_run(uri, run_id):
+        records.log_report(uri, run_id, report_dir, _summary(report_dir))
+    else:  # a sweep folder kept without its store (copied, or its machine gone): the files are the report
+        print(f"note: the MLflow store {uri} does not hold the sweep's parent run {run_id}; the report is written to "
+              f"{report_dir} only", file=sys.stderr)
     print("\n".join(str(p) for p in paths))
     return 0
 
