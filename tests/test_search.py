@@ -101,6 +101,21 @@ def test_a_rule_that_needs_groups_refuses_a_valid_split_without_one(tmp_path, sm
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_sweep_whose_rule_needs_groups_valid_lacks_is_refused_before_it_starts(tmp_path, capsys):
+    """The same refusal for a whole sweep: one line, exit 2, before its folder, parent run or Ray exist (the store is
+    probed first, so that a bad one is told in seconds: it may exist, empty)."""
+    path = _write_sweep(tmp_path, "nogroups", {"g": {"mode": ["plain"], **SPACE}}, search=SEARCH,
+                        selection="worst_group_valid")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(path), "data.synthetic_bias=1.0", "data.synthetic_num_images=120"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "finetune.select=worst_group_valid needs every (target, protected) group in the valid split" in err
+    assert not (tmp_path / "runs").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
 def _record(name: str, grid: str, lr: float, seed: int, score: float, status: str = "finished") -> TrialRecord:
     return TrialRecord(name, {"finetune.lr": lr, "seed": seed}, [grid], status,
                        metrics={"selected_valid_worst_group_ACC": score, "selected_valid_ACC": 90.0 - score})
