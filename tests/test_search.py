@@ -179,6 +179,7 @@ def protocol(tmp_path_factory, ray_tmp) -> SimpleNamespace:  # noqa: F811 - ray_
                            ray_tmp=ray_tmp)
 
 
+@pytest.mark.slow  # two sweeps with Ray, ~80 s: the default suite covers ASHA's decisions and the choice as units
 def test_asha_stops_the_hopeless_trial_and_records_it_as_stopped(protocol):
     assert protocol.searched.returncode == 0, protocol.searched.stderr[-3000:]
     state = read_state(protocol.folder)
@@ -202,6 +203,7 @@ def test_asha_stops_the_hopeless_trial_and_records_it_as_stopped(protocol):
     assert _marked_processes(protocol.marker, protocol.ray_tmp) == {}
 
 
+@pytest.mark.slow
 def test_chosen_runs_the_setting_with_the_best_valid_score(protocol):
     assert protocol.chosen.returncode == 0, protocol.chosen.stderr[-3000:]
     best = max((json.loads(p.read_text()) for p in protocol.folder.glob(f"trials/*/{RECORD}")),
