@@ -322,8 +322,9 @@ def execute(sweep: Sweep, jobs: list[TrialJob], folder: Path, address: Optional[
         for job in jobs:  # the trials ASHA stopped: their processes ended before they could record themselves
             record = records.read_record(Path(job.folder))
             if scheduler is not None and job.name in scheduler.stopped and (record is None or record.status == "pending"):
-                metrics = {k: v for k, v in last.get(job.name, {}).items() if k.startswith(search.REPORTED)}
-                records.record_stopped(job, scheduler.stopped[job.name], metrics)
+                result = last.get(job.name, {})
+                metrics = {k: v for k, v in result.items() if k.startswith(search.REPORTED)}
+                records.record_stopped(job, scheduler.stopped[job.name], metrics, result.get("time_total_s"))
 
 
 def early_stopping(sweep: Sweep, jobs: list[TrialJob]):
