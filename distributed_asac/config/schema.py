@@ -64,6 +64,7 @@ class FinetuneConfig:
     epochs: int = 2  # passes over the train split
     batch_size: int = 64  # images per minibatch over all processes (global; each of W ranks makes the ASACs of k = batch_size / W)
     lr: float = 1e-3  # Adam learning rate
+    weight_decay: float = 0.0  # Adam's ℓ2 penalty on θ and ρ (GroupDRO's "strong ℓ2" is a large one); >= 0
     alpha: float = 0.5  # weight of the clean term in α·CE(x) + (1 − α)·CE(x')
     eps: list[float] = field(default_factory=lambda: [0.001, 0.01])  # E = {0} ∪ eps (eps_mode fixed)
     eps_mode: str = "fixed"  # fixed: use eps; calibrated: one ε per attack_success_targets, chosen before stage 3
@@ -76,7 +77,7 @@ class FinetuneConfig:
     adv_eps: float = 0.01  # the single PGD ε of the adv_augment comparator
     channels_last: bool = True  # stage-3 images in NHWC layout: same math, faster on CPU (BENCHMARKS.md)
     batchnorm: str = "train"  # train: each chunk is a train-mode batch (the paper); frozen: keep the base's statistics
-    select: str = "last"  # last: keep the last epoch (the paper); balanced_valid: best balanced-valid accuracy
+    select: str = "last"  # which epoch is kept (selection.py): last (the paper), avg_valid, worst_group_valid or balanced_valid
     steps: str = "per_chunk"  # per_chunk: one optimizer step per chunk of k entries, |E| per minibatch (the default); per_minibatch: one step on all of a minibatch's entries, every row alike
     fixed_chunks: bool = False  # true: each chunk's forward holds all k clean images and all its entries (fixed shape: no host read per minibatch, CUDA-graph-able), so batch-norm statistics differ from the default's exact chunk (BENCHMARKS.md, section 9)
     compile: bool = False  # torch.compile the model of the training steps (forward and backward; attacks and scoring stay eager): off until measured on a GPU (docs/performance.md)
@@ -168,7 +169,7 @@ class Config:
 
 ATTACK_MODELS = ("frozen", "live")
 BATCHNORM_MODES = ("train", "frozen")
-SELECTION_RULES = ("last", "balanced_valid")
+SELECTION_RULES = ("last", "avg_valid", "worst_group_valid", "balanced_valid")  # selection.py
 STEP_RULES = ("per_chunk", "per_minibatch")
 EPS_MODES = ("fixed", "calibrated")
 # Keys whose value is a path: a leading `~` there is the home folder, as a shell would read it (`resume` and
