@@ -23,6 +23,9 @@ from .models import TwoHeadModel, create_model, protected_classifier
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 STAGES = {"base": 1, "probe": 2}  # the models stages 1 and 2 write; every other model is a fine-tuned row (stage 3)
+# The weights' metadata key that records who wrote them, its value JSON ({"row": ..., "stage": ...}): one key, since
+# safetensors writes several in a random order per process, and equal runs must write equal bytes.
+WRITTEN_BY = "distributed_asac.written_by"
 
 
 def stage_of(name: str) -> int:
@@ -37,7 +40,7 @@ def save_checkpoint(state_dict: dict, cfg: Config, folder: Path, name: str) -> N
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {key: t.detach().cpu().contiguous() for key, t in state_dict.items()}
     with atomic_path(folder / WEIGHTS) as tmp:
-        save_file(tensors, str(tmp), metadata={"stage": str(stage_of(name)), "row": name})
+        save_file(tensors, str(tmp), metadata={WRITTEN_BY: json.dumps({"row": name, "stage": stage_of(name)})})
     with atomic_path(folder / CONFIG) as tmp:
         save_config(cfg, tmp)
 
@@ -48,10 +51,10 @@ def origin(folder: Path) -> Optional[str]:
     neither says (a damaged file is named by `load_checkpoint`)."""
     try:
         with safe_open(str(folder / WEIGHTS), "pt") as weights:
-            row = (weights.metadata() or {}).get("row")
-    except Exception:  # noqa: BLE001 - any failure of the parse: no metadata to read here
+            row = json.loads((weights.metadata() or {}).get(WRITTEN_BY, "{}")).get("row")
+    except Exception:  # noqa: BLE001 - any failure of the parse: no record to read here
         row = None
-    if row is not None:
+    if isinstance(row, str):
         return row
     try:
         reports = json.loads((folder / "results.json").read_text())

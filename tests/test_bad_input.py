@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from distributed_asac import finetune, pipeline, tracking
+from distributed_asac.checkpoint import WRITTEN_BY
 from distributed_asac.config import load_config, save_config
 from distributed_asac.data.celeba_format import ATTRIBUTE_FILE, read_attribute_file, write_attribute_file
 from distributed_asac.locks import LOCK, acquire
@@ -177,7 +178,8 @@ def fine_tuned_row_folder(world: World, tmp_path: Path) -> list[str]:
     shutil.copytree(world.probe.parent, run)
     row = run / "asac_fgsm"
     shutil.copytree(run / "probe", row)
-    save_file(load_file(row / "model.safetensors"), row / "model.safetensors", metadata={"stage": "3", "row": "asac_fgsm"})
+    save_file(load_file(row / "model.safetensors"), row / "model.safetensors",
+              metadata={WRITTEN_BY: json.dumps({"row": "asac_fgsm", "stage": 3})})
     (row / "results.json").write_text(json.dumps({"asac_fgsm": {}}))
     return [f"base_checkpoint={row}"]
 
@@ -510,7 +512,7 @@ def test_a_base_checkpoint_is_told_for_what_it_is(tmp_path):
     def checkpoint(folder: Path, row: Optional[str] = None, report: Optional[str] = None) -> Path:
         folder.mkdir(parents=True)
         save_file({"w": torch.zeros(1)}, folder / "model.safetensors",
-                  metadata={"stage": "2", "row": row} if row else None)
+                  metadata={WRITTEN_BY: json.dumps({"row": row, "stage": 2})} if row else None)
         if report:
             (folder / "results.json").write_text(json.dumps({report: {"ACC": 50.0}}))
         return folder
