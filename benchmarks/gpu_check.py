@@ -16,8 +16,9 @@ The lent machines have torch, torchvision, accelerate, safetensors and pyyaml bu
 carry them (ray's wheel alone is ~78 MB, over the 64 MiB a call carries): there `packing` and `paper_regime` are
 skipped with a line saying so. Nothing else here imports mlflow, ray, deepspeed or captum.
 
-Before anything runs, every chosen step's device flags are parsed by its script's own parser, so a wrong flag is
-reported at once (and in the dry run, on any machine) rather than after minutes. Everything is written under
+Before a step starts, its device flags are parsed by its script's own parser, and in the dry run its dry flags too
+(so the dry run checks every step's device flags on any machine, the skipped ones included): a wrong flag is one
+line, not a crash minutes in. Everything is written under
 `--out` (default: $OUT): gpu_check.json (the environment: GPU, driver, torch, CUDA, accelerate, package versions,
 commit; then every step's command, status, reason, seconds and its script's own JSON), gpu_check.txt (the same as
 the scripts' tables) and gpu_check.log (their whole output): three files, as the device tool brings back at most 8.
@@ -28,7 +29,7 @@ skipped with a line saying why.
 
 Usage (from the repository root)::
 
-    bash benchmarks/gpu_check.sh --commit HASH            # on the GPU machine: ~6 minutes, under 8
+    bash benchmarks/gpu_check.sh --commit HASH            # on the GPU machine: at most 450 s (--deadline)
     bash benchmarks/gpu_check.sh --dry-run --out out/gpu_check
 """
 
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import importlib
 import importlib.metadata
 import importlib.util
@@ -188,14 +188,23 @@ def nvidia_smi() -> str:
     return done.stdout.strip() or done.stderr.strip()
 
 
+def version(module: str, dist: str) -> Optional[str]:
+    """The version of the distribution `dist` where `module` can be imported, else None."""
+    if importlib.util.find_spec(module) is None:
+        return None
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:  # importable from a folder without package metadata
+        return "importable, version unknown"
+
+
 def environment(commit: Optional[str]) -> dict[str, Any]:
     """The machine, the GPU and its driver, the versions of everything the steps import (None: not importable
     here) and the commit (from git where a checkout travelled, else as passed with --commit)."""
     head = git("rev-parse", "HEAD")
     if head is not None:
         commit = head + (" with uncommitted changes" if git("status", "--porcelain") else "")
-    versions = {module: importlib.metadata.version(dist) if importlib.util.find_spec(module) else None
-                for module, dist in PACKAGES.items()}
+    versions = {module: version(module, dist) for module, dist in PACKAGES.items()}
     return {**machine(), "nvidia_smi": nvidia_smi(), "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
             "packages": versions, "commit": commit or "unknown: no git checkout here and no --commit given"}
@@ -208,7 +217,8 @@ def reference_line(step: Step, payload: dict[str, Any], gpu: Optional[str]) -> s
     asac_ms, plain_ms, over_bound = H200_2026_11_26[step.reference]
     r = payload["results"][0]
     return (f"against the H200 of 2026-11-26 (k = {step.reference}: asac {asac_ms} ms, plain {plain_ms} ms, asac / "
-            f"bound {over_bound}): asac {1e3 * r['asac_s'] / asac_ms:.2f}×, plain {1e3 * r['plain_s'] / plain_ms:.2f}×, "
+            f"bound {over_bound}): asac {1e3 * r['asac_s'] / asac_ms:.2f}×, "
+            f"plain {1e3 * r['plain_s'] / plain_ms:.2f}×, "
             f"asac / bound {r['asac_over_bound']:.2f} against {over_bound}")
 
 
@@ -241,7 +251,8 @@ class Report:
             f"torch {env['torch']} (CUDA {env['cuda']}, cuDNN {env['cudnn']}), python {env['python']}; "
             + ", ".join(f"{m} {v}" for m, v in env["packages"].items() if v is not None and m != "torch"),
             f"not importable here: {', '.join(missing) or 'none'}",
-            f"CPU: {env['cpu']}, {env['usable_cores']} usable cores, load {env['load_average_1m_at_start']:.2f} at start",
+            f"CPU: {env['cpu']}, {env['usable_cores']} usable cores, "
+            f"load {env['load_average_1m_at_start']:.2f} at start",
         ])
 
 
@@ -259,7 +270,8 @@ def skip_reason(step: Step, dry: bool, left: float) -> Optional[str]:
     return None
 
 
-def run_step(step: Step, dry: bool, left: float, out: Path, scratch: Path, gpu: Optional[str]) -> tuple[dict[str, Any], str]:
+def run_step(step: Step, dry: bool, left: float, out: Path, scratch: Path,
+             gpu: Optional[str]) -> tuple[dict[str, Any], str]:
     """One step: its record for gpu_check.json and its text for gpu_check.txt."""
     flags = step.flags(dry)
     command = [sys.executable, f"benchmarks/{step.script}.py", *flags, "--json", str(scratch / f"{step.id}.json")]
@@ -279,7 +291,8 @@ def run_step(step: Step, dry: bool, left: float, out: Path, scratch: Path, gpu: 
         log.write(stdout)
     record["seconds"] = seconds
     if code is None:
-        status, reason = "stopped", f"killed at {timeout:.0f} s ({'its budget' if timeout == step.budget_s else 'the deadline'})"
+        limit = "its budget" if timeout == step.budget_s else "the deadline"
+        status, reason = "stopped", f"killed at {timeout:.0f} s ({limit})"
     elif code != 0:
         status, reason = "failed", f"exit status {code}: see gpu_check.log"
     else:
@@ -299,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "out/gpu_check"),
                         help="where the three files go (default: $OUT, else out/gpu_check)")
     parser.add_argument("--deadline", type=float, default=DEADLINE_S,
-                        help=f"seconds for the whole run (default {DEADLINE_S}); no step starts with under {LEAST_S} left")
+                        help=f"seconds for the whole run (default {DEADLINE_S}); no step starts with under "
+                             f"{LEAST_S} left")
     parser.add_argument("--steps", nargs="+", choices=[s.id for s in STEPS], default=[s.id for s in STEPS],
                         help="these steps only, still in the table's order (a rerun of what the last call left)")
     parser.add_argument("--commit", help="the commit of the tree, where it travelled without .git")
@@ -313,9 +327,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name in FILES:
         (args.out / name).unlink(missing_ok=True)
     env = environment(args.commit)
+    command = " ".join(["benchmarks/gpu_check.py", *(argv if argv is not None else sys.argv[1:])])
     report = Report(args.out, {"benchmark": "gpu_check", "dry_run": args.dry_run, "deadline_s": args.deadline,
-                               "command": " ".join(["benchmarks/gpu_check.py", *(argv if argv is not None else sys.argv[1:])]),
-                               "environment": env})
+                               "command": command, "environment": env})
     report.save()
     print(report.environment_text(), flush=True)
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:  # the scripts' JSON, before it joins the report

@@ -55,7 +55,8 @@ def count_row(row: str, settings: dict[str, Any], args: argparse.Namespace, root
         return {**counted, "skipped": "no minibatch step: stage 3 is one fit of the target head on host features"}
     train = CelebA(root, "train", cfg.data.target, cfg.data.protected, args.image_size)
     torch.manual_seed(0)
-    stage = build_stage3(create_model(args.backbone), cfg, accelerator, torch.Generator().manual_seed(0), train_set=train)
+    stage = build_stage3(create_model(args.backbone), cfg, accelerator, torch.Generator().manual_seed(0),
+                         train_set=train)
     x, y, a, _ = next(iter(stage.loader))  # on the device; x uint8 [k, 3, S, S]
     # Before the count: on CPU the uint8 → float conversion goes through numpy (a host copy that waits for nothing).
     x = to_pixels(x)

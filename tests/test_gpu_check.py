@@ -31,7 +31,8 @@ def dry_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     started with ABSENT_THERE unimportable: a sitecustomize sets their sys.modules entries to None."""
     tmp = tmp_path_factory.mktemp("gpu_check")
     (tmp / "absent").mkdir()
-    (tmp / "absent" / "sitecustomize.py").write_text(f"import sys\n\nsys.modules.update(dict.fromkeys({ABSENT_THERE!r}))\n")
+    (tmp / "absent" / "sitecustomize.py").write_text(
+        f"import sys\n\nsys.modules.update(dict.fromkeys({ABSENT_THERE!r}))\n")
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(tmp / "absent"), "OUT": str(tmp / "out")}
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=tmp, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -78,7 +79,8 @@ def test_the_dry_run_counts_host_reads_and_times_the_step_against_its_bound(dry_
     steps = {s["id"]: s for s in json.loads((dry_run[1] / "gpu_check.json").read_text())["steps"]}
     rows = steps["syncs"]["result"]["results"]["rows"]
     reads = {(r["row"], *r["settings"]): r.get("host_reads") for r in rows}
-    assert reads[("plain",)] == [] and reads[("asac_fgsm",)] == ["tolist"] and reads[("asac_fgsm", "fixed_chunks")] == []
+    assert reads[("plain",)] == [] and reads[("asac_fgsm",)] == ["tolist"]
+    assert reads[("asac_fgsm", "fixed_chunks")] == []
     assert {r["row"] for r in rows} >= {"asac_pgd", "resample", "group_dro", "jtt", "dfr"}
     assert all(r["cuda_syncs"] is None for r in rows if "skipped" not in r)  # no GPU: not counted, and it says so
     (step,) = steps["step64"]["result"]["results"]
@@ -95,7 +97,8 @@ def test_every_steps_device_flags_are_checked_before_it_runs(gpu_check):
 
 
 def test_a_step_past_its_budget_is_killed_with_its_children(gpu_check, tmp_path, process_running):
-    child = "import subprocess, sys, time; print(subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']).pid, flush=True); time.sleep(60)"
+    sleeper = "[sys.executable, '-c', 'import time; time.sleep(60)']"
+    child = f"import subprocess, sys, time; print(subprocess.Popen({sleeper}).pid, flush=True); time.sleep(60)"
     code, out, seconds = gpu_check.run_command([sys.executable, "-c", child], 2, tmp_path / "log")
     assert code is None and seconds < 30
     assert not process_running(int(out))
