@@ -186,8 +186,10 @@ def format_setting(value: Any) -> str:
 
 def _summary(records: list[TrialRecord]) -> str:
     counts = status_counts(records)
-    return (f"{len(records)} trials: {counts['finished']} finished, {counts['failed']} failed, {counts['pending']} pending. "
-            "Cells: mean over seeds ± half-width of the 95% Student-t interval over seeds (when 2 or more).")
+    stopped = f"{counts['stopped']} stopped early by ASHA (left out of the cells), " if counts["stopped"] else ""
+    return (f"{len(records)} trials: {counts['finished']} finished, {stopped}{counts['failed']} failed, "
+            f"{counts['pending']} pending. Cells: mean over seeds ± half-width of the 95% Student-t interval over seeds "
+            "(when 2 or more).")
 
 
 def _trials_table(records: list[TrialRecord]) -> str:
@@ -195,7 +197,8 @@ def _trials_table(records: list[TrialRecord]) -> str:
     for r in records:
         cells = [_fmt(r.metrics.get(m), fmt) for m, fmt in METRICS]
         error = (r.error or "").replace("|", "/").replace("\n", " ")[:200]
-        lines.append(f"| {r.name} | {r.status} | " + " | ".join(cells) + f" | {error} |")
+        status = f"stopped after epoch {r.stopped_epoch}" if r.status == "stopped" else r.status
+        lines.append(f"| {r.name} | {status} | " + " | ".join(cells) + f" | {error} |")
     return "\n".join(lines)
 
 
@@ -220,7 +223,7 @@ def _trial_csv_rows(records: list[TrialRecord]) -> list[dict[str, Any]]:
              **{a: format_setting(r.axes[a]) if a in r.axes else "" for a in axes},
              "model": r.model or "", **{m: r.metrics.get(m) for m, _ in METRICS},
              **{f"base_{m}": (r.base or {}).get(m) for m, _ in METRICS},
-             "seconds": r.seconds, "error": r.error or ""} for r in records]
+             "seconds": r.seconds, "stopped_epoch": r.stopped_epoch or "", "error": r.error or ""} for r in records]
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
