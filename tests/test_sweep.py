@@ -491,3 +491,14 @@ def test_report_of_a_sweep_folder_kept_without_its_store(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "does not hold the sweep's parent run 0123456789abcdef" in err and err.count("\n") == 1
     assert not gone.parent.exists()
+
+
+def test_time_table_adds_each_grids_seconds_by_status_and_the_wall_time():
+    records = [_record("a", 0, 0.1, 90.0), _record("b", 1, 0.1, 90.0), _record("c", 0, None, None, "failed"),
+               _record("d", 1, 0.1, 90.0, grids=("h",))]
+    for record, (started, seconds) in zip(records, ((100.0, 10.0), (105.0, 20.0), (100.0, 1.0), (130.0, 5.0))):
+        record.started, record.seconds = started, seconds
+    records[1].status = "stopped"
+    text = report.time_table(records, {"g": [], "h": []})
+    assert "| g | 3 | 10 | 20 | 1 |" in text and "| h | 1 | 5 | 0 | 0 |" in text
+    assert "Wall time of the recorded trials: 35 s" in text  # 100 to 135
