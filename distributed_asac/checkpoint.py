@@ -1,5 +1,6 @@
-"""Model checkpoints as safetensors with the resolved config beside them (no pickle on load), and the whole
-weights of a model whose parameters DeepSpeed ZeRO-3 partitioned across ranks."""
+"""Model checkpoints as safetensors with the resolved config beside them (no pickle on load), each saying which
+stage and row wrote it; and the whole weights of a model whose parameters DeepSpeed ZeRO-3 partitioned across
+ranks."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import contextlib
 from pathlib import Path
 from typing import Optional
 
+import json
+
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -18,17 +22,69 @@ from .models import TwoHeadModel, create_model, protected_classifier
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
+STAGES = {"base": 1, "probe": 2}  # the models stages 1 and 2 write; every other model is a fine-tuned row (stage 3)
 
 
-def save_checkpoint(state_dict: dict, cfg: Config, folder: Path) -> None:
+def stage_of(name: str) -> int:
+    """The stage that writes the model `name` (`base`, `probe`, or a row such as `asac_fgsm`)."""
+    return STAGES.get(name, 3)
+
+
+def save_checkpoint(state_dict: dict, cfg: Config, folder: Path, name: str) -> None:
     """Write `folder/model.safetensors` and `folder/config.yaml`, each atomically, so a crash never leaves a
-    half-written checkpoint where a good one stood."""
+    half-written checkpoint where a good one stood. The weights' metadata records the stage and the model `name`
+    that wrote them, so that a folder given as base_checkpoint can be told for what it is (`check_base_folder`)."""
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().cpu().contiguous() for name, t in state_dict.items()}
+    tensors = {key: t.detach().cpu().contiguous() for key, t in state_dict.items()}
     with atomic_path(folder / WEIGHTS) as tmp:
-        save_file(tensors, str(tmp))
+        save_file(tensors, str(tmp), metadata={"stage": str(stage_of(name)), "row": name})
     with atomic_path(folder / CONFIG) as tmp:
         save_config(cfg, tmp)
+
+
+def origin(folder: Path) -> Optional[str]:
+    """The model (`base`, `probe` or a row) whose checkpoint `folder` holds: from its weights' metadata, or, for a
+    checkpoint written before the metadata held it, from the one model its results.json reports; None when
+    neither says (a damaged file is named by `load_checkpoint`)."""
+    try:
+        with safe_open(str(folder / WEIGHTS), "pt") as weights:
+            row = (weights.metadata() or {}).get("row")
+    except Exception:  # noqa: BLE001 - any failure of the parse: no metadata to read here
+        row = None
+    if row is not None:
+        return row
+    try:
+        reports = json.loads((folder / "results.json").read_text())
+    except Exception:  # noqa: BLE001 - absent or damaged: it says nothing
+        return None
+    return next(iter(reports)) if isinstance(reports, dict) and len(reports) == 1 else None
+
+
+def check_base_folder(folder: Path) -> None:
+    """Refuse as `base_checkpoint` anything but a base (what stages 1–2 write: the probe/ folder), naming what it
+    is and the folder to give: a run's or a comparison's folder, a stage-1 base/ (its C was never trained), or a
+    fine-tuned row (stage 3: it would be fine-tuned again and reported as an ordinary row)."""
+    given = f"base_checkpoint {str(folder)!r}"
+    if not (folder / WEIGHTS).is_file():
+        if (folder / "probe" / WEIGHTS).is_file():
+            raise UserError(f"{given} is a run folder, not a checkpoint; point base_checkpoint at {folder / 'probe'}, "
+                            "its base (written by stages 1–2)")
+        seeds = sorted(folder.glob(f"seed_*/probe/{WEIGHTS}"))
+        if seeds:
+            raise UserError(f"{given} is a comparison's folder (a run per seed), not a checkpoint; point "
+                            f"base_checkpoint at one seed's base, e.g. {seeds[0].parent}")
+        return  # not a checkpoint at all: load_checkpoint says what is missing
+    name = origin(folder)
+    if name is None or stage_of(name) == 2:
+        return
+    probe = folder.parent / "probe"
+    right = (f"{probe}, the probe/ folder of the same run" if (probe / WEIGHTS).is_file()
+             else "the probe/ folder of a run (written by stages 1–2)")
+    if stage_of(name) == 1:
+        raise UserError(f"{given} is a stage-1 (base) folder: its protected classifier C was never trained (stage 2 "
+                        f"trains it); point base_checkpoint at {right}")
+    raise UserError(f"{given} holds the fine-tuned row {name!r} (stage 3), not a base: it would be fine-tuned again "
+                    f"and reported as an ordinary row; point base_checkpoint at {right}")
 
 
 def load_checkpoint(folder: str | Path) -> tuple[TwoHeadModel, Config]:

@@ -55,7 +55,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="seeds run at a time, each in its own process (default 1: one after another)")
     parser.add_argument("--threads", type=int, metavar="T", help="torch threads (default: torch's, one per core)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. finetune.epochs=1")
-    args = parser.parse_args(argv)
+    # intermixed: overrides may come before and after the options, so that the resume command printed on an
+    # interrupt (the same line with resume=<folder> at its end) parses wherever the overrides were
+    args = parser.parse_intermixed_args(argv)
     start = time.perf_counter()
     with exit_on_user_error(module_command("distributed_asac.demo", argv)):
         for flag, value in (("--parallel-seeds", args.parallel_seeds), ("--threads", args.threads)):

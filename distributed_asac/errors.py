@@ -148,6 +148,12 @@ def cause(err: BaseException, matches: Callable[[BaseException], bool]) -> Optio
     return None
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of `err`'s message, or its type's name when it has none: what a one-line error quotes of a
+    library's exception."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def one_line(err: UserError) -> str:
     """The message of `err` as one line. A UserError raised in a DataLoader worker is re-raised by torch with
     the worker's traceback as its message ("Caught X in DataLoader worker process 0.\nOriginal Traceback

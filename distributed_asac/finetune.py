@@ -29,7 +29,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     )
     parser.add_argument("--config", help="experiment YAML (see configs/); defaults: the CPU demo")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. finetune.alpha=0.3")
-    args = parser.parse_args(argv)
+    # intermixed: overrides may come before and after the options, so that the resume command printed on an
+    # interrupt (the same line with resume=<folder> at its end) parses wherever the overrides were
+    args = parser.parse_intermixed_args(argv)
     with exit_on_user_error(module_command("distributed_asac.finetune", argv)):
         cfg = load_cli_config(args.config, args.overrides)
         if cfg.seeds and cfg.seeds != [cfg.seed]:

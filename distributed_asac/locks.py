@@ -1,4 +1,5 @@
-"""One process at a time in a run folder or a sweep folder.
+"""One process at a time in a run folder or a sweep folder; and `flocked`, one process at a time making a shared
+thing (an image cache, a generated dataset, a new tracking store) that the others then use.
 
 A second driver on a running sweep deleted the running trials' folders and MLflow runs, and two resumes of one
 run raced to rename its saved state. So the process that runs in such a folder holds `<folder>/LOCK`, created
@@ -9,6 +10,7 @@ another host cannot be checked from here, so the line says to delete the file if
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
@@ -117,3 +119,20 @@ def locked(folder: Path, what: str, proceed: str) -> Iterator[Path]:
         yield path
     finally:
         release(path)
+
+
+@contextmanager
+def flocked(path: Path, waiting: str) -> Iterator[None]:
+    """Hold an flock on `path` (created if missing) for the block, logging `waiting` when another process holds it
+    first; the kernel drops it if the holder dies, so a crash never wedges the others. The file stays: removing it
+    while another process waits on it would let a third lock a new file beside the waiting one."""
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logging.getLogger(__name__).info("%s", waiting)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -25,7 +25,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from safetensors.torch import load_file, save_file
 
 from .analysis import analyse, curve_metrics, figure_indices, ig_maps, needs_attacker
-from .checkpoint import WEIGHTS, load_checkpoint, save_checkpoint, whole_state_dict
+from .checkpoint import WEIGHTS, check_base_folder, load_checkpoint, save_checkpoint, whole_state_dict
 from .config import Config, check_batch_sizes, save_config
 from .data.build import build_splits
 from .data.datasets import Splits
@@ -222,7 +222,7 @@ def finish_model(name: str, model: TwoHeadModel, cfg: Config, splits: Splits, ac
         files = write_results(folder, name, evaluation,
                               extra={**analysis, **(extra or {}), "ci95_bootstrap": report["ci95_bootstrap"]})
         (folder / "replicas.json").write_text(json.dumps(replicas, indent=2))
-        save_checkpoint(whole_state_dict(model), cfg, folder)
+        save_checkpoint(whole_state_dict(model), cfg, folder, name)
         tracker.log_metrics(curve_metrics(analysis))
         tracker.log_metrics({k: v for k, v in analysis.items() if isinstance(v, float)})
         for path in (*files, folder / "model.safetensors", folder / "config.yaml"):
@@ -275,11 +275,7 @@ BASE_KEYS = ("model.backbone", "model.protected_classifier", "data.target", "dat
 
 def load_base(cfg: Config) -> TwoHeadModel:
     """The model of `cfg.base_checkpoint`, checked to match the config on every key that a base fixes."""
-    folder = Path(cfg.base_checkpoint)
-    if _model_name(folder) == "base":  # stage 1's folder: C is untrained
-        raise UserError(f"base_checkpoint {cfg.base_checkpoint!r} is a stage-1 (base) folder: its protected "
-                        "classifier C was never trained (stage 2 trains it); point base_checkpoint at "
-                        f"{folder.parent / 'probe'}, the probe/ folder of the same run")
+    check_base_folder(Path(cfg.base_checkpoint))
     model, saved = load_checkpoint(cfg.base_checkpoint)
     ours, theirs = cfg.flat(), saved.flat()
     for key in BASE_KEYS:
@@ -289,14 +285,6 @@ def load_base(cfg: Config) -> TwoHeadModel:
                 f"{key}={ours[key]}; set {key}={theirs[key]} or train a new base (leave base_checkpoint unset)"
             )
     return model
-
-
-def _model_name(folder: Path) -> Optional[str]:
-    """The model a checkpoint folder's results.json reports (`{name: report}`), None if it has none readable."""
-    try:
-        return next(iter(json.loads((folder / "results.json").read_text())), None)
-    except (OSError, ValueError, TypeError):
-        return None
 
 
 def run_finetune(cfg: Config, base: TwoHeadModel, splits: Splits, accelerator: Accelerator, run_dir: Path,

@@ -22,6 +22,13 @@ def make_accelerator() -> Accelerator:
     On a machine without CUDA the process group must use gloo: DeepSpeed otherwise starts with a backend
     that Accelerate does not see, and its batch-size check fails.
     """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and "WORLD_SIZE" not in os.environ:
+        # Accelerate then sets up DeepSpeed without a process group, and the first barrier crashes; as Accelerate
+        # reads the variable, so that exactly what it would act on is refused
+        raise UserError("ACCELERATE_USE_DEEPSPEED=true, but this process was not started by a launcher (no "
+                        "WORLD_SIZE), and DeepSpeed needs one: run `accelerate launch --config_file "
+                        "launch/deepspeed_zero2.yaml -m distributed_asac.finetune ...` (docs/distributed.md), or "
+                        "unset ACCELERATE_USE_DEEPSPEED to run in this one process")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     gloo = launched > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if gloo else [])
@@ -117,6 +124,10 @@ class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
+        # Statistics in float32 whatever the input's dtype: under bf16 autocast (ACCELERATE_MIXED_PRECISION=bf16)
+        # the convolutions hand over bf16, whose 8-bit mantissa would round the sums over the batch, and the
+        # running statistics are float32 buffers. The output goes back to the input's dtype, as torch's does.
+        dtype, x = x.dtype, x.float()
         dims, shape = (0, 2, 3), (1, -1, 1, 1)
         totals = _group_sum(torch.cat([x.sum(dims), x.new_tensor([x.numel() / x.shape[1]])]))  # [C + 1]: sums, count
         n, mean = totals[-1], totals[:-1] / totals[-1]
@@ -131,7 +142,7 @@ class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
                 momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
                 self.running_mean.lerp_(mean, momentum)
                 self.running_var.lerp_(var * n / (n - 1).clamp(min=1), momentum)
-        return out
+        return out.to(dtype)
 
 
 @contextmanager

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
 from .config import Config
-from .errors import ResumableError, UserError, cause
-from .locks import gone, holder
+from .errors import ResumableError, UserError, cause, first_line
+from .locks import flocked, gone, holder
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -60,14 +60,28 @@ def probe_store(uri: str, where: str) -> None:
                             f"{fix}") from None
     from mlflow.tracking import MlflowClient
 
-    try:
-        with environment({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT_S)}):
-            MlflowClient(uri).search_experiments(max_results=1)
-    except Exception as err:  # noqa: BLE001 - a probe: any failure here is the store's, named in one line
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        raise UserError(f"MLflow tracking store {uri} ({where}) cannot be used: {reason}; {fix}") from None
+    with _creating(uri):
+        try:
+            with environment({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                              "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT_S)}):
+                MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as err:  # noqa: BLE001 - a probe: any failure here is the store's, named in one line
+            raise UserError(f"MLflow tracking store {uri} ({where}) cannot be used: {first_line(err)[:300]}; "
+                            f"{fix}") from None
     if parsed.scheme == "sqlite" and uri.removeprefix("sqlite:///"):
         _probe_sqlite_write(uri, where, fix)
+
+
+def _creating(uri: str) -> contextlib.AbstractContextManager:
+    """For a local sqlite store: the lock `<store>.lock` beside it, held while the first client opens it. MLflow
+    creates a new store's tables on that first open, and of two processes doing so at once one failed ("Online
+    migration expected to match one row ...") and was told to fix a store that was fine. A folder this process
+    cannot write gets no lock: `_probe_sqlite_write` names it."""
+    path = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if path is None or not path.name or not os.access(path.parent, os.W_OK):
+        return contextlib.nullcontext()
+    return flocked(path.with_name(f"{path.name}.lock"),
+                   f"waiting for another process to finish creating the MLflow tracking store {path}")
 
 
 def _probe_sqlite_write(uri: str, where: str, fix: str) -> None:

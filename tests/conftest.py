@@ -12,13 +12,17 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import logging
 import os
 import signal
 import socket
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pytest
@@ -418,6 +422,66 @@ def run_to_end(cmd: list[str], env: dict[str, str]) -> str:
         pytest.fail(f"launch timed out (a hung collective?): {stderr[-3000:]}")
     assert proc.returncode == 0, stderr[-3000:]
     return stderr
+
+
+@pytest.fixture(scope="session")
+def marker_of():
+    """`marker_of(folder)` → a hex string unique to a test's own folder (pytest numbers each session's folders), to
+    find the processes a test started by their environment; derived, never drawn from the machine's entropy."""
+    return _marker_of
+
+
+def _marker_of(folder: Path) -> str:
+    return hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32]
+
+
+@pytest.fixture(scope="session")
+def waits_on_lock():
+    """`waits_on_lock(lock, work)` → (waited, work's result): runs `work()` in a thread while this test holds an
+    flock on `lock` (as another process making the same thing would), and says whether `work` logged that it
+    waits for the lock before it finished; then lets go so that `work` ends. No clock decides the answer: `work`
+    cannot finish while the lock is held unless it ignores it."""
+    return _waits_on_lock
+
+
+def _waits_on_lock(lock: Path, work: Callable[[], Any]) -> tuple[bool, Any]:
+    waiting, done, outcome = threading.Event(), threading.Event(), {}
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("waiting for another process"):
+                waiting.set()
+
+    def target() -> None:
+        try:
+            outcome["result"] = work()
+        except BaseException as err:  # re-raised in the test below
+            outcome["error"] = err
+        finally:
+            done.set()
+
+    logger, handler = logging.getLogger("distributed_asac.locks"), Seen()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(lock, "a+") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            thread = threading.Thread(target=target)
+            thread.start()
+            for _ in range(6000):  # the bound (5 minutes) only turns a hang into a failure
+                if waiting.wait(0.05) or done.is_set():
+                    break
+            waited = waiting.is_set() and not done.is_set()
+            fcntl.flock(held, fcntl.LOCK_UN)
+        thread.join(300)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    if "error" in outcome:
+        raise outcome["error"]
+    return waited, outcome.get("result")
 
 
 def _free_port() -> int:

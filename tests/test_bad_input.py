@@ -23,7 +23,9 @@ import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from PIL import Image
 from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from distributed_asac import finetune, pipeline, tracking
 from distributed_asac.config import load_config, save_config
@@ -142,6 +144,21 @@ def train_split_of_one_target_label(world: World, tmp_path: Path) -> list[str]:
     return ["data.name=celeba", f"data.root={root}"]
 
 
+def attribute_file_not_utf8(world: World, tmp_path: Path) -> list[str]:
+    """A copy of the dataset, read as CelebA, whose attribute file holds a Latin-1 byte (a name saved by an editor)."""
+    root, _ = _celeba_copy(world, tmp_path)
+    path = root / ATTRIBUTE_FILE
+    path.write_bytes(path.read_bytes().replace(b"000007.jpg", b"000007\xe9.jpg", 1))
+    return ["data.name=celeba", f"data.root={root}"]
+
+
+def float_test_image(world: World, tmp_path: Path) -> list[str]:
+    """A copy of the dataset, read as CelebA, whose last test image is a 32-bit float TIFF (under its .jpg name)."""
+    root, splits = _celeba_copy(world, tmp_path)
+    Image.fromarray(np.zeros((32, 32), np.float32), "F").save(root / "img_align_celeba" / splits["2"][-1], "TIFF")
+    return ["data.name=celeba", f"data.root={root}"]
+
+
 def no_smiling_man_in_test(world: World, tmp_path: Path) -> list[str]:
     """A copy of the dataset, read as CelebA, whose test split has no smiling man: every test man is made female."""
     root, splits = _celeba_copy(world, tmp_path)
@@ -151,6 +168,22 @@ def no_smiling_man_in_test(world: World, tmp_path: Path) -> list[str]:
 
 def stage_one_folder(world: World, tmp_path: Path) -> list[str]:
     return [f"base_checkpoint={world.probe.parent / 'base'}"]
+
+
+def fine_tuned_row_folder(world: World, tmp_path: Path) -> list[str]:
+    """A copy of the earlier run with a fine-tuned row beside its probe/: the probe's weights as stage 3 writes
+    them (its metadata naming the row asac_fgsm)."""
+    run = tmp_path / "run"
+    shutil.copytree(world.probe.parent, run)
+    row = run / "asac_fgsm"
+    shutil.copytree(run / "probe", row)
+    save_file(load_file(row / "model.safetensors"), row / "model.safetensors", metadata={"stage": "3", "row": "asac_fgsm"})
+    (row / "results.json").write_text(json.dumps({"asac_fgsm": {}}))
+    return [f"base_checkpoint={row}"]
+
+
+def run_folder(world: World, tmp_path: Path) -> list[str]:
+    return [f"base_checkpoint={world.probe.parent}"]
 
 
 HELD_OPEN: list = []  # sqlite connections that keep a store's write lock for the rest of the session
@@ -255,6 +288,9 @@ CASES = {
     "eps_only_zero": Case(["finetune.eps=[0]"], r"'finetune\.eps': \[0\.0\] holds no ε > 0"),
     # a corrupt test image is found before training, not after it
     "corrupt_test_image": Case([], r"cannot decode image .*\.jpg .*on_bad_image='skip'", setup=corrupt_test_image),
+    # an image whose pixels have no known 8-bit RGB (a float TIFF): refused naming it, not trained as it clips
+    "image_of_no_8_bit_rgb": Case([], r"image .*\.jpg has mode F \(pixels of no 8-bit RGB meaning .*"
+                                      r"on_bad_image='skip'$", setup=float_test_image),
     "corrupt_train_image_in_a_worker": Case([], r"^error: cannot decode image .*\.jpg .*on_bad_image='skip'$",
                                             setup=corrupt_train_image_in_a_worker, starts=True),
     # a base checkpoint must match what a base fixes, and be intact
@@ -313,6 +349,8 @@ CASES = {
     "seed_negative": Case(["seed=-1"], r"config key 'seed': -1 is out of range"),
     "synthetic_seed_negative": Case(["data.synthetic_seed=-1"], r"config key 'data\.synthetic_seed': -1 is out"),
     "grad_clip_zero": Case(["grad_clip=0"], r"config key 'grad_clip': must be > 0"),
+    "ig_steps_zero": Case(["analysis.ig_steps=0"], r"config key 'analysis\.ig_steps': 0 is out of range \(must be "
+                                                  r">= 1\)"),
     "tracking_lock_wait_zero": Case(["tracking.lock_wait_s=0"], r"config key 'tracking\.lock_wait_s': must be > 0, "
                                                                 r"got 0\.0 \(default 60\.0\)"),
     # runs that could not mean anything, refused before training
@@ -323,14 +361,29 @@ CASES = {
                                              r"\('Smiling' and 'smiling'\)"),
     "train_split_of_one_target_label": Case([], r"the train split \(84 images\) has only Smiling=1 \(data\.target\)",
                                             setup=train_split_of_one_target_label),
+    "attribute_file_not_utf8": Case([], r"list_attr_celeba\.txt is not UTF-8 text: byte 0xe9 at line 9 .*restore "
+                                        r"the original file", setup=attribute_file_not_utf8),
     "test_split_without_a_group": Case([], r"the test split lacks a \(target, protected\) group .*\(y=1, a=1\) 0\)"
                                            r", so every fairness metric would be n/a", setup=no_smiling_man_in_test),
     "base_checkpoint_of_stage_one": Case([], r"is a stage-1 \(base\) folder: .*point base_checkpoint at .*/probe, the "
                                              r"probe/ folder", setup=stage_one_folder),
+    "base_checkpoint_of_a_fine_tuned_row": Case([], r"/run/asac_fgsm' holds the fine-tuned row 'asac_fgsm' \(stage 3\), "
+                                                    r"not a base: .*point base_checkpoint at .*/run/probe, the probe/ "
+                                                    r"folder of the same run$", setup=fine_tuned_row_folder),
+    "base_checkpoint_is_a_run_folder": Case([], r"base_checkpoint '.*/earlier/\d{8}-\d{6}' is a run folder, not a "
+                                                r"checkpoint; point base_checkpoint at .*/earlier/\d{8}-\d{6}/probe, its "
+                                                r"base", setup=run_folder),
+    # Accelerate's environment: DeepSpeed asked for in a process no launcher started
+    "deepspeed_without_a_launcher": Case([], r"ACCELERATE_USE_DEEPSPEED=true, but this process was not started by a "
+                                             r"launcher .*accelerate launch --config_file launch/deepspeed_zero2\.yaml",
+                                         env={"ACCELERATE_USE_DEEPSPEED": "true"}),
     # config files and command lines say what they mean
     "yaml_repeated_section": Case([], r"config\.yaml': key 'finetune' appears twice, at line 1 and line 5; the "
                                       r"second would silently replace the first",
                                   config="finetune:\n  alpha: 0.3\nbase:\n  epochs: 1\nfinetune:\n  lr: 0.01\n"),
+    "yaml_null_for_a_path": Case([], r"config key 'data\.root': expected str, got no value \(YAML reads ~, null and "
+                                     r"an empty value as none\); give a value, or quote it \('~'\)",
+                                 config="data:\n  root: ~\n"),
     "yaml_not_a_mapping": Case([], r"config\.yaml' must hold a mapping of keys .*not a int \(0\)",
                                config="0\n"),
     "key_twice_on_the_command_line": Case(["finetune.alpha=0.3", "finetune.alpha=0.4"],
@@ -445,6 +498,35 @@ def test_an_empty_rows_list_is_one_line(capsys):
     assert re.match(r"error: --rows '' names no row; give at least one of .*asac_fgsm", lines[0])
 
 
+def test_a_base_checkpoint_is_told_for_what_it_is(tmp_path):
+    """Folders as the pipeline writes them, without training: a comparison's folder names a seed's base; a
+    fine-tuned row saved before checkpoints recorded their row is found by its results.json; a base is accepted,
+    with or without the record."""
+    import torch
+
+    from distributed_asac.checkpoint import check_base_folder
+    from distributed_asac.errors import UserError
+
+    def checkpoint(folder: Path, row: Optional[str] = None, report: Optional[str] = None) -> Path:
+        folder.mkdir(parents=True)
+        save_file({"w": torch.zeros(1)}, folder / "model.safetensors",
+                  metadata={"stage": "2", "row": row} if row else None)
+        if report:
+            (folder / "results.json").write_text(json.dumps({report: {"ACC": 50.0}}))
+        return folder
+
+    seed = checkpoint(tmp_path / "comparison" / "seed_0" / "probe", row="probe")
+    with pytest.raises(UserError, match=rf"is a comparison's folder .*one seed's base, e\.g\. {re.escape(str(seed))}$"):
+        check_base_folder(tmp_path / "comparison")
+    check_base_folder(seed)
+    run = tmp_path / "older_run"
+    probe, plain = checkpoint(run / "probe", report="probe"), checkpoint(run / "plain", report="plain")
+    with pytest.raises(UserError, match=rf"holds the fine-tuned row 'plain' \(stage 3\).* at {re.escape(str(probe))}, "):
+        check_base_folder(plain)
+    check_base_folder(probe)
+    check_base_folder(checkpoint(tmp_path / "made_by_hand"))
+
+
 @pytest.mark.parametrize("kind", ["server_unreachable", "garbage_sqlite", "output_dir_is_a_file",
                                   "base_other_backbone", "train_split_of_one_target_label",
                                   "test_split_without_a_group", "base_batch_too_big", "corrupt_test_image"])
@@ -470,14 +552,16 @@ def test_a_second_driver_on_a_running_sweep_is_refused_and_changes_nothing(tmp_p
     """This test process opens a sweep as its driver would (folder, parent run, lock); a second driver's
     `--resume` of it (the same entry point, `tune.sweep.main`; the lock file, not the process, decides) must stop
     in one line naming this process, before it deletes or reopens anything."""
-    from tune.sweep import main, open_sweep
+    import shlex
+
     from tune.spec import load_sweep
+    from tune.sweep import main, open_sweep, parse_args
 
     overrides = [f"output_dir={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     sweep = load_sweep(REPO / "configs" / "sweeps" / "smoke.yaml", overrides, None)
     monkeypatch.chdir(REPO)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with open_sweep(sweep, None) as (folder, state):
+    with open_sweep(sweep, parse_args(["--config", "configs/sweeps/smoke.yaml", *overrides])) as (folder, state):
         before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
         capsys.readouterr()
         with pytest.raises(SystemExit) as stopped:
@@ -485,10 +569,14 @@ def test_a_second_driver_on_a_running_sweep_is_refused_and_changes_nothing(tmp_p
         stderr = capsys.readouterr().err
         assert stopped.value.code == 2, stderr[-3000:]
         lines = stderr.splitlines()
-        assert len(lines) == 1 and re.match(
-            rf"error: sweep folder {re.escape(str(folder))} is in use by pid {os.getpid()} on this host .*\(kill "
-            rf"{os.getpid()}\), then continue it with: python tune/sweep.py --config .*smoke\.yaml --resume "
-            rf"{re.escape(str(folder))}$", lines[0]), stderr[-3000:]
+        refusal = re.match(rf"error: sweep folder {re.escape(str(folder))} is in use by pid {os.getpid()} on this host "
+                           rf".*\(kill {os.getpid()}\), then continue it with: (.*)$", lines[0])
+        assert len(lines) == 1 and refusal, stderr[-3000:]
+        # the command it prints resumes this sweep: its overrides kept, or its trials would differ
+        command = shlex.split(refusal.group(1))
+        args = parse_args(command[3:])
+        assert command[:3] == [sys.executable, "-m", "tune.sweep"]
+        assert (args.config, args.overrides, args.resume) == ("configs/sweeps/smoke.yaml", overrides, str(folder))
         assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
         parent = MlflowClient(state["tracking_uri"]).get_run(state["parent_run_id"])
         assert parent.info.status == "RUNNING" and parent.info.end_time is None
@@ -778,3 +866,12 @@ def test_a_store_locked_mid_run_stops_in_one_line_and_leaves_the_stage_failed(tm
                         rf"resume={re.escape(str(run_dir))}", lines[0]), lines[0]
     run = MlflowClient(f"sqlite:///{db}").get_run(run_id)
     assert run.info.status == "FAILED" and run.data.metrics == {} and run.data.params["experiment"] == "locked"
+
+
+def test_a_new_store_is_created_by_one_process_at_a_time(tmp_path, waits_on_lock):
+    """Two runs creating one new sqlite store at once: one failed in MLflow's table creation ("Online migration
+    expected to match one row ...") and was told to fix a store that was fine. The first open holds the store's
+    lock (here this test holds it, as the other run would); the second waits, then opens the store made."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    waited, _ = waits_on_lock(tmp_path / "mlflow.db.lock", lambda: tracking.probe_store(uri, "tracking.uri"))
+    assert waited and MlflowClient(uri).search_experiments()[0].name == "Default"

@@ -170,6 +170,47 @@ def test_malformed_files_name_the_line(tmp_path, file, line, text, message, writ
     assert file in str(err.value)
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_image_name(tmp_path, write_celeba_fixture):
+    """An editor's BOM glued to the first row's name made an image no other file lists, and the refusal blamed
+    the attribute file, which holds that row."""
+    write_celeba_fixture(tmp_path, n=9)
+    expected = CelebA(tmp_path, "train", "Smiling", "Male").image_ids
+    for name in ("list_eval_partition.txt", "list_attr_celeba.txt"):
+        path = tmp_path / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert CelebA(tmp_path, "train", "Smiling", "Male").image_ids == expected
+
+
+@pytest.mark.parametrize("file", ["list_attr_celeba.txt", "list_eval_partition.txt"])
+def test_a_byte_that_is_not_utf8_is_one_line_naming_it(tmp_path, file, write_celeba_fixture):
+    write_celeba_fixture(tmp_path, n=9)
+    path = tmp_path / file
+    lines = path.read_bytes().split(b"\n")
+    lines[2] = lines[2].replace(b".jpg", b"\xe9.jpg", 1)  # a Latin-1 é in the third line
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(UserError, match=rf"{re.escape(str(path))} is not UTF-8 text: byte 0xe9 at line 3 "):
+        CelebA(tmp_path, "train", "Smiling", "Male")
+
+
+def test_any_garbage_in_a_list_file_is_one_line(tmp_path, write_celeba_fixture):
+    """Seeded garbage (never the machine's entropy) in each list file, as raw bytes and as text of the files' own
+    characters after their header: always a UserError, never another exception; 24 fixed seeds."""
+    write_celeba_fixture(tmp_path, n=9)
+    alphabet = np.array(list("0123456789 -\t\r\n1.jpgé²"))
+    for name, header in (("list_attr_celeba.txt", 2), ("list_eval_partition.txt", 0),
+                         ("list_landmarks_align_celeba.txt", 2)):
+        path = tmp_path / name
+        kept = path.read_text().splitlines()[:header]
+        for seed in range(24):
+            rng = np.random.default_rng(seed)
+            for garbage in (rng.bytes(300), "\n".join([*kept, "".join(rng.choice(alphabet, 300))]).encode()):
+                path.write_bytes(garbage)
+                with pytest.raises(UserError):
+                    dataset = CelebA(tmp_path, "train", "Smiling", "Male")
+                    dataset.landmarks(0)
+        path.write_text("\n".join(kept))
+
+
 def test_partition_row_without_attributes(tmp_path, write_celeba_fixture):
     write_celeba_fixture(tmp_path, n=9)
     with open(tmp_path / "list_eval_partition.txt", "a") as handle:

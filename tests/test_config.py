@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 
@@ -47,6 +48,50 @@ def test_a_name_in_a_yaml_file_stays_as_written(tmp_path):
     cfg = load_config(path)
     assert (cfg.experiment, cfg.data.target, cfg.data.protected, cfg.model.weights) == ("0x1F", "yes", "1e3", "007")
     assert (cfg.seed, cfg.finetune.alpha, cfg.base_checkpoint, cfg.tracking.uri) == (31, 0.25, None, "1e3")
+
+
+def test_a_command_line_text_value_is_kept_as_typed():
+    """Read as YAML, `output_dir=/a/b #c` lost ` #c`, a newline became a space and `~` was null: a key that holds
+    text keeps what was typed (`null` still clears a key that may be none; a YAML-quoted string is its content)."""
+    cfg = load_config(None, ["output_dir=/runs/x #1", "data.root=/data/two\nlines", "experiment=a  b",
+                             "model.weights=null", "tracking.uri=\"sqlite:///quoted.db\""])
+    assert (cfg.output_dir, cfg.data.root, cfg.experiment) == ("/runs/x #1", "/data/two\nlines", "a  b")
+    assert (cfg.model.weights, cfg.tracking.uri) == (None, "sqlite:///quoted.db")
+    assert load_config(None, ["finetune.eps=[0.01] # a YAML comment"]).finetune.eps == [0.01]  # a list is YAML
+
+
+def test_a_path_that_starts_with_a_tilde_is_in_the_home_folder(tmp_path, monkeypatch):
+    """`output_dir=~/x` made a folder named `~` in the working directory; on the command line and in a file."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, ["output_dir=~/runs", "base_checkpoint=~/b/probe", "data.cache_dir=~", "resume=latest"])
+    assert (cfg.output_dir, cfg.base_checkpoint) == (str(tmp_path / "runs"), str(tmp_path / "b" / "probe"))
+    assert (cfg.data.cache_dir, cfg.resume) == (str(tmp_path), "latest")
+    (tmp_path / "exp.yaml").write_text("data:\n  root: ~/faces\nexperiment: ~x\n")
+    cfg = load_config("~/exp.yaml")  # --config=~/exp.yaml: no shell expands it
+    assert (cfg.data.root, cfg.experiment) == (str(tmp_path / "faces"), "~x")  # a name is no path
+
+
+def test_a_yaml_null_where_text_is_needed_says_why(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("output_dir: ~\n")
+    with pytest.raises(UserError, match=r"^config key 'output_dir': expected str, got no value \(YAML reads ~, null and "
+                                        r"an empty value as none\); give a value, or quote it \('~'\) to mean the home"):
+        load_config(path)
+
+
+def test_any_yaml_that_cannot_be_read_is_one_line(tmp_path):
+    """PyYAML raises more than YAMLError on bad input (a date that does not exist: ValueError; deep nesting:
+    RecursionError); seeded garbage from YAML's own punctuation, 24 fixed seeds."""
+    path = tmp_path / "exp.yaml"
+    for text in ("seed: 2001-13-01\n", "[" * 5000 + "]" * 5000 + "\n"):
+        path.write_text(text)
+        with pytest.raises(UserError, match=r"^config file .*exp\.yaml' is not valid YAML: "):
+            load_config(path)
+    alphabet = np.array(list("{}[]:,-?!&*#|>'\"%@ \n\tab01.~=<"))
+    for seed in range(24):
+        path.write_text("".join(np.random.default_rng(seed).choice(alphabet, 200)))
+        with pytest.raises(UserError):
+            load_config(path)
 
 
 def test_zero_epochs_are_refused_only_in_a_stage_that_runs():

@@ -3,7 +3,10 @@ MLflow run (what the MLflow UI shows of it), and logging configured on the main 
 
 import importlib
 import logging
+import shlex
+import signal
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -12,7 +15,11 @@ from mlflow.tracking import MlflowClient
 from distributed_asac import logs
 from distributed_asac.config import Config, describe_keys, load_config
 from distributed_asac.data.lfw import LFW
+from distributed_asac.errors import Interrupted
 from distributed_asac.tracking import ENTRY_POINT_ENV, MAX_NOTE, Tracker, note
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "smoke.yaml"
 
 
 def test_every_config_key_has_a_meaning():
@@ -112,6 +119,64 @@ def test_sweep_resume_does_not_swallow_an_override(tmp_path):
     folder = tmp_path / "a=b"
     folder.mkdir()
     assert parse_args(["--config", "s.yaml", "--resume", str(folder)]).resume == str(folder)  # a real folder stays
+
+
+@pytest.mark.parametrize("module, runner, options", [
+    ("finetune", "run", []), ("demo", "compare", ["--rows", "plain", "--parallel-seeds", "1"])])
+def test_a_printed_resume_command_runs_as_printed(module, runner, options, tmp_path, monkeypatch, capsys):
+    """With the overrides before --config (or --rows, --parallel-seeds), argparse refused the resume= that the
+    printed command appends: the line an interrupted command prints is run through the same entry point."""
+    entry = importlib.import_module(f"distributed_asac.{module}")
+    run_dir = tmp_path / "runs" / "x" / "1"
+
+    def interrupted(cfg, **kwargs):
+        raise Interrupted(signal.SIGTERM, run_dir)
+
+    monkeypatch.setattr(entry, runner, interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        entry.main(["seed=3", "--config", str(SMOKE), *options])
+    assert stopped.value.code == 143
+    (line,) = capsys.readouterr().err.splitlines()
+    command = shlex.split(line.removeprefix("interrupted; resume with: "))
+    assert command[:3] == [sys.executable, "-m", f"distributed_asac.{module}"]
+    started = []
+    monkeypatch.setattr(entry, runner, lambda cfg, **kwargs: started.append(cfg))
+    entry.main(command[3:])
+    assert [(cfg.resume, cfg.seed) for cfg in started] == [(str(run_dir), 3)]
+
+
+def test_the_printed_sweep_commands_run_as_printed(tmp_path, monkeypatch, capsys):
+    """The resume command an interrupted sweep prints (overrides given before --config) runs the same sweep,
+    resumed in its folder (the command a second driver is told to run: tests/test_bad_input.py)."""
+    from tune import sweep
+
+    monkeypatch.chdir(REPO)
+    folder = tmp_path / "runs" / "sweeps" / "smoke" / "1"
+    given = ["seed=2", f"output_dir={tmp_path / 'runs'}", "--config", "configs/sweeps/smoke.yaml", "--seeds", "0,1"]
+
+    def interrupted(spec, args):
+        raise Interrupted(signal.SIGINT, folder)
+
+    monkeypatch.setattr(sweep, "run_sweep", interrupted)
+    assert sweep.main(given) == 130
+    line = capsys.readouterr().err.splitlines()[-1]
+    printed = shlex.split(line.removeprefix("interrupted; resume with: "))
+    assert printed[:3] == [sys.executable, "-m", "tune.sweep"]
+    resumed = []
+    monkeypatch.setattr(sweep, "run_sweep", lambda spec, args: resumed.append(args) or 0)
+    assert sweep.main(printed[3:]) == 0
+    expected = sweep.parse_args(given)
+    for args in (*resumed, sweep.parse_args(printed[3:])):
+        assert (args.config, args.seeds, args.overrides, args.resume) == (expected.config, [0, 1], expected.overrides,
+                                                                         str(folder))
+
+
+def test_the_sweep_report_takes_an_override_after_its_folder(tmp_path):
+    """`--report <folder> tracking.uri=...` read the override as a second folder."""
+    from tune.sweep import parse_args
+
+    args = parse_args(["--report", str(tmp_path), "tracking.uri=sqlite:///x.db"])
+    assert args.report == [str(tmp_path)] and args.overrides == ["tracking.uri=sqlite:///x.db"]
 
 
 def test_the_sweep_parent_run_carries_provenance(tmp_path):

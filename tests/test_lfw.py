@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -173,6 +174,27 @@ def test_malformed_attribute_file_names_the_line(lfw, tmp_path, line, edit, mess
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(UserError, match=re.escape(message)):
         LFW(lfw.root, "train", "Smiling", "Male", split_file=tmp_path / "split.json")
+
+
+def test_an_attribute_file_that_is_not_utf8_is_one_line(lfw, tmp_path):
+    path = lfw.root / "lfw_attributes.txt"
+    lines = path.read_bytes().split(b"\n")
+    lines[4] = b"Jos\xe9" + lines[4]  # a Latin-1 é in a person's name, line 5
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(UserError, match=rf"{re.escape(str(path))} is not UTF-8 text: byte 0xe9 at line 5 "):
+        LFW(lfw.root, "train", "Smiling", "Male", split_file=tmp_path / "split.json")
+
+
+def test_any_garbage_in_the_attribute_file_is_one_line(lfw, tmp_path):
+    """Seeded garbage after the header (the file's own characters, a superscript digit among them): always a
+    UserError; 24 fixed seeds."""
+    path = lfw.root / "lfw_attributes.txt"
+    header = path.read_text().splitlines()[:2]
+    alphabet = np.array(list("0123456789 -.\t\t\t\nAbe²"))
+    for seed in range(24):
+        path.write_text("\n".join([*header, "".join(np.random.default_rng(seed).choice(alphabet, 600))]))
+        with pytest.raises(UserError):
+            LFW(lfw.root, "train", "Smiling", "Male", split_file=tmp_path / "split.json")
 
 
 def test_comment_header_without_tab_after_hash_is_accepted(lfw, tmp_path):

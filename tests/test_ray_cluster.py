@@ -10,7 +10,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -74,8 +73,10 @@ def _ours(root: int, marker: str) -> dict[int, str]:
 
 
 @pytest.mark.slow  # 4-6 minutes: a Ray head, 2 bases and 6 trials on 2 cores
-def test_smoke_sweep_on_a_token_authenticated_head_through_ray_address(tmp_path, free_port, process_running):
-    marker, token, port = uuid.uuid4().hex, uuid.uuid4().hex, free_port()
+def test_smoke_sweep_on_a_token_authenticated_head_through_ray_address(tmp_path, free_port, process_running,
+                                                                        marker_of):
+    marker, port = marker_of(tmp_path), free_port()
+    token = marker_of(tmp_path / "token")  # any secret will do for a head that listens on 127.0.0.1 only
     ray_tmp = tempfile.mkdtemp(prefix="asc-")  # short: Ray's socket paths must stay below 107 bytes
     env = {**os.environ, MARKER: marker, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
            "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",

@@ -70,6 +70,22 @@ def _bn_worker(rank: int, world: int, port: int, results) -> None:
         torch.distributed.destroy_process_group()
 
 
+def test_global_batchnorm_under_bf16_autocast_keeps_float32_statistics():
+    """ACCELERATE_MIXED_PRECISION=bf16 hands the batch norm bf16 activations: the run crashed updating the float32
+    running mean. The statistics are float32 (those of the same activations in float32), the output bf16."""
+    torch.manual_seed(0)
+    conv, norm, reference = torch.nn.Conv2d(3, 4, 3), GlobalBatchNorm2d(4), torch.nn.BatchNorm2d(4)
+    x = torch.randn(8, 3, 9, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = conv(x)
+        out = norm(hidden)
+    assert hidden.dtype == out.dtype == torch.bfloat16 and norm.running_mean.dtype == torch.float32
+    expected = reference(hidden.float())
+    assert torch.allclose(norm.running_mean, reference.running_mean) and torch.allclose(norm.running_var,
+                                                                                          reference.running_var)
+    assert torch.allclose(out.float(), expected, atol=0.02)  # bf16's rounding of the output only
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_global_batchnorm_is_batchnorm_of_the_global_batch(world, free_port):
     """Forward, input and parameter gradients and running statistics of each rank's share equal torch's

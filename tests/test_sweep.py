@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,7 +32,7 @@ from distributed_asac.failpoints import PAUSE_AT, PAUSE_DIR
 from tune import report
 from tune.records import RECORD, TrialRecord, read_state
 from tune.spec import base_key, load_sweep
-from tune.sweep import main, open_sweep
+from tune.sweep import main, open_sweep, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "sweep-test"
@@ -119,7 +118,7 @@ def _wait_for_files(driver: subprocess.Popen, *patterns: tuple[Path, str]) -> No
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, ray_tmp, process_running) -> SimpleNamespace:
+def swept(tmp_path_factory, ray_tmp, process_running, marker_of) -> SimpleNamespace:
     """Two fine-tunes that start at once (1 and 3 epochs), then a trial whose base checkpoint does not exist.
     The 3-epoch trial pauses at the end of its second epoch and the broken one before writing its record;
     the driver is killed (SIGKILL) once the 1-epoch trial has finished and both others are paused, so the
@@ -129,7 +128,7 @@ def swept(tmp_path_factory, ray_tmp, process_running) -> SimpleNamespace:
     path = _write_sweep(root, "main", {"length": {"finetune.epochs": [1, 3]},
                                        "broken": {"base_checkpoint": [str(root / "no_such_base")]}},
                         max_concurrent=2)
-    marker = uuid.uuid4().hex
+    marker = marker_of(root)
     pauses = root / "pauses"
     pauses.mkdir()
     env = {**_env(marker, ray_tmp), PAUSE_DIR: str(pauses),
@@ -159,7 +158,14 @@ def test_sweep_finishes_and_records_the_failed_trial(swept):
     assert len(records) == 3
     failed = [r for r in records.values() if r["status"] == "failed"]
     assert len(failed) == 1 and "no_such_base" in failed[0]["error"]
-    assert (swept.folder / "trials" / failed[0]["name"] / "error.txt").read_text().strip()
+    error_file = swept.folder / "trials" / failed[0]["name"] / "error.txt"
+    assert error_file.read_text().strip()
+    # one line names it, in the sweep folder; Ray's traceback and its error file (in Ray's session folder,
+    # deleted when the sweep ends) are not shown
+    output = swept.resumed.stdout + swept.resumed.stderr
+    assert [line for line in output.splitlines() if "failed: " in line] == [
+        f"trial {failed[0]['name']} failed: {failed[0]['error'].splitlines()[0]}; traceback: {error_file}"]
+    assert "Traceback" not in output and "error file" not in output.lower()
     finished = [r for r in records.values() if r["status"] == "finished"]
     assert sorted(r["axes"]["finetune.epochs"] for r in finished) == [1, 3]
     for r in finished:
@@ -234,12 +240,12 @@ def test_report_has_one_row_per_trial(swept):
 
 @pytest.mark.slow  # a third Ray start (~45 s here): the fast tests already check no process outlives a sweep
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_stops_the_sweep_and_ray(signum, swept, ray_tmp):
+def test_ctrl_c_stops_the_sweep_and_ray(signum, swept, ray_tmp, marker_of):
     """SIGINT or SIGTERM while a trial runs (its base is cached): Tune stops it, Ray is shut down, the trial's run
     and the parent end KILLED, the driver exits 130 or 143 naming the command that resumes the sweep."""
     path = _write_sweep(swept.root, f"interrupted-{signum}", {"g": {"finetune.epochs": [3]}})
-    marker = uuid.uuid4().hex
     pauses = swept.root / f"interrupted-{signum}-pauses"
+    marker = marker_of(pauses)
     pauses.mkdir()
     env = {**_env(marker, ray_tmp), PAUSE_DIR: str(pauses), PAUSE_AT: "stage.epoch_end:stage=finetune,epoch=1"}
     driver = subprocess.Popen(_sweep_cli("--config", str(path)), env=env, cwd=REPO,
@@ -309,19 +315,19 @@ def test_resume_latest_takes_the_newest_sweep_of_the_same_grids(tmp_path):
     path = _write_sweep(tmp_path, "two", {"a": {"order": ["ascending"]}, "b": {"order": ["descending"]}})
     only_a, whole = load_sweep(path, only=["a"]), load_sweep(path)
     folders = {}
-    for label, sweep in (("a", only_a), ("whole", whole)):
-        with open_sweep(sweep, None) as (folder, _):
+    for label, sweep, grids in (("a", only_a, ["--grids", "a"]), ("whole", whole, [])):
+        with open_sweep(sweep, parse_args(["--config", str(path), *grids])) as (folder, _):
             folders[label] = folder
     os.utime(folders["a"] / "sweep.json", (1, 1))  # the order of the two starts, whatever the clock's resolution
     damaged = folders["whole"].parent / "damaged"  # the newest folder, its sweep.json cut short: passed over
     damaged.mkdir()
     (damaged / "sweep.json").write_text('{"name": "two", "tri')
-    with open_sweep(only_a, "latest") as (folder, state):
+    with open_sweep(only_a, parse_args(["--config", str(path), "--grids", "a", "--resume"])) as (folder, state):
         assert folder == folders["a"] and [t["name"] for t in state["trials"]] == [t.name for t in only_a.trials]
-    with open_sweep(whole, "latest") as (folder, _):
+    with open_sweep(whole, parse_args(["--config", str(path), "--resume"])) as (folder, _):
         assert folder == folders["whole"]
     with pytest.raises(UserError, match=r"no sweep 'two' under .*sweeps/two runs these trials \(they ran other"):
-        with open_sweep(load_sweep(path, only=["b"]), "latest"):
+        with open_sweep(load_sweep(path, only=["b"]), parse_args(["--config", str(path), "--grids", "b", "--resume"])):
             pass
 
 
@@ -406,9 +412,9 @@ def test_pareto_front():
 
 
 @pytest.mark.slow
-def test_smoke_preset_runs_to_the_end(tmp_path, ray_tmp):
+def test_smoke_preset_runs_to_the_end(tmp_path, ray_tmp, marker_of):
     """configs/sweeps/smoke.yaml itself (6 trials on 2 bases), outputs redirected to tmp_path."""
-    marker = uuid.uuid4().hex
+    marker = marker_of(tmp_path)
     proc = subprocess.run(_sweep_cli("--config", "configs/sweeps/smoke.yaml", f"data.root={tmp_path / 'data'}",
                                      f"output_dir={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"),
                           env=_env(marker, ray_tmp), cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -421,10 +427,10 @@ def test_smoke_preset_runs_to_the_end(tmp_path, ray_tmp):
 
 
 @pytest.mark.slow
-def test_trial_with_two_accelerate_processes(tmp_path, ray_tmp):
+def test_trial_with_two_accelerate_processes(tmp_path, ray_tmp, marker_of):
     """resources.processes: 2 runs the trial's fine-tune under `accelerate launch` (CPU: gloo), both ranks synced."""
     path = _write_sweep(tmp_path, "ddp", {"g": {"order": ["ascending"]}}, resources={"cpu": 2, "gpu": 0, "processes": 2})
-    marker = uuid.uuid4().hex
+    marker = marker_of(tmp_path)
     proc = subprocess.run(_sweep_cli("--config", str(path)), env=_env(marker, ray_tmp), cwd=REPO,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

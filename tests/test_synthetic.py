@@ -197,6 +197,17 @@ def test_same_arguments_reuse_the_dataset(dataset: Path) -> None:
     assert {p: p.stat().st_mtime_ns for p in dataset.glob("*.txt")} == before
 
 
+def test_a_second_process_waits_for_the_first_and_reuses_its_dataset(tmp_path: Path, waits_on_lock) -> None:
+    """Two runs generating one new data.root at once raced (one crashed removing the other's in-progress file, or
+    was told the folder was not empty): the generator holds the folder's lock while it writes, so the second
+    waits (here this test holds it, as the first would) and then finds the finished dataset or makes it."""
+    out = tmp_path / "data"
+    waited, info = waits_on_lock(syn.lock_path(out), lambda: syn.generate(out, syn.MIN_IMAGES, BIAS, SEED, workers=1))
+    assert waited and info == json.loads((out / syn.INFO_FILE).read_text())
+    assert not (out / syn.IN_PROGRESS_FILE).exists()
+    assert syn.generate(out, syn.MIN_IMAGES, BIAS, SEED, workers=1) == info  # reused as it is
+
+
 def test_interrupted_run_is_regenerated(dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "interrupted"
     out.mkdir()

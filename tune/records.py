@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 STATE = "sweep.json"
 RECORD = "trial.json"
+ERROR_FILE = "error.txt"  # in a failed trial's folder: its traceback
 TRIALS = "trials"
 STATUSES = ("finished", "stopped", "failed", "pending")
 PARENT_TAG = "mlflow.parentRunId"
@@ -241,7 +242,7 @@ def label_trial(job: TrialJob, record: TrialRecord) -> list[str]:
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()],
                          params=[Param(f"axis.{k}", v if isinstance(v, str) else json.dumps(v)) for k, v in job.axes.items()],
                          metrics=[Metric(k, float(v), _now(), 0) for k, v in base.items()])
-        error_file = Path(job.folder) / "error.txt"
+        error_file = Path(job.folder) / ERROR_FILE
         if record.error and error_file.is_file():
             client.log_artifact(run_id, str(error_file))
     return run_ids

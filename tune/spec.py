@@ -34,7 +34,7 @@ from typing import Any, Optional
 import yaml
 
 from distributed_asac.config import Config, load_config
-from distributed_asac.errors import UserError
+from distributed_asac.errors import UserError, first_line
 from distributed_asac.registry import suggest
 from distributed_asac.tracking import tracking_uri
 
@@ -204,8 +204,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise UserError(f"sweep file {str(path)!r} not found (pass an existing YAML file to --config)")
     try:
         data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise UserError(f"sweep file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # noqa: BLE001 - PyYAML raises more than YAMLError on bad input (not UTF-8, too)
+        raise UserError(f"sweep file {str(path)!r} is not valid YAML: {first_line(err)}") from None
     if not isinstance(data, dict):
         raise UserError(f"sweep file {str(path)!r} must hold a mapping of keys, not {type(data).__name__}")
     return data

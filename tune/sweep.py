@@ -72,6 +72,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         # `--resume seed=1`: argparse hands the override to --resume's optional folder; it is an override
         args.overrides.insert(0, args.resume)
         args.resume = "latest"
+    if args.report:  # `--report <folder> tracking.uri=...`: --report's list takes the override too; it is one
+        overrides = [item for item in args.report if "=" in item and not Path(item).is_dir()]
+        args.report = [item for item in args.report if item not in overrides]
+        args.overrides[:0] = overrides
     return args
 
 
@@ -168,9 +172,11 @@ def describe(sweep: Sweep) -> str:
 
 
 @contextmanager
-def open_sweep(sweep: Sweep, resume: Optional[str]) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """A new sweep folder with its parent run and sweep.json, or the one to resume (its parent reopened), its lock
-    held for the block: a second driver on a sweep whose driver runs is refused before it changes anything."""
+def open_sweep(sweep: Sweep, args: argparse.Namespace) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """A new sweep folder with its parent run and sweep.json, or the one `args.resume` names (its parent reopened),
+    its lock held for the block: a second driver on a sweep whose driver runs is refused before it changes
+    anything, with the command that continues it once the first has finished."""
+    resume = args.resume
     if resume:
         def runs_these(state: dict[str, Any]) -> bool:
             return [(t["name"], t["overrides"]) for t in state["trials"]] == [(t.name, t.overrides) for t in sweep.trials]
@@ -183,7 +189,7 @@ def open_sweep(sweep: Sweep, resume: Optional[str]) -> Iterator[tuple[Path, dict
                             "start a new sweep (without --resume) or restore the file")
     else:
         folder = records.new_sweep_dir(sweep.output_dir, sweep.name)
-    proceed = f"continue it with: python tune/sweep.py --config {sweep.path} --resume {folder}"
+    proceed = f"continue it with: {shlex.join(resume_command(args, folder))}"
     with locked(folder, "sweep folder", proceed):
         if resume:
             records.reopen_parent(state["tracking_uri"], state["parent_run_id"])
@@ -259,7 +265,7 @@ def run_sweep(sweep: Sweep, args: argparse.Namespace) -> int:
     def received() -> int:
         return terminated[0] if terminated else signal.SIGINT
 
-    with open_sweep(sweep, args.resume) as (folder, state), interrupted_in(folder):
+    with open_sweep(sweep, args) as (folder, state), interrupted_in(folder):
         print(f"sweep folder {folder}\nMLflow parent run {state['parent_run_id']} ({state['tracking_uri']})",
               flush=True)
         jobs = trial_jobs(sweep, folder, state, args.retry_failed)
@@ -279,7 +285,7 @@ def run_sweep(sweep: Sweep, args: argparse.Namespace) -> int:
             write_report(done, sweep.grids, report_dir, _title(sweep.name, state), sweep.claims)
             records.log_report(state["tracking_uri"], state["parent_run_id"], report_dir, _summary(report_dir))
             records.finish_parent(state["tracking_uri"], state["parent_run_id"], status, done)
-        print(_closing(done, report_dir, time.time() - start))
+        print(_closing(done, folder, time.time() - start))
         if status != "FINISHED":  # Tune returned after its own Ctrl-C handling
             raise Interrupted(received())
         return 1 if any(r.status == "failed" for r in done) else 0
@@ -349,11 +355,16 @@ def _summary(report_dir: Path) -> str:
             "with every trial, plots, CSVs); `tables/` holds the same tables, sortable.")
 
 
-def _closing(done: list[TrialRecord], report_dir: Path, seconds: float) -> str:
-    counts = status_counts(done)
-    return (f"{_answer(report_dir)}\n\n{counts['finished']} finished, {counts['stopped']} stopped early, "
-            f"{counts['failed']} failed, "
-            f"{counts['pending']} pending in {seconds:.0f} s; report: {report_dir}/report.md")
+def _closing(done: list[TrialRecord], folder: Path, seconds: float) -> str:
+    """The answer, one line per failed trial naming its traceback's file in the sweep folder (Ray's own copy is in
+    its session folder, deleted when the sweep ends), and the counts."""
+    counts, report_dir = status_counts(done), folder / "report"
+    failed = [f"trial {r.name} failed: {r.error.splitlines()[0] if r.error else 'no error recorded'}; "
+              f"traceback: {records.trial_folder(folder, r.name) / records.ERROR_FILE}"
+              for r in done if r.status == "failed"]
+    return "\n".join([_answer(report_dir), "", *failed,
+                      f"{counts['finished']} finished, {counts['stopped']} stopped early, {counts['failed']} failed, "
+                      f"{counts['pending']} pending in {seconds:.0f} s; report: {report_dir}/report.md"])
 
 
 def report_command(targets: list[str], overrides: list[str]) -> int:

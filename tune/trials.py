@@ -48,7 +48,7 @@ from distributed_asac.runtime import close_process_group
 from distributed_asac.tracking import ENTRY_POINT_ENV, entry_point, environment
 
 from . import watchdog
-from .records import TrialRecord, label_trial, read_record, write_record
+from .records import ERROR_FILE, TrialRecord, label_trial, read_record, write_record
 from .report import format_setting, is_base_axis
 from .spec import Resources, base_fields, base_key
 
@@ -86,10 +86,6 @@ class TrialJob:
         return cls(**{**data, "resources": Resources(**data["resources"])})
 
 
-class TrialFailed(RuntimeError):
-    """Raised to Ray after the failure is recorded, so that Ray shows the trial as errored too."""
-
-
 def load_trial_config(job: TrialJob) -> Config:
     return load_config(job.base_config, job.overrides)
 
@@ -99,7 +95,8 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
 
     The record is written last: a trial killed before that is unfinished, and `--resume` removes its MLflow
     run and runs it again. A trial that raises gets a FAILED MLflow run with its error, a `failed` record and
-    an `error.txt` traceback, and then raises `TrialFailed`.
+    an `error.txt` traceback in its folder, and returns no metrics: raised to Ray, the failure printed Ray's
+    41-line traceback and an error file in Ray's session folder, deleted when the sweep ends.
     """
     folder = Path(job.folder)
     done = read_record(folder)
@@ -118,14 +115,12 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
         [(record.model, record.metrics)] = outcome["results"].items()  # the one fine-tuned model of the trial
         record.status, record.run_dir = "finished", outcome["run_dir"]
     except Exception as err:  # any error of a trial is its result, and the sweep goes on
-        (folder / "error.txt").write_text(traceback.format_exc())
+        (folder / ERROR_FILE).write_text(traceback.format_exc())
         record.status, record.error = "failed", f"{type(err).__name__}: {err}"
     record.seconds = round(time.time() - record.started, 1)
     failpoint("trial.before_record", status=record.status)
     record.mlflow_run_ids = label_trial(job, record)
     write_record(folder, record)
-    if record.status == "failed":
-        raise TrialFailed(f"trial {job.name} failed: {record.error}")
     return record.metrics
 
 
@@ -386,6 +381,8 @@ def _trainable(config: dict[str, Any], jobs: dict[str, TrialJob]) -> None:
         metrics = run_trial(job)
     finally:
         EPOCH_LISTENERS.remove(_report_epoch)
+    if not metrics:  # failed (error.txt in its folder, named by the sweep's last lines): no result for a scheduler
+        return
     epochs = load_trial_config(job).finetune.epochs
     tune.report({"epoch": epochs, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
 

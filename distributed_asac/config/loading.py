@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -13,8 +14,8 @@ from typing import Any, Optional
 
 import yaml
 
-from ..errors import UserError
-from .schema import Config, all_keys, flatten, get_key
+from ..errors import UserError, first_line
+from .schema import PATH_KEYS, Config, all_keys, flatten, get_key
 from .validation import validate
 
 
@@ -49,11 +50,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Defaults, then the YAML file at `path`, then `key=value` overrides; validated."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
+        path = Path(path).expanduser()  # `--config=~/x.yaml` reaches us unexpanded (no shell expands after `=`)
         if not path.is_file():
             raise UserError(f"config file {str(path)!r} not found (pass an existing YAML file to --config)")
         try:
             source = path.read_text()
+        except UnicodeDecodeError as err:
+            raise UserError(f"config file {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}); pass "
+                            "a YAML file to --config") from None
+        try:
             data = yaml.load(source, Loader=UniqueKeyLoader)
             # every scalar as written (BaseLoader resolves no types): a name field keeps `experiment: 0x1F` as
             # "0x1F", which the load above reads as 31
@@ -61,11 +66,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except RepeatedKey as err:
             raise UserError(f"config file {str(path)!r}: {err}; the second would silently replace the first: "
                             "keep one (merge the two)") from None
-        except yaml.YAMLError as err:
-            raise UserError(f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
-        except UnicodeDecodeError as err:
-            raise UserError(f"config file {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}); pass "
-                            "a YAML file to --config") from None
+        except Exception as err:  # noqa: BLE001 - PyYAML's constructors raise more than YAMLError on bad input
+            raise UserError(f"config file {str(path)!r} is not valid YAML: {first_line(err)}") from None
         data = {} if data is None else data  # an empty file (or only comments) sets nothing
         if not isinstance(data, dict):
             raise UserError(f"config file {str(path)!r} must hold a mapping of keys (e.g. `finetune:` then "
@@ -78,11 +80,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise UserError(f"override {item!r} is not of the form key=value (e.g. finetune.alpha=0.3)")
-        try:
-            value = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError:
-            value = text
-        _set(cfg, key.strip(), value, text)
+        _set_typed(cfg, key.strip(), text)
     validate(cfg)
     return cfg
 
@@ -118,9 +116,13 @@ def read_saved_config(path: Path) -> Config:
     """A config.yaml that `save_config` wrote (beside a run or a checkpoint), rebuilt and validated; a damaged one
     is a UserError whose message is the first line of the reason."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise UserError((str(err).strip().splitlines() or [type(err).__name__])[0]) from None
+        source = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(first_line(err)) from None
+    try:
+        data = yaml.safe_load(source)
+    except Exception as err:  # noqa: BLE001 - PyYAML's constructors raise more than YAMLError on bad input
+        raise UserError(first_line(err)) from None
     if not isinstance(data, dict):
         raise UserError(f"it holds a {type(data).__name__}, not a mapping of keys")
     return config_from_dict(data)
@@ -130,9 +132,9 @@ def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def _set(cfg: Config, key: str, value: Any, text: Optional[str] = None) -> None:
-    """Set `key` to `value`, checked against its type; `text` is the value as written (on a command line or in a
-    YAML file), which a name field keeps."""
+def _field(cfg: Config, key: str) -> tuple[Any, str, Any]:
+    """(the section object, the field name, the field's type) of a dotted key; an unknown key is a UserError
+    naming the nearest valid one."""
     *parents, leaf = key.split(".")
     obj: Any = cfg
     for part in parents:
@@ -145,10 +147,47 @@ def _set(cfg: Config, key: str, value: Any, text: Optional[str] = None) -> None:
         close = difflib.get_close_matches(key, all_keys(cfg), n=1, cutoff=0.6)
         hint = f" (did you mean {close[0]!r}?)" if close else " (see distributed_asac/config/schema.py for the keys)"
         raise UserError(f"unknown config key {key!r}{hint}")
-    hint_type = typing.get_type_hints(type(obj))[leaf]
-    if text is not None and value is not None and not isinstance(value, str) and _holds_text(hint_type):
-        value = text  # a name as typed: YAML reads experiment=0x1F as 31 and data.target=yes as True
-    setattr(obj, leaf, _coerce(key, value, hint_type))
+    return obj, leaf, typing.get_type_hints(type(obj))[leaf]
+
+
+def _set(cfg: Config, key: str, value: Any, written: Optional[str] = None) -> None:
+    """Set `key` to `value` as YAML read it, checked against its type; `written` is the scalar as written in the
+    file, which a text field keeps (YAML reads `experiment: 0x1F` as 31 and `target: yes` as True)."""
+    obj, leaf, hint = _field(cfg, key)
+    if written is not None and value is not None and not isinstance(value, str) and _holds_text(hint):
+        value = written
+    _assign(obj, leaf, key, value, hint)
+
+
+def _set_typed(cfg: Config, key: str, text: str) -> None:
+    """Set `key` from a command line's `key=text`: the text as typed where the key holds text (read as YAML, a
+    path would lose what follows ` #`, a newline would become a space and `~` would be null), except `null` for a
+    key that may be none and a YAML-quoted string, read as YAML reads it (a sweep quotes its values so); a
+    number, switch or list is read as YAML."""
+    obj, leaf, hint = _field(cfg, key)
+    if not _holds_text(hint):
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text  # the type check below names the key and the value
+    elif text == "null" and hint is not str:
+        value = None
+    else:
+        value = text
+        if text[:1] in ("'", '"'):
+            try:
+                quoted = yaml.safe_load(text)
+            except yaml.YAMLError:
+                quoted = None
+            value = quoted if isinstance(quoted, str) else text
+    _assign(obj, leaf, key, value, hint)
+
+
+def _assign(obj: Any, leaf: str, key: str, value: Any, hint: Any) -> None:
+    value = _coerce(key, value, hint)
+    if key in PATH_KEYS and isinstance(value, str):
+        value = os.path.expanduser(value)  # `output_dir=~/runs` is the home folder's, not a folder named `~`
+    setattr(obj, leaf, value)
 
 
 def _holds_text(hint: Any) -> bool:
@@ -185,6 +224,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                         f"(default {default})")
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # e.g. an experiment named 2024
+    if value is None:  # a YAML null where a value is needed: say why, since the file holds a `~` or nothing
+        home = f", or quote it ('~') to mean the home folder" if key in PATH_KEYS else ""
+        raise UserError(f"config key {key!r}: expected {hint.__name__}, got no value (YAML reads ~, null and an empty "
+                        f"value as none); give a value{home}")
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise UserError(f"config key {key!r}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
     return value

@@ -172,6 +172,10 @@ BATCHNORM_MODES = ("train", "frozen")
 SELECTION_RULES = ("last", "avg_valid", "worst_group_valid", "balanced_valid")  # selection.py
 STEP_RULES = ("per_chunk", "per_minibatch")
 EPS_MODES = ("fixed", "calibrated")
+# Keys whose value is a path: a leading `~` there is the home folder, as a shell would read it (`resume` and
+# `model.weights` also take a word, "latest" and "imagenet", which no `~` starts).
+PATH_KEYS = ("output_dir", "base_checkpoint", "resume", "data.root", "data.cache_dir", "data.split_file",
+             "model.weights", "gan.checkpoint")
 
 
 def choices() -> dict[str, list[str]]:

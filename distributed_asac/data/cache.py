@@ -28,7 +28,6 @@ Also here, sharing the same parallel pass: :func:`find_bad_images`, which only d
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -40,14 +39,14 @@ import time
 import uuid
 import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..locks import flocked
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +131,7 @@ def open_image_cache(
     manifest = _read_manifest(folder)
     if manifest is not None and _staleness(folder, manifest, expected, files) is None:
         return ImageCache(folder, manifest)
-    with _exclusive_lock(folder / ".lock", folder):
+    with flocked(folder / ".lock", f"waiting for another process to finish building the image cache {folder}"):
         # Another process may have built it while this one waited for the lock.
         manifest = _read_manifest(folder)
         reason = "it has never been built" if manifest is None else _staleness(folder, manifest, expected, files)
@@ -247,7 +246,8 @@ def _checked(folder: Path, images: Path, manifest: dict[str, Any]) -> str | None
     if stamped():
         n = len(manifest["checksums"])
         return _corruption(images, manifest, blocks=sorted({0, n - 1}) if n else [])
-    with _exclusive_lock(folder / f".check-{socket.gethostname()}.lock", folder):
+    with flocked(folder / f".check-{socket.gethostname()}.lock",
+                 f"waiting for another process to finish checking the image cache {folder}"):
         if stamped():  # another process of this node checked it while this one waited
             return None
         reason = _corruption(images, manifest)
@@ -282,21 +282,6 @@ def _stat_files(source_dir: Path, files: list[str]) -> tuple[np.ndarray, np.ndar
             continue
         sizes[k], mtimes[k] = stat.st_size, stat.st_mtime_ns
     return sizes, mtimes
-
-
-@contextmanager
-def _exclusive_lock(path: Path, folder: Path) -> Iterator[None]:
-    """Hold an flock on ``path``; the kernel drops it if the holder dies, so a crash never wedges others."""
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process to finish building the image cache %s", folder)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _build(

@@ -51,6 +51,20 @@ def image_name(index: int) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+def read_text_lines(path: Path) -> list[str]:
+    """The lines of a dataset's list file (CelebA's, LFW's), decoded as UTF-8 with a leading byte-order mark
+    dropped (an editor's BOM glued to the first image name made an image that no other file lists); a byte that is
+    not UTF-8 is one UserError naming the file, the byte and its line."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise UserError(f"{path} is not UTF-8 text: byte 0x{data[err.start]:02x} at line {line} ({err.reason}); "
+                        "restore the original file, or save it as UTF-8") from None
+    return text.splitlines()
+
+
 @dataclass(frozen=True)
 class AttributeTable:
     """``list_attr_celeba.txt`` parsed: one row per image, values ±1 as in the file."""
@@ -65,8 +79,7 @@ def read_attribute_file(path: Path) -> AttributeTable:
 
     Any number of attribute columns is accepted (the generated dataset writes a subset of the 40).
     """
-    with open(path) as handle:
-        lines = handle.read().splitlines()
+    lines = read_text_lines(path)
     if len(lines) < 2:
         raise UserError(f"{path} is malformed: expected a count line and an attribute-name line, found {len(lines)} lines")
     declared = _parse_count(lines[0], path)
@@ -116,7 +129,7 @@ def _parse_signs(bodies: list[str], width: int, path: Path, first_line: int) -> 
         return np.zeros((0, width), dtype=np.int8)
     try:
         values = np.loadtxt(bodies, dtype=np.int8, comments=None, ndmin=2)
-    except ValueError:
+    except Exception:  # noqa: BLE001 - any failure of the parse: the pass below names the line
         values = None
     if values is None or values.shape[1] != width or not np.all(np.abs(values) == 1):
         _raise_first_bad_row(bodies, width, path, first_line)
@@ -148,8 +161,7 @@ def _reject_duplicates(image_ids: list[str], path: Path) -> None:
 
 def read_partition_file(path: Path) -> tuple[list[str], np.ndarray]:
     """Parse ``list_eval_partition.txt`` (no header; rows ``<file> <0|1|2>``) → (ids, int8 partitions)."""
-    with open(path) as handle:
-        lines = handle.read().splitlines()
+    lines = read_text_lines(path)
     image_ids: list[str] = []
     partitions = np.empty(len(lines), dtype=np.int8)
     for number, line in enumerate(_nonblank(lines, 0, path), start=1):
@@ -166,8 +178,7 @@ def read_partition_file(path: Path) -> tuple[list[str], np.ndarray]:
 
 def read_landmarks_file(path: Path) -> tuple[list[str], np.ndarray]:
     """Parse ``list_landmarks_align_celeba.txt`` → (ids, int64 [N, 5, 2] (x, y) points)."""
-    with open(path) as handle:
-        lines = handle.read().splitlines()
+    lines = read_text_lines(path)
     if len(lines) < 2:
         raise UserError(f"{path} is malformed: expected a count line and a header line")
     _parse_count(lines[0], path)
@@ -180,12 +191,12 @@ def read_landmarks_file(path: Path) -> tuple[list[str], np.ndarray]:
     width = 2 * len(LANDMARK_NAMES)
     try:
         points = np.loadtxt(bodies, dtype=np.int64, comments=None, ndmin=2) if bodies else np.zeros((0, width), np.int64)
-    except ValueError:
+    except Exception:  # noqa: BLE001 - any failure of the parse: the pass below names the line
         points = None
     if points is None or points.shape[1] != width:
         for offset, body in enumerate(bodies):
             tokens = body.split()
-            if len(tokens) != width or not all(t.lstrip("-").isdigit() for t in tokens):
+            if len(tokens) != width or not all(t.lstrip("-").isdecimal() for t in tokens):
                 raise UserError(
                     f"{path} is malformed at line {offset + 3}: expected {width} integer coordinates, "
                     f"found {body.strip()[:60]!r}"
@@ -196,8 +207,7 @@ def read_landmarks_file(path: Path) -> tuple[list[str], np.ndarray]:
 
 def read_counterfactual_file(path: Path) -> tuple[list[str], list[str], list[str]]:
     """Parse ``list_counterfactual.txt`` → (image ids, twin files, flipped attribute names)."""
-    with open(path) as handle:
-        lines = handle.read().splitlines()
+    lines = read_text_lines(path)
     if len(lines) < 2:
         raise UserError(f"{path} is malformed: expected a count line and the header {' '.join(COUNTERFACTUAL_HEADER)!r}")
     declared = _parse_count(lines[0], path)

@@ -29,22 +29,51 @@ def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
     return left, top, left + side, top + side
 
 
-PIPELINE = "RGB, centred square crop of the shorter side, PIL bilinear (antialiased) resize, uint8 HWC; v1"
-"""What :func:`load_image` does; a cache built by another pipeline is stale."""
+PIPELINE = "RGB, centred square crop of the shorter side, PIL bilinear (antialiased) resize, uint8 HWC; v2"
+"""What :func:`load_image` does; a cache built by another pipeline is stale (v2: 16-bit images scaled, not
+clipped, and images with transparent pixels refused)."""
+
+# Modes whose conversion to RGB Pillow does exactly, 8 bits per channel (1-bit, grey, palette, CMYK, YCbCr, the
+# alpha modes once their alpha is known to be opaque); 16-bit grey is scaled here, every other mode is refused.
+EIGHT_BIT = {"1", "L", "P", "RGB", "CMYK", "YCbCr"}
+WITH_ALPHA = {"LA", "La", "PA", "RGBA", "RGBa"}
+SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
+_SKIP = "replace the file, or skip bad images with on_bad_image='skip'"
 
 
 def _decode(path: str | os.PathLike) -> Image.Image:
-    """The fully decoded RGB image, or :class:`BadImageError` naming the file."""
+    """The fully decoded image as 8-bit RGB (`_to_rgb`), or :class:`BadImageError` naming the file."""
     try:
         with Image.open(path) as image:
-            # convert() forces the full decode, so a truncated file fails here and not later.
-            return image.convert("RGB")
+            image.load()  # the full decode, so a truncated file fails here and not later
     except FileNotFoundError as err:
         raise UserError(f"image file {path} does not exist; restore it or remove it from the list files") from err
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise BadImageError(
-            f"cannot decode image {path} ({err}); replace the file, or skip bad images with on_bad_image='skip'"
-        ) from err
+    except Exception as err:  # noqa: BLE001 - any failure of the decoder is a bad file, not our bug
+        raise BadImageError(f"cannot decode image {path} ({err}); {_SKIP}") from err
+    return _to_rgb(image, path)
+
+
+def _to_rgb(image: Image.Image, path: str | os.PathLike) -> Image.Image:
+    """`image` as the 8-bit RGB it shows, or :class:`BadImageError` naming `path` when that is not known.
+
+    Pillow's convert("RGB") clips a 16-bit grey image (values up to 65535) to 255: it trained as a white square.
+    Here 16-bit grey is scaled to 8 bits (v·255/65535, rounded). Transparent pixels would show whatever colour
+    the file stores under them, which no viewer shows: an image with any is refused (an opaque alpha channel is
+    dropped). 32-bit integer and float images have no known range, and other modes no exact conversion: refused.
+    """
+    if image.mode in WITH_ALPHA or "transparency" in image.info:
+        alpha = np.asarray(image.convert("RGBA").getchannel("A"))
+        if alpha.min() < 255:
+            raise BadImageError(f"image {path} has {int((alpha < 255).sum())} transparent pixel(s) (mode "
+                                f"{image.mode}), whose colour is undefined; flatten it onto a background, or {_SKIP}")
+        return image.convert("RGBA").convert("RGB")
+    if image.mode in SIXTEEN_BIT:
+        wide = np.asarray(image, dtype=np.uint32)
+        return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+    if image.mode in EIGHT_BIT:
+        return image.convert("RGB")
+    raise BadImageError(f"image {path} has mode {image.mode} (pixels of no 8-bit RGB meaning this loader knows: "
+                        f"32-bit integer or float, or another colour space); save it as 8-bit RGB, or {_SKIP}")
 
 
 def check_image(path: str | os.PathLike) -> None:

@@ -32,6 +32,7 @@ import torch
 
 from ..errors import UserError
 from ..files import atomic_write
+from .celeba_format import read_text_lines
 from .faces import FaceDataset, check_common_arguments, find_attribute
 from .splits import SPLIT_FRACTIONS, SPLITS
 
@@ -55,8 +56,7 @@ class LFWAttributes:
 
 def read_lfw_attributes(path: Path) -> LFWAttributes:
     """Parse the attribute file: leading ``#`` comment lines, the ``#``-prefixed header, then TAB rows."""
-    with open(path) as handle:
-        lines = handle.read().splitlines()
+    lines = read_text_lines(path)
     header_line, names = _find_header(lines, path)
     persons: list[str] = []
     numbers: list[int] = []
@@ -65,7 +65,7 @@ def read_lfw_attributes(path: Path) -> LFWAttributes:
         if not line.strip():
             continue
         fields = line.split("\t")
-        if len(fields) != 2 + len(names) or not fields[1].strip().isdigit():
+        if len(fields) != 2 + len(names) or not fields[1].strip().isdecimal():
             raise UserError(
                 f"{path} is malformed at line {number}: expected a person, an image number and {len(names)} "
                 f"scores separated by tabs, found {len(fields)} fields"
@@ -75,7 +75,7 @@ def read_lfw_attributes(path: Path) -> LFWAttributes:
         bodies.append("\t".join(fields[2:]))
     try:
         scores = np.loadtxt(bodies, dtype=np.float32, delimiter="\t", comments=None, ndmin=2)
-    except ValueError:
+    except Exception:  # noqa: BLE001 - any failure of the parse: the pass below names the line
         scores = None
     if scores is None or scores.shape != (len(bodies), len(names)) or not np.isfinite(scores).all():
         _raise_first_bad_scores(lines, header_line, path)

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from distributed_asac.errors import UserError, exit_on_user_error
 from distributed_asac.files import atomic_write
+from distributed_asac.locks import flocked
 from distributed_asac.logs import setup_logging
 
 from .celeba_format import (ATTRIBUTE_FILE, COUNTERFACTUAL_DIR, COUNTERFACTUAL_FILE, IMAGE_DIR, LANDMARK_COLUMNS,
@@ -61,6 +62,9 @@ REGION_ATTRIBUTES: tuple[str, ...] = ("Smiling", "Male", "Big_Nose", "Eyeglasses
 INFO_FILE = "dataset_info.json"
 # Written first and removed last: a folder holding it is an interrupted run of this generator.
 IN_PROGRESS_FILE = "generation_in_progress.json"
+# Held while a process generates, beside the folder (whose files stay CelebA's exactly): a second run of the same
+# new data.root waits for the first and reuses its work.
+LOCK_SUFFIX = ".generate.lock"
 
 # Each of the four (Smiling, Male) cells of the test split needs images for the fairness metrics.
 MIN_IMAGES = 40
@@ -301,10 +305,26 @@ def generate(
     if smile_floor != 0.0:  # likewise
         args["smile_floor"] = float(smile_floor)
     existing = _existing_dataset(out_dir, args)
-    if existing is not None:
-        log.info("reusing the synthetic dataset in %s (generated earlier with the same arguments)", out_dir)
-        return existing
+    if existing is None:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with flocked(lock_path(out_dir), f"waiting for another process to finish generating {out_dir}"):
+            existing = _existing_dataset(out_dir, args)  # that process's, if one generated it while this one waited
+            if existing is None:
+                return _write_dataset(out_dir, args, size, workers, beard_strength, train_twins, smile_floor)
+    log.info("reusing the synthetic dataset in %s (generated earlier with the same arguments)", out_dir)
+    return existing
 
+
+def lock_path(out_dir: Path) -> Path:
+    """The lock a process holds while it generates `out_dir`: `<parent>/.<name>.generate.lock`."""
+    folder = out_dir.resolve()  # `--out .` has no name of its own
+    return folder.with_name(f".{folder.name}{LOCK_SUFFIX}")
+
+
+def _write_dataset(out_dir: Path, args: dict[str, Any], size: tuple[int, int], workers: int, beard_strength: float,
+                   train_twins: bool, smile_floor: float) -> dict[str, Any]:
+    """Generate the dataset of `args` in `out_dir` (under its lock, `generate`); return its info."""
+    num_images, bias, seed = args["num_images"], args["bias"], args["seed"]
     (out_dir / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
     (out_dir / COUNTERFACTUAL_DIR / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
     _write_json(out_dir / IN_PROGRESS_FILE, {"format_version": FORMAT_VERSION, "args": args})
