@@ -4,29 +4,34 @@ same number of optimizer steps as plain fine-tuning through stage 3's own loader
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import warnings
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Iterator
 
 import pytest
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 
 from distributed_asac.config import load_config
 from distributed_asac.data import synthetic as syn
+from distributed_asac.data.batches import to_pixels
 from distributed_asac.data.celeba import CelebA
 from distributed_asac.errors import UserError
 from distributed_asac.mitigations.dfr import balanced_draw, halves, l1_logistic, set_target_head
-from distributed_asac.mitigations.group_dro import GroupWeights
+from distributed_asac.mitigations.group_dro import GroupWeights, group_dro
 from distributed_asac.mitigations.groups import GroupBalancedBatches, dataset_groups, group_ids
 from distributed_asac.mitigations.jtt import UpweightedDraws, collapse_warning, error_draw_share, upweighted
 from distributed_asac.models import create_model
 from distributed_asac.stage3 import build_stage3, finetune
 
 
-# GroupDRO (Sagawa et al. 2020, Algorithm 1): q_g ← q_g·exp(η·L_g), normalised; loss Σ_g q_g·L_g with the new q.
+# GroupDRO (Sagawa et al. 2020, Algorithm 1): q_g ← q_g·exp(η·L_g), normalised, once per minibatch; loss Σ_g q_g·L_g
+# with the new q.
 
 def test_group_dro_weights_follow_a_hand_computed_loss_sequence():
     weights = GroupWeights(math.log(2.0), torch.full((4,), 0.25))  # η = ln 2: exp(η·L) = 2^L
@@ -35,10 +40,39 @@ def test_group_dro_weights_follow_a_hand_computed_loss_sequence():
     assert torch.allclose(weights.q, torch.tensor([1.0, 2.0, 4.0, 8.0]) / 15)  # ¼·2^L, normalised
     assert terms["loss"].item() == pytest.approx((0 * 1 + 1 * 2 + 2 * 4 + 3 * 8) / 15)  # 34/15, with the new q
     assert terms["loss_ce"].item() == pytest.approx(10.0 / 6) and terms["loss_worst_group"].item() == 3.0
+    weights.new_minibatch()
     weights.step(torch.tensor([3.0, 2.0, 1.0, 0.0]), torch.arange(4))  # ×[8, 4, 2, 1]: back to uniform
     assert torch.allclose(weights.q, torch.full((4,), 0.25))
+    weights.new_minibatch()
     weights.step(torch.tensor([1.0]), torch.tensor([2]))  # absent groups have L = 0: q ∝ [1, 1, 2, 1]
     assert torch.allclose(weights.q, torch.tensor([1.0, 1.0, 2.0, 1.0]) / 5)
+
+
+def test_group_dro_updates_q_once_per_minibatch_of_e_chunks():
+    """The |E| steps on one minibatch train on its same images: the first updates q from its group losses, the later
+    ones descend with that q and leave it (an update per step made η |E| times the paper's, per distinct minibatch)."""
+    weights = GroupWeights(1.0, torch.full((4,), 0.25))
+    ctx = SimpleNamespace(magnitudes=[0.0, 0.001, 0.01], prepared=weights)  # |E| = 3
+    y, a = torch.tensor([0, 0, 1, 1, 1]), torch.tensor([0, 1, 0, 1, 1])  # groups 0, 1, 2, 3, 3
+
+    def group_losses(logits: torch.Tensor) -> torch.Tensor:  # [4] L_g, the mean cross-entropy of group g
+        ce = F.cross_entropy(logits, y, reduction="none")
+        return torch.stack([ce[0], ce[1], ce[2], ce[3:].mean()])
+
+    # the model moves between steps: each step's logits [5, 2] differ
+    logits = [torch.randn(5, 2, generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    updates = 0
+    for minibatch in range(2):
+        chunks = group_dro(ctx, torch.zeros(5, 3, 8, 8), y, a)
+        assert len(chunks) == 3
+        for chunk, step_logits in zip(chunks, logits[minibatch:]):
+            before = weights.q.clone()
+            terms = chunk.loss(step_logits, y)
+            updates += not torch.equal(weights.q, before)
+            assert terms["loss"].item() == pytest.approx(float((weights.q * group_losses(step_logits)).sum()))
+        if minibatch == 0:  # by hand: ¼·exp(η·L_g) of the first step's losses, normalised (η = 1)
+            assert updates == 1 and torch.allclose(weights.q, torch.softmax(group_losses(logits[0]), 0))
+    assert updates == 2  # one per minibatch
 
 
 def test_group_dro_loss_is_the_weighted_group_mean_of_cross_entropy():
@@ -219,6 +253,33 @@ def test_each_row_takes_as_many_steps_as_plain_on_the_same_minibatches(dataset):
             assert stage.ctx.prepared.q.sum().item() == pytest.approx(1.0) and not torch.allclose(
                 stage.ctx.prepared.q, torch.full((4,), 0.25))  # the weights moved with the group losses
     assert steps == dict.fromkeys(steps, (168 // 24) * 3)  # 7 minibatches × |E| = 3
+
+
+def test_group_dro_q_after_a_minibatch_of_stage_3(dataset):
+    """Through stage 3's own loader and steps: after the |E| = 3 optimizer steps of one minibatch, q is one update
+    from the group losses of the model as the minibatch found it, by hand (q_g ∝ exp(η·L_g), η = 1)."""
+    cfg = _config(dataset, "finetune.mode=group_dro", "group_dro.eta=1")
+    train = CelebA(dataset, "train", "Smiling", "Male", 32)
+    torch.manual_seed(0)
+    stage = build_stage3(create_model("small_cnn"), cfg, Accelerator(cpu=True), torch.Generator().manual_seed(0),
+                         train_set=train)
+    x, y, a, _ = next(iter(stage.loader))
+    with torch.no_grad():  # a copy in train mode, as the first step sees the model (batch statistics of the k images)
+        ce = F.cross_entropy(copy.deepcopy(stage.model).train()(to_pixels(x))[0], y, reduction="none")
+    groups = group_ids(y, a)
+    group_loss = torch.stack([ce[groups == g].mean() for g in range(4)])  # every group holds k/4 = 6 images
+    weights, seen = stage.ctx.prepared, []
+    step = weights.step
+
+    def counted(*args):  # every step: q as it descends with
+        terms = step(*args)
+        seen.append(weights.q.clone())
+        return terms
+
+    weights.step = counted
+    stage.train_minibatch(x, y, a)
+    assert len(seen) == 3 and all(torch.equal(q, seen[0]) for q in seen)  # 3 steps, q from the first alone
+    assert torch.allclose(seen[0], torch.softmax(group_loss, 0), atol=1e-6), (seen[0], torch.softmax(group_loss, 0))
 
 
 def test_a_resumed_group_dro_stage_goes_on_with_the_q_it_left(dataset, tmp_path, monkeypatch):
