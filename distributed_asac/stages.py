@@ -112,3 +112,15 @@ def train_stage(
         progress = run_epochs(stage, stage_cfg.epochs, training.loader, accelerator, state_dir,
                               lambda: Progress({"best_score": -1.0}, whole_state_dict(model)), epoch_work)
     return whole_model(model, cfg.model.backbone, progress.best)  # a fresh plain module after ZeRO-3
+
+
+def train_erm(model: TwoHeadModel, train_set, cfg: Config, accelerator: Accelerator, epochs: int) -> TwoHeadModel:
+    """`model` (M: θ and ρ) trained as stage 1 trains it (cross-entropy on the target, `base.lr`, `base.batch_size`,
+    the shuffle drawn from the global random state) for `epochs` epochs, and the last epoch kept: no valid split is
+    read, nothing selected, logged or saved. JTT's identification model (mitigations/jtt.py); from `initial_model`
+    it is stage 1's model after epoch `epochs`. Returns a plain whole module (a fresh one after ZeRO-3)."""
+    training = _Training.prepare("base", model, train_set, cfg, accelerator)
+    with global_batchnorm(model, cfg.sync_batchnorm):
+        run_epochs("ERM", epochs, training.loader, accelerator, None, lambda: Progress({}, {}),
+                   lambda epoch, batches, progress: training.epoch(epoch, batches))
+    return whole_model(model, cfg.model.backbone)

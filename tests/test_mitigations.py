@@ -16,10 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from torch.utils.data import DataLoader
 
 from distributed_asac.config import load_config
 from distributed_asac.data import synthetic as syn
-from distributed_asac.data.batches import to_pixels
+from distributed_asac.data.batches import to_pixels, uint8_images
 from distributed_asac.data.celeba import CelebA
 from distributed_asac.errors import UserError
 from distributed_asac.mitigations.dfr import balanced_draw, halves, l1_logistic, set_target_head
@@ -109,7 +110,7 @@ def test_every_resampled_minibatch_is_group_balanced(k):
     assert list(sampler) != order  # the next epoch draws anew
 
 
-# JTT (Liu et al. 2021): the base's mistakes on train, drawn λ times as often
+# JTT (Liu et al. 2021): the identification model's mistakes on train, drawn λ times as often
 
 def test_jtt_draws_the_error_set_lambda_times_as_often():
     errors = torch.zeros(10000, dtype=torch.bool)
@@ -132,7 +133,8 @@ def test_jtt_warns_when_the_error_set_fills_the_draws():
     assert collapse_warning(0.05, 50) is None
     warning = collapse_warning(0.2, 50)
     # λ = 2(1 − e)/e = 8 brings the share to 8·0.2 / (1.6 + 0.8) = 2/3
-    assert warning.startswith("jtt: the base gets 20.0% of train wrong, so 93% of the draws at jtt.upweight=50 ")
+    assert warning.startswith("jtt: the identification model gets 20.0% of train wrong, so 93% of the draws at "
+                              "jtt.upweight=50 ")
     assert warning.endswith("jtt.upweight=8 brings them to 2/3") and error_draw_share(0.2, 8) == pytest.approx(2 / 3)
     assert collapse_warning(0.1, 50) is None and collapse_warning(0.1, 52) is not None  # 5/5.9 = 84.7%, 5.2/6.1 = 85.2%
 
@@ -226,8 +228,8 @@ def _records(name: str) -> Iterator[list[logging.LogRecord]]:
 
 def test_each_row_takes_as_many_steps_as_plain_on_the_same_minibatches(dataset):
     """One epoch of stage 3's own loader: |E| optimizer steps on each of len(train) // k minibatches, as plain
-    fine-tuning takes; resample's and group_dro's minibatches hold k/4 images of every group; jtt's error set is the
-    base's mistakes, image by image."""
+    fine-tuning takes; resample's and group_dro's minibatches hold k/4 images of every group; jtt warns when its
+    identification model's mistakes fill the draws (its error set: `test_jtt_error_set_is_the_mistakes_of_...`)."""
     train = CelebA(dataset, "train", "Smiling", "Male", 32)
     steps = {}
     for row in ("plain", "resample", "group_dro", "jtt"):
@@ -236,12 +238,10 @@ def test_each_row_takes_as_many_steps_as_plain_on_the_same_minibatches(dataset):
         model = create_model("small_cnn")
         with _records("distributed_asac.mitigations.jtt") as logged:
             stage = build_stage3(model, cfg, Accelerator(cpu=True), torch.Generator().manual_seed(0), train_set=train)
-        if row == "jtt":  # before any step: the base's M on each train image, one at a time
-            with torch.no_grad():
-                wrong = [int(model.eval()(train[i][0][None])[0].argmax()) != int(train.targets[i]) for i in range(len(train))]
-            assert stage.ctx.prepared.tolist() == wrong and 0 < sum(wrong) < len(train)
-            # an untrained M errs on about half of train: nearly every draw at λ = 50 is a mistake, and it says so
-            assert [r.getMessage() for r in logged] == [collapse_warning(sum(wrong) / len(train), 50.0)]
+        if row == "jtt":  # an M after 2 steps of stage 1 errs often: nearly every draw at λ = 50 is a mistake
+            share = stage.summary["jtt_error_share"]
+            assert 0 < stage.ctx.prepared.sum() < len(train) and share == stage.ctx.prepared.float().mean().item()
+            assert [r.getMessage() for r in logged] == [collapse_warning(share, 50.0)]
         else:
             assert logged == []
         for x, y, a, _ in stage.loader:
@@ -318,6 +318,51 @@ def test_a_resumed_group_dro_stage_goes_on_with_the_q_it_left(dataset, tmp_path,
         assert torch.equal(tensor, resumed[name]), name
 
 
+def test_jtt_error_set_is_the_mistakes_of_erm_after_t_epochs_and_retrain_starts_over(dataset):
+    """JTT's identification model is stage 1 stopped after T = jtt.identification_epochs epochs: computed here by hand
+    (the seed's initialisation, the next draw of the global stream as the shuffle, Adam at base.lr, clipping at 1),
+    its train mistakes are the error set, image by image, and not the base's. `retrain` (the default) then starts M
+    (θ, ρ) from that initialisation, C's head φ the base's; `finetune` keeps the base. The random state after stage
+    3's setup is the one before it. (Per-rank batch norm: torch's module, which the hand loop uses.)"""
+    train = CelebA(dataset, "train", "Smiling", "Male", 32)
+    overrides = ["finetune.mode=jtt", "jtt.identification_epochs=2", "base.batch_size=12", "seed=3", "sync_batchnorm=false"]
+    cfg = _config(dataset, *overrides)
+    torch.manual_seed(cfg.seed)  # stage 1's initialisation: the config's seed
+    reference = create_model("small_cnn")
+    start = copy.deepcopy(reference.state_dict())
+    order = torch.Generator().manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))  # stage 1's shuffle
+    trained = [p for name, p in reference.named_parameters() if not name.startswith("protected_head.")]  # θ, ρ
+    optimizer = torch.optim.Adam(trained, lr=cfg.base.lr)
+    reference.train()
+    for _ in range(2):
+        for x, y, *_ in DataLoader(uint8_images(train), batch_size=12, shuffle=True, drop_last=True, generator=order):
+            loss = F.cross_entropy(reference(to_pixels(x))[0], y)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
+            optimizer.step()
+    reference.eval()
+    with torch.no_grad():
+        expected = [int(reference(train[i][0][None])[0].argmax()) != int(train.targets[i]) for i in range(len(train))]
+    assert 0 < sum(expected) < 0.4 * len(train)  # not a constant M's mistakes (a whole class, about half of train)
+
+    for final in ("retrain", "finetune"):
+        torch.manual_seed(7)
+        base = create_model("small_cnn")  # another draw than the seed's: a base M to tell apart from the start
+        before = copy.deepcopy(base.state_dict())
+        with torch.no_grad():
+            base_wrong = [int(base.eval()(train[i][0][None])[0].argmax()) != int(train.targets[i]) for i in range(len(train))]
+        state = torch.get_rng_state()
+        stage = build_stage3(base, _config(dataset, *overrides, f"jtt.final={final}"), Accelerator(cpu=True),
+                             torch.Generator().manual_seed(0), train_set=train)
+        assert torch.equal(torch.get_rng_state(), state)  # stage 3 draws what every row of the seed draws
+        assert stage.ctx.prepared.tolist() == expected != base_wrong
+        assert stage.summary["jtt_error_set_size"] == sum(expected)
+        for name, tensor in stage.model.state_dict().items():
+            kept = before if final == "finetune" or name.startswith("protected_head.") else start
+            assert torch.equal(tensor, kept[name]), (final, name)
+
+
 def test_dfr_refits_the_target_head_only_on_valid(dataset):
     """DFR takes no minibatch step: the backbone and C are bit for bit the base's, only ρ changes, and its C is
     chosen from the grid on valid's halves."""
@@ -343,6 +388,8 @@ def test_dfr_refits_the_target_head_only_on_valid(dataset):
     ("dfr.c_grid=[]", r"'dfr\.c_grid': need at least one C > 0"),
     ("dfr.c_grid=[1.0,0]", r"'dfr\.c_grid': need at least one C > 0"),
     ("dfr.retrains=0", r"'dfr\.retrains': 0 is out of range"),
+    ("jtt.identification_epochs=0", r"'jtt\.identification_epochs': 0 is out of range \(must be >= 1\)"),
+    ("jtt.final=scratch", r"'jtt\.final': unknown value 'scratch'.*valid: retrain, finetune"),
 ])
 def test_bad_values_are_refused_by_the_config(override, message):
     with pytest.raises(UserError, match=message):

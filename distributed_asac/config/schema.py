@@ -104,9 +104,11 @@ class GroupDroConfig:
 
 @dataclass
 class JttConfig:
-    """The jtt row (Liu et al. 2021): the base's mistakes on train are drawn λ times as often."""
+    """The jtt row (Liu et al. 2021): the train mistakes of an ERM model stopped after T epochs are drawn λ times as often."""
 
-    upweight: float = 50.0  # λ, how many times as often an image the base gets wrong is drawn (the paper's CelebA λ_up); >= 1
+    upweight: float = 50.0  # λ, how many times as often an image the identification model gets wrong is drawn (the paper's CelebA λ_up); >= 1
+    identification_epochs: int = 1  # T, epochs of the identification model: stage 1's training from stage 1's initialisation, stopped after T (the paper's CelebA T); >= 1
+    final: str = "retrain"  # where the final M starts: retrain (the paper): θ and ρ from stage 1's initialisation, trained finetune.epochs epochs on the draws; finetune: the base, fine-tuned on them
 
 
 @dataclass
@@ -154,7 +156,7 @@ class Config:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)  # robustness curve and Integrated Gradients
     gan: GanConfig = field(default_factory=GanConfig)  # the generator of the gan_augment row
     group_dro: GroupDroConfig = field(default_factory=GroupDroConfig)  # the group_dro row's group weights
-    jtt: JttConfig = field(default_factory=JttConfig)  # the jtt row's upweighting of the base's mistakes
+    jtt: JttConfig = field(default_factory=JttConfig)  # the jtt row's identification model and upweighting of its mistakes
     dfr: DfrConfig = field(default_factory=DfrConfig)  # the dfr row's last-layer retraining
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
 
@@ -171,6 +173,7 @@ BATCHNORM_MODES = ("train", "frozen")
 SELECTION_RULES = ("last", "avg_valid", "worst_group_valid", "balanced_valid")  # selection.py
 STEP_RULES = ("per_chunk", "per_minibatch")
 EPS_MODES = ("fixed", "calibrated")
+JTT_FINALS = ("retrain", "finetune")  # where jtt's final model starts (mitigations/jtt.py)
 
 
 def choices() -> dict[str, list[str]]:
@@ -180,7 +183,7 @@ def choices() -> dict[str, list[str]]:
             "finetune.attack_model": list(ATTACK_MODELS), "data.on_bad_image": list(BAD_IMAGE_POLICIES),
             "finetune.batchnorm": list(BATCHNORM_MODES), "finetune.select": list(SELECTION_RULES),
             "finetune.eps_mode": list(EPS_MODES), "finetune.steps": list(STEP_RULES),
-            "model.protected_classifier": list(PROTECTED_CLASSIFIERS)}
+            "model.protected_classifier": list(PROTECTED_CLASSIFIERS), "jtt.final": list(JTT_FINALS)}
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
