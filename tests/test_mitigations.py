@@ -23,7 +23,7 @@ from distributed_asac.data import synthetic as syn
 from distributed_asac.data.batches import to_pixels, uint8_images
 from distributed_asac.data.celeba import CelebA
 from distributed_asac.errors import UserError
-from distributed_asac.mitigations.dfr import balanced_draw, halves, l1_logistic, set_target_head
+from distributed_asac.mitigations.dfr import balanced_draw, c_grid, halves, l1_logistic, set_target_head
 from distributed_asac.mitigations.group_dro import GroupWeights, group_dro
 from distributed_asac.mitigations.groups import GroupBalancedBatches, dataset_groups, group_ids
 from distributed_asac.mitigations.jtt import UpweightedDraws, collapse_warning, error_draw_share, upweighted
@@ -379,6 +379,23 @@ def test_dfr_refits_the_target_head_only_on_valid(dataset):
     assert summary["dfr_C"] in (1.0, 0.1) and summary["dfr_images_per_group"] == 2  # valid's smallest group
     assert tracker.logged["finetune/dfr_C"] == summary["dfr_C"]
     assert torch.equal(after["target_head.weight"][0], torch.zeros_like(after["target_head.weight"][0]))
+
+
+def test_dfr_tries_the_published_grid_of_the_dataset(dataset):
+    """dfr.c_grid null (the default): the DFR code's CelebA grid for data.name celeba, its WaterBirds grid for every
+    other dataset; a grid the user sets wins. Through the row: every C of CelebA's grid is tried, and no other."""
+    celeba, waterbirds = [3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 0.003], [1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01]
+    assert load_config().dfr.c_grid is None
+    assert c_grid(load_config(None, ["data.name=celeba"])) == celeba
+    assert c_grid(load_config()) == c_grid(load_config(None, ["data.name=lfw"])) == waterbirds
+    assert c_grid(load_config(None, ["data.name=celeba", "dfr.c_grid=[0.5,2]"])) == [0.5, 2.0]
+    cfg = _config(dataset, "finetune.mode=dfr", "dfr.retrains=1", "data.name=celeba")  # the generated files, read as CelebA
+    train, valid = (CelebA(dataset, split, "Smiling", "Male", 32) for split in ("train", "valid"))
+    torch.manual_seed(0)
+    tracker = _Tracker()
+    finetune(create_model("small_cnn"), train, valid, cfg, Accelerator(cpu=True), tracker, torch.Generator())
+    tried = sorted(float(k.rpartition("_C_")[2]) for k in tracker.logged if k.startswith("finetune/dfr_tune_worst_group_ACC_C_"))
+    assert tried == sorted(celeba)
 
 
 @pytest.mark.parametrize("override, message", [

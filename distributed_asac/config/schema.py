@@ -115,7 +115,7 @@ class JttConfig:
 class DfrConfig:
     """The dfr row (Kirichenko et al. 2023): the target head refit, backbone frozen, on a group-balanced subset of valid."""
 
-    c_grid: list[float] = field(default_factory=lambda: [1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01])  # inverse ℓ1 strengths C tried (the DFR code's); the best by worst-group accuracy on half of valid
+    c_grid: Optional[list[float]] = None  # inverse ℓ1 strengths C tried, the best by worst-group accuracy on half of valid; null: the DFR code's grid for the dataset (data.name celeba: its CelebA grid [3 … 0.003]; otherwise its WaterBirds grid [1 … 0.01])
     retrains: int = 20  # logistic regressions on fresh balanced draws of valid, their weights averaged (the DFR code's 20)
 
 
