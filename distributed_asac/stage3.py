@@ -188,7 +188,7 @@ def build_stage3(model: TwoHeadModel, cfg: Config, accelerator: Accelerator, gen
         prepared, numbers = mode.prepare(cfg, model, train_set, accelerator, tracker)
         summary.update(numbers)
     set_trainable(model, "finetune")
-    optimizer = adam(model.parameters(), ft.lr, cfg)
+    optimizer = adam(model.parameters(), ft.lr, cfg, ft.weight_decay)
     loader = None
     if train_set is None:
         wrapped, optimizer = accelerator.prepare(model, optimizer)

@@ -101,6 +101,21 @@ def test_a_rule_that_needs_groups_refuses_a_valid_split_without_one(tmp_path, sm
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_sweep_whose_rule_needs_groups_valid_lacks_is_refused_before_it_starts(tmp_path, capsys):
+    """The same refusal for a whole sweep: one line, exit 2, before its folder, parent run or Ray exist (the store is
+    probed first, so that a bad one is told in seconds: it may exist, empty)."""
+    path = _write_sweep(tmp_path, "nogroups", {"g": {"mode": ["plain"], **SPACE}}, search=SEARCH,
+                        selection="worst_group_valid")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(path), "data.synthetic_bias=1.0", "data.synthetic_num_images=120"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "finetune.select=worst_group_valid needs every (target, protected) group in the valid split" in err
+    assert not (tmp_path / "runs").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
 def _record(name: str, grid: str, lr: float, seed: int, score: float, status: str = "finished") -> TrialRecord:
     return TrialRecord(name, {"finetune.lr": lr, "seed": seed}, [grid], status,
                        metrics={"selected_valid_worst_group_ACC": score, "selected_valid_ACC": 90.0 - score})
@@ -164,6 +179,7 @@ def protocol(tmp_path_factory, ray_tmp) -> SimpleNamespace:  # noqa: F811 - ray_
                            ray_tmp=ray_tmp)
 
 
+@pytest.mark.slow  # two sweeps with Ray, ~80 s: the default suite covers ASHA's decisions and the choice as units
 def test_asha_stops_the_hopeless_trial_and_records_it_as_stopped(protocol):
     assert protocol.searched.returncode == 0, protocol.searched.stderr[-3000:]
     state = read_state(protocol.folder)
@@ -187,6 +203,7 @@ def test_asha_stops_the_hopeless_trial_and_records_it_as_stopped(protocol):
     assert _marked_processes(protocol.marker, protocol.ray_tmp) == {}
 
 
+@pytest.mark.slow
 def test_chosen_runs_the_setting_with_the_best_valid_score(protocol):
     assert protocol.chosen.returncode == 0, protocol.chosen.stderr[-3000:]
     best = max((json.loads(p.read_text()) for p in protocol.folder.glob(f"trials/*/{RECORD}")),

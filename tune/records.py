@@ -177,6 +177,17 @@ def finish_parent(uri: str, run_id: str, status: str, records: list[TrialRecord]
     client.set_terminated(run_id, status=status)
 
 
+def holds_run(uri: str, run_id: str) -> bool:
+    """Whether the store at `uri` holds run `run_id`, without creating anything (a missing sqlite file stays missing)."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return False
+    try:
+        MlflowClient(uri).get_run(run_id)
+    except Exception:  # noqa: BLE001 - MLflow raises its own exceptions for an unknown id or an unreachable store
+        return False
+    return True
+
+
 def log_report(uri: str, run_id: str, report_dir: Path, summary: str) -> None:
     """Upload the report folder to the parent run (under `report/`, replacing an earlier upload), its tables
     (each CSV: claims, grids, trials) also as sortable MLflow tables under `tables/`, and `summary` (markdown)
@@ -236,12 +247,14 @@ def label_trial(job: TrialJob, record: TrialRecord) -> list[str]:
     return run_ids
 
 
-def record_stopped(job: TrialJob, epoch: int, last: dict[str, Any]) -> TrialRecord:
+def record_stopped(job: TrialJob, epoch: int, last: dict[str, Any], seconds: Optional[float]) -> TrialRecord:
     """Record a trial that ASHA stopped after fine-tuning epoch `epoch` (its process was ended by Tune, so it could
     not record itself): a `stopped` record holding the validation metrics it last reported, and its MLflow runs
-    KILLED with the epoch as a tag, labelled as every trial's are. Never `failed`: nothing went wrong."""
+    KILLED with the epoch as a tag, labelled as every trial's are; `seconds` is what it ran (Ray Tune's count). Never
+    `failed`: nothing went wrong."""
     record = TrialRecord(job.name, job.axes, job.grids, "stopped", metrics={f"last_{k}": v for k, v in last.items()},
-                         base=(job.base or {}).get("results", {}).get("base"), stopped_epoch=epoch)
+                         base=(job.base or {}).get("results", {}).get("base"), stopped_epoch=epoch, seconds=seconds,
+                         started=None if seconds is None else time.time() - seconds)
     record.mlflow_run_ids = label_trial(job, record)
     client = MlflowClient(job.tracking_uri)
     for run_id in record.mlflow_run_ids:

@@ -143,6 +143,12 @@ def load_sweep(path: str | Path, cli_overrides: list[str] | tuple[str, ...] = ()
         grid = next(iter(space))
         raise UserError(f"{path}: grid {grid!r} gives {next(iter(space[grid]))!r} a distribution, which needs a "
                         "'search:' section (e.g. search: {num_samples: 8}); or give it a list of values")
+    for grid in space:  # a setting is chosen per grid: a second value of a grid axis would share one choice
+        several = [a for a, v in grids[grid].items() if not is_distribution(v) and len(v) > 1]
+        if several:
+            raise UserError(f"{path}: grid {grid!r} searches {', '.join(space[grid])} and lists {len(grids[grid][several[0]])} "
+                            f"values of {several[0]!r}: a search chooses one setting per grid, so give each value of "
+                            f"{several[0]!r} a grid of its own (YAML anchors keep them short)")
     unknown = sorted(set(chosen or {}) - set(space))
     if unknown:
         raise UserError(f"--chosen: grid {unknown[0]!r} is not a searched grid of {path}")
@@ -156,10 +162,13 @@ def load_sweep(path: str | Path, cli_overrides: list[str] | tuple[str, ...] = ()
     sweep.trials = _expand(sweep, grids, _seeds(path, data, base.seed), common)
     if "claims" in data:
         sweep.claims = parse_claims(str(path), data["claims"])
+    if sweep.claims is not None and space and not chosen:  # a search's draws: many settings per row, no claim yet
+        sweep.claims = None
+    if sweep.claims is not None:
         if only is not None:  # the claims of the grids left out have no trials here
             sweep.claims = dataclasses.replace(sweep.claims, claims=[
                 c for c in sweep.claims.claims if measured(sweep.claims, c, sweep.trials, str(path))])
-        check_claims(sweep.claims, sweep.trials, str(path))
+        check_claims(sweep.claims, sweep.trials, str(path))  # the chosen settings: one per row and regime
     return sweep
 
 

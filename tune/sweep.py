@@ -244,6 +244,10 @@ def run_sweep(sweep: Sweep, args: argparse.Namespace) -> int:
     if address is not None:
         check_cluster_store(sweep.tracking_uri, args.shared_store)
     probe_store(sweep.tracking_uri, "the sweep's tracking URI")  # before the parent run: one line, not minutes
+    # Before the sweep folder and its parent run exist: a refusal here leaves nothing behind but the generated data.
+    configs = [load_config(sweep.base_config, t.overrides) for t in sweep.trials]
+    trials.prepare_data(configs)
+    trials.check_selection(configs)
     terminated: list[int] = []
 
     def forward(signum: int, frame: Any) -> None:
@@ -263,7 +267,6 @@ def run_sweep(sweep: Sweep, args: argparse.Namespace) -> int:
         previous = signal.signal(signal.SIGTERM, forward)
         try:
             if jobs:
-                trials.prepare_data([trials.load_trial_config(job) for job in jobs])
                 execute(sweep, jobs, folder, address, forward)
             # Tune returns normally after its own Ctrl-C handling: unfinished trials tell the two apart.
             status = "FINISHED" if all(r.status != "pending" for r in load_records(folder)) else "KILLED"
@@ -319,8 +322,9 @@ def execute(sweep: Sweep, jobs: list[TrialJob], folder: Path, address: Optional[
         for job in jobs:  # the trials ASHA stopped: their processes ended before they could record themselves
             record = records.read_record(Path(job.folder))
             if scheduler is not None and job.name in scheduler.stopped and (record is None or record.status == "pending"):
-                metrics = {k: v for k, v in last.get(job.name, {}).items() if k.startswith(search.REPORTED)}
-                records.record_stopped(job, scheduler.stopped[job.name], metrics)
+                result = last.get(job.name, {})
+                metrics = {k: v for k, v in result.items() if k.startswith(search.REPORTED)}
+                records.record_stopped(job, scheduler.stopped[job.name], metrics, result.get("time_total_s"))
 
 
 def early_stopping(sweep: Sweep, jobs: list[TrialJob]):
@@ -379,7 +383,11 @@ def report_command(targets: list[str], overrides: list[str]) -> int:
         claims = _claims(sweep_dir, read_state(sweep_dir)) if sweep_dir.is_dir() else None
         title = f"Sweep {parent.info.run_name}"
     paths = write_report(found, grids, report_dir, title, claims)
-    records.log_report(uri, run_id, report_dir, _summary(report_dir))
+    if records.holds_run(uri, run_id):
+        records.log_report(uri, run_id, report_dir, _summary(report_dir))
+    else:  # a sweep folder kept without its store (copied, or its machine gone): the files are the report
+        print(f"note: the MLflow store {uri} does not hold the sweep's parent run {run_id}; the report is written to "
+              f"{report_dir} only", file=sys.stderr)
     print("\n".join(str(p) for p in paths))
     return 0
 

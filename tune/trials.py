@@ -243,6 +243,22 @@ def prepare_data(configs: list[Config]) -> None:
         generate_synthetic(data)
 
 
+def check_selection(configs: list[Config]) -> None:
+    """Refuse, before the sweep starts, a selection rule that needs every group in a valid split that lacks one
+    (`pipeline.check_selection`), once per dataset: every trial on it would fail the same way."""
+    from distributed_asac.data.datasets import DATASETS
+    from distributed_asac.pipeline import check_selection as check
+    from distributed_asac.selection import NEEDS_GROUPS
+
+    checked = set()
+    for cfg in configs:
+        key = json.dumps(asdict(cfg.data), sort_keys=True)
+        if cfg.finetune.select in NEEDS_GROUPS and key not in checked:
+            checked.add(key)
+            split_file = str(Path(cfg.output_dir) / cfg.experiment / "lfw_split.json")
+            check(cfg, DATASETS.get(cfg.data.name)(cfg.data, split_file, True).valid)
+
+
 # ---- Ray ----
 
 def local_ray_environment() -> None:

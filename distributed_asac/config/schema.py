@@ -64,6 +64,7 @@ class FinetuneConfig:
     epochs: int = 2  # passes over the train split
     batch_size: int = 64  # images per minibatch over all processes (global; each of W ranks makes the ASACs of k = batch_size / W)
     lr: float = 1e-3  # Adam learning rate
+    weight_decay: float = 0.0  # Adam's ℓ2 penalty on θ and ρ (GroupDRO's "strong ℓ2" is a large one); >= 0
     alpha: float = 0.5  # weight of the clean term in α·CE(x) + (1 − α)·CE(x')
     eps: list[float] = field(default_factory=lambda: [0.001, 0.01])  # E = {0} ∪ eps (eps_mode fixed)
     eps_mode: str = "fixed"  # fixed: use eps; calibrated: one ε per attack_success_targets, chosen before stage 3

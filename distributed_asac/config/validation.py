@@ -60,6 +60,8 @@ def validate(cfg: Config) -> None:
                 "tracking.lock_wait_s"):
         if get_key(cfg, key) <= 0:
             raise UserError(f"config key {key!r}: must be > 0, got {get_key(cfg, key)} (default {get_key(Config(), key)})")
+    if cfg.finetune.weight_decay < 0:
+        raise UserError(f"config key 'finetune.weight_decay': must be >= 0 (0: no penalty), got {cfg.finetune.weight_decay}")
     if len(cfg.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.adam_betas):
         raise UserError(f"config key 'adam_betas': need two values in [0, 1), got {cfg.adam_betas}")
     if cfg.seeds is not None:
