@@ -34,7 +34,7 @@ from distributed_asac.errors import Interrupted, UserError, exit_on_user_error, 
 from distributed_asac.locks import locked
 from distributed_asac.logs import setup_logging
 from distributed_asac.tracking import probe_store, tracking_uri
-from tune import records, trials
+from tune import records, registered, trials
 from tune.claims import Claims, parse_claims
 from tune.records import TrialRecord, load_records, read_state, status_counts
 from tune.report import format_setting, write_report
@@ -193,6 +193,7 @@ def run_sweep(sweep: Sweep, args: argparse.Namespace) -> int:
     if address is not None:
         check_cluster_store(sweep.tracking_uri, args.shared_store)
     probe_store(sweep.tracking_uri, "the sweep's tracking URI")  # before the parent run: one line, not minutes
+    registered.check(sweep)
     terminated: list[int] = []
 
     def forward(signum: int, frame: Any) -> None:
@@ -228,6 +229,7 @@ def run_sweep(sweep: Sweep, args: argparse.Namespace) -> int:
         print(_closing(done, report_dir, time.time() - start))
         if status != "FINISHED":  # Tune returned after its own Ctrl-C handling
             raise Interrupted(received())
+        registered.register_trials(sweep, done, state["parent_run_id"])
         return 1 if any(r.status == "failed" for r in done) else 0
 
 
