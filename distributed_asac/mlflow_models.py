@@ -170,9 +170,9 @@ def check_room(cfg: Config, copies: int) -> None:
 class Chosen:
     """A row's model to register: the checkpoint folder its run's selection rule chose."""
 
-    row: str
+    row: str  # what its registered model is named after: a comparison's row, a sweep's setting
     seed: int
-    folder: Path  # <run folder>/<row>: model.safetensors, config.yaml, results.json ({row: report}); <run folder>/state.json
+    folder: Path  # <run folder>/<model>: model.safetensors, config.yaml, results.json ({model: report}); <run folder>/state.json
     selection: str  # the rule that chose it, in words
     verdicts: dict[str, str] = dataclasses.field(default_factory=dict)  # reference (base, plain) → the row's verdicts (report.verdict_line)
 
@@ -192,12 +192,15 @@ def register(cfg: Config, chosen: list[Chosen], context: str) -> list[Registered
         return []
     from mlflow.tracking import MlflowClient
 
+    import mlflow
     from mlflow.exceptions import MlflowException
 
+    # create_model_version resolves a models:/<id> source in the process's tracking store, not the client's
+    mlflow.set_tracking_uri(tracking_uri(cfg))
     client = MlflowClient(tracking_uri(cfg), registry_uri(cfg))
     out = []
     for item in chosen:
-        name, report = model_name(cfg, item.row), json.loads((item.folder / "results.json").read_text())[item.row]
+        name, report = model_name(cfg, item.row), json.loads((item.folder / "results.json").read_text())[item.folder.name]
         try:
             run_id, model_id = _logged_model(client, item)
             _ensure_registered(client, name, item.row, cfg)
@@ -220,7 +223,7 @@ def _logged_model(client, item: Chosen) -> tuple[str, str]:
     redone after a kill may have logged one before)."""
     from mlflow.exceptions import MlflowException
 
-    run_id = json.loads((item.folder.parent / STATE).read_text())["mlflow_runs"].get(item.row)
+    run_id = json.loads((item.folder.parent / STATE).read_text())["mlflow_runs"].get(item.folder.name)
     experiment = client.get_run(run_id).info.experiment_id if run_id else None
     found = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'", max_results=1,
                                         order_by=[{"field_name": "creation_timestamp", "ascending": False}]) if run_id else []
