@@ -18,6 +18,17 @@ from tqdm.auto import tqdm
 from .failpoints import failpoint
 from .resume import load_training_state, save_training_state
 
+# Told of every finished fine-tuning epoch on the main process, as (stage, epoch, epochs, metrics): a sweep's trial
+# registers one that reports the epoch's validation metrics to Ray Tune's scheduler (tune/trials.py), so that a
+# hopeless trial can be stopped early; the package itself never imports Ray.
+EPOCH_LISTENERS: list[Callable[[str, int, int, dict[str, float]], None]] = []
+
+
+def epoch_finished(stage: str, epoch: int, epochs: int, metrics: dict[str, float]) -> None:
+    """Call every listener with a finished epoch's metrics (epoch 1-based, of `epochs`)."""
+    for listener in EPOCH_LISTENERS:
+        listener(stage, epoch, epochs, metrics)
+
 
 @dataclass
 class Progress:

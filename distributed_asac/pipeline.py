@@ -38,6 +38,7 @@ from .report import format_table, plot_ig_figure, plot_robustness
 from .resume import INCOMPLETE, RunState, find_run, mark_complete, mark_incomplete, run_lock
 from .rows import MODES, in_table_order, row_name
 from .runtime import make_accelerator, on_main_process, seed_everything, zero_stage
+from .selection import NEEDS_GROUPS
 from .stage3 import finetune
 from .stages import train_stage
 from .stats import bootstrap_interval
@@ -142,6 +143,18 @@ def check_splits(cfg: Config, splits: Splits) -> None:
         raise UserError(f"the test split lacks a (target, protected) group ((y, a) = ({cfg.data.target}, "
                         f"{cfg.data.protected}): {shown}), so every fairness metric would be n/a; use a larger or "
                         "less biased test split, or other data.target / data.protected")
+    check_selection(cfg, splits.valid)
+
+
+def check_selection(cfg: Config, valid) -> None:
+    """Refuse a selection rule that scores each epoch by its groups (selection.NEEDS_GROUPS) on a valid split that
+    lacks one: every epoch's score would be undefined."""
+    if cfg.finetune.select in NEEDS_GROUPS:
+        counts, shown = group_counts(dataset_groups(valid))
+        if min(counts) == 0:
+            raise UserError(f"finetune.select={cfg.finetune.select} needs every (target, protected) group in the valid "
+                            f"split to score an epoch, and it has {shown}; use finetune.select=avg_valid (or last), or "
+                            "a valid split with every group")
 
 
 def check_replicas(model: TwoHeadModel, accelerator: Accelerator) -> dict[str, object]:

@@ -156,10 +156,11 @@ def seed_everything(seed: int, accelerator: Accelerator) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def adam(params, lr: float, cfg: Config) -> torch.optim.Adam:
-    """Adam with the paper's settings (docs/method.md, Defaults) over the parameters that require grad."""
+def adam(params, lr: float, cfg: Config, weight_decay: float = 0.0) -> torch.optim.Adam:
+    """Adam with the paper's settings (docs/method.md, Defaults) over the parameters that require grad; weight_decay
+    adds its ℓ2 penalty (stage 3's finetune.weight_decay)."""
     trainable = [p for p in params if p.requires_grad]
-    return torch.optim.Adam(trainable, lr=lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+    return torch.optim.Adam(trainable, lr=lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=weight_decay)
 
 
 def check_finite(what: str, loss: float, model: torch.nn.Module, lr_key: str, lr: float) -> None:

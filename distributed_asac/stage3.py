@@ -23,16 +23,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from . import selection
 from .attacks import create_attack, magnitudes
 from .calibration import Calibrated, attack_success, calibrate_eps
 from .checkpoint import whole_model, whole_state_dict
 from .config import Config, FinetuneConfig
 from .data.batches import to_pixels, uint8_images
 from .diagnostics import Diagnostics, phase
-from .errors import UserError
 from .evaluate import evaluate
 from .failpoints import failpoint
-from .loop import Progress, run_epochs
+from .loop import Progress, epoch_finished, run_epochs
 from .losses import asac_loss, plain_loss
 from .metrics import HEADLINE
 from .models import TwoHeadModel, eval_mode, set_trainable
@@ -188,7 +188,7 @@ def build_stage3(model: TwoHeadModel, cfg: Config, accelerator: Accelerator, gen
         prepared, numbers = mode.prepare(cfg, model, train_set, accelerator, tracker)
         summary.update(numbers)
     set_trainable(model, "finetune")
-    optimizer = adam(model.parameters(), ft.lr, cfg)
+    optimizer = adam(model.parameters(), ft.lr, cfg, ft.weight_decay)
     loader = None
     if train_set is None:
         wrapped, optimizer = accelerator.prepare(model, optimizer)
@@ -280,10 +280,7 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
     attack_probe = (attack_sample(train_set, ft.calibration_images, accelerator.device)
                     if stage.mode.reports_attack and len(eps) > 1 else None)
     last_attack: dict[str, float] = {}  # the last epoch's measure_attack
-    balanced = balanced_subset(valid_set)
-    if balanced is None and ft.select == "balanced_valid":
-        raise UserError("finetune.select=balanced_valid needs every (target, protected) combination in the "
-                        "valid split, and one is empty; use finetune.select=last")
+    balanced = balanced_subset(valid_set)  # pipeline.check_splits refused a rule that needs a missing group
 
     def evaluate_balanced() -> dict[str, float]:
         if balanced is None:  # no balanced subset: its metrics are undefined
@@ -315,10 +312,15 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
         metrics.update({f"balanced_valid_{k}": balanced_report[k] for k in HEADLINE})
         meta = progress.meta
         meta["deo_history"].append(balanced_report["DEO"])
-        if ft.select == "balanced_valid" and balanced_report["ACC"] > meta["best_score"]:
-            meta["best_score"], meta["selected"] = balanced_report["ACC"], epoch + 1
-            progress.best = whole_state_dict(model)
+        candidate = selection.score(ft.select, metrics)
+        if selection.improves(ft.select, candidate, meta["best_score"]):
+            meta["best_score"], meta["selected"] = candidate, epoch + 1
+            meta["selected_valid"] = {k: v for k, v in metrics.items() if k.startswith(("valid_", "balanced_valid_"))}
+            if ft.select != "last":  # the last epoch's weights are the model itself at the end
+                progress.best = whole_state_dict(model)
         tracker.log_metrics({f"finetune/{k}": v for k, v in metrics.items()}, step=epoch)
+        if accelerator.is_main_process:  # e.g. a Ray Tune trial reporting to its scheduler (tune/trials.py)
+            epoch_finished("finetune", epoch + 1, ft.epochs, metrics)
         if accelerator.is_main_process:
             shown = {k: metrics[k] for k in ("loss", "attack_success_rate", "attacked_C_clean_accuracy", "valid_ACC",
                                              "valid_DEO", "balanced_valid_ACC", "balanced_valid_DEO", "images_per_s")
@@ -326,7 +328,8 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
             tqdm.write(f"finetune epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
 
     def start() -> Progress:  # the starting model's fairness on the balanced subset is epoch 0 of the swing
-        return Progress({"deo_history": [evaluate_balanced()["DEO"]], "best_score": -1.0, "selected": ft.epochs}, {})
+        return Progress({"deo_history": [evaluate_balanced()["DEO"]], "best_score": math.nan, "selected": ft.epochs,
+                         "selected_valid": {}}, {})
 
     with global_batchnorm(model, cfg.sync_batchnorm):  # after build_stage3: its main-process forwards stay local
         progress = run_epochs("finetune", ft.epochs, stage.loader, accelerator, state_dir, start, epoch_work,
@@ -335,6 +338,8 @@ def finetune(model: TwoHeadModel, train_set, valid_set, cfg: Config, accelerator
     steps = [abs(after - before) for before, after in zip(deo_history, deo_history[1:])]
     summary.update(selected_epoch=progress.meta["selected"],
                    balanced_valid_DEO_swing=sum(steps) / len(steps) if steps else 0.0)
+    # The kept epoch's valid metrics: what a search ranks this setting by (tune/search.py), test never read.
+    summary.update({f"selected_{k}": v for k, v in progress.meta.get("selected_valid", {}).items()})
     tracker.log_metrics({f"finetune/{k}": v for k, v in summary.items()})
     summary.update(last_attack)  # in the summary, not logged again: MLflow has every epoch's (frozen C: all equal)
     return whole_model(model, cfg.model.backbone, progress.best or None), summary

@@ -482,3 +482,36 @@ def test_report_merges_sweeps_of_more_seeds(tmp_path):
                                                       str(tmp_path))).read_text())
     assert sorted(line[table["columns"].index("trial")] for line in table["data"]) == sorted(
         f"a{alpha}-s{s}" for s in range(5) for alpha in (0.5, 0.3))
+
+
+def test_report_of_a_sweep_folder_kept_without_its_store(tmp_path, capsys):
+    """A sweep folder whose MLflow store is gone (copied elsewhere, or its machine restarted): --report writes the
+    report from the records alone, says so in one line, and creates no store."""
+    from tune.records import write_json, write_record
+    from tune.sweep import report_command
+
+    gone = tmp_path / "gone" / "mlflow.db"
+    folder, trials = tmp_path / "kept", []
+    for s in (0, 1):
+        record = _record(f"a-s{s}", s, 0.5 - 0.1 * s, 90.0, grids=("alpha",))
+        record.axes = {"alpha": 0.5, "seed": s}
+        trials.append({"name": record.name, "overrides": [], "axes": record.axes, "grids": ["alpha"]})
+        write_record(folder / "trials" / record.name, record)
+    write_json(folder / "sweep.json", {"name": "s", "grids": {"alpha": ["alpha"]}, "tracking_uri": f"sqlite:///{gone}",
+                                       "parent_run_id": "0123456789abcdef", "trials": trials})
+    assert report_command([str(folder)], []) == 0
+    assert "| 0.5 | 0.450 ± " in (folder / "report" / "report.md").read_text()
+    err = capsys.readouterr().err
+    assert "does not hold the sweep's parent run 0123456789abcdef" in err and err.count("\n") == 1
+    assert not gone.parent.exists()
+
+
+def test_time_table_adds_each_grids_seconds_by_status_and_the_wall_time():
+    records = [_record("a", 0, 0.1, 90.0), _record("b", 1, 0.1, 90.0), _record("c", 0, None, None, "failed"),
+               _record("d", 1, 0.1, 90.0, grids=("h",))]
+    for record, (started, seconds) in zip(records, ((100.0, 10.0), (105.0, 20.0), (100.0, 1.0), (130.0, 5.0))):
+        record.started, record.seconds = started, seconds
+    records[1].status = "stopped"
+    text = report.time_table(records, {"g": [], "h": []})
+    assert "| g | 3 | 10 | 20 | 1 |" in text and "| h | 1 | 5 | 0 | 0 |" in text
+    assert "Wall time of the recorded trials: 35 s" in text  # 100 to 135

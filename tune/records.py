@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 STATE = "sweep.json"
 RECORD = "trial.json"
 TRIALS = "trials"
-STATUSES = ("finished", "failed", "pending")
+STATUSES = ("finished", "stopped", "failed", "pending")
 PARENT_TAG = "mlflow.parentRunId"
 _MAX_TAG = 5000  # MLflow rejects longer tag values
 
@@ -56,7 +56,7 @@ class TrialRecord:
     name: str  # t<index>-<axes>
     axes: dict[str, Any]  # axis → value, seed last
     grids: list[str]  # the grids the trial belongs to
-    status: str  # finished | failed | pending (never ran, or was killed before its record)
+    status: str  # finished | stopped (by ASHA, early) | failed | pending (never ran, or was killed before its record)
     metrics: dict[str, Any] = field(default_factory=dict)  # its fine-tuned model's test report
     base: Optional[dict[str, Any]] = None  # the test report of the base model it started from
     error: Optional[str] = None  # "<exception type>: <message>" of a failed trial
@@ -65,6 +65,7 @@ class TrialRecord:
     started: Optional[float] = None  # seconds since the epoch
     seconds: Optional[float] = None  # how long it ran
     mlflow_run_ids: list[str] = field(default_factory=list)  # its runs under the sweep's parent
+    stopped_epoch: Optional[int] = None  # a stopped trial: the last fine-tuning epoch it finished
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrialRecord:
@@ -176,6 +177,17 @@ def finish_parent(uri: str, run_id: str, status: str, records: list[TrialRecord]
     client.set_terminated(run_id, status=status)
 
 
+def holds_run(uri: str, run_id: str) -> bool:
+    """Whether the store at `uri` holds run `run_id`, without creating anything (a missing sqlite file stays missing)."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return False
+    try:
+        MlflowClient(uri).get_run(run_id)
+    except Exception:  # noqa: BLE001 - MLflow raises its own exceptions for an unknown id or an unreachable store
+        return False
+    return True
+
+
 def log_report(uri: str, run_id: str, report_dir: Path, summary: str) -> None:
     """Upload the report folder to the parent run (under `report/`, replacing an earlier upload), its tables
     (each CSV: claims, grids, trials) also as sortable MLflow tables under `tables/`, and `summary` (markdown)
@@ -233,6 +245,24 @@ def label_trial(job: TrialJob, record: TrialRecord) -> list[str]:
         if record.error and error_file.is_file():
             client.log_artifact(run_id, str(error_file))
     return run_ids
+
+
+def record_stopped(job: TrialJob, epoch: int, last: dict[str, Any], seconds: Optional[float]) -> TrialRecord:
+    """Record a trial that ASHA stopped after fine-tuning epoch `epoch` (its process was ended by Tune, so it could
+    not record itself): a `stopped` record holding the validation metrics it last reported, and its MLflow runs
+    KILLED with the epoch as a tag, labelled as every trial's are; `seconds` is what it ran (Ray Tune's count). Never
+    `failed`: nothing went wrong."""
+    record = TrialRecord(job.name, job.axes, job.grids, "stopped", metrics={f"last_{k}": v for k, v in last.items()},
+                         base=(job.base or {}).get("results", {}).get("base"), stopped_epoch=epoch, seconds=seconds,
+                         started=None if seconds is None else time.time() - seconds)
+    record.mlflow_run_ids = label_trial(job, record)
+    client = MlflowClient(job.tracking_uri)
+    for run_id in record.mlflow_run_ids:
+        client.set_tag(run_id, "sweep.stopped_at_epoch", str(epoch))
+        if client.get_run(run_id).info.status != "FINISHED":  # RUNNING, or FAILED by Tune's SystemExit in the trial
+            client.set_terminated(run_id, status="KILLED")
+    write_record(Path(job.folder), record)
+    return record
 
 
 def delete_runs(uri: str, run_ids: list[str]) -> None:

@@ -32,10 +32,10 @@ def first_config(sweep: Sweep) -> Config:
     return load_config(sweep.base_config, sweep.trials[0].overrides)
 
 
-def check(sweep: Sweep) -> None:
-    """Before any trial: `check_registry` on the registered names of every trial's row."""
-    rows = {row(t.name, row_name(load_config(sweep.base_config, t.overrides).finetune)) for t in sweep.trials}
-    check_registry(first_config(sweep), sorted(rows))
+def check(sweep: Sweep, configs: list[Config]) -> None:
+    """Before any trial: `check_registry` on the registered names of every trial's row (`configs`: the trials')."""
+    rows = {row(t.name, row_name(cfg.finetune)) for t, cfg in zip(sweep.trials, configs)}
+    check_registry(configs[0], sorted(rows))
 
 
 def register_trials(sweep: Sweep, records: list[TrialRecord], parent_run_id: str) -> list[Registered]:

@@ -50,6 +50,7 @@ def write_report(records: list[TrialRecord], grids: dict[str, list[str]], out_di
         if paired:
             sections += [paired_table(paired, axes), ""]
         paths.append(_write_csv(out_dir / f"{grid}.csv", _grid_csv_rows(rows, axes)))
+    sections += ["## Time", "", time_table(records, grids), ""]
     sections += ["## Trials", "", _trials_table(records), "", "![fairness-accuracy](pareto.png)", ""]
     paths.append(_write_csv(out_dir / "trials.csv", _trial_csv_rows(records)))
     paths.append(plot_pareto(records, out_dir / "pareto.png"))
@@ -186,8 +187,26 @@ def format_setting(value: Any) -> str:
 
 def _summary(records: list[TrialRecord]) -> str:
     counts = status_counts(records)
-    return (f"{len(records)} trials: {counts['finished']} finished, {counts['failed']} failed, {counts['pending']} pending. "
-            "Cells: mean over seeds ± half-width of the 95% Student-t interval over seeds (when 2 or more).")
+    stopped = f"{counts['stopped']} stopped early by ASHA (left out of the cells), " if counts["stopped"] else ""
+    return (f"{len(records)} trials: {counts['finished']} finished, {stopped}{counts['failed']} failed, "
+            f"{counts['pending']} pending. Cells: mean over seeds ± half-width of the 95% Student-t interval over seeds "
+            "(when 2 or more).")
+
+
+def time_table(records: list[TrialRecord], grids: dict[str, list[str]]) -> str:
+    """Where a sweep's time went: per grid, the seconds its finished, stopped and failed trials ran (a trial that
+    trained its base model counts that too); then the sweep's wall time, first start to last end of its records."""
+    lines = ["| Grid | Trials | Finished s | Stopped early s | Failed s |", "|---|---|---|---|---|"]
+    for grid in grids:
+        mine = [r for r in records if grid in r.grids]
+        spent = {s: sum(r.seconds or 0.0 for r in mine if r.status == s) for s in ("finished", "stopped", "failed")}
+        lines.append(f"| {grid} | {len(mine)} | {spent['finished']:.0f} | {spent['stopped']:.0f} | {spent['failed']:.0f} |")
+    spans = [(r.started, r.started + r.seconds) for r in records if r.started is not None and r.seconds is not None]
+    if spans:
+        wall = max(end for _, end in spans) - min(start for start, _ in spans)
+        lines += ["", f"Wall time of the recorded trials: {wall:.0f} s (the first one's start to the last one's end; "
+                      "a resumed sweep's gaps between attempts included)."]
+    return "\n".join(lines)
 
 
 def _trials_table(records: list[TrialRecord]) -> str:
@@ -195,7 +214,8 @@ def _trials_table(records: list[TrialRecord]) -> str:
     for r in records:
         cells = [_fmt(r.metrics.get(m), fmt) for m, fmt in METRICS]
         error = (r.error or "").replace("|", "/").replace("\n", " ")[:200]
-        lines.append(f"| {r.name} | {r.status} | " + " | ".join(cells) + f" | {error} |")
+        status = f"stopped after epoch {r.stopped_epoch}" if r.status == "stopped" else r.status
+        lines.append(f"| {r.name} | {status} | " + " | ".join(cells) + f" | {error} |")
     return "\n".join(lines)
 
 
@@ -220,7 +240,7 @@ def _trial_csv_rows(records: list[TrialRecord]) -> list[dict[str, Any]]:
              **{a: format_setting(r.axes[a]) if a in r.axes else "" for a in axes},
              "model": r.model or "", **{m: r.metrics.get(m) for m, _ in METRICS},
              **{f"base_{m}": (r.base or {}).get(m) for m, _ in METRICS},
-             "seconds": r.seconds, "error": r.error or ""} for r in records]
+             "seconds": r.seconds, "stopped_epoch": r.stopped_epoch or "", "error": r.error or ""} for r in records]
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:

@@ -13,8 +13,11 @@
 
 `axes:` (one mapping of axes) is short for a single grid named `grid`. An axis is a short name from `AXES`
 or any dotted config key; a mapping value sets several keys of that section at once (a `dataset` value such
-as `{name: celeba, root: data/celeba}`). Every trial's config is built with `load_config` here, so an unknown
-key or value is one error line before Ray starts.
+as `{name: celeba, root: data/celeba}`). An axis given a distribution instead of a list (`finetune.lr:
+{loguniform: [1.0e-4, 1.0e-2]}`) is searched: the file's `search:` section says how many settings are drawn and
+whether ASHA stops hopeless ones, and `selection:` which rule keeps each trial's epoch and chooses each grid's
+setting (search.py). Every trial's config is built with `load_config` here, so an unknown key or value is one
+error line before Ray starts.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from distributed_asac.registry import suggest
 from distributed_asac.tracking import tracking_uri
 
 from .claims import Claims, check_claims, measured, parse_claims
+from .search import Search, check_distribution, draw, is_distribution, parse_search, parse_selection
 
 # Short axis names of the paper's ablations → config keys.
 AXES = {
@@ -55,7 +59,7 @@ _PATHS = {"data.root": True, "data.cache_dir": True, "data.split_file": True, "o
 _DATA_LOADER_ONLY = ("data.num_workers", "data.cache_dir")
 _BASE_TOP_LEVEL = ("seed", "grad_clip", "adam_betas", "adam_eps")
 TOP_KEYS = ("name", "base_config", "experiment", "overrides", "seeds", "grids", "axes", "resources", "max_concurrent",
-            "claims")
+            "claims", "search", "selection")
 
 
 @dataclass(frozen=True)
@@ -90,17 +94,23 @@ class Sweep:
     grids: dict[str, list[str]]  # grid → its axis names
     trials: list[Trial] = field(default_factory=list)
     claims: Optional[Claims] = None  # the claims table's definition (tune/claims.py), if the file has one
+    search: Optional[Search] = None  # how searched axes are drawn and trials stopped (search.py), if any
+    selection: Optional[str] = None  # the file's selection rule (finetune.select of every trial), if it sets one
+    space: dict[str, dict[str, dict]] = field(default_factory=dict)  # grid → searched axis → its distribution
+    chosen: Optional[dict[str, dict[str, Any]]] = None  # grid → the setting a search chose (--chosen), if given
 
     def trial_dicts(self) -> list[dict[str, Any]]:
         return [asdict(t) for t in self.trials]
 
 
 def load_sweep(path: str | Path, cli_overrides: list[str] | tuple[str, ...] = (),
-               seeds: Optional[list[int]] = None, only: Optional[list[str]] = None) -> Sweep:
+               seeds: Optional[list[int]] = None, only: Optional[list[str]] = None,
+               chosen: Optional[dict[str, dict[str, Any]]] = None) -> Sweep:
     """Read and validate a sweep file, building every trial's config (UserError on any problem). `seeds`
     replaces the file's seed list (adding seeds to a study: a new sweep of the same grids, whose report can
     be merged with the earlier one's by `--report DIR DIR`); `only` keeps these of its grids, and the claims
-    that their trials measure."""
+    that their trials measure; `chosen` (grid → setting, what a finished search chose) fixes each searched
+    grid's searched axes at one setting instead of drawing them."""
     path = Path(path)
     data = _read_yaml(path)
     if seeds is not None:
@@ -116,26 +126,49 @@ def load_sweep(path: str | Path, cli_overrides: list[str] | tuple[str, ...] = ()
     if not base_config.is_file():
         raise UserError(f"{path}: base_config {str(data['base_config'])!r} not found (paths are relative to the "
                         "working directory; run from the repository root)")
-    common = [*_mapping_overrides(path, data.get("overrides") or {}), *cli_overrides]
+    search = parse_search(path, data["search"]) if "search" in data else None
+    rule = parse_selection(path, data["selection"]) if "selection" in data else None
+    # The file's rule keeps every trial's epoch (before the command line's overrides, which may still change it).
+    common = [*_mapping_overrides(path, data.get("overrides") or {}), *([f"finetune.select={rule}"] if rule else []),
+              *cli_overrides]
     base = _context(path, "overrides", lambda: load_config(base_config, common))
     if not base.tracking.enabled:
         raise UserError(f"{path}: a sweep records its trials in MLflow; remove tracking.enabled=false")
     experiment, uri = str(data.get("experiment") or base.experiment), _absolute_uri(tracking_uri(base))
     common += [f"experiment={json.dumps(experiment)}", f"tracking.uri={json.dumps(uri)}"]
     grids = _grids(path, data)
+    space = {grid: {a: v for a, v in axes.items() if is_distribution(v)} for grid, axes in grids.items()}
+    space = {grid: axes for grid, axes in space.items() if axes}
+    if space and search is None:
+        grid = next(iter(space))
+        raise UserError(f"{path}: grid {grid!r} gives {next(iter(space[grid]))!r} a distribution, which needs a "
+                        "'search:' section (e.g. search: {num_samples: 8}); or give it a list of values")
+    for grid in space:  # a setting is chosen per grid: a second value of a grid axis would share one choice
+        several = [a for a, v in grids[grid].items() if not is_distribution(v) and len(v) > 1]
+        if several:
+            raise UserError(f"{path}: grid {grid!r} searches {', '.join(space[grid])} and lists {len(grids[grid][several[0]])} "
+                            f"values of {several[0]!r}: a search chooses one setting per grid, so give each value of "
+                            f"{several[0]!r} a grid of its own (YAML anchors keep them short)")
+    unknown = sorted(set(chosen or {}) - set(space))
+    if unknown:
+        raise UserError(f"--chosen: grid {unknown[0]!r} is not a searched grid of {path}")
     sweep = Sweep(
         name=_slug(str(data.get("name") or path.stem)), path=path.resolve(), base_config=base_config,
         experiment=experiment, output_dir=Path(base.output_dir).resolve(), tracking_uri=uri,
         resources=_resources(path, data.get("resources") or {}), max_concurrent=_max_concurrent(path, data),
-        grids={name: list(axes) for name, axes in grids.items()},
+        grids={name: list(axes) for name, axes in grids.items()}, search=search, selection=rule, space=space,
+        chosen=chosen,
     )
     sweep.trials = _expand(sweep, grids, _seeds(path, data, base.seed), common)
     if "claims" in data:
         sweep.claims = parse_claims(str(path), data["claims"])
+    if sweep.claims is not None and space and not chosen:  # a search's draws: many settings per row, no claim yet
+        sweep.claims = None
+    if sweep.claims is not None:
         if only is not None:  # the claims of the grids left out have no trials here
             sweep.claims = dataclasses.replace(sweep.claims, claims=[
                 c for c in sweep.claims.claims if measured(sweep.claims, c, sweep.trials, str(path))])
-        check_claims(sweep.claims, sweep.trials, str(path))
+        check_claims(sweep.claims, sweep.trials, str(path))  # the chosen settings: one per row and regime
     return sweep
 
 
@@ -265,6 +298,8 @@ def _grids(path: Path, data: dict[str, Any]) -> dict[str, dict[str, list]]:
             raise UserError(f"{path}: grid {name!r} must map axis names to lists of values, e.g. {{alpha: [0.3, 0.7]}}")
         for axis, values in axes.items():
             _check_axis(path, str(name), str(axis), values)
+            if is_distribution(values):
+                check_distribution(f"{path}: grid {name!r}: axis {axis!r}", values)
     return {str(n): {str(a): v for a, v in axes.items()} for n, axes in grids.items()}
 
 
@@ -276,8 +311,9 @@ def _check_axis(path: Path, grid: str, axis: str, values: Any) -> None:
     if root in RESERVED:
         hint = "list seeds under the top-level 'seeds'" if root == "seed" else "the sweep sets it for every trial"
         raise UserError(f"{path}: grid {grid!r}: axis {axis!r} cannot vary per trial ({hint})")
-    if not isinstance(values, list) or not values:
-        raise UserError(f"{path}: grid {grid!r}: axis {axis!r} needs a non-empty list of values; got {values!r}")
+    if not is_distribution(values) and (not isinstance(values, list) or not values):
+        raise UserError(f"{path}: grid {grid!r}: axis {axis!r} needs a non-empty list of values (or a distribution "
+                        f"to search, e.g. {{loguniform: [1.0e-4, 1.0e-2]}}); got {values!r}")
 
 
 def _axis_overrides(axis: str, value: Any) -> list[str]:
@@ -298,10 +334,17 @@ def _axis_value(axis: str, value: Any, cfg: Config) -> Any:
 def _expand(sweep: Sweep, grids: dict[str, dict[str, list]], seeds: list[int], common: list[str]) -> list[Trial]:
     """Every grid's cross product × seeds; trials whose resolved configs are equal are merged."""
     by_config: dict[str, Trial] = {}
-    for grid, axes in grids.items():
-        for combo in itertools.product(*axes.values()):
+    for grid, all_axes in grids.items():
+        axes = {a: v for a, v in all_axes.items() if a not in sweep.space.get(grid, {})}
+        if grid not in sweep.space:
+            draws = [{}]
+        elif sweep.chosen and grid in sweep.chosen:
+            draws = [sweep.chosen[grid]]
+        else:
+            draws = draw(grid, sweep.space[grid], sweep.search)
+        for combo, drawn in itertools.product(itertools.product(*axes.values()), draws):
             for seed in seeds:
-                settings = dict(zip(axes, combo))
+                settings = {**dict(zip(axes, combo)), **drawn}
                 overrides = [*common, *(o for a, v in settings.items() for o in _axis_overrides(a, v)), f"seed={seed}"]
                 where = f"grid {grid!r}, trial {json.dumps(settings)}"
                 cfg = _context(sweep.path, where, lambda: load_config(sweep.base_config, overrides))

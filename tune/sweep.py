@@ -34,10 +34,11 @@ from distributed_asac.errors import Interrupted, UserError, exit_on_user_error, 
 from distributed_asac.locks import locked
 from distributed_asac.logs import setup_logging
 from distributed_asac.tracking import probe_store, tracking_uri
-from tune import records, registered, trials
+from tune import records, registered, search, trials
 from tune.claims import Claims, parse_claims
 from tune.records import TrialRecord, load_records, read_state, status_counts
 from tune.report import format_setting, write_report
+from tune.search import Choice, choose, describe_space
 from tune.spec import Sweep, load_sweep
 from tune.trials import TrialJob
 
@@ -59,6 +60,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--grids", type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
                         metavar="G,G,...", help="run only these grids of the file, and report the claims their "
                                                 "trials measure (e.g. --grids cue,cue_mitigations of claims.yaml)")
+    parser.add_argument("--chosen", metavar="SEARCH_DIR",
+                        help="run each searched grid at the setting its finished search (a sweep folder of this file) "
+                             "chose by the file's selection rule, on --seeds, to the end (no early stopping)")
     parser.add_argument("--report", metavar="RUN_ID_OR_DIR", nargs="+",
                         help="rewrite the report of a sweep and exit; several sweep folders of the same grids "
                              "(e.g. seeds added later) give one report over all their trials, in the first")
@@ -87,7 +91,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not args.config:
             raise UserError("--config is required (a sweep file such as configs/sweeps/smoke.yaml)")
         check_given_once(args.overrides)
-        sweep = load_sweep(args.config, args.overrides, args.seeds, args.grids)
+        choices = chosen_settings(args.config, args.chosen, args.overrides) if args.chosen else None
+        sweep = load_sweep(args.config, args.overrides, args.seeds, args.grids,
+                           {grid: c.setting for grid, c in choices.items()} if choices else None)
+        if choices:
+            print(describe_choices(choices, Path(args.chosen), sweep), flush=True)
         if args.dry_run:
             print(describe(sweep))
             return 0
@@ -108,9 +116,36 @@ def resume_command(args: argparse.Namespace, folder: Path) -> list[str]:
     options = [*(["--address", args.address] if args.address else []),
                *(["--shared-store"] if args.shared_store else []),
                *(["--seeds", ",".join(map(str, args.seeds))] if args.seeds else []),
-               *(["--grids", ",".join(args.grids)] if args.grids else [])]
+               *(["--grids", ",".join(args.grids)] if args.grids else []),
+               *(["--chosen", args.chosen] if args.chosen else [])]
     return [*module_command("tune.sweep", []), "--config", args.config, *options, *args.overrides, "--resume",
             str(folder)]
+
+
+def chosen_settings(config: str, search_dir: str, overrides: list[str]) -> dict[str, Choice]:
+    """What the search in `search_dir` chose for each searched grid of the sweep file `config`, by its selection
+    rule (the file's `selection`, else the trials' finetune.select)."""
+    folder = Path(search_dir).resolve()
+    state = read_state(folder)
+    if Path(state["sweep_file"]).resolve() != Path(config).resolve():
+        raise UserError(f"--chosen: {folder} is a sweep of {state['sweep_file']}, not of {config}; give a search of "
+                        "this file")
+    searched = load_sweep(config, overrides, [t["axes"]["seed"] for t in state["trials"]][:1])
+    if not searched.space:
+        raise UserError(f"--chosen: {config} searches no axis (no grid gives a distribution); run it without --chosen")
+    rule = searched.selection or load_config(searched.base_config, overrides).finetune.select
+    return choose(load_records(folder), {grid: list(axes) for grid, axes in searched.space.items()}, rule)
+
+
+def describe_choices(choices: dict[str, Choice], folder: Path, sweep: Sweep) -> str:
+    """The settings a search chose, as --chosen runs them."""
+    rule = sweep.selection or "finetune.select"
+    lines = [f"settings chosen by {rule} on valid from the search {folder}:"]
+    for c in choices.values():
+        setting = ", ".join(f"{a}={format_setting(v)}" for a, v in c.setting.items())
+        lines.append(f"  {c.grid}: {setting} (score {c.score:.2f} over seed(s) {','.join(map(str, c.seeds))}; "
+                     f"best of {c.candidates} finished, {c.stopped} stopped early)")
+    return "\n".join(lines)
 
 
 def describe(sweep: Sweep) -> str:
@@ -122,8 +157,10 @@ def describe(sweep: Sweep) -> str:
              f"{len(keys)} base model(s) ({cached} already cached)",
              f"base config {sweep.base_config}; MLflow experiment {sweep.experiment!r} at {sweep.tracking_uri}",
              f"per trial: cpu={res.cpu:g} gpu={res.gpu:g} processes={res.processes}; "
-             f"at most {sweep.max_concurrent or 'as many as fit'} at once", "",
-             "| trial | grids | axes |", "|---|---|---|"]
+             f"at most {sweep.max_concurrent or 'as many as fit'} at once"]
+    if sweep.search and not sweep.chosen:
+        lines += describe_space(sweep.space, sweep.search, sweep.selection)
+    lines += ["", "| trial | grids | axes |", "|---|---|---|"]
     for t in sweep.trials:
         axes = ", ".join(f"{a}={format_setting(v)}" for a, v in t.axes.items())
         lines.append(f"| {t.name} | {', '.join(t.grids)} | {axes} |")
@@ -155,14 +192,28 @@ def open_sweep(sweep: Sweep, resume: Optional[str]) -> Iterator[tuple[Path, dict
         yield folder, state
 
 
+def selection_note(sweep: Sweep) -> str:
+    """How the sweep's models were chosen, as its report, sweep.json and MLflow parent run state it."""
+    rule = sweep.selection or "each trial's finetune.select"
+    note = ("each model is its last fine-tuning epoch" if rule == "last"
+            else f"each model's epoch chosen by {rule} on valid (never test)")
+    if sweep.chosen:
+        note += f"; each searched grid run at the setting its search chose by {rule} on valid"
+    elif sweep.search:
+        note += (f"; searched grids draw {sweep.search.num_samples} settings ({sweep.search.algorithm}, scheduler "
+                 f"{sweep.search.scheduler}): choose with --chosen <this folder>")
+    return note
+
+
 def new_state(sweep: Sweep, folder: Path) -> dict[str, Any]:
     """The sweep.json of a new sweep in `folder`, with its MLflow parent run started."""
     state = {"name": sweep.name, "sweep_file": str(sweep.path), "base_config": str(sweep.base_config),
              "experiment": sweep.experiment, "tracking_uri": sweep.tracking_uri, "grids": sweep.grids,
              "resources": vars(sweep.resources), "trials": sweep.trial_dicts(),
-             "claims": sweep.claims.to_dict() if sweep.claims else None}
+             "claims": sweep.claims.to_dict() if sweep.claims else None, "selection": selection_note(sweep)}
     state["parent_run_id"] = records.start_parent(
-        sweep.tracking_uri, sweep.experiment, sweep.name, tags={"sweep_dir": str(folder), "sweep.file": str(sweep.path)},
+        sweep.tracking_uri, sweep.experiment, sweep.name, tags={"sweep_dir": str(folder), "sweep.file": str(sweep.path),
+                                                                 "sweep.selection": state["selection"]},
         params={"base_config": sweep.base_config, "trials": len(sweep.trials), "grids": json.dumps(sweep.grids),
                 "resources": json.dumps(vars(sweep.resources)), "max_concurrent": sweep.max_concurrent})
     records.write_json(folder / records.STATE, state)
@@ -175,8 +226,8 @@ def trial_jobs(sweep: Sweep, folder: Path, state: dict[str, Any], retry_failed: 
     jobs, stale = [], []
     for trial in sweep.trials:
         record = records.read_record(records.trial_folder(folder, trial.name))
-        if record is not None and (record.status == "finished" or not retry_failed):
-            continue
+        if record is not None and (record.status in ("finished", "stopped") or not retry_failed):
+            continue  # a trial ASHA stopped is an outcome, not a fault: never rerun
         job = TrialJob(name=trial.name, base_config=str(sweep.base_config), overrides=trial.overrides,
                        folder=str(records.trial_folder(folder, trial.name)), parent_run_id=state["parent_run_id"],
                        tracking_uri=state["tracking_uri"], experiment=sweep.experiment, resources=sweep.resources,
@@ -193,7 +244,11 @@ def run_sweep(sweep: Sweep, args: argparse.Namespace) -> int:
     if address is not None:
         check_cluster_store(sweep.tracking_uri, args.shared_store)
     probe_store(sweep.tracking_uri, "the sweep's tracking URI")  # before the parent run: one line, not minutes
-    registered.check(sweep)
+    # Before the sweep folder and its parent run exist: a refusal here leaves nothing behind but the generated data.
+    configs = [load_config(sweep.base_config, t.overrides) for t in sweep.trials]
+    registered.check(sweep, configs)  # before the data too
+    trials.prepare_data(configs)
+    trials.check_selection(configs)
     terminated: list[int] = []
 
     def forward(signum: int, frame: Any) -> None:
@@ -213,7 +268,6 @@ def run_sweep(sweep: Sweep, args: argparse.Namespace) -> int:
         previous = signal.signal(signal.SIGTERM, forward)
         try:
             if jobs:
-                trials.prepare_data([trials.load_trial_config(job) for job in jobs])
                 execute(sweep, jobs, folder, address, forward)
             # Tune returns normally after its own Ctrl-C handling: unfinished trials tell the two apart.
             status = "FINISHED" if all(r.status != "pending" for r in load_records(folder)) else "KILLED"
@@ -223,7 +277,7 @@ def run_sweep(sweep: Sweep, args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, previous)
             done = load_records(folder)
             report_dir = folder / "report"
-            write_report(done, sweep.grids, report_dir, f"Sweep {sweep.name}", sweep.claims)
+            write_report(done, sweep.grids, report_dir, _title(sweep.name, state), sweep.claims)
             records.log_report(state["tracking_uri"], state["parent_run_id"], report_dir, _summary(report_dir))
             records.finish_parent(state["tracking_uri"], state["parent_run_id"], status, done)
         print(_closing(done, report_dir, time.time() - start))
@@ -264,7 +318,25 @@ def execute(sweep: Sweep, jobs: list[TrialJob], folder: Path, address: Optional[
                 builders.setdefault(job.key, job)
         jobs = [*builders.values(), *(job for job in jobs if builders.get(job.key) is not job)]
         attempt = len(list((folder / "ray").glob("attempt-*"))) + 1
-        trials.run_trials(jobs, sweep.resources, sweep.max_concurrent, folder / "ray", f"attempt-{attempt}")
+        scheduler = early_stopping(sweep, jobs)
+        last = trials.run_trials(jobs, sweep.resources, sweep.max_concurrent, folder / "ray", f"attempt-{attempt}",
+                                 scheduler)
+        for job in jobs:  # the trials ASHA stopped: their processes ended before they could record themselves
+            record = records.read_record(Path(job.folder))
+            if scheduler is not None and job.name in scheduler.stopped and (record is None or record.status == "pending"):
+                result = last.get(job.name, {})
+                metrics = {k: v for k, v in result.items() if k.startswith(search.REPORTED)}
+                records.record_stopped(job, scheduler.stopped[job.name], metrics, result.get("time_total_s"))
+
+
+def early_stopping(sweep: Sweep, jobs: list[TrialJob]):
+    """ASHA over each (grid, seed) of a search whose scheduler is asha, or None: grids, --chosen and
+    `scheduler: none` run every trial to its end."""
+    if sweep.search is None or sweep.search.scheduler != "asha" or sweep.chosen:
+        return None
+    group = {job.name: search.grid_key(job.axes, job.grids) for job in jobs}
+    max_t = max(trials.load_trial_config(job).finetune.epochs for job in jobs)
+    return search.per_group_asha(sweep.search, max_t, group.__getitem__)
 
 
 def _answer(report_dir: Path) -> str:
@@ -281,7 +353,8 @@ def _summary(report_dir: Path) -> str:
 
 def _closing(done: list[TrialRecord], report_dir: Path, seconds: float) -> str:
     counts = status_counts(done)
-    return (f"{_answer(report_dir)}\n\n{counts['finished']} finished, {counts['failed']} failed, "
+    return (f"{_answer(report_dir)}\n\n{counts['finished']} finished, {counts['stopped']} stopped early, "
+            f"{counts['failed']} failed, "
             f"{counts['pending']} pending in {seconds:.0f} s; report: {report_dir}/report.md")
 
 
@@ -293,7 +366,7 @@ def report_command(targets: list[str], overrides: list[str]) -> int:
         state = read_state(folder)
         found, grids, uri, run_id = load_records(folder), state["grids"], state["tracking_uri"], state["parent_run_id"]
         claims = _claims(folder, state)
-        report_dir, title = folder / "report", f"Sweep {state['name']}"
+        report_dir, title = folder / "report", _title(state["name"], state)
         for more in targets[1:]:  # the same grids with other seeds: one report over all of them
             other = read_state(Path(more).resolve())
             if other["grids"] != grids:
@@ -312,9 +385,18 @@ def report_command(targets: list[str], overrides: list[str]) -> int:
         claims = _claims(sweep_dir, read_state(sweep_dir)) if sweep_dir.is_dir() else None
         title = f"Sweep {parent.info.run_name}"
     paths = write_report(found, grids, report_dir, title, claims)
-    records.log_report(uri, run_id, report_dir, _summary(report_dir))
+    if records.holds_run(uri, run_id):
+        records.log_report(uri, run_id, report_dir, _summary(report_dir))
+    else:  # a sweep folder kept without its store (copied, or its machine gone): the files are the report
+        print(f"note: the MLflow store {uri} does not hold the sweep's parent run {run_id}; the report is written to "
+              f"{report_dir} only", file=sys.stderr)
     print("\n".join(str(p) for p in paths))
     return 0
+
+
+def _title(name: str, state: dict[str, Any]) -> str:
+    """The report's title, with how its models were chosen (sweeps written before selection notes have none)."""
+    return f"Sweep {name}" + (f" ({state['selection']})" if state.get("selection") else "")
 
 
 def _claims(folder: Path, state: dict[str, Any]) -> Optional[Claims]:

@@ -243,6 +243,22 @@ def prepare_data(configs: list[Config]) -> None:
         generate_synthetic(data)
 
 
+def check_selection(configs: list[Config]) -> None:
+    """Refuse, before the sweep starts, a selection rule that needs every group in a valid split that lacks one
+    (`pipeline.check_selection`), once per dataset: every trial on it would fail the same way."""
+    from distributed_asac.data.datasets import DATASETS
+    from distributed_asac.pipeline import check_selection as check
+    from distributed_asac.selection import NEEDS_GROUPS
+
+    checked = set()
+    for cfg in configs:
+        key = json.dumps(asdict(cfg.data), sort_keys=True)
+        if cfg.finetune.select in NEEDS_GROUPS and key not in checked:
+            checked.add(key)
+            split_file = str(Path(cfg.output_dir) / cfg.experiment / "lfw_split.json")
+            check(cfg, DATASETS.get(cfg.data.name)(cfg.data, split_file, True).valid)
+
+
 # ---- Ray ----
 
 def local_ray_environment() -> None:
@@ -349,11 +365,29 @@ def check_shared_folder(folder: Path) -> None:
                         "Ray cluster; set output_dir to a path on a file system every node mounts at the same path")
 
 
+def _report_epoch(stage: str, epoch: int, epochs: int, metrics: dict[str, float]) -> None:
+    """An epoch listener (distributed_asac.loop): every fine-tuning epoch but the last reports its metrics to Tune,
+    so that a scheduler can stop the trial there; the last epoch's come with the trial's result."""
+    from ray import tune
+
+    if stage == "finetune" and epoch < epochs:
+        tune.report({"epoch": epoch, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+
+
 def _trainable(config: dict[str, Any], jobs: dict[str, TrialJob]) -> None:
     from ray import tune
 
-    metrics = run_trial(jobs[config["trial"]])
-    tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    from distributed_asac.loop import EPOCH_LISTENERS
+
+    job = jobs[config["trial"]]
+    # In-process trials report every epoch; a launched one (processes > 1) reports at its end only.
+    EPOCH_LISTENERS.append(_report_epoch)
+    try:
+        metrics = run_trial(job)
+    finally:
+        EPOCH_LISTENERS.remove(_report_epoch)
+    epochs = load_trial_config(job).finetune.epochs
+    tune.report({"epoch": epochs, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
 
 
 def trial_resources(res: Resources):
@@ -365,9 +399,11 @@ def trial_resources(res: Resources):
     return tune.PlacementGroupFactory([{"CPU": res.cpu, "GPU": res.gpu}])
 
 
-def run_trials(jobs: list[TrialJob], res: Resources, max_concurrent: Optional[int], storage: Path, name: str) -> None:
+def run_trials(jobs: list[TrialJob], res: Resources, max_concurrent: Optional[int], storage: Path, name: str,
+               scheduler=None) -> dict[str, dict[str, Any]]:
     """One Tune run over `jobs`: a grid search over the trial names (so names and order are ours, and Tune's
-    progress table shows one short column), the jobs themselves handed over through the object store."""
+    progress table shows one short column), the jobs themselves handed over through the object store. With a
+    `scheduler` (search.per_group_asha) trials may be stopped early. Returns each trial's last reported result."""
     _ray()
     from ray import tune
 
@@ -376,11 +412,12 @@ def run_trials(jobs: list[TrialJob], res: Resources, max_concurrent: Optional[in
         tune.with_resources(trainable, trial_resources(res)),
         param_space={"trial": tune.grid_search([job.name for job in jobs])},
         tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, trial_name_creator=_trial_name,
-                                    trial_dirname_creator=_trial_name),
+                                    trial_dirname_creator=_trial_name, scheduler=scheduler,
+                                    reuse_actors=False),  # a stopped trial's process ends with it
         run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
-    tuner.fit()
+    return {result.config["trial"]: result.metrics or {} for result in tuner.fit() if result.config}
 
 
 def _trial_name(trial) -> str:
