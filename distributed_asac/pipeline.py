@@ -223,6 +223,8 @@ def finish_model(name: str, model: TwoHeadModel, cfg: Config, splits: Splits, ac
                               extra={**analysis, **(extra or {}), "ci95_bootstrap": report["ci95_bootstrap"]})
         (folder / "replicas.json").write_text(json.dumps(replicas, indent=2))
         save_checkpoint(whole_state_dict(model), cfg, folder, name)
+        if name != "probe":  # the probe's M is the base's; what it adds, C, is no model to ship
+            tracker.log_model(folder, name)
         tracker.log_metrics(curve_metrics(analysis))
         tracker.log_metrics({k: v for k, v in analysis.items() if isinstance(v, float)})
         for path in (*files, folder / "model.safetensors", folder / "config.yaml"):

@@ -138,6 +138,15 @@ class TrackingConfig:
 
 
 @dataclass
+class RegistryConfig:
+    """The MLflow Model Registry: each row's chosen model registered as a version (docs/mlflow.md)."""
+
+    enabled: bool = True  # false: register nothing (each finished model is still an MLflow Model of its run)
+    name: str = "{experiment}-{row}"  # the registered model of a row: {experiment} and {row} are filled in
+    uri: Optional[str] = None  # the registry's store; None: $MLFLOW_REGISTRY_URI, else the tracking store
+
+
+@dataclass
 class Config:
     experiment: str = "demo"  # MLflow experiment and run-folder name
     seed: int = 0  # the seed of one run (stages 1–3): python, numpy and torch (rank r uses seed + r); >= 0
@@ -160,6 +169,7 @@ class Config:
     jtt: JttConfig = field(default_factory=JttConfig)  # the jtt row's identification model and upweighting of its mistakes
     dfr: DfrConfig = field(default_factory=DfrConfig)  # the dfr row's last-layer retraining
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
+    registry: RegistryConfig = field(default_factory=RegistryConfig)  # the MLflow Model Registry
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
