@@ -36,7 +36,8 @@ $(CHROMIUM):
 	$(SUDO) apt-get update -qq
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-liberation
 
-# docs/mlflow_ui.png and docs/mlflow_ui_runs.png: the pages the MLflow UI test renders (docs/mlflow.md).
+# docs/mlflow_ui.png, docs/mlflow_ui_runs.png, docs/mlflow_ui_models.png and docs/mlflow_ui_model_version.png: the
+# pages the MLflow UI test renders (docs/mlflow.md).
 ui-screenshots: $(STAMP) browser
 	ASAC_UI_SCREENSHOTS=$(CURDIR)/docs $(PY) -m pytest -q -m slow tests/test_mlflow_ui.py $(ARGS)
 

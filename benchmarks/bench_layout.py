@@ -49,6 +49,12 @@ def demo_command(config: str, overrides: list[str], layout: str, processes: int)
             *overrides]
 
 
+def with_own(shared: list[str], own: list[str]) -> list[str]:
+    """`shared` overrides less the keys that `own` sets, then `own`: a command line must give each key once."""
+    keys = {item.partition("=")[0] for item in own}
+    return [*(item for item in shared if item.partition("=")[0] not in keys), *own]
+
+
 def layout_resources(layout: str, processes: int) -> tuple[dict[str, float], int]:
     """`resources` and `max_concurrent` of one layout: `sequential` one trial at a time at `processes` CPUs, or
     `parallel`, `processes` trials at a time at 1 CPU each."""
@@ -85,7 +91,7 @@ def timed_run(command: list[str], log: Path, cwd: Path = REPO) -> float:
     return seconds
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/smoke.yaml", help="the comparison's config (default: smoke)")
     parser.add_argument("--sweep", type=Path, help="time this sweep file's trials instead of the demo's seeds")
@@ -99,6 +105,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round: checks that it runs, times nothing")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("overrides", nargs="*", help="config overrides for both layouts, e.g. finetune.epochs=2")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = build_parser()
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
     if args.smoke:
@@ -128,8 +139,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         work = Path(tmp)
         common = [*overrides, f"data.root={work / 'data'}", f"seeds=[{','.join(map(str, args.seeds))}]"]
         # The dataset, once and untimed: a one-seed run with tracking off generates it.
-        timed_run(demo_command(config, [*data_overrides, *common, "seeds=[0]", "base.epochs=1", f"output_dir={work / 'warm'}",
-                                        "tracking.enabled=false"], "sequential", args.processes), work / "warm.log")
+        warm = with_own([*data_overrides, *common], ["seeds=[0]", "base.epochs=1", f"output_dir={work / 'warm'}",
+                                                     "tracking.enabled=false"])
+        timed_run(demo_command(config, warm, "sequential", args.processes), work / "warm.log")
         for round_ in range(args.repeats):
             for layout in layouts:
                 folder, log = work / f"{layout}-{round_}", work / f"{layout}-{round_}.log"

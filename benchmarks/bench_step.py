@@ -16,8 +16,8 @@ per-round ratios. A torch.profiler pass over a few ASAC minibatches then splits 
 (the `phase` labels of diagnostics.py) and lists the heaviest operators. Every contender is set up by
 `stage3.build_stage3`, as stage 3 sets itself up.
 
-The variants table runs the ASAC minibatch with one setting changed against the default, interleaved
-likewise: `channels_last` flipped; and, when asked for, `bf16_autocast`: bf16 autocast of the training
+The variants table runs the ASAC minibatch with one setting changed against the default and against the bound
+(the default's pieces, timed in the same rounds), interleaved likewise: `channels_last` flipped; and, when asked for, `bf16_autocast`: bf16 autocast of the training
 forward (what Accelerate's `mixed_precision: bf16` does to a prepared model; very slow on CPUs without bf16
 units), `compiled`: `finetune.compile=true` (minutes of compilation on a CPU), and `fixed_chunks`:
 `finetune.fixed_chunks=true` (every chunk forwards all k clean images and all its entries).
@@ -89,6 +89,29 @@ def recording(mode: Mode, store: list[Chunk]) -> Mode:
         return store
 
     return Mode(make_chunks, mode.rows)
+
+
+def bounded(name: str, rig: Stage3, base: TwoHeadModel, cfg: Config, accelerator: Accelerator,
+            batch: Batch) -> tuple[dict[str, Callable[[], Any]], dict[str, Callable[[], Any]], list[int]]:
+    """`rig`'s ASAC minibatch as the contender `name`, then the bound's pieces on a rig of their own, sized by the
+    chunks of `name`'s last call (so `name` must run first in a round); the bookkeeping that sizes them, to run off
+    the clock after each call of `name` (`interleaved`'s `after`); and those sizes, as the last call left them."""
+    chunks: list[Chunk] = []
+    recorded = replace(rig, mode=recording(rig.mode, chunks))
+    sizes: list[int] = []
+
+    def record_sizes() -> None:
+        sizes[:] = [distinct_images(c, len(batch.x)) for c in chunks]
+
+    contenders = {name: lambda: recorded.train_minibatch(batch.x, batch.y, batch.a),
+                  **bound_pieces(make_rig(base, cfg, accelerator), accelerator, batch, cfg.grad_clip, sizes)}
+    return contenders, {name: record_sizes}, sizes
+
+
+def bound_seconds(times: dict[str, list[float]]) -> list[float]:
+    """The bound of each round: the sum of its pieces' times."""
+    pieces = [t for name, t in times.items() if name.startswith("bound_")]
+    return [sum(round_) for round_ in zip(*pieces)]
 
 
 def bound_pieces(rig: Stage3, accelerator: Accelerator, batch: Batch, grad_clip: float,
@@ -184,22 +207,12 @@ def bench_backbone(backbone: str, args: argparse.Namespace, accelerator: Acceler
 
     plain_cfg = copy.deepcopy(cfg)
     plain_cfg.finetune.mode = "plain"
-    asac, plain, bound = (make_rig(base, c, accelerator) for c in (cfg, plain_cfg, cfg))
-    chunks: list[Chunk] = []
-    recorded = replace(asac, mode=recording(asac.mode, chunks))
-    sizes: list[int] = []
-
-    def record_sizes() -> None:  # after each ASAC step, off the clock
-        sizes[:] = [distinct_images(c, len(batch.x)) for c in chunks]  # its chunks fix this round's bound
-
-    contenders: dict[str, Callable[[], Any]] = {
-        "asac": lambda: recorded.train_minibatch(batch.x, batch.y, batch.a),
-        "plain": lambda: plain.train_minibatch(batch.x, batch.y, batch.a),
-        **bound_pieces(bound, accelerator, batch, cfg.grad_clip, sizes),
-    }
-    times = interleaved(contenders, args.repeats, after={"asac": record_sizes})
+    asac, plain = (make_rig(base, c, accelerator) for c in (cfg, plain_cfg))
+    timed, after, sizes = bounded("asac", asac, base, cfg, accelerator, batch)
+    contenders = {"plain": lambda: plain.train_minibatch(batch.x, batch.y, batch.a), **timed}
+    times = interleaved(contenders, args.repeats, after=after)
     rounds = range(args.repeats)
-    bound_s = [sum(times[p][r] for p in contenders if p.startswith("bound_")) for r in rounds]
+    bound_s = bound_seconds(times)
     result: dict[str, Any] = {
         "backbone": backbone, "batch_size": k, "image_size": size, "eps": asac.ctx.magnitudes, "checks": checks,
         "channels_last": cfg.finetune.channels_last,
@@ -218,7 +231,8 @@ def bench_backbone(backbone: str, args: argparse.Namespace, accelerator: Acceler
 
 def bench_variants(base: TwoHeadModel, cfg: Config, accelerator: Accelerator, batch: Batch, names: list[str],
                    repeats: int) -> dict[str, dict[str, float]]:
-    """The ASAC minibatch with one setting changed each, against the default, interleaved."""
+    """The ASAC minibatch with one setting changed each, against the default and against the bound of the same
+    rounds (the default's: eager, fp32, the config's layout), interleaved."""
     def changed(key: str, value: Any) -> Config:
         out = copy.deepcopy(cfg)
         setattr(out.finetune, key, value)
@@ -236,9 +250,13 @@ def bench_variants(base: TwoHeadModel, cfg: Config, accelerator: Accelerator, ba
     def step(rig: Stage3) -> Callable[[], Any]:
         return lambda: rig.train_minibatch(batch.x, batch.y, batch.a)
 
-    times = interleaved({name: step(builders[name]()) for name in ["default", *names]}, repeats)
-    return {name: {"s": median(t), "over_default": median([t[r] / times["default"][r] for r in range(repeats)])}
-            for name, t in times.items()}
+    timed, after, _ = bounded("default", builders["default"](), base, cfg, accelerator, batch)
+    times = interleaved({**timed, **{name: step(builders[name]()) for name in names}}, repeats, after=after)
+    bound_s = bound_seconds(times)
+    return {name: {"s": median(times[name]),
+                   "over_default": median([times[name][r] / times["default"][r] for r in range(repeats)]),
+                   "over_bound": median([times[name][r] / bound_s[r] for r in range(repeats)])}
+            for name in ["default", *names]}
 
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace, info: dict[str, Any]) -> None:
@@ -263,11 +281,11 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, info: dict[s
         if "variants" in r:
             print(f"\n{r['backbone']} variants (ASAC minibatch, {args.variant_repeats} interleaved rounds; default "
                   f"channels_last={results[0]['channels_last']}):")
-            print(markdown_table(["variant", "ms", "time / default"],
-                                 [[n, 1e3 * v["s"], v["over_default"]] for n, v in r["variants"].items()]))
+            print(markdown_table(["variant", "ms", "time / default", "time / bound"],
+                                 [[n, 1e3 * v["s"], v["over_default"], v["over_bound"]] for n, v in r["variants"].items()]))
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbones", nargs="+", default=["small_cnn", "resnet18"])
     parser.add_argument("--batch-size", type=int, default=64, help="k, images per minibatch (default: finetune's 64)")
@@ -277,7 +295,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                         help=f"each against the default (default: {VARIANTS[0]}; none given: skip)")
     parser.add_argument("--variant-repeats", type=int, default=2)
     add_common_arguments(parser, repeats=5)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
     if args.smoke:
         args.batch_size, args.image_size, args.repeats, args.profile_steps, args.variant_repeats = 4, 16, 1, 1, 1
     torch.set_num_threads(args.threads)

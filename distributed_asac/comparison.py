@@ -43,11 +43,12 @@ from .data.build import build_splits
 from .errors import UserError, interrupted_in
 from .logs import setup_logging
 from .metrics import COLUMNS, HEADLINE
+from .mlflow_models import Chosen, check_before_run, closing_lines, register
 from .pipeline import check_run, new_run_dir, run
-from .report import format_paired, format_table, format_verdicts, plot_paired
+from .report import format_paired, format_table, format_verdicts, plot_paired, verdict_line
 from .resume import INCOMPLETE, STATE, RunState, find_run, mark_complete, mark_incomplete, run_lock
-from .rows import in_table_order
-from .runtime import make_accelerator
+from .rows import in_table_order, row_name
+from .runtime import make_accelerator, on_main_process
 from .stats import Interval, paired_bootstrap, paired_difference, t_interval
 from .tracking import Tracker
 
@@ -189,6 +190,9 @@ def compare(cfg: Config, variants: Optional[list[dict]] = None,
         raise UserError("--parallel-seeds runs each seed in a process of its own, which a multi-process launch "
                         "cannot do; use one of the two")
     seeds = list(cfg.seeds or [cfg.seed])
+    rows = [*([] if cfg.base_checkpoint else ["base"]),
+            *(row_name(dataclasses.replace(cfg.finetune, **overrides)) for overrides in variants or [{}])]
+    on_main_process(accelerator, lambda: check_before_run(cfg, rows, len(seeds)))  # before the data is generated
     # Before the comparison's folder and parent run exist, what the finetune command checks before its own: an
     # unreachable tracking server once took minutes and a traceback here, and left an INCOMPLETE folder behind. The
     # seeds share the data (no split depends on `seed`), so one check covers every seed's run.
@@ -240,9 +244,28 @@ def _compare_seeds(cfg: Config, seeds: list[int], variants: Optional[list[dict]]
             if tracker.active:
                 answer, runs = tracker.links()
                 print(f"MLflow UI (docs/mlflow.md): the answer {answer}\n  every run by name {runs}")
+            # A registry that fails now leaves the folder unfinished: resuming it registers what is still missing
+            registered = register(cfg, chosen_models(result, cfg), f"comparison {run_dir} (MLflow run {tracker.run_id})")
+            if registered:
+                print(closing_lines(cfg, registered))
             mark_complete(run_dir)
     accelerator.wait_for_everyone()
     return result
+
+
+def chosen_models(out: ComparisonOutput, cfg: Config) -> list[Chosen]:
+    """The model of each row and seed that the run chose, with the row's verdicts: today the checkpoint each
+    model's run ends with (the base: stage 1's last epoch; a fine-tuned row: the epoch finetune.select kept)."""
+    def rule(row: str, report: dict) -> str:
+        if row == "base":
+            return f"the last epoch of stage 1 (epoch {cfg.base.epochs})"
+        epoch = report.get("selected_epoch")
+        return f"finetune.select={cfg.finetune.select}" + (f" (epoch {epoch} of {cfg.finetune.epochs})" if epoch else "")
+
+    verdicts = {row: {reference: line for reference in REFERENCES if (line := verdict_line(out.paired, row, reference))}
+                for row in out.aggregate}
+    return [Chosen(row, seed, out.run_dir / f"seed_{seed}" / row, rule(row, out.per_seed[seed][row]), verdicts[row])
+            for row in out.aggregate for seed in out.seeds]
 
 
 def _run_at_once(cfg: Config, variants: Optional[list[dict]], parent_run_id: Optional[str], run_dir: Path,

@@ -33,14 +33,14 @@ from .errors import UserError, interrupted_in
 from .evaluate import evaluate, write_results
 from .failpoints import failpoint
 from .mitigations.groups import dataset_groups, group_counts
-from .models import BACKBONES, TwoHeadModel, create_model
+from .models import BACKBONES, TwoHeadModel
 from .report import format_table, plot_ig_figure, plot_robustness
 from .resume import INCOMPLETE, RunState, find_run, mark_complete, mark_incomplete, run_lock
 from .rows import MODES, in_table_order, row_name
 from .runtime import make_accelerator, on_main_process, seed_everything, zero_stage
 from .selection import NEEDS_GROUPS
 from .stage3 import finetune
-from .stages import train_stage
+from .stages import initial_model, train_stage
 from .stats import bootstrap_interval
 from .tracking import Tracker, check_store, close_killed_runs
 
@@ -223,6 +223,8 @@ def finish_model(name: str, model: TwoHeadModel, cfg: Config, splits: Splits, ac
                               extra={**analysis, **(extra or {}), "ci95_bootstrap": report["ci95_bootstrap"]})
         (folder / "replicas.json").write_text(json.dumps(replicas, indent=2))
         save_checkpoint(whole_state_dict(model), cfg, folder, name)
+        if name != "probe":  # the probe's M is the base's; what it adds, C, is no model to ship
+            tracker.log_model(folder, name)
         tracker.log_metrics(curve_metrics(analysis))
         tracker.log_metrics({k: v for k, v in analysis.items() if isinstance(v, float)})
         for path in (*files, folder / "model.safetensors", folder / "config.yaml"):
@@ -244,8 +246,7 @@ def train_base_and_probe(cfg: Config, splits: Splits, accelerator: Accelerator, 
     is the base checkpoint for stage 3. The model's initialisation and each stage after it start from the
     random state `cfg.seed`, so a run resumed between stages draws the same numbers as one that was not.
     `label` goes into the run names (`run_name`)."""
-    seed_everything(cfg.seed, accelerator)
-    model = create_model(cfg.model.backbone, cfg.model.weights, cfg.model.protected_classifier).to(accelerator.device)
+    model = initial_model(cfg, accelerator)
     results = {}
     for stage in ("base", "probe"):
         if state.finished(stage) is not None:  # a resumed run: this stage's model and report are on disk

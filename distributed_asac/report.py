@@ -73,19 +73,22 @@ def _difference(interval: Interval, fmt: str) -> str:
 def format_verdicts(paired: list[dict]) -> str:
     """The paired verdicts in a few markdown lines, one per (row, reference), those against plain fine-tuning
     first: the metrics found lower or higher, each with its difference and interval, then the rest."""
-    formats = {c.name: c.fmt for c in COLUMNS}
     pairs = sorted(dict.fromkeys((p["row"], p["reference"]) for p in paired), key=lambda pair: pair[1] != "plain")
-    lines = []
-    for row, reference in pairs:
-        found = [p for p in paired if (p["row"], p["reference"]) == (row, reference)]
-        parts = [f"{verdict} " + ", ".join(f"{p['metric']} {_difference(p['interval'], formats[p['metric']])}"
-                                           for p in found if p["interval"].verdict() == verdict)
-                 for verdict in (LOWER, HIGHER) if any(p["interval"].verdict() == verdict for p in found)]
-        undecided = [p["metric"] for p in found if p["interval"].verdict() == NONE]
-        if undecided:
-            parts.append(f"{NONE} in {', '.join(undecided)}")
-        lines.append(f"- **{row} − {reference}**: " + "; ".join(parts))
-    return "\n".join(lines)
+    return "\n".join(f"- **{row} − {reference}**: {verdict_line(paired, row, reference)}" for row, reference in pairs)
+
+
+def verdict_line(paired: list[dict], row: str, reference: str) -> str:
+    """The verdicts of `row` − `reference` in one line: the metrics found lower or higher, each with its difference
+    and interval, then the rest ('' if `paired` has no such pair)."""
+    formats = {c.name: c.fmt for c in COLUMNS}
+    found = [p for p in paired if (p["row"], p["reference"]) == (row, reference)]
+    parts = [f"{verdict} " + ", ".join(f"{p['metric']} {_difference(p['interval'], formats[p['metric']])}"
+                                       for p in found if p["interval"].verdict() == verdict)
+             for verdict in (LOWER, HIGHER) if any(p["interval"].verdict() == verdict for p in found)]
+    undecided = [p["metric"] for p in found if p["interval"].verdict() == NONE]
+    if undecided:
+        parts.append(f"{NONE} in {', '.join(undecided)}")
+    return "; ".join(parts)
 
 
 def plot_paired(paired: list[dict], path: Path, subtitle: str) -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional, TypeVar
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, set_seed
@@ -165,6 +167,20 @@ def seed_everything(seed: int, accelerator: Accelerator) -> torch.Generator:
     for curriculum shuffles that is the same on every rank."""
     set_seed(seed + accelerator.process_index)
     return torch.Generator().manual_seed(seed)
+
+
+@contextmanager
+def random_state_kept(accelerator: Accelerator) -> Iterator[None]:
+    """Inside, draw freely (seed again, train a model on the side); afterwards python's, numpy's and torch's random
+    states (this process's CUDA device's included) are what they were, so the run's later draws do not change."""
+    python, numpy = random.getstate(), np.random.get_state()
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
 
 
 def adam(params, lr: float, cfg: Config, weight_decay: float = 0.0) -> torch.optim.Adam:

@@ -42,13 +42,16 @@ def check_store(cfg: Config) -> None:
         probe_store(tracking_uri(cfg), where)
 
 
-def probe_store(uri: str, where: str) -> None:
-    """Open the tracking store once, before any data or training, and turn whatever stops it into one line:
-    an unreachable server within PROBE_TIMEOUT_S (the MLflow client would retry for minutes), an unknown URI
-    scheme, a file that is no database. `where` says where the URI came from. Nothing is written to a server."""
+def probe_store(uri: str, where: str, registry: bool = False) -> None:
+    """Open the tracking store (or, with `registry`, the model registry's store) once, before any data or
+    training, and turn whatever stops it into one line: an unreachable server within PROBE_TIMEOUT_S (the MLflow
+    client would retry for minutes), an unknown URI scheme, a file that is no database, a store without a
+    registry. `where` says where the URI came from. Nothing is written to a server."""
     from urllib.parse import urlparse
 
-    fix = "fix it, set tracking.uri=sqlite:///<folder>/mlflow.db, or tracking.enabled=false"
+    kind = "model registry" if registry else "tracking store"
+    fix = ("fix it, set registry.uri=sqlite:///<folder>/mlflow.db, or registry.enabled=false" if registry else
+           "fix it, set tracking.uri=sqlite:///<folder>/mlflow.db, or tracking.enabled=false")
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
@@ -56,7 +59,7 @@ def probe_store(uri: str, where: str) -> None:
             socket.create_connection((parsed.hostname or "localhost", port), timeout=PROBE_TIMEOUT_S).close()
         except OSError as err:
             reason = err.strerror or type(err).__name__
-            raise UserError(f"MLflow tracking server {uri} ({where}) is unreachable: {reason}; start the server or "
+            raise UserError(f"MLflow {kind} server {uri} ({where}) is unreachable: {reason}; start the server or "
                             f"{fix}") from None
     from mlflow.tracking import MlflowClient
 
@@ -64,12 +67,14 @@ def probe_store(uri: str, where: str) -> None:
         try:
             with environment({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
                               "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT_S)}):
-                MlflowClient(uri).search_experiments(max_results=1)
+                if registry:
+                    MlflowClient(registry_uri=uri).search_registered_models(max_results=1)
+                else:
+                    MlflowClient(uri).search_experiments(max_results=1)
         except Exception as err:  # noqa: BLE001 - a probe: any failure here is the store's, named in one line
-            raise UserError(f"MLflow tracking store {uri} ({where}) cannot be used: {first_line(err)[:300]}; "
-                            f"{fix}") from None
+            raise UserError(f"MLflow {kind} {uri} ({where}) cannot be used: {first_line(err)[:300]}; {fix}") from None
     if parsed.scheme == "sqlite" and uri.removeprefix("sqlite:///"):
-        _probe_sqlite_write(uri, where, fix)
+        _probe_sqlite_write(uri, where, fix, kind)
 
 
 def _creating(uri: str) -> contextlib.AbstractContextManager:
@@ -84,7 +89,7 @@ def _creating(uri: str) -> contextlib.AbstractContextManager:
                    f"waiting for another process to finish creating the MLflow tracking store {path}")
 
 
-def _probe_sqlite_write(uri: str, where: str, fix: str) -> None:
+def _probe_sqlite_write(uri: str, where: str, fix: str, kind: str) -> None:
     """A sqlite store that can be read but not written (a read-only file or folder, a write lock another process
     keeps) passed the read above and then failed at the run's first write in a hundred lines: take sqlite's
     write lock once, waiting at most PROBE_TIMEOUT_S, and roll back (nothing is written)."""
@@ -103,7 +108,7 @@ def _probe_sqlite_write(uri: str, where: str, fix: str) -> None:
         except sqlite3.Error as err:
             problem = str(err)
     if problem:
-        raise UserError(f"MLflow tracking store {uri} ({where}) cannot be written: {problem}; make it writable, stop "
+        raise UserError(f"MLflow {kind} {uri} ({where}) cannot be written: {problem}; make it writable, stop "
                         f"the process that holds it, or {fix}")
 
 
@@ -172,13 +177,32 @@ def experiment_id(mlflow, name: str, uri: str) -> str:
             for key, value in EXPERIMENT_KIND.items():
                 mlflow.MlflowClient(uri).set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
-    artifacts = None
-    if uri.startswith("sqlite:///"):
-        artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name).as_uri()
+    artifacts = _default_artifacts(name, uri)
     try:
-        return mlflow.create_experiment(name, artifact_location=artifacts, tags=EXPERIMENT_KIND)
+        return mlflow.create_experiment(name, artifact_location=artifacts and artifacts.as_uri(), tags=EXPERIMENT_KIND)
     except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent run
         return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def _default_artifacts(name: str, uri: str) -> Optional[Path]:
+    """Where `experiment_id` puts a new experiment's artifacts: beside a sqlite store; None: the server decides."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name
+    return None
+
+
+def experiment_artifacts(cfg: Config) -> Optional[Path]:
+    """The local folder that holds (or will hold) the artifacts of `cfg`'s experiment; None if they are remote."""
+    from urllib.parse import urlparse
+
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(cfg)
+    experiment = MlflowClient(uri).get_experiment_by_name(cfg.experiment)
+    if experiment is None:
+        return _default_artifacts(cfg.experiment, uri)
+    location = urlparse(experiment.artifact_location)
+    return Path(location.path) if location.scheme in ("", "file") else None
 
 
 def ui_link(uri: str, experiment: str, run_id: Optional[str] = None) -> str:
@@ -385,6 +409,13 @@ class Tracker:
     def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
         if self.active:
             self._store(lambda: log_table(self._client, self.run_id, rows, artifact_file))
+
+    def log_model(self, folder: Path, row: str) -> None:
+        """The checkpoint in `folder` as an MLflow Model of this run (mlflow_models.log_model)."""
+        if self.active:
+            from .mlflow_models import log_model
+
+            self._store(lambda: log_model(self._client, self.run_id, folder, row, self.cfg))
 
     def describe(self, markdown: str, whole: str) -> None:
         """The run's description (markdown, shown first on its page); `whole` names where the full text is."""

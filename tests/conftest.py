@@ -8,6 +8,8 @@
   centre crop must remove, so a wrong crop, a wrong file or a label/image misalignment is visible.
 - `smoke_config`: the tiny end-to-end config (configs/smoke.yaml) with its data, run folders and MLflow store
   inside a test's own folder.
+- `compared`: one two-seed smoke comparison (rows plain and asac_fgsm) with its MLflow store, run once for the
+  tests that read it (test_comparison.py, test_mlflow_models.py).
 """
 
 from __future__ import annotations
@@ -393,6 +395,18 @@ def smoke_config():
         return load_config(REPO / "configs" / "smoke.yaml", [*_in_folder(folder), *overrides])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def compared(tmp_path_factory, smoke_config):
+    """(folder, ComparisonOutput) of `make demo` on the smoke config, seeds 3 and 5, rows plain and asac_fgsm: its
+    data, run folders and MLflow store (mlflow.db) in `folder`."""
+    from distributed_asac.comparison import compare
+    from distributed_asac.demo import row_variants
+
+    tmp = tmp_path_factory.mktemp("compare")
+    cfg = smoke_config(tmp, "seeds=[3,5]", "analysis.ig_images=4", "analysis.robustness_images=32")
+    return tmp, compare(cfg, variants=row_variants("plain,asac_fgsm"))
 
 
 @pytest.fixture(scope="session")

@@ -343,6 +343,12 @@ CASES = {
                                r"config key 'group_dro\.eta': must be > 0, got 0\.0"),
     "jtt_upweight_below_one": Case(["finetune.mode=jtt", "jtt.upweight=0.5"],
                                    r"config key 'jtt\.upweight': must be >= 1, got 0\.5"),
+    "jtt_identification_epochs_zero": Case(["finetune.mode=jtt", "jtt.identification_epochs=0"],
+                                           r"config key 'jtt\.identification_epochs': 0 is out of range \(must be >= 1\)"),
+    "jtt_final_unknown": Case(["finetune.mode=jtt", "jtt.final=scratch"],
+                              r"config key 'jtt\.final': unknown value 'scratch' .*valid: retrain, finetune"),
+    "dfr_c_grid_empty": Case(["finetune.mode=dfr", "dfr.c_grid=[]"],
+                             r"config key 'dfr\.c_grid': need at least one C > 0, got \[\] \(default null"),
     "dfr_valid_too_small": Case(["finetune.mode=dfr"], r"finetune\.mode=dfr \(the valid split\) needs at least 2 "
                                                        r"image\(s\) in every \(target, protected\) group.*\(y=0, a=1\) 0"),
     # names and numbers the config refuses

@@ -37,6 +37,7 @@ def test_bench_step_reports_ratios_and_profile(tmp_path):
     assert len(result["last_chunk_sizes"]) == 3  # |E| chunk steps
     assert "step.backward" in result["profile"]["phases_ms"]
     assert set(result["variants"]) == {"default", *variants}
+    assert all(v["over_bound"] > 0 for v in result["variants"].values())  # each against the bound of its own rounds
 
 
 @pytest.mark.slow  # ~7 s: the pipeline and comparison tests run the same end-to-end path in the default run

@@ -18,13 +18,6 @@ from distributed_asac.stats import bootstrap_interval, paired_difference, t_inte
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def compared(tmp_path_factory, smoke_config):
-    tmp = tmp_path_factory.mktemp("compare")
-    cfg = smoke_config(tmp, "seeds=[3,5]", "analysis.ig_images=4", "analysis.robustness_images=32")
-    return tmp, compare(cfg, variants=row_variants("plain,asac_fgsm"))
-
-
 def test_results_hold_each_seed_and_the_aggregate(compared):
     tmp, out = compared
     saved = json.loads((out.run_dir / "results.json").read_text())

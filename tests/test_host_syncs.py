@@ -2,65 +2,25 @@
 (the chunks' batch sizes, one copy), never for plain fine-tuning; and the device-side chunk layout is exactly the
 host-side torch.unique / nonzero composition it replaced.
 
-On CPU nothing waits, so the test counts the calls that would make a GPU's host wait: the aten ops whose result
-the host must see (a scalar, or a shape that depends on the data) and the Python methods that copy to the host.
-A host-to-device copy cannot be seen on CPU; on a GPU `torch.cuda.set_sync_debug_mode("error")` around the step
-catches it (docs/performance.md).
+On CPU nothing waits, so the test counts the calls that would make a GPU's host wait (`host_syncs.host_reads`).
+A host-to-device copy cannot be seen on CPU; on a GPU CUDA's sync debug mode around the step catches it
+(`host_syncs.cuda_syncs`; benchmarks/sync_counts.py reports both counts for every row).
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import replace
-from typing import Any, Callable
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from distributed_asac.host_syncs import cuda_syncs, host_reads, optimizer_step_counters
 from distributed_asac.rows import Chunk
 
-aten = torch.ops.aten
 
-# aten ops whose output the host must read: a scalar (item, bool, int, float) or a data-dependent shape.
-HOST_READ_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten._unique2.default,
-                 aten.unique_dim.default, aten.unique_consecutive.default, aten.masked_select.default,
-                 aten.repeat_interleave.Tensor, aten.bincount.default}
-HOST_COPY_METHODS = ("tolist", "cpu", "numpy")  # no aten op on a CPU tensor, so they are caught as methods
-
-
-class HostReads(TorchDispatchMode):
-    """Records each host read of a tensor; `exempt` holds the data pointers of tensors that live on the host on
-    every device (Adam's step counters), whose reads cost no wait."""
-
-    def __init__(self, exempt: set[int]) -> None:
-        super().__init__()
-        self.exempt, self.reads = exempt, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in HOST_READ_OPS and args[0].data_ptr() not in self.exempt:
-            self.reads.append(str(func.overloadpacket.__name__))
-        return func(*args, **(kwargs or {}))
-
-
-def host_reads(monkeypatch, run: Callable[[], Any], exempt: frozenset[int] = frozenset()) -> list[str]:
-    """The host reads of `run()`, but for those of the tensors whose data pointers are in `exempt`."""
-    mode = HostReads(exempt)
-    for name in HOST_COPY_METHODS:
-        method = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name,
-                            lambda self, *args, _m=method, _n=name, **kw: (mode.reads.append(_n), _m(self, *args, **kw))[1])
-    with mode:
-        run()
-    monkeypatch.undo()
-    return mode.reads
-
-
-def minibatch_reads(monkeypatch, stage, batch: list[torch.Tensor]) -> list[str]:
-    """The host reads of one `stage.train_minibatch(*batch)`; Adam's step counters live on the host on every
-    device (not capturable), so reading them is no wait."""
-    steps = frozenset(state["step"].data_ptr() for state in stage.optimizer.state.values())
-    return host_reads(monkeypatch, lambda: stage.train_minibatch(*batch), steps)
+def minibatch_reads(stage, batch: list[torch.Tensor]) -> list[str]:
+    """The host reads of one `stage.train_minibatch(*batch)` (Adam's step counters are no wait)."""
+    return host_reads(lambda: stage.train_minibatch(*batch), optimizer_step_counters(stage.optimizer))
 
 
 # (row, its settings, the host reads of one minibatch)
@@ -97,12 +57,12 @@ def trained_stage(row: str, settings: dict, cpu: bool):
 
 
 @pytest.mark.parametrize("row, settings, expected", MINIBATCHES)
-def test_a_minibatch_reads_the_device_only_for_the_chunk_sizes(monkeypatch, row, settings, expected):
+def test_a_minibatch_reads_the_device_only_for_the_chunk_sizes(row, settings, expected):
     """An ASAC minibatch reads the device once (the [|E|, 2] batch sizes of its chunks), with fixed-shape chunks
     never, a plain one never; the old step read it once per minibatch for the order and twice per chunk
     (torch.unique, nonzero)."""
     stage, batch = trained_stage(row, settings, cpu=True)
-    assert minibatch_reads(monkeypatch, stage, batch) == expected
+    assert minibatch_reads(stage, batch) == expected
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU; the test above counts the same calls on CPU")
@@ -110,36 +70,31 @@ def test_a_minibatch_reads_the_device_only_for_the_chunk_sizes(monkeypatch, row,
 def test_on_a_gpu_a_minibatch_synchronizes_only_for_the_chunk_sizes(row, settings, expected):
     """What the CPU test counts, as CUDA sees it: host-to-device copies from pageable memory included."""
     stage, batch = trained_stage(row, settings, cpu=False)
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            stage.train_minibatch(*batch)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    assert len([w for w in caught if "synchronizing" in str(w.message)]) == len(expected)
+    assert len(cuda_syncs(lambda: stage.train_minibatch(*batch))) == len(expected)
 
 
-def test_the_interceptor_sees_the_reads_of_the_old_step(monkeypatch):
+def test_the_interceptor_sees_the_reads_of_the_old_step():
     """The check above can fail: the composition the old step did on the host (torch.unique, nonzero, .cpu())
     is seen."""
+
+    original_cpu = torch.Tensor.cpu
 
     def old_composition():
         rows = torch.rand(4).argsort().cpu()
         torch.unique(rows % 2, return_inverse=True)
         (rows < 2).nonzero()
 
-    assert host_reads(monkeypatch, old_composition) == ["cpu", "_unique2", "nonzero"]
+    assert host_reads(old_composition) == ["cpu", "_unique2", "nonzero"]
+    assert torch.Tensor.cpu is original_cpu  # the methods are restored after the count
 
 
-def test_a_group_dro_step_reads_nothing(monkeypatch):
+def test_a_group_dro_step_reads_nothing():
     """GroupDRO's q update counts each group's images without torch.bincount (whose output size is read)."""
     from distributed_asac.mitigations.group_dro import GroupWeights
 
     weights = GroupWeights(0.01, torch.full((4,), 0.25))
     logits, labels, groups = torch.randn(8, 2), torch.arange(8) % 2, torch.tensor([0, 1, 1, 3, 3, 3, 0, 1])
-    assert host_reads(monkeypatch, lambda: weights.loss(logits, labels, groups)) == []
+    assert host_reads(lambda: weights.loss(logits, labels, groups)) == []
 
 
 @pytest.mark.parametrize("with_is_clean", [True, False])

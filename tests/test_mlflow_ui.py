@@ -1,11 +1,12 @@
 """The MLflow UI as a user meets it (slow): `mlflow ui` on 127.0.0.1 with a smoke comparison's store, the
 experiment's runs and the parent run's page rendered by headless Chromium (Debian's `chromium`: `make browser`,
 which `make test-slow` runs first), and their text checked: the runs view with every run named by row and seed,
-the verdicts on the parent run. Every process the test starts runs in a process group of its own and is stopped
+the verdicts on the parent run, and the Models page with a registered model per row. Every process the test starts runs in a process group of its own and is stopped
 by that group's id.
 
-With ASAC_UI_SCREENSHOTS=<folder> the screenshots of both pages are also copied there, as mlflow_ui_runs.png and
-mlflow_ui.png (`make ui-screenshots` writes those of docs/ this way).
+With ASAC_UI_SCREENSHOTS=<folder> the screenshots of the pages are also copied there, as mlflow_ui_runs.png,
+mlflow_ui.png, mlflow_ui_models.png and mlflow_ui_model_version.png (`make ui-screenshots` writes those of docs/
+this way).
 """
 
 from __future__ import annotations
@@ -167,6 +168,24 @@ def test_parent_run_page_carries_the_verdicts(store, ui, tmp_path, process_runni
         assert verdict in text, (verdict, text[:3000])
     assert "pytest" in text and shown["commit"][:7] in text  # the Source: entry point and git commit
     _screenshot(url, tmp_path / "mlflow_ui.png", process_running)
+
+
+def test_models_page_lists_a_registered_model_per_row(store, ui, tmp_path, process_running):
+    """The Model Registry (the sidebar's Models): each row's registered model, a version per seed, and a version's
+    page with its figures and verdicts. The list page is not pictured: a fresh browser profile opens it under
+    MLflow's announcement of its new registry UI, which covers the list."""
+    text = render(f"{ui}/#/models", tmp_path, process_running)
+    for row in ROWS:
+        assert (f"smoke-{row}" in text) == (row != "probe"), (row, text[:2000])  # the probe ships no model
+    url = f"{ui}/#/models/smoke-asac_fgsm"
+    text = render(url, tmp_path, process_running)
+    assert all(f"Version {i + 1}" in text for i in range(len(SEEDS))) and "test_worst_group_ACC" in text, text[:2000]
+    _screenshot(url, tmp_path / "mlflow_ui_models.png", process_running)
+    url = f"{ui}/#/models/smoke-asac_fgsm/versions/{len(SEEDS)}"
+    text = render(url, tmp_path, process_running)
+    assert f"asac_fgsm, seed {SEEDS[-1]}" in text and "asac_fgsm − plain:" in text, text[:2000]
+    assert "Source Run" in text and f"asac_fgsm · seed {SEEDS[-1]}" in text
+    _screenshot(url, tmp_path / "mlflow_ui_model_version.png", process_running)
 
 
 def _screenshot(url: str, picture: Path, process_running) -> None:

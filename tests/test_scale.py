@@ -4,7 +4,8 @@ over the global batch (`sync_batchnorm`), and the data order is the same at any 
 The slow test runs stage 3 from one base on 1, 2 and 4 CPU processes (gloo) at global batch 32: plain
 fine-tuning ends with the same weights within float tolerance, ASAC with the same number of optimizer steps
 and a loss within a stated bound (the curriculum orders each rank's share, so its chunks differ with W); a
-2-process run without `sync_batchnorm` is the control that differs.
+2-process run without `sync_batchnorm` is the control that differs. Another runs GroupDRO from the same base on 1 and
+2 processes: its q and robust loss come from the global minibatch, so its weights agree too.
 """
 
 import os
@@ -126,14 +127,20 @@ def _max_difference(a: Path, b: Path) -> float:
                for k in first if first[k].is_floating_point())
 
 
-@pytest.mark.slow  # 2-3 minutes: a base and four launches of up to 4 processes on 2 cores
-def test_same_experiment_on_1_2_and_4_processes(tmp_path, in_folder):
-    # 160 images: 96 train images, 3 minibatches of 32, 9 optimizer steps; a base of smoke.yaml's 4 epochs
-    common = [*in_folder(tmp_path), "analysis.robustness_images=0", "analysis.ig_images=0",
-              "data.synthetic_num_images=160"]
+@pytest.fixture(scope="module")
+def smoke_base(tmp_path_factory, in_folder) -> tuple[Path, list[str]]:
+    """One base (stages 1–2, one process) for the launches below: their folder and the overrides of a stage 3 from
+    it. 160 images: 96 train images, 3 minibatches of 32, 9 optimizer steps; a base of smoke.yaml's 4 epochs."""
+    tmp = tmp_path_factory.mktemp("scale")
+    common = [*in_folder(tmp), "analysis.robustness_images=0", "analysis.ig_images=0", "data.synthetic_num_images=160"]
     base = pipeline.run(load_config(REPO / "configs" / "smoke.yaml", [*common, "experiment=base", "probe.epochs=1"]),
                         variants=[{"mode": "base"}])
-    overrides = [*common, f"base_checkpoint={base.run_dir / 'probe'}", "finetune.batch_size=32", "finetune.epochs=1"]
+    return tmp, [*common, f"base_checkpoint={base.run_dir / 'probe'}", "finetune.batch_size=32", "finetune.epochs=1"]
+
+
+@pytest.mark.slow  # 2-3 minutes: a base and four launches of up to 4 processes on 2 cores
+def test_same_experiment_on_1_2_and_4_processes(smoke_base):
+    tmp_path, overrides = smoke_base
     runs = {world: _launch(world, tmp_path, overrides, f"w{world}", "plain,asac") for world in (1, 2, 4)}
     local_bn = _launch(2, tmp_path, [*overrides, "sync_batchnorm=false"], "w2_local_bn", "plain")
 
@@ -159,3 +166,20 @@ def test_same_experiment_on_1_2_and_4_processes(tmp_path, in_folder):
     for world in (2, 4):
         assert abs(metrics[world]["finetune/loss"] - metrics[1]["finetune/loss"]) < 0.1, (world, metrics)
     print("ASAC epoch loss:", {world: m["finetune/loss"] for world, m in metrics.items()}, "steps:", steps)
+
+
+@pytest.mark.slow  # about 70 s beside the base above (80 s with it, 2 loaded cores): launches on 1 and 2 processes
+def test_group_dro_is_the_same_on_1_and_2_processes(smoke_base):
+    """GroupDRO's q and robust loss come from the group sums and counts of the global minibatch (each rank descends
+    on W·Σ_g q_g·s_g(rank)/N_g, so that DDP's mean of the ranks' gradients is the global loss's): on 2 processes,
+    each with half of every group-balanced minibatch (not balanced on its own), stage 3 ends with the weights of one
+    process that holds the whole, up to summation order. η = 1 makes q move far in the 9 steps. Adam's ε is 1e-6
+    here: at 1e-8 Adam's first steps turn rounding noise in gradients near 1e-9 into steps of lr·noise/ε, and
+    GroupDRO's weighted steps then carried that to 3e-4 (one process and a rounding-level change of layout alone:
+    up to 1e-2), where ε = 1e-6 leaves 9e-7. The ranks' own group means, the rule before, ended 9e-2 apart."""
+    tmp_path, overrides = smoke_base
+    runs = {world: _launch(world, tmp_path, [*overrides, "group_dro.eta=1", "adam_eps=1e-6"], f"dro{world}",
+                           "group_dro") for world in (1, 2)}
+    difference = _max_difference(runs[1] / "group_dro", runs[2] / "group_dro")
+    print("group_dro, largest relative weight difference of 2 processes to 1:", difference)
+    assert difference < 1e-4, difference

@@ -217,6 +217,19 @@ def test_mlflow_children_nested_under_one_parent(swept):
     assert builds == ["base · seed 0", "probe · seed 0"]
 
 
+def test_each_finished_trial_is_a_registered_version_of_its_setting(swept):
+    """The sweep's last lines name them; the failed trial has no model to register."""
+    uri = f"sqlite:///{swept.root / 'mlflow.db'}"
+    client = MlflowClient(uri, uri)
+    names = sorted(m.name for m in client.search_registered_models())
+    assert names == [f"{EXPERIMENT}-finetune.epochs=1", f"{EXPERIMENT}-finetune.epochs=3"]
+    (longer,) = client.search_model_versions(f"name = '{EXPERIMENT}-finetune.epochs=3'")
+    assert longer.tags["seed"] == "0" and longer.tags["selection"] == "finetune.select=last (epoch 3)"
+    assert longer.tags["verdict_vs_length"].startswith("against finetune.epochs=1: ")  # the grid's reference
+    assert "-finetune.epochs=3-" in client.get_run(longer.run_id).data.tags["sweep.trial"]
+    assert f"models:/{EXPERIMENT}-finetune.epochs=3/1" in swept.resumed.stdout
+
+
 def test_base_trained_once(swept):
     stages = [r.data.tags.get("stage") for r in _children(swept.root, swept.state["parent_run_id"])]
     assert stages.count("base") == 1 and stages.count("probe") == 1

@@ -34,7 +34,7 @@ from distributed_asac.errors import Interrupted, UserError, exit_on_user_error, 
 from distributed_asac.locks import locked
 from distributed_asac.logs import setup_logging
 from distributed_asac.tracking import probe_store, tracking_uri
-from tune import records, search, trials
+from tune import records, registered, search, trials
 from tune.claims import Claims, parse_claims
 from tune.records import TrialRecord, load_records, read_state, status_counts
 from tune.report import format_setting, write_report
@@ -252,6 +252,7 @@ def run_sweep(sweep: Sweep, args: argparse.Namespace) -> int:
     probe_store(sweep.tracking_uri, "the sweep's tracking URI")  # before the parent run: one line, not minutes
     # Before the sweep folder and its parent run exist: a refusal here leaves nothing behind but the generated data.
     configs = [load_config(sweep.base_config, t.overrides) for t in sweep.trials]
+    registered.check(sweep, configs)  # before the data too
     trials.prepare_data(configs)
     trials.check_selection(configs)
     terminated: list[int] = []
@@ -288,6 +289,7 @@ def run_sweep(sweep: Sweep, args: argparse.Namespace) -> int:
         print(_closing(done, folder, time.time() - start))
         if status != "FINISHED":  # Tune returned after its own Ctrl-C handling
             raise Interrupted(received())
+        registered.register_trials(sweep, done, state["parent_run_id"])
         return 1 if any(r.status == "failed" for r in done) else 0
 
 

@@ -105,16 +105,18 @@ class GroupDroConfig:
 
 @dataclass
 class JttConfig:
-    """The jtt row (Liu et al. 2021): the base's mistakes on train are drawn λ times as often."""
+    """The jtt row (Liu et al. 2021): the train mistakes of an ERM model stopped after T epochs are drawn λ times as often."""
 
-    upweight: float = 50.0  # λ, how many times as often an image the base gets wrong is drawn (the paper's CelebA λ_up); >= 1
+    upweight: float = 50.0  # λ, how many times as often an image the identification model gets wrong is drawn (the paper's CelebA λ_up); >= 1
+    identification_epochs: int = 1  # T, epochs of the identification model: stage 1's training from stage 1's initialisation, stopped after T (the paper's CelebA T); >= 1
+    final: str = "retrain"  # where the final M starts: retrain (the paper): θ and ρ from stage 1's initialisation, trained finetune.epochs epochs on the draws; finetune: the base, fine-tuned on them
 
 
 @dataclass
 class DfrConfig:
     """The dfr row (Kirichenko et al. 2023): the target head refit, backbone frozen, on a group-balanced subset of valid."""
 
-    c_grid: list[float] = field(default_factory=lambda: [1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01])  # inverse ℓ1 strengths C tried (the DFR code's); the best by worst-group accuracy on half of valid
+    c_grid: Optional[list[float]] = None  # inverse ℓ1 strengths C tried, the best by worst-group accuracy on half of valid; null: the DFR code's grid for the dataset (data.name celeba: its CelebA grid [3 … 0.003]; otherwise its WaterBirds grid [1 … 0.01])
     retrains: int = 20  # logistic regressions on fresh balanced draws of valid, their weights averaged (the DFR code's 20)
 
 
@@ -133,6 +135,15 @@ class TrackingConfig:
     uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     enabled: bool = True  # false: no MLflow logging at all
     lock_wait_s: float = 60.0  # how long a write waits for a store another process keeps locked, then the run stops
+
+
+@dataclass
+class RegistryConfig:
+    """The MLflow Model Registry: each row's chosen model registered as a version (docs/mlflow.md)."""
+
+    enabled: bool = True  # false: register nothing (each finished model is still an MLflow Model of its run)
+    name: str = "{experiment}-{row}"  # the registered model of a row: {experiment} and {row} are filled in
+    uri: Optional[str] = None  # the registry's store; None: $MLFLOW_REGISTRY_URI, else the tracking store
 
 
 @dataclass
@@ -155,9 +166,10 @@ class Config:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)  # robustness curve and Integrated Gradients
     gan: GanConfig = field(default_factory=GanConfig)  # the generator of the gan_augment row
     group_dro: GroupDroConfig = field(default_factory=GroupDroConfig)  # the group_dro row's group weights
-    jtt: JttConfig = field(default_factory=JttConfig)  # the jtt row's upweighting of the base's mistakes
+    jtt: JttConfig = field(default_factory=JttConfig)  # the jtt row's identification model and upweighting of its mistakes
     dfr: DfrConfig = field(default_factory=DfrConfig)  # the dfr row's last-layer retraining
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
+    registry: RegistryConfig = field(default_factory=RegistryConfig)  # the MLflow Model Registry
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -176,6 +188,7 @@ EPS_MODES = ("fixed", "calibrated")
 # `model.weights` also take a word, "latest" and "imagenet", which no `~` starts).
 PATH_KEYS = ("output_dir", "base_checkpoint", "resume", "data.root", "data.cache_dir", "data.split_file",
              "model.weights", "gan.checkpoint")
+JTT_FINALS = ("retrain", "finetune")  # where jtt's final model starts (mitigations/jtt.py)
 
 
 def choices() -> dict[str, list[str]]:
@@ -185,7 +198,7 @@ def choices() -> dict[str, list[str]]:
             "finetune.attack_model": list(ATTACK_MODELS), "data.on_bad_image": list(BAD_IMAGE_POLICIES),
             "finetune.batchnorm": list(BATCHNORM_MODES), "finetune.select": list(SELECTION_RULES),
             "finetune.eps_mode": list(EPS_MODES), "finetune.steps": list(STEP_RULES),
-            "model.protected_classifier": list(PROTECTED_CLASSIFIERS)}
+            "model.protected_classifier": list(PROTECTED_CLASSIFIERS), "jtt.final": list(JTT_FINALS)}
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -97,10 +97,11 @@ def _validate_mitigations(cfg: Config) -> None:
                         "weights; default 0.01, Sagawa et al. 2020)")
     if cfg.jtt.upweight < 1:
         raise UserError(f"config key 'jtt.upweight': must be >= 1, got {cfg.jtt.upweight} (λ < 1 would draw the "
-                        "base's mistakes less often than the rest; default 50, Liu et al. 2021)")
-    if not cfg.dfr.c_grid or min(cfg.dfr.c_grid) <= 0:
+                        "identification model's mistakes less often than the rest; default 50, Liu et al. 2021)")
+    _in_range("jtt.identification_epochs", cfg.jtt.identification_epochs, 1, None)
+    if cfg.dfr.c_grid is not None and (not cfg.dfr.c_grid or min(cfg.dfr.c_grid) <= 0):
         raise UserError(f"config key 'dfr.c_grid': need at least one C > 0, got {cfg.dfr.c_grid} "
-                        "(default [1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01])")
+                        "(default null: the DFR code's grid for the dataset)")
     _in_range("dfr.retrains", cfg.dfr.retrains, 1, None)
 
 

@@ -3,12 +3,13 @@ head refit by ℓ1-regularised logistic regression on a group-balanced subset of
 
 As the authors' code does it (PolinaKirichenko/deep_feature_reweighting, dfr_evaluate_spurious.py): features are
 the backbone's outputs (model in eval mode), standardised; the inverse regularisation strength C is chosen from
-`dfr.c_grid` by the worst-group accuracy on one half of valid of a model fit on a balanced subset of the other
-half (standardised on that subset); the final head is the mean of `dfr.retrains` fits at that C, each on a fresh
-balanced draw of the whole valid split, standardised with the train split's feature statistics. The objective is
-liblinear's, ‖w‖₁ + C Σᵢ log(1 + exp(−sᵢ w·[xᵢ, 1])) with the intercept a penalised feature (`l1_logistic`, solved
-here by FISTA instead of by scikit-learn, which the package does not depend on). The one departure: the halves are
-split within each group, so that both hold every group (the code splits at random).
+`dfr.c_grid` (by default the code's grid for the dataset: `c_grid`) by the worst-group accuracy on one half of
+valid of a model fit on a balanced subset of the other half (standardised on that subset); the final head is the
+mean of `dfr.retrains` fits at that C, each on a fresh balanced draw of the whole valid split, standardised with
+the train split's feature statistics. The objective is liblinear's, ‖w‖₁ + C Σᵢ log(1 + exp(−sᵢ w·[xᵢ, 1])) with
+the intercept a penalised feature (`l1_logistic`, solved here by FISTA instead of by scikit-learn, which the package
+does not depend on). The one departure: the halves are split within each group, so that both hold every group (the
+code splits at random).
 
 So valid is spent: DFR trains on its balanced subsets and selects C on its halves; no epoch is selected on it
 (there are no epochs: no minibatch step of stage 3, the backbone and the protected head untouched), and the
@@ -26,6 +27,18 @@ from ..rows import MODES, Mode
 from .groups import GROUPS, check_groups, dataset_groups, forward_pass
 
 MIN_PER_GROUP = 2  # every group in both halves of valid (one to fit on, one to choose C on)
+
+# The C grids of the DFR code (PolinaKirichenko/deep_feature_reweighting, dfr_evaluate_spurious.py, commit 46666e6,
+# its C_OPTIONS): the WaterBirds grid it runs, and the CelebA grid it gives beside it (commented out there, as each
+# dataset's run swaps its lines in) with REG = "l1".
+WATERBIRDS_C_GRID = [1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01]
+C_GRIDS = {"celeba": [3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 0.003]}  # data.name → its published grid
+
+
+def c_grid(cfg) -> list[float]:
+    """The C tried: `dfr.c_grid` when the user set it, else the DFR code's grid for `data.name` (CelebA's for celeba,
+    WaterBirds' for every other dataset, the generated one included)."""
+    return list(cfg.dfr.c_grid if cfg.dfr.c_grid is not None else C_GRIDS.get(cfg.data.name, WATERBIRDS_C_GRID))
 
 
 def l1_logistic(x: torch.Tensor, y: torch.Tensor, c: float, iterations: int = 20000, tol: float = 1e-8) -> torch.Tensor:
@@ -122,7 +135,7 @@ def retrain_last_layer(model: TwoHeadModel, train_set, valid_set, cfg, accelerat
     valid_features = forward_pass(model, valid_set, batch, device)[0].double()  # [n_valid, d]
     y, groups = valid_set.targets.long(), dataset_groups(valid_set)
     check_groups(groups, MIN_PER_GROUP, "finetune.mode=dfr (the valid split)")
-    best, scores = choose_c(valid_features, y, groups, list(cfg.dfr.c_grid), generator)
+    best, scores = choose_c(valid_features, y, groups, c_grid(cfg), generator)
     mean, std = _standardiser(forward_pass(model, train_set, batch, device)[0].double())
     fits = []
     for _ in range(cfg.dfr.retrains):
