@@ -33,6 +33,7 @@ from .errors import UserError, interrupted_in
 from .evaluate import evaluate, write_results
 from .failpoints import failpoint
 from .mitigations.groups import dataset_groups, group_counts
+from .mlflow_models import log_model
 from .models import BACKBONES, TwoHeadModel
 from .report import format_table, plot_ig_figure, plot_robustness
 from .resume import INCOMPLETE, RunState, find_run, mark_complete, mark_incomplete, run_lock
@@ -224,7 +225,7 @@ def finish_model(name: str, model: TwoHeadModel, cfg: Config, splits: Splits, ac
         (folder / "replicas.json").write_text(json.dumps(replicas, indent=2))
         save_checkpoint(whole_state_dict(model), cfg, folder, name)
         if name != "probe":  # the probe's M is the base's; what it adds, C, is no model to ship
-            tracker.log_model(folder, name)
+            tracker.with_client(lambda client, run_id: log_model(client, run_id, folder, name, cfg))
         tracker.log_metrics(curve_metrics(analysis))
         tracker.log_metrics({k: v for k, v in analysis.items() if isinstance(v, float)})
         for path in (*files, folder / "model.safetensors", folder / "config.yaml"):

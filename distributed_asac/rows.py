@@ -24,6 +24,11 @@ from .gan_engine import latent_pairs, load_generator
 from .models import TwoHeadModel, eval_mode
 from .registry import Registry
 
+# What a row's prepare hook may need of stage 1 (jtt's identification model: the stage-1 initialisation, an ERM
+# trainer, a random state left as found), filled by stages.py when it is imported (stage3.py imports it): the rows
+# are imported by config, which stages and runtime import, so a row cannot import them itself.
+STAGE_ONE: dict[str, Callable] = {}
+
 if TYPE_CHECKING:
     from torch.utils.data import Dataset, Sampler
 

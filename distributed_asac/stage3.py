@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from . import selection
+from . import selection, stages  # noqa: F401 - stages fills rows.STAGE_ONE for jtt's prepare hook
 from .attacks import create_attack, magnitudes
 from .calibration import Calibrated, attack_success, calibrate_eps
 from .checkpoint import whole_model, whole_state_dict

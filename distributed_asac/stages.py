@@ -21,7 +21,8 @@ from .data.datasets import Splits
 from .evaluate import evaluate
 from .loop import Progress, run_epochs
 from .models import TwoHeadModel, create_model, set_trainable
-from .runtime import adam, check_finite, global_batchnorm, seed_everything, train_loader
+from .rows import STAGE_ONE
+from .runtime import adam, check_finite, global_batchnorm, random_state_kept, seed_everything, train_loader
 from .tracking import Tracker
 
 # stage → (output of TwoHeadModel.forward it trains, the valid metric that selects the best epoch)
@@ -124,3 +125,6 @@ def train_erm(model: TwoHeadModel, train_set, cfg: Config, accelerator: Accelera
         run_epochs("ERM", epochs, training.loader, accelerator, None, lambda: Progress({}, {}),
                    lambda epoch, batches, progress: training.epoch(epoch, batches))
     return whole_model(model, cfg.model.backbone)
+
+
+STAGE_ONE.update(initial_model=initial_model, train_erm=train_erm, random_state_kept=random_state_kept)

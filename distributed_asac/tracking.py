@@ -410,12 +410,11 @@ class Tracker:
         if self.active:
             self._store(lambda: log_table(self._client, self.run_id, rows, artifact_file))
 
-    def log_model(self, folder: Path, row: str) -> None:
-        """The checkpoint in `folder` as an MLflow Model of this run (mlflow_models.log_model)."""
+    def with_client(self, write: Callable[[Any, str], None]) -> None:
+        """`write(client, run_id)` against this run, with every store write's fault handling (e.g. logging an MLflow
+        Model: mlflow_models.log_model, which imports this module, so the caller passes it in)."""
         if self.active:
-            from .mlflow_models import log_model
-
-            self._store(lambda: log_model(self._client, self.run_id, folder, row, self.cfg))
+            self._store(lambda: write(self._client, self.run_id))
 
     def describe(self, markdown: str, whole: str) -> None:
         """The run's description (markdown, shown first on its page); `whole` names where the full text is."""

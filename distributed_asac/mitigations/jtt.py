@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Sampler
 
 from ..models import TwoHeadModel
-from ..rows import mode, plain
+from ..rows import STAGE_ONE, mode, plain
 from .groups import forward_pass
 
 
@@ -71,9 +71,8 @@ def find_errors(cfg, model, train_set, accelerator, tracker) -> tuple[torch.Tens
     the fine-tune's summary (a warning when that share is one M collapsed at); with `jtt.final: retrain`, M of
     `model` (the base's copy that stage 3 trains) back at stage 1's initialisation. The random state is left as it
     was, so that stage 3 draws what every row of the seed draws."""
-    from ..runtime import random_state_kept  # runtime and stages import config, which imports this package
-    from ..stages import initial_model, train_erm
-
+    initial_model, train_erm, random_state_kept = (STAGE_ONE[k] for k in ("initial_model", "train_erm",
+                                                                          "random_state_kept"))
     with random_state_kept(accelerator):
         start = initial_model(cfg, accelerator)
         identification = train_erm(copy.deepcopy(start), train_set, cfg, accelerator, cfg.jtt.identification_epochs)
