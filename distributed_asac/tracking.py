@@ -59,7 +59,7 @@ def probe_store(uri: str, where: str, registry: bool = False) -> None:
             socket.create_connection((parsed.hostname or "localhost", port), timeout=PROBE_TIMEOUT_S).close()
         except OSError as err:
             reason = err.strerror or type(err).__name__
-            raise UserError(f"MLflow {kind} server {uri} ({where}) is unreachable: {reason}; start the server or "
+            raise UserError(f"MLflow {kind.replace(' store', '')} server {uri} ({where}) is unreachable: {reason}; start the server or "
                             f"{fix}") from None
     from mlflow.tracking import MlflowClient
 
