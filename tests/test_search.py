@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.test_sweep import EXPERIMENT, REPO, _env, _marked_processes, _sweep_cli, _write_sweep, ray_tmp  # noqa: F401
+from tests.test_sweep import REPO, _env, _marked_processes, _sweep_cli, _write_sweep, ray_tmp  # noqa: F401
 from tune import search
 from tune.records import RECORD, TrialRecord, read_state
 from tune.spec import load_sweep
