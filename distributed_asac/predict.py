@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -65,6 +66,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     with exit_on_user_error():
         import mlflow
 
+        if os.environ.get("MLFLOW_TRACKING_URI"):  # the command's store is the environment's, whatever this process
+            mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])  # set before (a run sets its own globally)
         side = int(model_info(args.model).metadata["image_size"])
         images = read_images(args.images, side, args.model)
         predictions = mlflow.pyfunc.load_model(args.model).predict(images)
