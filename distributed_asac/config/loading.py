@@ -3,8 +3,10 @@ field's type; and the config.yaml saved beside every run and checkpoint, written
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import functools
 import math
 import os
 import types
@@ -58,16 +60,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except UnicodeDecodeError as err:
             raise UserError(f"config file {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}); pass "
                             "a YAML file to --config") from None
-        try:
-            data = yaml.load(source, Loader=UniqueKeyLoader)
-            # every scalar as written (BaseLoader resolves no types): a name field keeps `experiment: 0x1F` as
-            # "0x1F", which the load above reads as 31
-            written_data = yaml.load(source, Loader=yaml.BaseLoader)
-        except RepeatedKey as err:
-            raise UserError(f"config file {str(path)!r}: {err}; the second would silently replace the first: "
-                            "keep one (merge the two)") from None
-        except Exception as err:  # noqa: BLE001 - PyYAML's constructors raise more than YAMLError on bad input
-            raise UserError(f"config file {str(path)!r} is not valid YAML: {first_line(err)}") from None
+        # copies: the parse is cached (a sweep loads the same file once per trial) and a list value is assigned
+        # into the config as it is
+        data, written_data = copy.deepcopy(_parse_config_file(str(path), source))
         data = {} if data is None else data  # an empty file (or only comments) sets nothing
         if not isinstance(data, dict):
             raise UserError(f"config file {str(path)!r} must hold a mapping of keys (e.g. `finetune:` then "
@@ -83,6 +78,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         _set_typed(cfg, key.strip(), text)
     validate(cfg)
     return cfg
+
+
+@functools.lru_cache(maxsize=32)
+def _parse_config_file(path: str, source: str) -> tuple[Any, Any]:
+    """(the file read as YAML, the file with every scalar as written) of a config file's text; a UserError naming
+    `path` where it is not YAML."""
+    try:
+        data = yaml.load(source, Loader=UniqueKeyLoader)
+        # every scalar as written (BaseLoader resolves no types): a name field keeps `experiment: 0x1F` as "0x1F",
+        # which the load above reads as 31
+        return data, yaml.load(source, Loader=yaml.BaseLoader)
+    except RepeatedKey as err:
+        raise UserError(f"config file {path!r}: {err}; the second would silently replace the first: "
+                        "keep one (merge the two)") from None
+    except Exception as err:  # noqa: BLE001 - PyYAML's constructors raise more than YAMLError on bad input
+        raise UserError(f"config file {path!r} is not valid YAML: {first_line(err)}") from None
 
 
 def load_cli_config(path: Optional[str], overrides: list[str]) -> Config:
@@ -147,7 +158,13 @@ def _field(cfg: Config, key: str) -> tuple[Any, str, Any]:
         close = difflib.get_close_matches(key, all_keys(cfg), n=1, cutoff=0.6)
         hint = f" (did you mean {close[0]!r}?)" if close else " (see distributed_asac/config/schema.py for the keys)"
         raise UserError(f"unknown config key {key!r}{hint}")
-    return obj, leaf, typing.get_type_hints(type(obj))[leaf]
+    return obj, leaf, _type_hints(type(obj))[leaf]
+
+
+@functools.cache
+def _type_hints(section: type) -> dict[str, Any]:
+    """A config section's field types (resolving them costs more than loading a config without the cache)."""
+    return typing.get_type_hints(section)
 
 
 def _set(cfg: Config, key: str, value: Any, written: Optional[str] = None) -> None:
@@ -167,7 +184,7 @@ def _set_typed(cfg: Config, key: str, text: str) -> None:
     obj, leaf, hint = _field(cfg, key)
     if not _holds_text(hint):
         try:
-            value = yaml.safe_load(text) if text else ""
+            value = copy.deepcopy(_yaml_value(text)) if text else ""  # a copy: a list is assigned as it is
         except yaml.YAMLError:
             value = text  # the type check below names the key and the value
     elif text == "null" and hint is not str:
@@ -181,6 +198,12 @@ def _set_typed(cfg: Config, key: str, text: str) -> None:
                 quoted = None
             value = quoted if isinstance(quoted, str) else text
     _assign(obj, leaf, key, value, hint)
+
+
+@functools.lru_cache(maxsize=4096)
+def _yaml_value(text: str) -> Any:
+    """A command line's value read as YAML (cached: a sweep gives every trial the same overrides)."""
+    return yaml.safe_load(text)
 
 
 def _assign(obj: Any, leaf: str, key: str, value: Any, hint: Any) -> None:
