@@ -154,9 +154,11 @@ def reference(tmp_path_factory, data) -> Path:
 
 @pytest.mark.parametrize("point, first_epoch", [
     # in stage 1, after its first epoch's state is saved; slow (~16 s): the SIGTERM test below stops and resumes
-    # a run at this same point, and the stale lock and metric histories are checked by the other two
+    # a run at this same point, and the stale lock and metric histories are checked by the other points
     pytest.param("stage.epoch_end:stage=base,epoch=1", "base epoch 2:", marks=pytest.mark.slow),
-    ("finetune.step:epoch=2,step=3", "finetune epoch 2:"),  # in stage 3 mid-epoch: epoch 2 restarts from its start
+    # in stage 3 mid-epoch, epoch 2 restarting from its start; slow (~45 s): the point below also resumes stage 3
+    # at epoch 2, from a harder state (the last epoch's files written but not renamed into place)
+    pytest.param("finetune.step:epoch=2,step=3", "finetune epoch 2:", marks=pytest.mark.slow),
     # stages 1-2 finished, stage 3 not begun; slow (~15 s): the other points resume mid-stage, a harder case
     pytest.param("pipeline.between_stages:finished=probe", "finetune epoch 1:", marks=pytest.mark.slow),
     # during the save of stage 3's last epoch, its files written but not yet renamed into place: the previous
