@@ -346,6 +346,29 @@ def test_resume_latest_takes_the_newest_sweep_of_the_same_grids(tmp_path):
             pass
 
 
+def test_resume_of_a_sweep_kept_without_its_store_nests_the_rest_under_a_new_parent(tmp_path, capsys):
+    """A sweep folder kept (e.g. in git) while its mlflow.db was lost: --resume says so in a line, starts a new
+    parent run and writes its id into sweep.json; the records already in the folder are not touched."""
+    path = _write_sweep(tmp_path, "kept", {"g": {"order": ["ascending"]}})
+    sweep = load_sweep(path)
+    with open_sweep(sweep, parse_args(["--config", str(path)])) as (folder, state):
+        first = state["parent_run_id"]
+    record = folder / "trials" / "t000" / RECORD
+    record.parent.mkdir(parents=True)
+    record.write_text('{"kept": true}')
+    # the store it names is gone (a fresh file: this process keeps the first store's connection open)
+    state = read_state(folder)
+    state["tracking_uri"] = f"sqlite:///{tmp_path / 'gone.db'}"
+    (folder / "sweep.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    with open_sweep(sweep, parse_args(["--config", str(path), "--resume"])) as (again, state):
+        assert again == folder and state["parent_run_id"] != first
+    assert f"does not hold this sweep's parent run {first}" in capsys.readouterr().out
+    assert read_state(folder)["parent_run_id"] == state["parent_run_id"] and record.read_text() == '{"kept": true}'
+    parent = MlflowClient(f"sqlite:///{tmp_path / 'gone.db'}").get_run(state["parent_run_id"])
+    assert parent.info.status == "RUNNING" and parent.data.tags["sweep_dir"] == str(folder)
+
+
 def test_paper_grid_shares_its_default_point(tmp_path):
     """Tables 3–6 around one default: 16 settings × 3 seeds, and one base per backbone and seed."""
     spec = yaml.safe_load((REPO / "configs" / "sweeps" / "paper_ablations.yaml").read_text())
