@@ -255,10 +255,11 @@ def _compare_seeds(cfg: Config, seeds: list[int], variants: Optional[list[dict]]
 
 def chosen_models(out: ComparisonOutput, cfg: Config) -> list[Chosen]:
     """The model of each row and seed that the run chose, with the row's verdicts: today the checkpoint each
-    model's run ends with (the base: stage 1's last epoch; a fine-tuned row: the epoch finetune.select kept)."""
+    model's run ends with (the base: stage 1's epoch with the best valid ACC, the one stage 1 keeps; a fine-tuned
+    row: the epoch finetune.select kept)."""
     def rule(row: str, report: dict) -> str:
         if row == "base":
-            return f"the last epoch of stage 1 (epoch {cfg.base.epochs})"
+            return f"stage 1's epoch with the best valid ACC (of {cfg.base.epochs})"
         epoch = report.get("selected_epoch")
         return f"finetune.select={cfg.finetune.select}" + (f" (epoch {epoch} of {cfg.finetune.epochs})" if epoch else "")
 

@@ -56,7 +56,7 @@ def test_each_row_and_seed_is_a_registered_version_with_its_figures_and_verdicts
             low, high = report["ci95_bootstrap"]["worst_group_ACC"]
             assert tags["test_worst_group_ACC"] == f"{report['worst_group_ACC']:.2f} [{low:.2f}, {high:.2f}]"
             assert {"test_DEO", "test_ACC", "git_commit", "selection"} <= set(tags)
-            assert tags["selection"] == ("the last epoch of stage 1 (epoch 4)" if row == "base"
+            assert tags["selection"] == ("stage 1's epoch with the best valid ACC (of 4)" if row == "base"
                                          else "finetune.select=last (epoch 1 of 1)")
             verdicts = {p["reference"] for p in out.paired if p["row"] == row}
             assert {k for k in tags if k.startswith("verdict_vs_")} == {f"verdict_vs_{r}" for r in verdicts}
