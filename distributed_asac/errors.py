@@ -103,7 +103,7 @@ def exit_on_user_error(command: Optional[list[str]] = None):
               file=sys.stderr)
         sys.exit(2)
     except Exception as err:
-        if cause(err, lambda e: isinstance(e, sqlite3.OperationalError) and "database or disk is full" in str(e)):
+        if store_full(err):
             print("error: the MLflow tracking store is full (sqlite: database or disk is full); free space on its "
                   "disk or point tracking.uri at another store, then rerun (resume=latest continues an interrupted "
                   "run)", file=sys.stderr)
@@ -146,6 +146,11 @@ def cause(err: BaseException, matches: Callable[[BaseException], bool]) -> Optio
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+def store_full(err: BaseException) -> bool:
+    """Whether `err`, however wrapped, is a sqlite tracking store that cannot grow (its disk, or its page limit)."""
+    return cause(err, lambda e: isinstance(e, sqlite3.OperationalError) and "database or disk is full" in str(e)) is not None
 
 
 def first_line(err: BaseException) -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .checkpoint import CONFIG, WEIGHTS
 from .config import Config
-from .errors import ResumableError, UserError
+from .errors import ResumableError, UserError, store_full
 from .metrics import COLUMNS
 from .resume import STATE
 from .tracking import check_store, environment, experiment_artifacts, probe_store, provenance, tracking_uri
@@ -85,6 +85,8 @@ def log_model(client, run_id: str, folder: Path, row: str, cfg: Config) -> None:
                       signature=signature(cfg.data.image_size), pip_requirements=list(requirements()),
                       metadata=model_metadata(row, cfg))
     except mlflow.exceptions.MlflowException as err:
+        if store_full(err):  # the tracking store, not the artifact store: the entry points' line for a full store
+            raise
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise ResumableError(f"the MLflow Model of {row} ({folder}) could not be stored in the artifact store of "
                              f"{tracking_uri(cfg)}: {reason}; make room there or raise its upload limit") from None
