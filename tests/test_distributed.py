@@ -80,13 +80,14 @@ def test_ddp_two_cpu_processes(base_checkpoint):
     _check(folder, overrides, "MULTI_CPU", zero_stage=None)
 
 
+@pytest.mark.slow  # ~64 s (DeepSpeed's imports in two processes): the DDP launch above covers the launch path by default
 def test_deepspeed_zero2_two_cpu_processes(base_checkpoint):
     tmp, overrides, ckpt = base_checkpoint
     folder = _launch("deepspeed_zero2.yaml", {}, tmp, [*overrides, f"base_checkpoint={ckpt}"], "zero2")
     _check(folder, overrides, "DEEPSPEED", zero_stage=2)  # not plain DDP: ACCELERATE_USE_CPU would drop DeepSpeed
 
 
-@pytest.mark.slow  # ~80 s: the ZeRO-2 test above takes DeepSpeed through Accelerate in the default run
+@pytest.mark.slow  # ~80 s: three stages under ZeRO-3
 def test_deepspeed_zero3_two_cpu_processes(base_checkpoint):
     """All three stages under ZeRO-3 (no base checkpoint): the best-epoch keep and restore, stage 2 preparing
     the model again and stage 3 on a copy of it. deepspeed_zero3.json partitions every parameter (persistence
