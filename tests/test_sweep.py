@@ -424,6 +424,17 @@ def test_report_mean_and_interval_over_seeds(tmp_path):
         assert len(list(csv.DictReader(f))) == 4
 
 
+def test_a_setting_asha_stopped_says_stopped_not_failed():
+    """A setting whose every trial ASHA stopped has no numbers, and its cells say so (they said "failed")."""
+    records = [_record("a0", 0, 0.1, 90.0), _record("c0", 0, None, None, "stopped", backbone="resnet50"),
+               _record("c1", 1, None, None, "stopped", backbone="resnet50"),
+               _record("d0", 0, None, None, "stopped", backbone="densenet121"),
+               _record("d1", 1, None, None, "failed", backbone="densenet121")]
+    table = report.markdown_table(report.grid_rows(records, ["backbone"]), ["backbone"])
+    assert "|  | resnet50 | stopped early | stopped early | stopped early | stopped early | stopped early | 0/2 (2 stopped early) |" in table
+    assert "|  | densenet121 | none finished | none finished | none finished | none finished | none finished | 0/2 (1 failed, 1 stopped early) |" in table
+
+
 def test_paired_rows_against_the_grid_reference():
     # reference alpha 0.5 first; 0.3 lowers DEO by 0.10, 0.11, 0.12 (interval below 0); 0.7 moves it ±0.05
     records = [_record(f"r{s}", s, 0.5, 90.0) for s in range(3)]

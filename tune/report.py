@@ -77,6 +77,7 @@ def grid_rows(records: list[TrialRecord], axes: list[str]) -> list[dict[str, Any
         row = _row(model, json.loads(key), finished, len(group))
         row["errors"] = sorted({r.error for r in group if r.error})
         row["pending"] = sum(r.status == "pending" for r in group)
+        row["stopped"] = sum(r.status == "stopped" for r in group)
         rows.append(row)
     return rows
 
@@ -162,17 +163,29 @@ def markdown_table(rows: list[dict[str, Any]], axes: list[str]) -> str:
         cells = [row["model"], *(format_setting(row["setting"].get(a, "—")) for a in axes)]
         for metric, fmt in METRICS + tuple(extra):
             mean, half = row["stats"][metric]
-            missing = "pending" if row.get("pending") == row["total"] else ("failed" if row["n"] == 0 else "n/a")
-            cells.append(missing if mean is None else fmt.format(mean) + ("" if half is None else " ± " + fmt.format(half)))
+            cells.append(_missing(row) if mean is None else fmt.format(mean) + ("" if half is None else " ± " + fmt.format(half)))
         lines.append("| " + " | ".join(cells + [_seeds_cell(row)]) + " |")
     return "\n".join(lines)
+
+
+def _unfinished(row: dict[str, Any]) -> dict[str, int]:
+    """How many of a row's trials failed, were stopped early (ASHA) and are pending."""
+    pending, stopped = row.get("pending", 0), row.get("stopped", 0)
+    return {"failed": row["total"] - row["n"] - pending - stopped, "stopped early": stopped, "pending": pending}
+
+
+def _missing(row: dict[str, Any]) -> str:
+    """A metric cell without a number: what became of the row's trials when none finished, else n/a."""
+    if row["n"]:
+        return "n/a"
+    counts = _unfinished(row)
+    return next((what for what, count in counts.items() if count == row["total"]), "none finished")
 
 
 def _seeds_cell(row: dict[str, Any]) -> str:
     if row["n"] == row["total"]:
         return str(row["n"])
-    failed = row["total"] - row["n"] - row.get("pending", 0)
-    parts = [f"{failed} failed"] * bool(failed) + [f"{row.get('pending')} pending"] * bool(row.get("pending"))
+    parts = [f"{count} {what}" for what, count in _unfinished(row).items() if count]
     return f"{row['n']}/{row['total']} ({', '.join(parts)})"
 
 
