@@ -172,9 +172,9 @@ def test_sweep_finishes_and_records_the_failed_trial(swept):
     assert sorted(r["axes"]["finetune.epochs"] for r in finished) == [1, 3]
     for r in finished:
         assert 0 <= r["metrics"]["DEO"] <= 1 and 0 <= r["metrics"]["ACC"] <= 100
-    # Trials ran at once (writing to one sqlite store): the killed attempt's pair, or the resumed pair.
-    spans = sorted((r["started"], r["started"] + r["seconds"]) for r in records.values())
-    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
+    # That two trials ran at once (writing to one sqlite store) is established by the fixture, not by the clock:
+    # the driver was killed only when one trial was paused at its epoch 2 while another was paused at its record
+    # (comparing the records' start and end times raced the scheduler: one fresh-clone run in five failed).
 
 
 def test_mlflow_children_nested_under_one_parent(swept):
