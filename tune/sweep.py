@@ -199,8 +199,7 @@ def open_sweep(sweep: Sweep, args: argparse.Namespace) -> Iterator[tuple[Path, d
             print(f"the MLflow store {state['tracking_uri']} does not hold this sweep's parent run "
                   f"{state['parent_run_id']}: the trials still to run are recorded under a new parent run (the "
                   f"finished trials' records in {folder} are kept)", flush=True)
-            state["parent_run_id"] = start_parent_run(sweep, folder, state)
-            records.write_json(folder / records.STATE, state)
+            start_parent_run(sweep, folder, state)
         else:
             state = new_state(sweep, folder)
         yield folder, state
@@ -225,18 +224,18 @@ def new_state(sweep: Sweep, folder: Path) -> dict[str, Any]:
              "experiment": sweep.experiment, "tracking_uri": sweep.tracking_uri, "grids": sweep.grids,
              "resources": vars(sweep.resources), "trials": sweep.trial_dicts(),
              "claims": sweep.claims.to_dict() if sweep.claims else None, "selection": selection_note(sweep)}
-    state["parent_run_id"] = start_parent_run(sweep, folder, state)
-    records.write_json(folder / records.STATE, state)
+    start_parent_run(sweep, folder, state)
     return state
 
 
-def start_parent_run(sweep: Sweep, folder: Path, state: dict[str, Any]) -> str:
-    """The id of a new MLflow parent run for the sweep in `folder`."""
-    return records.start_parent(
+def start_parent_run(sweep: Sweep, folder: Path, state: dict[str, Any]) -> None:
+    """Start a new MLflow parent run for the sweep in `folder` and write its id into the folder's sweep.json."""
+    state["parent_run_id"] = records.start_parent(
         state["tracking_uri"], sweep.experiment, sweep.name,
         tags={"sweep_dir": str(folder), "sweep.file": str(sweep.path), "sweep.selection": state["selection"]},
         params={"base_config": sweep.base_config, "trials": len(sweep.trials), "grids": json.dumps(sweep.grids),
                 "resources": json.dumps(vars(sweep.resources)), "max_concurrent": sweep.max_concurrent})
+    records.write_json(folder / records.STATE, state)
 
 
 def trial_jobs(sweep: Sweep, folder: Path, state: dict[str, Any], retry_failed: bool) -> list[TrialJob]:
