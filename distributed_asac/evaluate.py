@@ -26,18 +26,30 @@ from .metrics import fairness_report, group_counts
 @dataclass
 class Evaluation:
     counts: torch.Tensor  # int64 [2, 2, 2]: counts[y, a, ŷ] of the target head, summed over ranks
-    protected_correct: int  # images whose protected head (C) predicts a correctly
+    # int64 [2, 2]: images by [y == a, C right], summed over ranks. Row 1 holds the images whose target equals their
+    # protected label (on a biased train split, most of them): a C that reads the protected label off the target is
+    # right there and wrong in row 0, so the two rows tell reading the attribute from reading it through the target.
+    protected_counts: torch.Tensor
     flips: Optional[int] = None  # images whose ŷ changes on their counterfactual twin (generated data only)
     rows: list[tuple] = field(default_factory=list)  # main process: (image_id, y, a, ŷ, score[, ŷ_twin])
 
     def report(self) -> dict[str, object]:
-        """fairness_report plus the probe's accuracy and the counterfactual flip rate."""
+        """fairness_report plus the protected head's accuracy (`protected_ACC`; `protected_ACC_y_eq_a` and
+        `protected_ACC_y_ne_a` on the images whose target equals / differs from their protected label) and the
+        counterfactual flip rate."""
         n = int(self.counts.sum())
         report = fairness_report(self.counts)
-        report["protected_ACC"] = 100.0 * self.protected_correct / n if n else math.nan
+        report["protected_ACC"] = _percent(self.protected_counts[:, 1].sum(), self.protected_counts.sum())
+        report["protected_ACC_y_eq_a"] = _percent(self.protected_counts[1, 1], self.protected_counts[1].sum())
+        report["protected_ACC_y_ne_a"] = _percent(self.protected_counts[0, 1], self.protected_counts[0].sum())
         if self.flips is not None:
             report["CF_flip_rate"] = self.flips / n if n else math.nan
         return report
+
+
+def _percent(hits: torch.Tensor, images: torch.Tensor) -> float:
+    """100·hits/images; NaN where there are no images."""
+    return 100.0 * int(hits) / int(images) if int(images) else math.nan
 
 
 def sync_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:
@@ -77,7 +89,7 @@ def evaluate(
                           num_workers=num_workers)
 
     counts = torch.zeros(2, 2, 2, dtype=torch.long, device=device)
-    protected_correct = torch.zeros((), dtype=torch.long, device=device)
+    protected_counts = torch.zeros(2, 2, dtype=torch.long, device=device)  # [y == a, C right]
     flips = torch.zeros((), dtype=torch.long, device=device)
     rows: list[tuple] = []
     image_ids = getattr(dataset, "image_ids", None)
@@ -89,7 +101,8 @@ def evaluate(
         target_logits, protected_logits = model(x)  # [b, 2] each
         y_hat = target_logits.argmax(1)
         counts += group_counts(y, a, y_hat)
-        protected_correct += (protected_logits.argmax(1) == a).sum()
+        cell = (y == a).long() * 2 + (protected_logits.argmax(1) == a).long()  # [b] in 0..3: row-major [2, 2]
+        protected_counts += torch.bincount(cell, minlength=4).view(2, 2)
         score = target_logits.softmax(1)[:, 1]
         columns = [idx.tolist(), y.tolist(), a.tolist(), y_hat.tolist(), score.tolist()]
         if twin_batch is not None:
@@ -105,12 +118,12 @@ def evaluate(
     model.train(was_training)
 
     counts = accelerator.reduce(counts, reduction="sum")
-    protected_correct = accelerator.reduce(protected_correct, reduction="sum")
+    protected_counts = accelerator.reduce(protected_counts, reduction="sum")
     flips = accelerator.reduce(flips, reduction="sum")
     all_rows = gather_object(rows) if world > 1 else rows
     return Evaluation(
         counts=counts.cpu(),
-        protected_correct=int(protected_correct),
+        protected_counts=protected_counts.cpu(),
         flips=int(flips) if twins is not None else None,
         rows=sorted(all_rows, key=lambda r: str(r[0])) if accelerator.is_main_process else [],
     )

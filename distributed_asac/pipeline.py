@@ -265,8 +265,9 @@ def train_base_and_probe(cfg: Config, splits: Splits, accelerator: Accelerator, 
             results[stage] = finish_model(stage, model, cfg, splits, accelerator, tracker, run_dir / stage, attacker)
         state.finish(stage, results[stage], accelerator)
         failpoint("pipeline.between_stages", finished=stage, seed=cfg.seed)
-    # The probe's M is the base's M, and its C is the one stage 3 attacks: its curves and mechanism numbers are the
-    # base row's (the base's own results.json and MLflow run, written before the probe existed, lack them).
+    # The probe's M is the base's M, and its C is the one stage 3 attacks: its curves, mechanism numbers and accuracy
+    # are the base row's (the base's own results.json and MLflow run, written before the probe existed, lack them or
+    # hold an untrained C's).
     results["base"] = {**results["base"], **{k: v for k, v in results["probe"].items() if needs_attacker(k)}}
     return model, results
 

@@ -133,6 +133,25 @@ def test_gradient_cosine_is_plus_or_minus_one_when_c_is_ms_head(a_equals_y, cosi
     assert out["grad_abs_cosine_mean"] == pytest.approx(1.0, abs=1e-5)
 
 
+class _Mixed(_Labelled):
+    """Images 0..3 with a = y, images 4..7 with a = 1 − y (C = M's head: cos +1 on the first, −1 on the rest)."""
+
+    def __init__(self):
+        super().__init__(8, a_equals_y=True)
+        self.a = torch.where(torch.arange(8) < 4, self.y, 1 - self.y)
+
+
+def test_abs_cosine_quartiles_see_alignment_that_the_signed_ones_split():
+    # Signed cosines, sorted: four −1 then four +1; torch's linear quantiles at positions 0.25·7, 0.5·7, 0.75·7 =
+    # 1.75, 3.5, 5.25 give −1, 0 (halfway from −1 to +1) and +1, and the mean is 0. Every |cos| is 1: so are its
+    # quartiles.
+    model = _Linear(tied=True, seed=0)
+    out = gradient_alignment(model, model, _Mixed(), [0.01], n_images=8, batch_size=3, device=torch.device("cpu"))
+    assert [out[f"grad_cosine_{q}"] for q in ("q25", "median", "q75")] == pytest.approx([-1.0, 0.0, 1.0], abs=1e-5)
+    assert [out[f"grad_abs_cosine_{q}"] for q in ("q25", "median", "q75")] == pytest.approx([1.0] * 3, abs=1e-5)
+    assert out["grad_cosine_mean"] == pytest.approx(0.0, abs=1e-5)
+
+
 def test_per_image_cosine_holds_for_tiny_gradients_and_leaves_out_vanished_ones():
     # A confident model's input gradients are 1e-20 and smaller: in float32 the product of their norms underflows
     # (torch's cosine_similarity then returned |cos| > 1). Hand values: parallel 1, opposite −1, orthogonal 0.
@@ -160,6 +179,10 @@ def test_gradient_cosine_and_flips_on_independent_heads_match_a_direct_computati
     assert out["grad_cosine_mean"] == pytest.approx(sum(cosines) / 10, abs=1e-5)
     assert out["grad_abs_cosine_mean"] == pytest.approx(sum(map(abs, cosines)) / 10, abs=1e-5)
     assert out["grad_cosine_median"] == pytest.approx(float(torch.tensor(cosines).double().quantile(0.5)), abs=1e-5)
+    by_hand = sorted(map(abs, cosines))  # ten values: the quartiles at positions 2.25, 4.5, 6.75 interpolate
+    for name, low, share in (("q25", 2, 0.25), ("median", 4, 0.5), ("q75", 6, 0.75)):
+        expected = by_hand[low] + share * (by_hand[low + 1] - by_hand[low])
+        assert out[f"grad_abs_cosine_{name}"] == pytest.approx(expected, abs=1e-5), name
     assert abs(out["grad_cosine_mean"]) < 0.5  # independent random heads: far from ±1
     assert out["asac_flips_M_eps_0.5"] == out["asac_flips_M"] == flips / 10
     assert 0 < flips < 10  # the case tells flipped from kept apart

@@ -61,3 +61,30 @@ def test_against_fairlearn(seed):
     tpr = [true_positive_rate(y[a == g], y_hat[a == g]) for g in (0, 1)]
     assert metrics.deop(counts) == pytest.approx(abs(tpr[0] - tpr[1]))
     assert metrics.accuracy(counts) == pytest.approx(100 * np.mean(y == y_hat))
+
+
+class _Planted(torch.nn.Module):
+    """Two heads whose predictions are written in the image: pixel [0, 0, 0] is ŷ, pixel [1, 0, 0] is C's guess."""
+
+    def forward(self, x, protected=True):
+        y_hat, c_hat = x[:, 0, 0, 0].long(), x[:, 1, 0, 0].long()
+        return torch.nn.functional.one_hot(y_hat, 2).float(), torch.nn.functional.one_hot(c_hat, 2).float()
+
+
+def test_protected_accuracy_where_the_target_equals_the_protected_label_and_where_not():
+    from accelerate import Accelerator
+    from torch.utils.data import TensorDataset
+
+    from distributed_asac.evaluate import evaluate
+
+    # (y, a, C's guess): six images with y = a, C right on five; four with y ≠ a, C right on one (the last).
+    rows = [(0, 0, 0), (0, 0, 0), (1, 1, 1), (1, 1, 1), (1, 1, 1), (0, 0, 1),
+            (0, 1, 0), (1, 0, 1), (1, 0, 1), (0, 1, 1)]
+    y, a, c_hat = (torch.tensor(column) for column in zip(*rows))
+    images = torch.zeros(len(rows), 3, 2, 2)
+    images[:, 1, 0, 0] = c_hat.float()
+    dataset = TensorDataset(images, y, a, torch.arange(len(rows)))
+    report = evaluate(Accelerator(cpu=True), _Planted(), dataset, batch_size=3).report()
+    assert report["protected_ACC_y_eq_a"] == pytest.approx(100 * 5 / 6)
+    assert report["protected_ACC_y_ne_a"] == pytest.approx(100 * 1 / 4)
+    assert report["protected_ACC"] == pytest.approx(100 * 6 / 10)
