@@ -84,13 +84,16 @@ def set_trainable(model: nn.Module, stage: str) -> None:
     backbone, when it has one).
 
     Frozen parameters get requires_grad=False, so DDP and DeepSpeed skip them instead of waiting for
-    gradients that never come.
+    gradients that never come. Every gradient is cleared: the last step of the stage before leaves its parameters'
+    gradients in place, which the gradient clipping of this stage would count (a stage of a resumed run, or one
+    started from a checkpoint, never saw them).
     """
     if stage not in ("base", "probe", "finetune"):
         raise ValueError(f"unknown stage {stage!r}")
     train_probe_head = stage == "probe"
     for name, param in model.named_parameters():
         param.requires_grad = name.startswith(("protected_head.", "protected_backbone.")) == train_probe_head
+        param.grad = None
 
 
 @contextmanager
