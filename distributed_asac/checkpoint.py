@@ -18,14 +18,15 @@ from torch import nn
 from .config import Config, read_saved_config, save_config
 from .errors import UserError, one_line
 from .files import atomic_path
-from .models import TwoHeadModel, create_model, protected_classifier
+from .models import WRITTEN_BY, TwoHeadModel, create_model, protected_classifier
 
 WEIGHTS = "model.safetensors"
+PRETRAINED = "backbone.safetensors"  # what stage 0 writes: θ alone, a file for model.weights (pretrain.py)
 CONFIG = "config.yaml"
-STAGES = {"base": 1, "probe": 2}  # the models stages 1 and 2 write; every other model is a fine-tuned row (stage 3)
-# The weights' metadata key that records who wrote them, its value JSON ({"row": ..., "stage": ...}): one key, since
-# safetensors writes several in a random order per process, and equal runs must write equal bytes.
-WRITTEN_BY = "distributed_asac.written_by"
+# the models stages 1 and 2 write, and stage 0's backbone; every other model is a fine-tuned row (stage 3)
+STAGES = {"pretrain": 0, "base": 1, "probe": 2}
+# WRITTEN_BY, the weights' metadata key that records who wrote them, holds JSON ({"row": ..., "stage": ...}): one
+# key, since safetensors writes several in a random order per process, and equal runs must write equal bytes.
 
 
 def stage_of(name: str) -> int:
@@ -43,6 +44,19 @@ def save_checkpoint(state_dict: dict, cfg: Config, folder: Path, name: str) -> N
         save_file(tensors, str(tmp), metadata={WRITTEN_BY: json.dumps({"row": name, "stage": stage_of(name)})})
     with atomic_path(folder / CONFIG) as tmp:
         save_config(cfg, tmp)
+
+
+def save_pretrained(backbone_state: dict, cfg: Config, folder: Path) -> Path:
+    """Write stage 0's θ (`folder/backbone.safetensors`, its metadata naming the backbone, so that a run of another
+    backbone refuses it) and `folder/config.yaml`, each atomically; returns the weights' path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {key: t.detach().cpu().contiguous() for key, t in backbone_state.items()}
+    written_by = {"row": "pretrain", "stage": STAGES["pretrain"], "backbone": cfg.model.backbone}
+    with atomic_path(folder / PRETRAINED) as tmp:
+        save_file(tensors, str(tmp), metadata={WRITTEN_BY: json.dumps(written_by)})
+    with atomic_path(folder / CONFIG) as tmp:
+        save_config(cfg, tmp)
+    return folder / PRETRAINED
 
 
 def origin(folder: Path) -> Optional[str]:

@@ -11,6 +11,7 @@ returns (feature extractor, feature dimension, normalisation mean, normalisation
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -148,12 +149,54 @@ def _load_local_weights(model: nn.Module, weights: Optional[str], name: str) -> 
         ) from None
 
 
+# The safetensors metadata key that records who wrote a weights file, its value JSON: {"row", "stage"} of a model
+# checkpoint (checkpoint.py), and {"row": "pretrain", "stage": 0, "backbone"} of the backbone file stage 0 writes.
+WRITTEN_BY = "distributed_asac.written_by"
+
+
+def pretrained_backbone(weights: Optional[str], name: str) -> Optional[dict[str, torch.Tensor]]:
+    """θ's state dict from `weights` if it is a file stage 0 wrote (pretrain.py) for the backbone `name`; None for
+    anything else (no weights, "imagenet", a torchvision file), which the caller reads as before. A stage-0 file of
+    another backbone is a UserError naming both."""
+    if weights is None or Path(weights).suffix != ".safetensors" or not Path(weights).is_file():
+        return None  # "imagenet" too
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(weights, "pt") as opened:
+            written_by = json.loads((opened.metadata() or {}).get(WRITTEN_BY, "{}"))
+    except Exception:  # noqa: BLE001 - not a readable safetensors file: the torchvision path names the problem
+        return None
+    if not isinstance(written_by, dict) or written_by.get("stage") != 0:
+        return None
+    if written_by.get("backbone") != name:
+        theirs = written_by.get("backbone")
+        raise UserError(f"model.weights {weights!r} holds a {theirs} backbone (written by stage 0 of a run with "
+                        f"model.backbone={theirs}), not a {name}; set model.backbone={theirs}, or pretrain a {name} "
+                        "(pretrain.epochs > 0)")
+    return load_file(weights)
+
+
+def _load_backbone(net: nn.Module, state: dict[str, torch.Tensor], weights: str, name: str) -> None:
+    """Load θ's state dict from a stage-0 file into `net`, the backbone without its classifier."""
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as err:  # a file edited by hand, or written by another release's architecture
+        raise UserError(f"model.weights {weights!r} does not fit {name}'s backbone ({str(err).splitlines()[0]}); "
+                        "pretrain it again (pretrain.epochs > 0)") from None
+
+
 def _torchvision(name: str, classifier_attr: str) -> BackboneFactory:
     def factory(weights: Optional[str]) -> tuple[nn.Module, int, tuple, tuple]:
         net = getattr(torchvision.models, name)(weights=None)
-        _load_local_weights(net, weights, name)
+        pretrained = pretrained_backbone(weights, name)
+        if pretrained is None:
+            _load_local_weights(net, weights, name)
         dim = getattr(net, classifier_attr).in_features
         setattr(net, classifier_attr, nn.Identity())  # the two heads replace the final layer
+        if pretrained is not None:  # stage 0 saved θ without the classifier
+            _load_backbone(net, pretrained, weights, name)
         return net, dim, IMAGENET_MEAN, IMAGENET_STD
 
     return factory
@@ -170,8 +213,11 @@ def small_cnn(weights: Optional[str]) -> tuple[nn.Module, int, tuple, tuple]:
     The stride-2 stem quarters the work of every later layer, so the CPU demo trains in minutes; batch norm is there on
     purpose, so that the tests of "attacks leave BN statistics alone" test something.
     """
-    if weights is not None:
-        raise UserError("model.weights is not supported for small_cnn (it has no pretrained weights)")
+    pretrained = pretrained_backbone(weights, "small_cnn")
+    if weights is not None and pretrained is None:
+        raise UserError(f"model.weights {weights!r} is not a small_cnn backbone written by stage 0 (small_cnn has no "
+                        "torchvision weights); give the backbone.safetensors of a run with pretrain.epochs > 0, or "
+                        "leave model.weights unset")
     widths = (16, 32, 64, 64)
     layers: list[nn.Module] = []
     in_ch = 3
@@ -185,4 +231,7 @@ def small_cnn(weights: Optional[str]) -> tuple[nn.Module, int, tuple, tuple]:
             layers.append(nn.MaxPool2d(2))
         in_ch = width
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    return nn.Sequential(*layers), widths[-1], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    net = nn.Sequential(*layers)
+    if pretrained is not None:
+        _load_backbone(net, pretrained, weights, "small_cnn")
+    return net, widths[-1], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

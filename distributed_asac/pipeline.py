@@ -1,7 +1,8 @@
 """The three stages end to end, each one MLflow run with its results, predictions and checkpoint.
 
-Run folder: `<output_dir>/<experiment>/<timestamp>/` holding `base/`, `probe/` (stages 1–2) and one folder
-per fine-tuned model, each with `results.json`, `predictions.csv`, `model.safetensors` and `config.yaml`,
+Run folder: `<output_dir>/<experiment>/<timestamp>/` holding `pretrain/` (stage 0, when it runs: `backbone.safetensors`),
+`base/`, `probe/` (stages 1–2) and one folder per fine-tuned model, each with `results.json`, `predictions.csv`,
+`model.safetensors` and `config.yaml`,
 plus the run's merged `results.json` and `table.md`. A new folder per invocation: a failed or repeated run
 never overwrites a finished one. `resume=latest` or `resume=<run folder>` continues a killed run in its own
 folder and MLflow runs instead, skipping finished stages (resume.py).
@@ -25,8 +26,10 @@ from accelerate.utils import broadcast_object_list, gather_object
 from safetensors.torch import load_file, save_file
 
 from .analysis import analyse, curve_metrics, figure_indices, ig_maps, needs_attacker
-from .checkpoint import WEIGHTS, check_base_folder, load_checkpoint, save_checkpoint, whole_state_dict
+from .checkpoint import (PRETRAINED, WEIGHTS, check_base_folder, load_checkpoint, origin, save_checkpoint,
+                         save_pretrained, whole_state_dict)
 from .config import Config, check_batch_sizes, save_config
+from .config.schema import get_key
 from .data.build import build_splits
 from .data.datasets import Splits
 from .errors import UserError, interrupted_in
@@ -40,6 +43,7 @@ from .resume import INCOMPLETE, RunState, find_run, mark_complete, mark_incomple
 from .rows import MODES, in_table_order, row_name
 from .runtime import make_accelerator, on_main_process, seed_everything, zero_stage
 from .selection import NEEDS_GROUPS
+from .pretrain import check_pretraining, pretrain
 from .stage3 import finetune
 from .stages import initial_model, train_stage
 from .stats import bootstrap_interval
@@ -240,16 +244,49 @@ def run_name(model: str, label: Optional[str]) -> str:
     return f"{model} · {label}" if label else model
 
 
+def train_stage_zero(cfg: Config, accelerator: Accelerator, run_dir: Path, tags: dict[str, str], state: RunState,
+                     label: Optional[str]) -> Path:
+    """Stage 0 (pretrain.py), unless a killed attempt finished it: `run_dir/pretrain/` gets θ's file, its config and
+    its report (the accuracy per attribute on its set's test split), and it is an MLflow run of its own. Returns the
+    file, which stage 1 starts from."""
+    folder = run_dir / "pretrain"
+    if state.finished("pretrain") is None:
+        with Tracker(cfg, run_name("pretrain", label), accelerator.is_main_process, {**tags, "stage": "pretrain"},
+                     state.run_id("pretrain")) as tracker:
+            state.record_run("pretrain", tracker.run_id)
+            backbone, report = pretrain(cfg, accelerator, tracker, folder / "state")
+            tracker.log_metrics({f"test_{k}": v for k, v in report.items()})
+            if accelerator.is_main_process:
+                path = save_pretrained(backbone, cfg, folder)
+                (folder / "results.json").write_text(json.dumps({"pretrain": report}, indent=2, allow_nan=True))
+                for artifact in (path, folder / "results.json", folder / "config.yaml"):
+                    tracker.log_artifact(artifact)
+            accelerator.wait_for_everyone()
+        state.finish("pretrain", report, accelerator)
+        failpoint("pipeline.between_stages", finished="pretrain", seed=cfg.seed)
+    return folder / PRETRAINED
+
+
 def train_base_and_probe(cfg: Config, splits: Splits, accelerator: Accelerator, run_dir: Path,
-                         tags: dict[str, str], state: RunState,
-                         label: Optional[str] = None) -> tuple[TwoHeadModel, dict[str, dict]]:
-    """Stages 1 and 2 from scratch (or from where a killed attempt left them); the model of `run_dir/probe`
-    is the base checkpoint for stage 3. The model's initialisation and each stage after it start from the
+                         tags: dict[str, str], state: RunState, label: Optional[str] = None,
+                         until: Optional[str] = None) -> tuple[Optional[TwoHeadModel], dict[str, dict]]:
+    """Stages 0 (with pretrain.epochs > 0), 1 (unless `cfg.stage1_checkpoint` gives its M) and 2 from scratch (or
+    from where a killed attempt left them); the model of `run_dir/probe` is the base checkpoint for stage 3. Stage 1
+    starts from stage 0's θ as from `model.weights` (so do an independent C's own backbone, and the configs saved
+    beside the checkpoints, which name the file). The model's initialisation and each stage after it start from the
     random state `cfg.seed`, so a run resumed between stages draws the same numbers as one that was not.
-    `label` goes into the run names (`run_name`)."""
-    model = initial_model(cfg, accelerator)
-    results = {}
+    `label` goes into the run names (`run_name`); `until` ("pretrain" or "base") stops after that stage."""
+    if cfg.pretrain.epochs > 0:
+        weights = train_stage_zero(cfg, accelerator, run_dir, tags, state, label)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=str(weights)))
+    if until == "pretrain":
+        return None, {}
+    model, results = initial_model(cfg, accelerator), {}
+    if cfg.stage1_checkpoint:
+        results["base"] = load_stage_one(cfg, model)
     for stage in ("base", "probe"):
+        if stage in results:  # stage 1's M loaded from stage1_checkpoint
+            continue
         if state.finished(stage) is not None:  # a resumed run: this stage's model and report are on disk
             results[stage] = state.finished(stage)
             model.load_state_dict(load_file(str(run_dir / stage / WEIGHTS)))
@@ -265,6 +302,8 @@ def train_base_and_probe(cfg: Config, splits: Splits, accelerator: Accelerator, 
             results[stage] = finish_model(stage, model, cfg, splits, accelerator, tracker, run_dir / stage, attacker)
         state.finish(stage, results[stage], accelerator)
         failpoint("pipeline.between_stages", finished=stage, seed=cfg.seed)
+        if stage == until:
+            return model, results
     # The probe's M is the base's M, and its C is the one stage 3 attacks: its curves, mechanism numbers and accuracy
     # are the base row's (the base's own results.json and MLflow run, written before the probe existed, lack them or
     # hold an untrained C's).
@@ -274,20 +313,50 @@ def train_base_and_probe(cfg: Config, splits: Splits, accelerator: Accelerator, 
 
 BASE_KEYS = ("model.backbone", "model.protected_classifier", "data.target", "data.protected",
              "data.image_size")  # what a base fixes
+# What a stage-1 M fixes for the stage 2 trained on it: C's own backbone (independent) starts from model.weights.
+STAGE_ONE_KEYS = (*(key for key in BASE_KEYS if key != "model.protected_classifier"), "model.weights")
+
+
+def _check_fixed(cfg: Config, saved: Config, keys: tuple[str, ...], given: str) -> None:
+    """Refuse a checkpoint (config key `given`) whose config differs from this run's on `keys`."""
+    ours, theirs = cfg.flat(), saved.flat()
+    for key in keys:
+        if ours[key] != theirs[key]:
+            raise UserError(
+                f"{given} {get_key(cfg, given)!r} was trained with {key}={theirs[key]} but this run has "
+                f"{key}={ours[key]}; set {key}={theirs[key]} or train a new base (leave {given} unset)"
+            )
 
 
 def load_base(cfg: Config) -> TwoHeadModel:
     """The model of `cfg.base_checkpoint`, checked to match the config on every key that a base fixes."""
     check_base_folder(Path(cfg.base_checkpoint))
     model, saved = load_checkpoint(cfg.base_checkpoint)
-    ours, theirs = cfg.flat(), saved.flat()
-    for key in BASE_KEYS:
-        if ours[key] != theirs[key]:
-            raise UserError(
-                f"base_checkpoint {cfg.base_checkpoint!r} was trained with {key}={theirs[key]} but this run has "
-                f"{key}={ours[key]}; set {key}={theirs[key]} or train a new base (leave base_checkpoint unset)"
-            )
+    _check_fixed(cfg, saved, BASE_KEYS, "base_checkpoint")
     return model
+
+
+def load_stage_one(cfg: Config, model: Optional[TwoHeadModel] = None) -> dict:
+    """Check `cfg.stage1_checkpoint` (a base/ folder stage 1 wrote, of a matching config) and load its M (θ, ρ and the
+    still untrained φ) into `model`; C's own backbone (independent) stays as `initial_model` drew it, as stage 1
+    would have left it. Returns the base's report (its results.json). With no `model`, only checks."""
+    folder = Path(cfg.stage1_checkpoint)
+    given = f"stage1_checkpoint {str(folder)!r}"
+    written = origin(folder) if (folder / WEIGHTS).is_file() else None
+    if written != "base":
+        what = f"holds the model {written!r}" if written else f"holds no {WEIGHTS} written by this project"
+        raise UserError(f"{given} {what}, not stage 1's M; point stage1_checkpoint at the base/ folder of a run")
+    _, saved = load_checkpoint(folder)  # a damaged file or config is one line naming it
+    _check_fixed(cfg, saved, STAGE_ONE_KEYS, "stage1_checkpoint")
+    state = {key: t for key, t in load_file(str(folder / WEIGHTS)).items()
+             if not key.startswith("protected_backbone.")}  # an independent run's stage 1 left C's own untouched
+    if model is not None:
+        missing = [key for key in model.state_dict() if not key.startswith("protected_backbone.") and key not in state]
+        if missing:
+            raise UserError(f"{given} lacks {missing[0]} ({len(missing)} tensors of M); point it at an intact base/ "
+                            "folder")
+        model.load_state_dict(state, strict=False)
+    return json.loads((folder / "results.json").read_text())["base"]
 
 
 def run_finetune(cfg: Config, base: TwoHeadModel, splits: Splits, accelerator: Accelerator, run_dir: Path,
@@ -328,7 +397,7 @@ class RunOutput:
 
 def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optional[Accelerator] = None,
         parent_run_id: Optional[str] = None, run_dir: Optional[Path] = None, resume: bool = False,
-        label: Optional[str] = None) -> RunOutput:
+        label: Optional[str] = None, until: Optional[str] = None) -> RunOutput:
     """Stages 1–2 (or the base checkpoint), then stage 3 once per variant of `cfg.finetune` (default: the
     config's own), all on one Accelerator. Every model is one MLflow run, nested under `parent_run_id` if
     given (a sweep's or a comparison's parent run) and named after the model and `label`, what tells these
@@ -338,7 +407,10 @@ def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optiona
 
     `cfg.resume` (or `resume=True` with the `run_dir` of an unfinished run, as a resumed comparison passes)
     continues that run in its folder and MLflow runs: finished stages are skipped, an unfinished one
-    continues from its last epoch end, and the results equal an uninterrupted run's."""
+    continues from its last epoch end, and the results equal an uninterrupted run's.
+
+    `until` ("pretrain" or "base", with no variants) ends the run after that stage: a sweep's base cache trains
+    stages 0 and 1 once each for every trial they define (tune/trials.py)."""
     accelerator = accelerator or make_accelerator()
     if cfg.resume and run_dir is None:
         run_dir, resume = find_run(cfg, "pipeline"), True
@@ -355,7 +427,7 @@ def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optiona
                       flush=True)
         else:
             state = RunState.create(run_dir, "pipeline", variants, accelerator)
-        results = train_rows(cfg, variants, base, splits, accelerator, run_dir, state, parent_run_id, label)
+        results = train_rows(cfg, variants, base, splits, accelerator, run_dir, state, parent_run_id, label, until)
     return RunOutput(run_dir, results)
 
 
@@ -367,11 +439,15 @@ def check_run(cfg: Config, variants: Optional[list[dict]],
     preflight(cfg, accelerator)
     seed_everything(cfg.seed, accelerator)
     base = load_base(cfg) if cfg.base_checkpoint else None  # before the data: a bad checkpoint costs nothing
+    if cfg.stage1_checkpoint:
+        load_stage_one(cfg)
     if base is None and cfg.model.weights:  # a bad weights file: refused now, not once the run folder exists
         with torch.random.fork_rng(devices=[]):  # the throwaway network must not move the run's random state
             BACKBONES.get(cfg.model.backbone)(cfg.model.weights)
     splits = build_splits(cfg, accelerator)
     check_splits(cfg, splits)
+    if base is None and cfg.pretrain.epochs > 0:
+        check_pretraining(cfg, accelerator)
     check_batch_sizes(cfg, len(splits.train), accelerator.num_processes,
                       ("finetune",) if base is not None else ("base", "probe", "finetune"))
     for overrides in variants or [{}]:  # what a row cannot run on (no generator file, no train twins) stops it now
@@ -385,17 +461,17 @@ def check_run(cfg: Config, variants: Optional[list[dict]],
 
 def train_rows(cfg: Config, variants: Optional[list[dict]], base: Optional[TwoHeadModel], splits: Splits,
                accelerator: Accelerator, run_dir: Path, state: RunState, parent_run_id: Optional[str],
-               label: Optional[str]) -> dict[str, dict]:
-    """Stages 1–2 (unless `base` is given), then stage 3 once per variant, then the run's summary: the run folder
-    is complete. Returns model name → test report."""
+               label: Optional[str], until: Optional[str] = None) -> dict[str, dict]:
+    """Stages 0–2 (unless `base` is given), then stage 3 once per variant (none after `until`), then the run's
+    summary: the run folder is complete. Returns model name → test report."""
     tags = {"run_dir": str(run_dir)}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     if base is not None:
         results = {}
     else:
-        base, results = train_base_and_probe(cfg, splits, accelerator, run_dir, tags, state, label)
-    for overrides in variants or [{}]:
+        base, results = train_base_and_probe(cfg, splits, accelerator, run_dir, tags, state, label, until)
+    for overrides in [] if until else variants or [{}]:
         variant = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, **overrides))
         if variant.finetune.mode == "base" and "base" in results:
             continue  # the base row is already evaluated

@@ -183,11 +183,16 @@ def random_state_kept(accelerator: Accelerator) -> Iterator[None]:
         np.random.set_state(numpy)
 
 
-def adam(params, lr: float, cfg: Config, weight_decay: float = 0.0) -> torch.optim.Adam:
+def adam(params, lr: float, cfg: Config, weight_decay: float = 0.0, slower=(), scale: float = 1.0) -> torch.optim.Adam:
     """Adam with the paper's settings (docs/method.md, Defaults) over the parameters that require grad; weight_decay
-    adds its ℓ2 penalty (stage 3's finetune.weight_decay)."""
+    adds its ℓ2 penalty (stage 3's finetune.weight_decay). The parameters among `slower` (a backbone) take the
+    learning rate lr·`scale` (the stages' backbone_lr_scale), in a parameter group of their own."""
     trainable = [p for p in params if p.requires_grad]
-    return torch.optim.Adam(trainable, lr=lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=weight_decay)
+    slow = {id(p) for p in slower} if scale != 1.0 else set()
+    groups = [{"params": [p for p in trainable if id(p) not in slow]},
+              {"params": [p for p in trainable if id(p) in slow], "lr": lr * scale}]
+    return torch.optim.Adam([g for g in groups if g["params"]], lr=lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+                            weight_decay=weight_decay)
 
 
 def check_finite(what: str, loss: float, model: torch.nn.Module, lr_key: str, lr: float) -> None:

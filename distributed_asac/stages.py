@@ -49,16 +49,25 @@ class _Training:
     loader: DataLoader
     cfg: Config
     accelerator: Accelerator
+    frozen: Optional[nn.Module]  # the stage's backbone when backbone_lr_scale is 0, else None
 
     @classmethod
     def prepare(cls, stage: str, model: TwoHeadModel, train_set, cfg: Config, accelerator: Accelerator) -> _Training:
         stage_cfg = getattr(cfg, stage)
         set_trainable(model, stage)
-        optimizer = adam(model.parameters(), stage_cfg.lr, cfg)
+        # The backbone the stage trains, θ in stage 1 and C's own in stage 2 (a probe has none), at the lower rate
+        # users give pretrained backbones: the whole backbone against the heads, for every backbone of the registry
+        # alike (the names of early layers differ by architecture). 0 freezes it.
+        own = model.backbone if stage == "base" else model.protected_backbone
+        frozen = own if own is not None and stage_cfg.backbone_lr_scale == 0 else None
+        if frozen is not None:
+            frozen.requires_grad_(False)  # DDP and DeepSpeed skip frozen parameters
+        optimizer = adam(model.parameters(), stage_cfg.lr, cfg, slower=own.parameters() if own is not None else (),
+                         scale=stage_cfg.backbone_lr_scale)
         loader = train_loader(uint8_images(train_set), stage_cfg.batch_size, f"{stage}.batch_size", accelerator,
                               cfg.data.num_workers)
         wrapped, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-        return cls(stage, model, wrapped, optimizer, loader, cfg, accelerator)
+        return cls(stage, model, wrapped, optimizer, loader, cfg, accelerator, frozen)
 
     def epoch(self, epoch: int, batches) -> float:
         """One pass over `batches` (the loader, maybe behind a progress bar), one step per minibatch; returns the
@@ -67,6 +76,8 @@ class _Training:
         self.wrapped.train(stage == "base")
         if stage == "probe" and model.protected_backbone is not None:  # an independent C trains its own backbone
             model.protected_backbone.train()
+        if self.frozen is not None:  # a frozen backbone keeps its batch-norm statistics too, as the probe's θ does
+            self.frozen.eval()
         loss_sum = torch.zeros((), device=accelerator.device)
         seen = torch.zeros((), device=accelerator.device)
         for x, y, a, _ in batches:

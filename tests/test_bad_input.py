@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from distributed_asac import finetune, pipeline, tracking
-from distributed_asac.checkpoint import WRITTEN_BY
+from distributed_asac.checkpoint import WRITTEN_BY, save_pretrained
 from distributed_asac.config import load_config, save_config
 from distributed_asac.data.celeba_format import ATTRIBUTE_FILE, read_attribute_file, write_attribute_file
 from distributed_asac.locks import LOCK, acquire
@@ -256,6 +256,18 @@ def output_dir_is_a_file(world: World, tmp_path: Path) -> list[str]:
     return [f"output_dir={tmp_path / 'a_file'}"]
 
 
+def pretrained_small_cnn(world: World, tmp_path: Path) -> list[str]:
+    """A backbone file as stage 0 writes it, of a small_cnn (the earlier run's θ), given to a resnet18 run."""
+    theta = {k.removeprefix("backbone."): t for k, t in load_file(world.probe / "model.safetensors").items()
+             if k.startswith("backbone.")}
+    path = save_pretrained(theta, load_config(SMOKE), tmp_path / "pretrain")
+    return ["model.backbone=resnet18", f"model.weights={path}"]
+
+
+def stage_one_folder_of_a_probe(world: World, tmp_path: Path) -> list[str]:
+    return [f"stage1_checkpoint={world.probe}"]
+
+
 def classifier_as_generator(world: World, tmp_path: Path) -> list[str]:
     """A safetensors file that is no generator: the earlier run's classifier weights."""
     return [f"gan.checkpoint={world.probe / 'model.safetensors'}"]
@@ -381,6 +393,21 @@ CASES = {
     "base_checkpoint_is_a_run_folder": Case([], r"base_checkpoint '.*/earlier/\d{8}-\d{6}' is a run folder, not a "
                                                 r"checkpoint; point base_checkpoint at .*/earlier/\d{8}-\d{6}/probe, its "
                                                 r"base", setup=run_folder),
+    # stage 0 and the backbones users start from (pretrain.py, docs/feature_rich.md)
+    "pretrain_unknown_attribute": Case(["pretrain.epochs=1", "pretrain.attributes=[Smiling,Beard]"],
+                                       r"config key 'pretrain\.attributes' names an attribute the generator does not "
+                                       r"draw, 'Beard'; give .* \(valid: Big_Nose, Eyeglasses, Male, Smiling, Wavy_Hair\)"),
+    "pretrain_on_the_runs_own_faces": Case(["pretrain.epochs=1", "pretrain.seed=0"],
+                                           r"'pretrain\.seed' and 'data\.synthetic_seed' are both 0: .*set pretrain\.seed"),
+    "backbone_lr_scale_negative": Case(["base.backbone_lr_scale=-0.5"],
+                                       r"config key 'base\.backbone_lr_scale': -0\.5 is below 0; give the backbone's "
+                                       r"learning rate as a share of base\.lr, >= 0 \(0: frozen"),
+    "pretrained_weights_of_another_backbone": Case([], r"model\.weights '.*backbone\.safetensors' holds a small_cnn "
+                                                       r"backbone .*not a resnet18; set model\.backbone=small_cnn",
+                                                   setup=pretrained_small_cnn),
+    "stage1_checkpoint_of_a_probe": Case([], r"stage1_checkpoint '.*/probe' holds the model 'probe', not stage 1's M; "
+                                             r"point stage1_checkpoint at the base/ folder of a run",
+                                         setup=stage_one_folder_of_a_probe),
     # Accelerate's environment: DeepSpeed asked for in a process no launcher started
     "deepspeed_without_a_launcher": Case([], r"ACCELERATE_USE_DEEPSPEED=true, but this process was not started by a "
                                              r"launcher .*accelerate launch --config_file launch/deepspeed_zero2\.yaml",

@@ -11,12 +11,12 @@ from .loading import (RepeatedKey, UniqueKeyLoader, check_given_once, config_fro
                       read_saved_config, save_config)
 from .schema import (ATTACK_MODELS, BATCHNORM_MODES, EPS_MODES, SELECTION_RULES, STEP_RULES, AnalysisConfig, Config,
                      DataConfig, DfrConfig, FinetuneConfig, GanConfig, GroupDroConfig, JttConfig, ModelConfig,
-                     StageConfig, TrackingConfig, choices)
+                     PretrainConfig, StageConfig, TrackingConfig, choices)
 from .validation import GENERATOR_KEYS, MAX_SEED, SEED_KEYS, check_batch_sizes, per_rank_batch, validate
 
 __all__ = ["ATTACK_MODELS", "BATCHNORM_MODES", "EPS_MODES", "GENERATOR_KEYS", "MAX_SEED", "SEED_KEYS",
            "SELECTION_RULES", "STEP_RULES", "AnalysisConfig", "Config", "DataConfig", "DfrConfig", "FinetuneConfig",
-           "GanConfig", "GroupDroConfig", "JttConfig", "ModelConfig", "RepeatedKey", "StageConfig", "TrackingConfig",
-           "UniqueKeyLoader", "check_batch_sizes", "check_given_once", "choices", "config_from_dict", "describe_keys",
-           "help_text", "load_cli_config", "load_config", "per_rank_batch", "read_saved_config", "save_config",
+           "GanConfig", "GroupDroConfig", "JttConfig", "ModelConfig", "PretrainConfig", "RepeatedKey", "StageConfig",
+           "TrackingConfig", "UniqueKeyLoader", "check_batch_sizes", "check_given_once", "choices", "config_from_dict",
+           "describe_keys", "help_text", "load_cli_config", "load_config", "per_rank_batch", "read_saved_config", "save_config",
            "validate"]

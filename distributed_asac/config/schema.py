@@ -18,6 +18,7 @@ from ..attacks import ATTACKS
 from ..curriculum import ORDERS
 from ..data.datasets import DATASETS
 from ..data.faces import BAD_IMAGE_POLICIES
+from ..data.synthetic_labels import ATTRIBUTES as PRETRAIN_ATTRIBUTES
 from ..models import BACKBONES, PROTECTED_CLASSIFIERS
 from ..rows import MODES
 
@@ -45,7 +46,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "small_cnn"  # the backbone θ (models.BACKBONES)
-    weights: Optional[str] = None  # None: random init; "imagenet": torchvision's file in the torch cache; or a path
+    weights: Optional[str] = None  # None: random init; "imagenet": torchvision's file in the torch cache; or a path: a torchvision state dict, or the backbone.safetensors stage 0 writes (any backbone, its own name checked)
     protected_classifier: str = "probe"  # probe: C is a linear head on M's backbone (the paper); independent: C has its own backbone, trained in stage 2
 
 
@@ -55,6 +56,21 @@ class StageConfig:
 
     epochs: int = 10  # passes over the train split
     batch_size: int = 64  # images per optimizer step over all processes (global; each of W ranks takes batch_size / W)
+    lr: float = 1e-3  # Adam learning rate
+    backbone_lr_scale: float = 1.0  # the learning rate of the backbone the stage trains, as a share of lr (its heads keep lr): stage 1's θ, stage 2's C's own backbone (model.protected_classifier=independent; a probe has none); 0: that backbone frozen, batch-norm statistics too; >= 0
+
+
+@dataclass
+class PretrainConfig:
+    """Stage 0 (pretrain.py): θ trained on several attributes of its own generated face set, drawn balanced, so that
+    stage 1 starts from generic face features, as a CelebA user's ImageNet-pretrained backbone does."""
+
+    epochs: int = 0  # passes over its train split; 0: no stage 0 (stage 1 starts from model.weights)
+    attributes: list[str] = field(default_factory=lambda: list(PRETRAIN_ATTRIBUTES))  # the generated attributes θ learns, one logistic output each (valid: Big_Nose, Eyeglasses, Male, Smiling, Wavy_Hair); include data.protected for a backbone that keeps it
+    num_images: int = 6000  # images of its generated set (70/10/20 train/valid/test); every attribute a fair coin, independent of the others (P(Smiling == Male) = 0.5 in every split)
+    seed: int = 1  # the seed of its generated set and of its training, not `seed`: every seed of a study starts from one pretrained θ, as from one ImageNet file; differs from data.synthetic_seed, so its faces are not the run's
+    root: str = "data/pretrain"  # folder of its generated set (made on first use, at data.image_size, data.synthetic_smile_floor and data.synthetic_beard_strength)
+    batch_size: int = 64  # images per optimizer step over all processes (global, as in stages 1–3)
     lr: float = 1e-3  # Adam learning rate
 
 
@@ -153,6 +169,7 @@ class Config:
     seeds: Optional[list[int]] = None  # the comparison (python -m distributed_asac.demo) runs once per seed; None: [seed]
     output_dir: str = "runs"  # run folders go to <output_dir>/<experiment>/<timestamp>
     base_checkpoint: Optional[str] = None  # a folder written by stages 1–2; None: train them first
+    stage1_checkpoint: Optional[str] = None  # a base/ folder written by stage 1: stages 0–1 are not run, its M is loaded and stage 2 trains C on it (how a sweep shares one M between probe kinds); None: train stage 1
     resume: Optional[str] = None  # "latest" (newest unfinished run of the experiment) or a run folder: continue it
     grad_clip: float = 1.0  # max gradient norm of every step (> 0)
     sync_batchnorm: bool = True  # batch norm in training over the global batch (all ranks), not each rank's share
@@ -160,6 +177,7 @@ class Config:
     adam_eps: float = 1e-8  # Adam ε
     data: DataConfig = field(default_factory=DataConfig)  # the dataset and its loading
     model: ModelConfig = field(default_factory=ModelConfig)  # the shared backbone θ
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # stage 0 (optional): θ pretrained on generated attributes, drawn balanced
     base: StageConfig = field(default_factory=lambda: StageConfig(epochs=8))  # stage 1: M (θ, ρ) on the target
     probe: StageConfig = field(default_factory=lambda: StageConfig(epochs=3))  # stage 2: C (φ) on the protected attribute, θ frozen
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # stage 3: ASAC fine-tuning or a comparator
@@ -186,8 +204,8 @@ STEP_RULES = ("per_chunk", "per_minibatch")
 EPS_MODES = ("fixed", "calibrated")
 # Keys whose value is a path: a leading `~` there is the home folder, as a shell would read it (`resume` and
 # `model.weights` also take a word, "latest" and "imagenet", which no `~` starts).
-PATH_KEYS = ("output_dir", "base_checkpoint", "resume", "data.root", "data.cache_dir", "data.split_file",
-             "model.weights", "gan.checkpoint")
+PATH_KEYS = ("output_dir", "base_checkpoint", "stage1_checkpoint", "resume", "data.root", "data.cache_dir",
+             "data.split_file", "model.weights", "gan.checkpoint", "pretrain.root")
 JTT_FINALS = ("retrain", "finetune")  # where jtt's final model starts (mitigations/jtt.py)
 
 

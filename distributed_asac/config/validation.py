@@ -7,12 +7,13 @@ from typing import Any
 
 from ..data.datasets import synthetic_arguments
 from ..data.synthetic import check_arguments as check_generator_arguments
+from ..data.synthetic_labels import ATTRIBUTES as SYNTHETIC_ATTRIBUTES
 from ..errors import UserError
 from ..registry import suggest
 from .schema import Config, choices, get_key
 
 
-SEED_KEYS = ("seed", "data.split_seed", "data.synthetic_seed")
+SEED_KEYS = ("seed", "data.split_seed", "data.synthetic_seed", "pretrain.seed")
 MAX_SEED = 2**31 - 1  # numpy seeds must lie in [0, 2**32); rank r adds r to `seed`
 
 
@@ -40,10 +41,10 @@ def validate(cfg: Config) -> None:
     _in_range("finetune.adv_eps", cfg.finetune.adv_eps, 0.0, 1.0)
     _in_range("finetune.alpha", cfg.finetune.alpha, 0.0, 1.0)
     for key in ("data.image_size", "finetune.pgd_steps", "finetune.calibration_images", "base.batch_size",
-                "probe.batch_size", "finetune.batch_size", "gan.latent_dim", "gan.width", "gan.epochs",
+                "probe.batch_size", "pretrain.batch_size", "finetune.batch_size", "gan.latent_dim", "gan.width", "gan.epochs",
                 "gan.batch_size", "analysis.ig_steps"):  # IG with 0 steps failed only after stage 1 had trained
         _in_range(key, get_key(cfg, key), 1, None)
-    for key in ("base.epochs", "probe.epochs", "finetune.epochs", "data.num_workers",
+    for key in ("base.epochs", "probe.epochs", "finetune.epochs", "pretrain.epochs", "data.num_workers",
                 "analysis.robustness_images", "analysis.ig_images"):
         _in_range(key, get_key(cfg, key), 0, None)
     for stage in ("finetune",) if cfg.base_checkpoint else ("base", "probe", "finetune"):
@@ -56,7 +57,7 @@ def validate(cfg: Config) -> None:
     if cfg.data.name == "synthetic":  # the generator's own checks, worded with the config keys
         check_generator_arguments(**synthetic_arguments(cfg.data), spell=_generator_key)
     _in_range("gan.latents", cfg.gan.latents, 8, None)  # a hyperplane needs latents of both classes
-    for key in ("base.lr", "probe.lr", "finetune.lr", "gan.lr", "adam_eps", "grad_clip",  # grad_clip 0 would zero every gradient
+    for key in ("base.lr", "probe.lr", "finetune.lr", "gan.lr", "pretrain.lr", "adam_eps", "grad_clip",  # grad_clip 0 would zero every gradient
                 "tracking.lock_wait_s"):
         if get_key(cfg, key) <= 0:
             raise UserError(f"config key {key!r}: must be > 0, got {get_key(cfg, key)} (default {get_key(Config(), key)})")
@@ -78,6 +79,7 @@ def validate(cfg: Config) -> None:
                         f"({cfg.data.target!r} and {cfg.data.protected!r}); choose two, e.g. data.target=Smiling "
                         "data.protected=Male")
     _validate_mitigations(cfg)
+    _validate_stage_zero(cfg)
     name = cfg.experiment
     if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
         # It names a folder under output_dir: a path there would write outside it.
@@ -103,6 +105,44 @@ def _validate_mitigations(cfg: Config) -> None:
         raise UserError(f"config key 'dfr.c_grid': need at least one C > 0, got {cfg.dfr.c_grid} "
                         "(default null: the DFR code's grid for the dataset)")
     _in_range("dfr.retrains", cfg.dfr.retrains, 1, None)
+
+
+def _validate_stage_zero(cfg: Config) -> None:
+    """The keys of stage 0 (pretrain.py), of the lower learning rate of a stage's backbone, and of a stage-1 start."""
+    for key in ("base.backbone_lr_scale", "probe.backbone_lr_scale"):
+        if get_key(cfg, key) < 0:
+            raise UserError(f"config key {key!r}: {get_key(cfg, key)} is below 0; give the backbone's learning rate as "
+                            f"a share of {key.split('.')[0]}.lr, >= 0 (0: frozen; 1: the heads' rate, the default)")
+    if cfg.base_checkpoint and cfg.stage1_checkpoint:
+        raise UserError("config keys 'base_checkpoint' and 'stage1_checkpoint' are both set: base_checkpoint skips "
+                        "stages 1–2, stage1_checkpoint only stage 1; give one (base_checkpoint=null or "
+                        "stage1_checkpoint=null)")
+    if cfg.pretrain.epochs == 0:
+        return
+    if cfg.stage1_checkpoint:
+        raise UserError("config key 'stage1_checkpoint' skips stages 0–1, but pretrain.epochs is "
+                        f"{cfg.pretrain.epochs}; set pretrain.epochs=0 (and model.weights to the stage-0 file that "
+                        "stage 1 started from, which an independent C starts from too)")
+    attributes = cfg.pretrain.attributes
+    unknown = [name for name in attributes if name not in SYNTHETIC_ATTRIBUTES]
+    if unknown or not attributes or len(set(attributes)) != len(attributes):
+        problem = (f"names an attribute the generator does not draw, {unknown[0]!r}" if unknown
+                   else "is empty" if not attributes else f"lists an attribute twice ({attributes})")
+        raise UserError(f"config key 'pretrain.attributes' {problem}; give the generated attributes θ learns in "
+                        "stage 0, each once, e.g. [Smiling, Male]"
+                        + suggest(unknown[0] if unknown else "", list(SYNTHETIC_ATTRIBUTES)))
+    check_generator_arguments(cfg.pretrain.num_images, 0.5, cfg.pretrain.seed, (cfg.data.image_size,) * 2,
+                              spell=_pretrain_key)
+    if cfg.data.name == "synthetic" and cfg.pretrain.seed == cfg.data.synthetic_seed:
+        raise UserError(f"config keys 'pretrain.seed' and 'data.synthetic_seed' are both {cfg.pretrain.seed}: stage 0 "
+                        "would pretrain on the run's own faces (its test split included) under other labels; set "
+                        f"pretrain.seed to another value, e.g. {cfg.data.synthetic_seed + 1}")
+
+
+def _pretrain_key(argument: str, value: Any) -> str:
+    """A generator argument of stage 0's set, worded as the config key that sets it."""
+    key = {"num_images": "pretrain.num_images", "seed": "pretrain.seed"}.get(argument, GENERATOR_KEYS[argument])
+    return f"config key {key!r}: {value[0] if argument == 'size' else value}"
 
 
 def per_rank_batch(global_batch: int, key: str, processes: int) -> int:

@@ -82,7 +82,14 @@ class CelebA(FaceDataset):
             cache_dir=cache_dir,
             on_bad_image=on_bad_image,
         )
+        self._signs = signs  # int8 ±1 [N, K], the rows of `files` (attribute_labels keeps the rows kept)
         self._landmarks: np.ndarray | None = None
+
+    def attribute_labels(self, names: Sequence[str]) -> torch.Tensor:
+        """float32 [len(self), len(names)]: 1 where the item has the attribute, 0 where not (stage 0's targets)."""
+        columns = [find_attribute(name, self.attribute_names, role="pretraining", source=self.files.attributes)
+                   for name in names]
+        return torch.from_numpy(self._signs[self._rows][:, columns] > 0).float()
 
     def _select_split(self, table: AttributeTable) -> tuple[list[str], np.ndarray]:
         """The split's ids in partition-file order, and their attribute rows (int8 ±1 [N, K])."""
