@@ -22,6 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
@@ -395,6 +396,22 @@ def test_base_key_is_the_base_defining_fields():
         assert base_key(load_config(REPO / "configs" / "smoke.yaml", [different])) != key, different
 
 
+def test_each_cached_stage_is_keyed_by_what_defines_it():
+    smoke = REPO / "configs" / "smoke.yaml"
+    pretrained = ["pretrain.epochs=2", "pretrain.seed=5"]
+    keys = {stage: base_key(load_config(smoke, pretrained), stage) for stage in ("pretrain", "base", "probe")}
+    for overrides, same in ((["seed=3"], ("pretrain",)),  # every seed starts from one pretrained θ
+                            (["model.protected_classifier=independent"], ("pretrain", "base")),  # one M, two Cs
+                            (["probe.epochs=2", "probe.backbone_lr_scale=0.5"], ("pretrain", "base")),
+                            (["base.epochs=2", "base.backbone_lr_scale=0.1"], ("pretrain",)),
+                            (["pretrain.attributes=[Smiling,Male]"], ()),
+                            (["finetune.alpha=0.3"], ("pretrain", "base", "probe"))):
+        cfg = load_config(smoke, [*pretrained, *overrides])
+        assert {stage for stage in keys if base_key(cfg, stage) == keys[stage]} == set(same), overrides
+    # without stage 0 its section defines nothing (but that it is off), so its other keys cannot split the cache
+    assert base_key(load_config(smoke, ["pretrain.lr=0.1"])) == base_key(load_config(smoke))
+
+
 def _record(name, seed, deo, acc, status="finished", backbone="resnet18", grids=("g",)):
     return TrialRecord(name=name, axes={"backbone": backbone, "seed": seed}, grids=list(grids), status=status,
                        model="asac_fgsm" if status == "finished" else None,
@@ -557,3 +574,42 @@ def test_time_table_adds_each_grids_seconds_by_status_and_the_wall_time():
     text = report.time_table(records, {"g": [], "h": []})
     assert "| g | 3 | 10 | 20 | 1 |" in text and "| h | 1 | 5 | 0 | 0 |" in text
     assert "Wall time of the recorded trials: 35 s" in text  # 100 to 135
+
+
+def test_probe_kinds_share_one_stage_one_model(tmp_path):
+    """The independent-C grid and the probe grid differ only in stage 2: two bases, built on one cached stage-1 M
+    (one stage-1 entry, one `base` MLflow run, two `probe` runs), and the independent base is the one a run of
+    stages 1–2 in one go trains, tensor for tensor. The cache is built as trials build it (`ensure_base`), without
+    Ray: what Ray adds is covered by the sweeps above. About 15 s of CPU: four runs of 120 images, one epoch each."""
+    from safetensors.torch import load_file
+
+    from distributed_asac import pipeline
+    from tune.trials import TrialJob, ensure_base
+
+    path = _write_sweep(tmp_path, "kinds", {"probe": {"model.protected_classifier": ["probe"]},
+                                            "independent": {"model.protected_classifier": ["independent"]}})
+    spec = yaml.safe_load(path.read_text())
+    spec["overrides"].update({"data.synthetic_num_images": 120, "base.epochs": 1, "probe.epochs": 1})
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    sweep = load_sweep(path)
+    assert len({t.base_key for t in sweep.trials}) == 2
+    entries = {t.axes["model.protected_classifier"]: ensure_base(TrialJob(
+        name=t.name, base_config=str(sweep.base_config), overrides=t.overrides, folder=str(tmp_path / t.name),
+        parent_run_id=None, tracking_uri=sweep.tracking_uri, experiment=sweep.experiment, resources=sweep.resources,
+        axes=t.axes, grids=t.grids, key=t.base_key, output_dir=str(sweep.output_dir))) for t in sweep.trials}
+
+    cache = tmp_path / "runs" / "base_cache"
+    assert len(list(cache.glob("stage1/*/base.json"))) == 1 and len(list(cache.glob("*/base.json"))) == 2
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    stages = [r.data.tags.get("stage") for r in client.search_runs([experiment])]
+    assert sorted(stages) == ["base", "probe", "probe"]
+    probe, independent = entries["probe"]["results"]["base"], entries["independent"]["results"]["base"]
+    assert (probe["ACC"], probe["DEO"]) == (independent["ACC"], independent["DEO"])  # one M
+
+    (trial,) = [t for t in sweep.trials if t.axes["model.protected_classifier"] == "independent"]
+    whole = pipeline.run(load_config(sweep.base_config, [*trial.overrides, f"output_dir={tmp_path / 'whole'}"]),
+                         variants=[{"mode": "base"}])
+    cached, direct = (load_file(str(Path(folder) / "model.safetensors"))
+                      for folder in (entries["independent"]["checkpoint"], whole.run_dir / "probe"))
+    assert cached.keys() == direct.keys() and all(torch.equal(cached[k], direct[k]) for k in cached)

@@ -53,11 +53,18 @@ RESERVED = ("experiment", "output_dir", "tracking", "seed")
 # Path-valued config keys; False: the value may be a keyword instead (model.weights: imagenet), so only a
 # relative path that exists is pinned.
 _PATHS = {"data.root": True, "data.cache_dir": True, "data.split_file": True, "output_dir": True,
-          "base_checkpoint": True, "model.weights": False}
-# What stages 1–2 read, hence what defines a base model: the data section (minus how images are loaded), the
-# model, base and probe sections, the seed and the optimiser settings.
+          "base_checkpoint": True, "stage1_checkpoint": True, "pretrain.root": True, "model.weights": False}
+# What stages 0–2 read, hence what defines a base model: the data section (minus how images are loaded), the
+# model, pretrain, base and probe sections, the seed, a given stage-1 M and the optimiser settings.
 _DATA_LOADER_ONLY = ("data.num_workers", "data.cache_dir")
-_BASE_TOP_LEVEL = ("seed", "grad_clip", "adam_betas", "adam_eps")
+_BASE_TOP_LEVEL = ("seed", "grad_clip", "adam_betas", "adam_eps", "stage1_checkpoint")
+# What stage 1 does not read (stage 2's): its M is the same bit for bit whatever C is trained on it.
+_STAGE_TWO_ONLY = ("probe.", "model.protected_classifier")
+# What stage 0 reads besides its own section: its backbone and start, the look of its generated faces, the optimiser.
+_STAGE_ZERO_READS = ("model.backbone", "model.weights", "data.image_size", "data.synthetic_smile_floor",
+                     "data.synthetic_beard_strength", "data.on_bad_image", "grad_clip", "adam_betas", "adam_eps")
+# The stages whose models the base cache keeps (trials.py): stage 0's θ, stage 1's M, and the base of stages 1–2.
+CACHED_STAGES = ("pretrain", "base", "probe")
 TOP_KEYS = ("name", "base_config", "experiment", "overrides", "seeds", "grids", "axes", "resources", "max_concurrent",
             "claims", "search", "selection")
 
@@ -184,19 +191,31 @@ def _only_grids(path: Path, data: dict[str, Any], only: list[str]) -> dict[str, 
 
 
 def is_base_key(key: str) -> bool:
-    """Whether a config key (or a whole section, e.g. `data`) changes the base model that stages 1–2 train."""
+    """Whether a config key (or a whole section, e.g. `data`) changes the base model that stages 0–2 train."""
     section = key.split(".")[0]
-    return (section in ("data", "model", "base", "probe") and key not in _DATA_LOADER_ONLY) or key in _BASE_TOP_LEVEL
+    return ((section in ("data", "model", "pretrain", "base", "probe") and key not in _DATA_LOADER_ONLY)
+            or key in _BASE_TOP_LEVEL)
 
 
-def base_fields(cfg: Config) -> dict[str, Any]:
-    """The config fields that define the base model; fine-tuning, output and tracking keys are left out."""
-    return {key: value for key, value in cfg.flat().items() if is_base_key(key)}
+def base_fields(cfg: Config, stage: str = "probe") -> dict[str, Any]:
+    """The config fields that define the model a stage of `CACHED_STAGES` ends with: `probe`, the base (stages
+    0–2); `base`, stage 1's M (no stage-2 key); `pretrain`, stage 0's θ (its section and what it reads: not the
+    seed, the run's data or stages 1–2). Fine-tuning, output and tracking keys are left out, and so is the pretrain
+    section, but for its `epochs` of 0, where stage 0 does not run."""
+    fields = {key: value for key, value in cfg.flat().items() if is_base_key(key)}
+    if cfg.pretrain.epochs == 0:
+        fields = {key: value for key, value in fields.items() if not key.startswith("pretrain.") or
+                  key == "pretrain.epochs"}
+    if stage == "pretrain":
+        return {key: value for key, value in fields.items() if key.startswith("pretrain.") or key in _STAGE_ZERO_READS}
+    if stage == "base":
+        return {key: value for key, value in fields.items() if not key.startswith(_STAGE_TWO_ONLY)}
+    return fields
 
 
-def base_key(cfg: Config) -> str:
-    """The name of a base model in the sweep's base cache: a hash of exactly `base_fields`."""
-    return hashlib.sha256(json.dumps(base_fields(cfg), sort_keys=True).encode()).hexdigest()[:16]
+def base_key(cfg: Config, stage: str = "probe") -> str:
+    """The name of a stage's model in the sweep's base cache: a hash of exactly `base_fields(cfg, stage)`."""
+    return hashlib.sha256(json.dumps(base_fields(cfg, stage), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

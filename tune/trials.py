@@ -7,11 +7,15 @@ accelerate.commands.launch --multi_gpu --num_processes N -m tune.trials <job.jso
 (CPU: gloo, with ACCELERATE_USE_CPU=true); every rank calls the same `pipeline.run` and rank 0 writes the
 outcome.
 
-Base models: stages 1–2 are trained once per distinct base and shared by every trial that needs it. An entry
-is `<output_dir>/base_cache/<key>/` (the key: `spec.base_key`). Inside: the base run's folder (whose `probe/` is
-the checkpoint stage 3 starts from) and `base.json`, written last and atomically, so an entry without it is
-unfinished and is rebuilt. A file lock per entry makes concurrent builders (two sweeps sharing a cache, or
-tasks on a cluster with a shared file system) train it once.
+Base models: each stage is trained once per distinct setting of what defines it (`spec.base_fields`) and shared by
+every trial that needs it: stage 0's θ by every seed (it has its own, `pretrain.seed`), stage 1's M by trials that
+differ only in stage 2 (the probe kind), the base of stages 1–2 by trials that differ only in stage 3. An entry is
+`<output_dir>/base_cache/<key>/` for a base (the key: `spec.base_key`), `base_cache/stage1/<key>/` for an M and
+`base_cache/stage0/<key>/` for a θ, each built by a run that starts from the cached entries below it (`model.weights`
+for θ, `stage1_checkpoint` for M) and ends after its stage. Inside: that run's folder (a base's `probe/` is the
+checkpoint stage 3 starts from) and `base.json`, written last and atomically, so an entry without it is unfinished
+and is rebuilt. A file lock per entry makes concurrent builders (two sweeps sharing a cache, or tasks on a cluster
+with a shared file system) train it once.
 
 Ray is imported by the functions that start it, so `--dry-run`, `--report` and the tests of the sweep file
 never pay for it. Locally Ray runs without a dashboard, with its session files under an explicit temp folder
@@ -40,6 +44,7 @@ from typing import Any, Iterator, Optional
 
 from filelock import FileLock
 
+from distributed_asac.checkpoint import PRETRAINED
 from distributed_asac.config import Config, load_config
 from distributed_asac.errors import UserError
 from distributed_asac.failpoints import failpoint
@@ -80,6 +85,7 @@ class TrialJob:
     base: Optional[dict[str, Any]] = None  # the cache entry {checkpoint, results}, or {error} if building failed
     variants: Optional[list[dict]] = None  # pipeline.run's variants (None: the config's own fine-tune)
     label: Optional[str] = None  # pipeline.run's label: what tells its MLflow runs apart (a base build's setting)
+    until: Optional[str] = None  # pipeline.run's last stage: "pretrain" or "base" for a build of stage 0 or 1
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrialJob:
@@ -146,7 +152,8 @@ def call_pipeline(job: TrialJob) -> dict[str, Any]:
 
     # One thread per reserved CPU: trials share the machine, and oversubscribed BLAS threads slow all of them.
     torch.set_num_threads(max(1, int(job.resources.cpu)))
-    out = pipeline.run(load_trial_config(job), variants=job.variants, parent_run_id=job.parent_run_id, label=job.label)
+    out = pipeline.run(load_trial_config(job), variants=job.variants, parent_run_id=job.parent_run_id, label=job.label,
+                       until=job.until)
     return {"run_dir": str(out.run_dir), "results": {k: v for k, v in out.results.items() if k != "probe"}}
 
 
@@ -180,8 +187,12 @@ def _free_port() -> int:
 
 # ---- the base-model cache ----
 
-def entry_dir(output_dir: str | Path, key: str) -> Path:
-    return Path(output_dir) / CACHE_DIR / key
+# The sub-folder of base_cache/ that holds each cached stage's entries (a base's: base_cache/ itself).
+STAGE_DIRS = {"pretrain": "stage0", "base": "stage1", "probe": ""}
+
+
+def entry_dir(output_dir: str | Path, key: str, stage: str = "probe") -> Path:
+    return Path(output_dir) / CACHE_DIR / STAGE_DIRS[stage] / key
 
 
 def read_entry(folder: Path) -> Optional[dict[str, Any]]:
@@ -191,24 +202,54 @@ def read_entry(folder: Path) -> Optional[dict[str, Any]]:
 
 
 def ensure_base(job: TrialJob) -> dict[str, Any]:
-    """Return the cache entry for `job`'s base, training stages 1–2 first if no finished entry exists: the same
-    `pipeline.run` as the CLI, with only the `base` variant, nested under the sweep's parent run."""
-    folder = entry_dir(job.output_dir, job.key)
+    """Return the cache entry for `job`'s base, training it first if no finished entry exists: the same
+    `pipeline.run` as the CLI, with only the `base` variant, nested under the sweep's parent run, stage 2 on the
+    cached stage-1 M (and stages 0 and 1 cached first where missing: `ensure_stage`)."""
+    cfg = load_trial_config(job)
+    if base_key(cfg) != job.key:
+        raise RuntimeError(f"base key mismatch for {job.key}: the trial's config hashes to {base_key(cfg)}")
+    return ensure_stage(job, cfg, "probe")
+
+
+def ensure_stage(job: TrialJob, cfg: Config, stage: str) -> dict[str, Any]:
+    """The cache entry of `cfg`'s model of `stage` (spec.CACHED_STAGES), built first where missing by a run that
+    starts from the cached entries of the stages below it and ends after `stage`: {key, stage, checkpoint (θ's file,
+    M's base/ folder or the base's probe/ folder), results, fields}."""
+    key = base_key(cfg, stage)
+    folder = entry_dir(job.output_dir, key, stage)
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder / ".lock")):
         entry = read_entry(folder)
         if entry is not None:
             return entry
-        build = replace(job, overrides=[*job.overrides, f"output_dir={json.dumps(str(folder))}", "base_checkpoint=null"],
-                        variants=[{"mode": "base"}], folder=str(folder), label=base_label(job.axes))
-        cfg = load_trial_config(build)
-        if base_key(cfg) != job.key:
-            raise RuntimeError(f"base key mismatch for {folder}: the trial's config hashes to {base_key(cfg)}")
+        overrides = [*job.overrides, *_start_from_cache(job, cfg, stage), f"output_dir={json.dumps(str(folder))}",
+                     "base_checkpoint=null"]
+        if stage == "base":  # the M of either probe kind, bit for bit (models.create_model): build it the default's way
+            overrides.append("model.protected_classifier=probe")
+        # what sets the build's MLflow runs apart: stage 0 is shared by every seed
+        label = f"pretrain.seed {cfg.pretrain.seed}" if stage == "pretrain" else base_label(job.axes)
+        build = replace(job, overrides=overrides, variants=[{"mode": "base"}] if stage == "probe" else None,
+                        folder=str(folder), label=label, until=None if stage == "probe" else stage)
         outcome = call_pipeline(build)
-        entry = {"key": job.key, "checkpoint": str(Path(outcome["run_dir"]) / "probe"),
-                 "results": outcome["results"], "fields": base_fields(cfg)}
+        run_dir = Path(outcome["run_dir"])
+        checkpoint = run_dir / "pretrain" / PRETRAINED if stage == "pretrain" else run_dir / stage
+        entry = {"key": key, "stage": stage, "checkpoint": str(checkpoint), "results": outcome["results"],
+                 "fields": base_fields(cfg, stage)}
         atomic_write(folder / ENTRY_FILE, json.dumps(entry, indent=2, allow_nan=True))
         return entry
+
+
+def _start_from_cache(job: TrialJob, cfg: Config, stage: str) -> list[str]:
+    """The overrides that start the build of `stage` from the cached models of the stages below it (building them
+    first where missing): stage 0's θ as `model.weights` (stage 0 then does not run again), stage 1's M as
+    `stage1_checkpoint` (unless the trial names its own)."""
+    overrides = []
+    if stage != "pretrain" and cfg.pretrain.epochs > 0:
+        theta = ensure_stage(job, cfg, "pretrain")
+        overrides += [f"model.weights={json.dumps(theta['checkpoint'])}", "pretrain.epochs=0"]
+    if stage == "probe" and not cfg.stage1_checkpoint:
+        overrides.append(f"stage1_checkpoint={json.dumps(ensure_stage(job, cfg, 'base')['checkpoint'])}")
+    return overrides
 
 
 def base_label(axes: dict[str, Any]) -> str:
