@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from distributed_asac.errors import UserError
 from distributed_asac.models import BACKBONES, create_model, set_trainable
@@ -29,6 +30,17 @@ def test_set_trainable_partitions_parameters():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "protected_head.weight" not in trainable and "target_head.weight" in trainable
     assert any(n.startswith("backbone.") for n in trainable)
+
+
+def test_a_stage_starts_with_no_gradient_of_the_stage_before():
+    # Stage 1's last step leaves θ's gradients in place; stage 2's clipping (over every parameter) would count them.
+    torch.manual_seed(0)
+    model = create_model("small_cnn")
+    set_trainable(model, "base")
+    F.cross_entropy(model.target_logits(torch.rand(4, 3, 32, 32)), torch.tensor([0, 1, 0, 1])).backward()
+    assert model.backbone[0].weight.grad is not None
+    set_trainable(model, "probe")
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_an_independent_c_has_its_own_backbone_trained_in_stage_2_only():
