@@ -167,8 +167,33 @@ def run_command(command: list[str], timeout: float, log: Path) -> tuple[Optional
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 out, _ = proc.communicate()
+            if not _group_gone(proc.pid, 10):  # a child that outlived its parent and ignores SIGTERM
+                os.killpg(proc.pid, signal.SIGKILL)
+                _group_gone(proc.pid, 10)
             code = None
     return code, out, time.perf_counter() - start
+
+
+def _group_gone(pgid: int, seconds: float) -> bool:
+    """Wait up to `seconds` for every process of the group `pgid` to exit (a zombie has exited); whether they did.
+    The step's stdout closing is not enough: a dying process closes its files before it exits, so a grandchild
+    can still run for a moment after its parent's pipe reads EOF, and the next step would share the GPU with it."""
+    give_up = time.monotonic() + seconds
+    while time.monotonic() < give_up:
+        if not any(_in_group(stat, pgid) for stat in Path("/proc").glob("[0-9]*/stat")):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _in_group(stat: Path, pgid: int) -> bool:
+    """Whether the process of /proc/<pid>/stat runs in process group `pgid` (fields after "(comm)": state, ppid,
+    pgrp)."""
+    try:
+        state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+    except (OSError, IndexError):  # it exited while we read
+        return False
+    return state != "Z" and int(pgrp) == pgid
 
 
 def git(*args: str) -> Optional[str]:
