@@ -393,7 +393,7 @@ CASES = {
     "base_checkpoint_is_a_run_folder": Case([], r"base_checkpoint '.*/earlier/\d{8}-\d{6}' is a run folder, not a "
                                                 r"checkpoint; point base_checkpoint at .*/earlier/\d{8}-\d{6}/probe, its "
                                                 r"base", setup=run_folder),
-    # stage 0 and the backbones users start from (pretrain.py, docs/feature_rich.md)
+    # stage 0 and the backbones users start from (pretrain.py, docs/method.md)
     "pretrain_unknown_attribute": Case(["pretrain.epochs=1", "pretrain.attributes=[Smiling,Beard]"],
                                        r"config key 'pretrain\.attributes' names an attribute the generator does not "
                                        r"draw, 'Beard'; give .* \(valid: Big_Nose, Eyeglasses, Male, Smiling, Wavy_Hair\)"),
