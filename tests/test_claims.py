@@ -10,12 +10,13 @@ import matplotlib.image
 import pytest
 from scipy import stats as scipy_stats
 
+from distributed_asac.config import load_config
 from distributed_asac.errors import UserError
 from tune.claims import (CONTRADICTED, NOT_DETECTABLE, SUPPORTED, claim_metrics, matches, measure, metric_unit,
                          parse_claims, select, write_claims)
 from tune.records import TrialRecord
 from tune.report import write_report
-from tune.spec import load_sweep
+from tune.spec import base_key, load_sweep
 
 STRONG, MILD = {"synthetic_bias": 0.9, "root": "/d/strong"}, {"synthetic_bias": 0.6, "root": "/d/mild"}
 ASAC, PLAIN = {"mode": "asac", "attack": "fgsm"}, {"mode": "plain"}
@@ -271,6 +272,25 @@ def test_paper_regime_study_resolves_to_its_designed_trials():
             for selector in selectors:
                 assert sorted(select(sweep.trials, regime, selector, claim.id)) == seeds
 
+
+
+def test_feature_rich_study_resolves_to_its_designed_trials():
+    """configs/sweeps/feature_rich.yaml: 3 rows on the probe's base and ASAC on an independent C, × the paper regime's
+    30 seeds, on 2 bases per seed that share one stage-1 M and all share one stage 0 (its own seed); every claim
+    resolving to one setting with every seed."""
+    sweep = load_sweep("configs/sweeps/feature_rich.yaml")
+    seeds = sorted({t.axes["seed"] for t in sweep.trials})
+    assert seeds == sorted({t.axes["seed"] for t in load_sweep("configs/sweeps/paper_regime.yaml").trials})
+    assert len(sweep.trials) == 4 * len(seeds) and len({t.base_key for t in sweep.trials}) == 2 * len(seeds)
+    configs = [load_config(sweep.base_config, t.overrides) for t in sweep.trials]
+    assert all(c.pretrain.epochs == 15 and c.base.backbone_lr_scale == 0 for c in configs)
+    assert len({base_key(c, "pretrain") for c in configs}) == 1 and len({base_key(c, "base") for c in configs}) == 30
+    assert [c.id for c in sweep.claims.claims] == ["P0", "C1", "C2", "C5a", "C5b", "M1", "M2"]
+    for claim in sweep.claims.claims:
+        for regime in sweep.claims.regimes.values():
+            selectors = [claim.treatment] + [claim.reference] * isinstance(claim.reference, dict)
+            for selector in selectors:
+                assert sorted(select(sweep.trials, regime, selector, claim.id)) == seeds
 
 def test_c10_rerun_resolves_to_the_claims_studys_bases_and_asac_trials():
     """configs/sweeps/claims_c10.yaml: the claims study's bases (same data, config and seeds: the same base keys)
