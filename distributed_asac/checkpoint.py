@@ -104,15 +104,16 @@ def check_base_folder(folder: Path) -> None:
                     f"and reported as an ordinary row; point base_checkpoint at {right}")
 
 
-def load_checkpoint(folder: str | Path) -> tuple[TwoHeadModel, Config]:
-    """Rebuild the model a checkpoint folder describes and load its weights (strictly)."""
+def load_checkpoint(folder: str | Path, key: str = "base_checkpoint") -> tuple[TwoHeadModel, Config]:
+    """Rebuild the model a checkpoint folder describes and load its weights (strictly); `key`, the config key that
+    gave the folder, is what the error lines name."""
     folder = Path(folder)
     if not (folder / WEIGHTS).is_file() or not (folder / CONFIG).is_file():
         raise UserError(
-            f"base_checkpoint {str(folder)!r} is not a checkpoint folder (it needs {WEIGHTS} and {CONFIG}, "
+            f"{key} {str(folder)!r} is not a checkpoint folder (it needs {WEIGHTS} and {CONFIG}, "
             "e.g. runs/<experiment>/<run>/probe, written by stages 1–2)"
         )
-    fix = "point base_checkpoint at an intact checkpoint folder or train a new base (leave base_checkpoint unset)"
+    fix = f"point {key} at an intact checkpoint folder or train a new base (leave {key} unset)"
     try:
         cfg = read_saved_config(folder / CONFIG)
     except UserError as err:

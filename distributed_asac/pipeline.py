@@ -346,7 +346,7 @@ def load_stage_one(cfg: Config, model: Optional[TwoHeadModel] = None) -> dict:
     if written != "base":
         what = f"holds the model {written!r}" if written else f"holds no {WEIGHTS} written by this project"
         raise UserError(f"{given} {what}, not stage 1's M; point stage1_checkpoint at the base/ folder of a run")
-    _, saved = load_checkpoint(folder)  # a damaged file or config is one line naming it
+    _, saved = load_checkpoint(folder, "stage1_checkpoint")  # a damaged file or config is one line naming it
     _check_fixed(cfg, saved, STAGE_ONE_KEYS, "stage1_checkpoint")
     state = {key: t for key, t in load_file(str(folder / WEIGHTS)).items()
              if not key.startswith("protected_backbone.")}  # an independent run's stage 1 left C's own untouched

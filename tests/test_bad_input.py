@@ -268,6 +268,13 @@ def stage_one_folder_of_a_probe(world: World, tmp_path: Path) -> list[str]:
     return [f"stage1_checkpoint={world.probe}"]
 
 
+def stage_one_folder_with_invalid_config(world: World, tmp_path: Path) -> list[str]:
+    folder = tmp_path / "base"
+    shutil.copytree(world.probe.parent / "base", folder)
+    (folder / "config.yaml").write_text("finetune: [1, 2\n")
+    return [f"stage1_checkpoint={folder}"]
+
+
 def classifier_as_generator(world: World, tmp_path: Path) -> list[str]:
     """A safetensors file that is no generator: the earlier run's classifier weights."""
     return [f"gan.checkpoint={world.probe / 'model.safetensors'}"]
@@ -408,6 +415,9 @@ CASES = {
     "stage1_checkpoint_of_a_probe": Case([], r"stage1_checkpoint '.*/probe' holds the model 'probe', not stage 1's M; "
                                              r"point stage1_checkpoint at the base/ folder of a run",
                                          setup=stage_one_folder_of_a_probe),
+    "stage1_checkpoint_invalid_yaml": Case([], r"checkpoint config .*base/config\.yaml' is invalid .*; point "
+                                               r"stage1_checkpoint at an intact checkpoint folder",
+                                           setup=stage_one_folder_with_invalid_config),
     # Accelerate's environment: DeepSpeed asked for in a process no launcher started
     "deepspeed_without_a_launcher": Case([], r"ACCELERATE_USE_DEEPSPEED=true, but this process was not started by a "
                                              r"launcher .*accelerate launch --config_file launch/deepspeed_zero2\.yaml",
