@@ -30,7 +30,7 @@ from mlflow.tracking import MlflowClient
 from distributed_asac.config import load_config
 from distributed_asac.errors import UserError
 from distributed_asac.failpoints import PAUSE_AT, PAUSE_DIR
-from tune import report
+from tune import registered, report
 from tune.records import RECORD, TrialRecord, read_state
 from tune.spec import base_key, load_sweep
 from tune.sweep import main, open_sweep, parse_args
@@ -369,6 +369,18 @@ def test_resume_of_a_sweep_kept_without_its_store_nests_the_rest_under_a_new_par
     parent = MlflowClient(f"sqlite:///{tmp_path / 'gone.db'}").get_run(state["parent_run_id"])
     assert parent.info.status == "RUNNING" and parent.data.tags["sweep_dir"] == str(folder)
 
+
+
+def test_finished_trials_without_their_run_folders_are_left_out_of_the_registry(tmp_path, capsys):
+    """A search resumed from records kept without their run folders (the trials of an earlier machine): the end of the
+    sweep registers what it has and says in a line what it left out, instead of a traceback after the report."""
+    path = _write_sweep(tmp_path, "kept", {"g": {"order": ["ascending"]}})
+    sweep = load_sweep(path)
+    gone = TrialRecord(name=sweep.trials[0].name, axes=sweep.trials[0].axes, grids=["g"], status="finished",
+                       metrics={"DEO": 0.1, "ACC": 90.0}, model="asac_fgsm", run_dir=str(tmp_path / "elsewhere"))
+    assert registered.register_trials(sweep, [gone], "no-parent") == []
+    out = capsys.readouterr().out
+    assert f"1 finished trial(s) not registered: their run folders are not on this machine (e.g. {tmp_path}" in out
 
 def test_paper_grid_shares_its_default_point(tmp_path):
     """Tables 3–6 around one default: 16 settings × 3 seeds, and one base per backbone and seed."""

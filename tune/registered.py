@@ -39,9 +39,16 @@ def check(sweep: Sweep, configs: list[Config]) -> None:
 
 
 def register_trials(sweep: Sweep, records: list[TrialRecord], parent_run_id: str) -> list[Registered]:
-    """Register every finished trial's model and print what it registered (the sweep's last lines)."""
+    """Register every finished trial's model and print what it registered (the sweep's last lines). A finished
+    trial whose model folder is not on this machine (a sweep resumed from its records alone, e.g. kept in git) is
+    left out, and a line says how many were."""
     cfg = first_config(sweep)
     finished = [r for r in records if r.status == "finished" and r.run_dir and r.model]
+    gone = [r for r in finished if not (Path(r.run_dir) / r.model).is_dir()]
+    if gone:
+        print(f"{len(gone)} finished trial(s) not registered: their run folders are not on this machine (e.g. "
+              f"{gone[0].run_dir}); their records and MLflow runs stand", flush=True)
+        finished = [r for r in finished if r not in gone]
     verdicts: dict[str, dict[str, str]] = {r.name: {} for r in finished}
     for grid, axes in sweep.grids.items():
         for pair in paired_rows([r for r in finished if grid in r.grids], axes):
