@@ -33,6 +33,7 @@ from distributed_asac.failpoints import PAUSE_AT, PAUSE_DIR
 from tune import registered, report
 from tune.records import RECORD, TrialRecord, read_state
 from tune.spec import base_key, load_sweep
+from tune.trials import ENTRY_FILE, entry_dir
 from tune.sweep import main, open_sweep, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -381,6 +382,22 @@ def test_finished_trials_without_their_run_folders_are_left_out_of_the_registry(
     assert registered.register_trials(sweep, [gone], "no-parent") == []
     out = capsys.readouterr().out
     assert f"1 finished trial(s) not registered: their run folders are not on this machine (e.g. {tmp_path}" in out
+
+
+def test_dry_run_counts_each_cached_stage_the_trials_need(tmp_path, capsys):
+    """Two probe kinds with stage 0 on one seed: 2 bases on 1 stage-1 M on 1 stage-0 θ; an entry already in the cache
+    (its base.json written, as trials.ensure_stage writes it last) is counted as cached."""
+    path = _write_sweep(tmp_path, "stages", {"g": {"model.protected_classifier": ["probe", "independent"]}},
+                        overrides={"data.root": str(tmp_path / "data"), "output_dir": str(tmp_path / "runs"),
+                                   "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "pretrain.epochs": 1})
+    sweep = load_sweep(path)
+    stage1 = base_key(load_config(sweep.base_config, sweep.trials[0].overrides), "base")
+    entry = entry_dir(sweep.output_dir, stage1, "base")
+    entry.mkdir(parents=True)
+    (entry / ENTRY_FILE).write_text(json.dumps({"key": stage1}))
+    assert main(["--config", str(path), "--dry-run"]) == 0
+    assert ("2 trials from 1 grid(s), 2 base model(s) (0 already cached), 1 stage-1 M (1 cached), 1 stage-0 "
+            "backbone(s) (0 cached)") in capsys.readouterr().out
 
 def test_paper_grid_shares_its_default_point(tmp_path):
     """Tables 3–6 around one default: 16 settings × 3 seeds, and one base per backbone and seed."""

@@ -39,7 +39,7 @@ from tune.claims import Claims, parse_claims
 from tune.records import TrialRecord, load_records, read_state, status_counts
 from tune.report import format_setting, write_report
 from tune.search import Choice, choose, describe_space
-from tune.spec import Sweep, load_sweep
+from tune.spec import Sweep, base_key, load_sweep
 from tune.trials import TrialJob
 
 
@@ -154,11 +154,9 @@ def describe_choices(choices: dict[str, Choice], folder: Path, sweep: Sweep) -> 
 
 def describe(sweep: Sweep) -> str:
     """The --dry-run listing: counts, resources, and one line per trial."""
-    keys = {t.base_key for t in sweep.trials if t.base_key}
-    cached = sum(trials.read_entry(trials.entry_dir(sweep.output_dir, k)) is not None for k in keys)
     res = sweep.resources
     lines = [f"sweep {sweep.name!r} ({sweep.path}): {len(sweep.trials)} trials from {len(sweep.grids)} grid(s), "
-             f"{len(keys)} base model(s) ({cached} already cached)",
+             f"{_cache_counts(sweep)}",
              f"base config {sweep.base_config}; MLflow experiment {sweep.experiment!r} at {sweep.tracking_uri}",
              f"per trial: cpu={res.cpu:g} gpu={res.gpu:g} processes={res.processes}; "
              f"at most {sweep.max_concurrent or 'as many as fit'} at once"]
@@ -169,6 +167,23 @@ def describe(sweep: Sweep) -> str:
         axes = ", ".join(f"{a}={format_setting(v)}" for a, v in t.axes.items())
         lines.append(f"| {t.name} | {', '.join(t.grids)} | {axes} |")
     return "\n".join(lines)
+
+
+def _cache_counts(sweep: Sweep) -> str:
+    """How many models of each cached stage the trials need, and how many are cached already: the base (stages
+    0-2) of every trial, the stage-1 M under it (none where a trial names its own stage1_checkpoint) and the stage-0
+    θ (only where stage 0 runs). trials.ensure_stage builds them."""
+    configs = [load_config(sweep.base_config, t.overrides) for t in sweep.trials if t.base_key]
+    needed = {"probe": {base_key(c) for c in configs},
+              "base": {base_key(c, "base") for c in configs if not c.stage1_checkpoint},
+              "pretrain": {base_key(c, "pretrain") for c in configs if c.pretrain.epochs > 0}}
+    cached = {stage: sum(trials.read_entry(trials.entry_dir(sweep.output_dir, k, stage)) is not None for k in keys)
+              for stage, keys in needed.items()}
+    parts = [f"{len(needed['probe'])} base model(s) ({cached['probe']} already cached)",
+             f"{len(needed['base'])} stage-1 M ({cached['base']} cached)"]
+    if needed["pretrain"]:
+        parts.append(f"{len(needed['pretrain'])} stage-0 backbone(s) ({cached['pretrain']} cached)")
+    return ", ".join(parts)
 
 
 @contextmanager
