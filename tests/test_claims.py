@@ -12,8 +12,8 @@ from scipy import stats as scipy_stats
 
 from distributed_asac.config import load_config
 from distributed_asac.errors import UserError
-from tune.claims import (CONTRADICTED, NOT_DETECTABLE, SUPPORTED, claim_metrics, matches, measure, metric_unit,
-                         parse_claims, select, write_claims)
+from tune.claims import (CONTRADICTED, NOT_DETECTABLE, SUPPORTED, Other, between, claim_metrics, matches, measure,
+                         metric_unit, parse_claims, select, write_claims)
 from tune.records import TrialRecord
 from tune.report import write_report
 from tune.spec import base_key, load_sweep
@@ -199,6 +199,67 @@ def test_bad_claims_section(change, message):
         parse_claims("claims.yaml", data)
 
 
+# The other sweep of the comparison between sweeps: one regime ("paper", bias 0.7), seeds 1-6 (1-4 in common with
+# records()), per seed (DEO of ASAC, DEO of the base).
+PAPER = {"synthetic_bias": 0.7, "root": "/d/paper"}
+PAPER_DEO = {s: (0.10 + 0.01 * s, 0.05 + 0.02 * (s % 2)) for s in range(1, 7)}
+
+
+def other_sweep(c1_metric="DEO"):
+    claims = {"regimes": {"paper": {"data": {"synthetic_bias": 0.7}}}, "tables": {"main": ["paper"]},
+              "list": [claim("C1", c1_metric, "lower", {"finetune": ASAC}, "base"),
+                       claim("C5a", "DEO", "lower", {"finetune": ASAC}, {"finetune": PLAIN}),
+                       claim("C2", "ACC", "higher", {"finetune": ASAC}, "base"),
+                       claim("onlyThere", "DEO", "lower", {"finetune": ASAC}, "base")]}
+    found = [record(PAPER, ASAC, s, {"DEO": asac, "ACC": 80.0}, {"DEO": base, "ACC": 80.0})
+             for s, (asac, base) in PAPER_DEO.items()]
+    found.append(record(PAPER, PLAIN, 9, {"DEO": 0.2}, {"DEO": 0.1}))  # plain on no common seed: C5a not compared
+    return Other("paper_regime", found, parse_claims("other", claims))
+
+
+def test_a_claim_compared_between_two_sweeps_pairs_by_seed(tmp_path):
+    """ΔDEO against the base here minus there, per common seed, against hand-made values and scipy's t; the sides
+    measured over the common seeds only; a claim of one id measuring another metric there is left out with a line."""
+    here = parse_claims("here", section([claim("C1", "DEO", "lower", {"finetune": ASAC}, "base"),
+                                          claim("C5a", "DEO", "lower", {"finetune": ASAC}, {"finetune": PLAIN}),
+                                          claim("C2", "ACC", "higher", {"finetune": ASAC}, "base")]))
+    comparisons, skipped = between(records(), here, other_sweep())
+    assert [(c.claim.id, c.regime) for c in comparisons] == [("C1", "strong"), ("C1", "mild"), ("C2", "strong"),
+                                                               ("C2", "mild")]
+    assert skipped == []
+    strong = comparisons[0]
+    seeds = [1, 2, 3, 4]
+    mine = [STRONG_DEO["asac"][s] - STRONG_DEO["base"][s] for s in seeds]
+    theirs = [PAPER_DEO[s][0] - PAPER_DEO[s][1] for s in seeds]
+    differences = [a - b for a, b in zip(mine, theirs)]
+    assert strong.difference.n == strong.here.n == strong.there.n == 4
+    assert strong.here.estimate == pytest.approx(sum(mine) / 4) and strong.there.estimate == pytest.approx(sum(theirs) / 4)
+    assert strong.difference.estimate == pytest.approx(sum(differences) / 4)
+    assert strong.difference.half_width == pytest.approx(t_half_width(differences))
+    assert strong.verdict == "no detectable difference"  # −0.14, +0.03, −0.18, +0.01
+    accuracy = comparisons[2]  # ASAC 1 point above its base in every seed here, level with it there
+    assert accuracy.difference.estimate == pytest.approx(1.0) and accuracy.verdict == "higher"
+
+    _, skipped = between(records(), here, other_sweep(c1_metric="ACC"))
+    assert skipped == ["C1: measures DEO here and ACC in paper_regime (or against another kind of reference); "
+                       "not compared"]
+
+
+def test_the_report_against_another_sweep_writes_its_section_and_csv(tmp_path):
+    here = parse_claims("here", section([claim("C1", "DEO", "lower", {"finetune": ASAC}, "base")]))
+    paths = write_report(records(), {"g": ["finetune"]}, tmp_path, "Sweep here", here, other_sweep())
+    assert tmp_path / "between.csv" in paths
+    text = (tmp_path / "report.md").read_text()
+    assert "## Between sweeps: this one − paper_regime" in text
+    assert text.index("## Claims") < text.index("## Between sweeps") < text.index("## Grid `g`")
+    with (tmp_path / "between.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["claim"], r["regime"], r["other_regime"], r["seeds"]) for r in rows] == [
+        ("C1", "strong", "paper", "4"), ("C1", "mild", "paper", "4")]
+    mild = [MILD_DEO["asac"][s] - MILD_DEO["base"][s] - PAPER_DEO[s][0] + PAPER_DEO[s][1] for s in (1, 2, 3, 4)]
+    assert float(rows[1]["estimate"]) == pytest.approx(sum(mild) / 4)
+
+
 def test_claims_study_resolves_to_its_designed_trials():
     """configs/sweeps/claims.yaml: 26 fine-tuned settings × 5 seeds (the default ASAC trial is shared by five
     grids) plus the 4 rows beside ASAC at the strongest and weakest cue (8 settings), one base per data setting and
@@ -298,3 +359,30 @@ def test_c10_rerun_resolves_to_the_claims_studys_bases_and_asac_trials():
     c10, claims = load_sweep("configs/sweeps/claims_c10.yaml"), load_sweep("configs/sweeps/claims.yaml")
     assert len(c10.trials) == 2 * 5 and {t.base_key for t in c10.trials} <= {t.base_key for t in claims.trials}
     assert [c.id for c in c10.claims.claims] == ["C10a", "C10b", "C10c"]
+
+
+def test_against_needs_report_and_claims_on_both_sides(tmp_path, capsys):
+    """`--against` alone is a usage error; against a sweep folder whose file has no claims, one line and exit 2,
+    and the report folder of the sweep given to --report is not created."""
+    from tune.records import write_json, write_record
+    from tune.sweep import main
+
+    folders = {}
+    for name, claims in (("with", section([claim("C1", "DEO", "lower", {"finetune": ASAC}, "base")])), ("without", None)):
+        folder, trials = tmp_path / name, []
+        for r in records()[:2]:
+            write_record(folder / "trials" / f"{r.name}-{r.model}", r)
+            trials.append({"name": f"{r.name}-{r.model}", "overrides": [], "axes": r.axes, "grids": ["g"]})
+        write_json(folder / "sweep.json", {"name": name, "grids": {"g": ["finetune"]}, "trials": trials,
+                                           "tracking_uri": f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}",
+                                           "parent_run_id": "0123456789abcdef", "claims": claims})
+        folders[name] = str(folder)
+    with pytest.raises(SystemExit) as exited:
+        main(["--against", folders["without"]])
+    assert exited.value.code == 2 and "give --report <folder> too" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["--report", folders["with"], "--against", folders["without"]])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1
+    assert f"--against: {folders['without']} has no claims section" in err
+    assert not (tmp_path / "with" / "report").exists()

@@ -172,11 +172,13 @@ def test_the_printed_sweep_commands_run_as_printed(tmp_path, monkeypatch, capsys
 
 
 def test_the_sweep_report_takes_an_override_after_its_folder(tmp_path):
-    """`--report <folder> tracking.uri=...` read the override as a second folder."""
+    """`--report <folder> tracking.uri=...` read the override as a second folder (and so would --against's list)."""
     from tune.sweep import parse_args
 
     args = parse_args(["--report", str(tmp_path), "tracking.uri=sqlite:///x.db"])
     assert args.report == [str(tmp_path)] and args.overrides == ["tracking.uri=sqlite:///x.db"]
+    args = parse_args(["--report", str(tmp_path), "--against", str(tmp_path), "tracking.uri=sqlite:///x.db"])
+    assert args.against == [str(tmp_path)] and args.overrides == ["tracking.uri=sqlite:///x.db"]
 
 
 def test_the_sweep_parent_run_carries_provenance(tmp_path):

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional
 from distributed_asac.analysis import curve_metrics
 from distributed_asac.errors import UserError
 from distributed_asac.stats import (HIGHER, LOWER, POWER, Interval, detectable_effect, paired_difference,
-                                    seeds_for_power)
+                                    seeds_for_power, t_interval)
 
 if TYPE_CHECKING:
     from .records import TrialRecord
@@ -208,27 +208,33 @@ def verdict(interval: Optional[Interval], expect: str) -> str:
     return SUPPORTED if side == expect else CONTRADICTED
 
 
+def per_seed(finished: list[TrialRecord], claim: Claim, regime: dict[str, Any], where: str) -> dict[Any, float]:
+    """seed → treatment − reference of the claim's metric in one regime (finished trials only; a seed with the
+    metric missing on either side is left out)."""
+    treated = select(finished, regime, claim.treatment, where)
+    if claim.reference == "base":
+        references = {seed: r.base for seed, r in treated.items()}
+    elif claim.reference == "same":
+        references = {seed: r.metrics for seed, r in treated.items()}
+    else:
+        references = {seed: r.metrics for seed, r in select(finished, regime, claim.reference, where).items()}
+    out = {}
+    for seed in sorted(treated, key=str):
+        t = claim_metrics(treated[seed].metrics).get(claim.metric)
+        r = claim_metrics(references.get(seed)).get(claim.reference_metric or claim.metric)
+        if seed in references and t is not None and r is not None:
+            out[seed] = t - r
+    return out
+
+
 def measure(records: list[TrialRecord], claims: Claims) -> list[Measurement]:
     """Every claim in every regime, from the finished trial records."""
     finished = [r for r in records if r.status == "finished"]
     out = []
     for claim in claims.claims:
-        reference_metric = claim.reference_metric or claim.metric
         for name, regime in claims.regimes.items():
-            here = f"claim {claim.id!r}, regime {name!r}"
-            treated = select(finished, regime, claim.treatment, here)
-            if claim.reference == "base":
-                references = {seed: r.base for seed, r in treated.items()}
-            elif claim.reference == "same":
-                references = {seed: r.metrics for seed, r in treated.items()}
-            else:
-                references = {seed: r.metrics for seed, r in select(finished, regime, claim.reference, here).items()}
-            pairs = [(claim_metrics(treated[s].metrics).get(claim.metric),
-                      claim_metrics(references[s]).get(reference_metric))
-                     for s in sorted(treated, key=str) if s in references]
-            pairs = [(t, r) for t, r in pairs if t is not None and r is not None]
-            interval = paired_difference([t for t, _ in pairs], [r for _, r in pairs]) if pairs else None
-            differences = [t - r for t, r in pairs]
+            differences = list(per_seed(finished, claim, regime, f"claim {claim.id!r}, regime {name!r}").values())
+            interval = paired_difference(differences, [0.0] * len(differences)) if differences else None
             sd = statistics.stdev(differences) if len(differences) >= 2 else math.nan
             out.append(Measurement(claim, name, interval, verdict(interval, claim.expect), sd))
     return out
@@ -373,3 +379,93 @@ def write_claims(records: list[TrialRecord], claims: Claims, out_dir: Path) -> t
                 (i.estimate, i.low, i.high, i.n) if i is not None else ("", "", "", 0)), m.verdict])
     return markdown, [out_dir / "claims.md", out_dir / "claims.csv",
                       plot_forest(measurements, claims, out_dir / "claims_forest.png")]
+
+
+@dataclass(frozen=True)
+class Other:
+    """Another sweep's finished records and claims, for the comparison between two sweeps (`--against`)."""
+    name: str  # its sweep's name, as the tables call it
+    records: list[TrialRecord]
+    claims: Claims
+
+
+@dataclass(frozen=True)
+class Between:
+    claim: Claim  # as this sweep states it (the other sweep's claim of the same id measures the same thing)
+    regime: str  # this sweep's regime
+    other_regime: str
+    here: Interval  # treatment − reference here, over the seeds both sweeps measured
+    there: Interval  # the same over the same seeds in the other sweep
+    difference: Interval  # here − there, paired by seed
+    verdict: str  # lower / higher / no detectable difference: which side of 0 the difference's interval lies on
+
+
+def _measurement(claim: Claim) -> tuple[str, str, str]:
+    """What a claim measures, whatever its selectors: its metric, its reference's metric and kind of reference."""
+    kind = claim.reference if isinstance(claim.reference, str) else "another setting"
+    return claim.metric, claim.reference_metric or claim.metric, kind
+
+
+def between(records: list[TrialRecord], claims: Claims, other: Other) -> tuple[list[Between], list[str]]:
+    """Each claim that both sweeps state under one id with the same metric and kind of reference, compared between
+    every regime here and every regime there that measured it on common seeds: per seed s, d(s) = (treatment −
+    reference here) − (treatment − reference there), and the 95% t-interval of d over the common seeds (the same
+    seed number in both: valid whatever the two seeds share, and where they share data or shuffles it removes what
+    those do to both). Returns the comparisons and one line per shared claim id left out, saying why."""
+    finished = [r for r in records if r.status == "finished"]
+    theirs = {c.id: c for c in other.claims.claims}
+    other_finished = [r for r in other.records if r.status == "finished"]
+    out, skipped = [], []
+    for claim in claims.claims:
+        if claim.id not in theirs:
+            continue
+        if _measurement(claim) != _measurement(theirs[claim.id]):
+            skipped.append(f"{claim.id}: measures {claim.metric} here and {theirs[claim.id].metric} in {other.name} "
+                           "(or against another kind of reference); not compared")
+            continue
+        for name, regime in claims.regimes.items():
+            here = per_seed(finished, claim, regime, f"claim {claim.id!r}, regime {name!r}")
+            for other_name, other_regime in other.claims.regimes.items():
+                there = per_seed(other_finished, theirs[claim.id], other_regime,
+                                 f"{other.name}: claim {claim.id!r}, regime {other_name!r}")
+                seeds = [s for s in here if s in there]
+                if not seeds:
+                    continue
+                a, b = [here[s] for s in seeds], [there[s] for s in seeds]
+                difference = paired_difference(a, b)
+                out.append(Between(claim, name, other_name, t_interval(a), t_interval(b), difference,
+                                   verdict(difference, "none")))
+    return out, skipped
+
+
+def write_between(comparisons: list[Between], skipped: list[str], other: str, out_dir: Path) -> str:
+    """between.csv in `out_dir`; returns the markdown section (the report's, after the claims)."""
+    lines = [f"## Between sweeps: this one − {other}", "",
+             "Each claim that both sweeps state, measured in each (treatment − reference, mean ± 95% t half-width over "
+             f"the seeds both ran), and the difference here − {other}, paired by seed, with its 95% t-interval; the "
+             "verdict says which side of 0 that interval lies on (two-sided: neither sweep's claimed direction "
+             "carries over to their difference).", "",
+             f"| Claim | Metric | Regime here | Regime in {other} | here | {other} | here − {other} | Verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        digits = 2 if "ACC" in c.claim.metric or abs(c.difference.estimate) >= 1 else 3
+        here, there, difference = (_interval_text(i, digits) for i in (c.here, c.there, c.difference))
+        lines.append(f"| **{c.claim.id}** {c.claim.claim} | {c.claim.metric} | {c.regime} | {c.other_regime} | "
+                     f"{here} | {there} | {difference} | **{c.verdict}** |")
+    if not comparisons:
+        lines.append("| (no claim of both sweeps was measured on common seeds) | | | | | | | |")
+    lines += [""] + [f"- {line}" for line in skipped] + ([""] if skipped else [])
+    with (out_dir / "between.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["claim", "metric", "regime", "other_sweep", "other_regime", "here", "there", "estimate",
+                         "ci95_low", "ci95_high", "seeds", "verdict"])
+        for c in comparisons:
+            d = c.difference
+            writer.writerow([c.claim.id, c.claim.metric, c.regime, other, c.other_regime, c.here.estimate,
+                             c.there.estimate, d.estimate, d.low, d.high, d.n, c.verdict])
+    return "\n".join(lines)
+
+
+def _interval_text(interval: Interval, digits: int) -> str:
+    spread = "" if interval.n < 2 else f" ± {interval.half_width:.{digits}f}"
+    return f"{interval.estimate:+.{digits}f}{spread} (n={interval.n})"

@@ -19,7 +19,7 @@ from typing import Any, Optional
 from distributed_asac.metrics import COLUMNS
 from distributed_asac.stats import paired_difference, t_interval
 
-from .claims import Claims, write_claims
+from .claims import Claims, Other, between, write_between, write_claims
 from .records import TrialRecord, status_counts
 from .spec import AXES, is_base_key
 
@@ -33,15 +33,20 @@ def is_base_axis(axis: str) -> bool:
 
 
 def write_report(records: list[TrialRecord], grids: dict[str, list[str]], out_dir: Path, title: str,
-                 claims: Optional[Claims] = None) -> list[Path]:
+                 claims: Optional[Claims] = None, against: Optional[Other] = None) -> list[Path]:
     """Write report.md, `<grid>.csv` per grid, trials.csv and pareto.png into `out_dir` (and, for a sweep
-    with a claims section, the claims tables first, claims.csv and claims_forest.png); return the paths."""
+    with a claims section, the claims tables first, claims.csv and claims_forest.png; with `against`, another
+    sweep, the claims both state compared between the two, and between.csv); return the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     sections, paths = [f"# {title}", "", _summary(records), ""], []
     if claims is not None:
         markdown, claim_paths = write_claims(records, claims, out_dir)
         sections += [markdown, ""]
         paths += claim_paths
+    if claims is not None and against is not None:
+        comparisons, skipped = between(records, claims, against)
+        sections += [write_between(comparisons, skipped, against.name, out_dir), ""]
+        paths.append(out_dir / "between.csv")
     for grid, axes in grids.items():
         grid_records = [r for r in records if grid in r.grids]
         rows = grid_rows(grid_records, axes)

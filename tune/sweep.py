@@ -35,7 +35,7 @@ from distributed_asac.locks import locked
 from distributed_asac.logs import setup_logging
 from distributed_asac.tracking import probe_store, tracking_uri
 from tune import records, registered, search, trials
-from tune.claims import Claims, parse_claims
+from tune.claims import Claims, Other, parse_claims
 from tune.records import TrialRecord, load_records, read_state, status_counts
 from tune.report import format_setting, write_report
 from tune.search import Choice, choose, describe_space
@@ -66,16 +66,22 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--report", metavar="RUN_ID_OR_DIR", nargs="+",
                         help="rewrite the report of a sweep and exit; several sweep folders of the same grids "
                              "(e.g. seeds added later) give one report over all their trials, in the first")
+    parser.add_argument("--against", metavar="DIR", nargs="+",
+                        help="with --report: another sweep's folders (one sweep file, e.g. the same seeds in another "
+                             "regime); the report compares the claims both files state, paired by seed")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every trial")
     args = parser.parse_args(argv)
     if args.resume not in (None, "latest") and "=" in args.resume and not Path(args.resume).is_dir():
         # `--resume seed=1`: argparse hands the override to --resume's optional folder; it is an override
         args.overrides.insert(0, args.resume)
         args.resume = "latest"
-    if args.report:  # `--report <folder> tracking.uri=...`: --report's list takes the override too; it is one
-        overrides = [item for item in args.report if "=" in item and not Path(item).is_dir()]
-        args.report = [item for item in args.report if item not in overrides]
+    for option in ("report", "against"):  # `--report <folder> tracking.uri=...`: the list takes the override too
+        given = getattr(args, option) or []
+        overrides = [item for item in given if "=" in item and not Path(item).is_dir()]
+        setattr(args, option, [item for item in given if item not in overrides] or None)
         args.overrides[:0] = overrides
+    if args.against and not args.report:
+        parser.error("--against compares with the sweep that --report names: give --report <folder> too")
     return args
 
 
@@ -91,7 +97,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     with exit_on_user_error():
         if args.report:
-            return report_command(args.report, args.overrides)
+            return report_command(args.report, args.overrides, args.against)
         if not args.config:
             raise UserError("--config is required (a sweep file such as configs/sweeps/smoke.yaml)")
         check_given_once(args.overrides)
@@ -396,24 +402,21 @@ def _closing(done: list[TrialRecord], folder: Path, seconds: float) -> str:
                       f"{counts['pending']} pending in {seconds:.0f} s; report: {report_dir}/report.md"])
 
 
-def report_command(targets: list[str], overrides: list[str]) -> int:
-    """--report: rebuild the report from sweep folders' records or from an MLflow parent run's children."""
+def report_command(targets: list[str], overrides: list[str], against: Optional[list[str]] = None) -> int:
+    """--report: rebuild the report from sweep folders' records or from an MLflow parent run's children
+    (and, --against, compare its claims with another sweep's)."""
     target = targets[0]
     if Path(target).is_dir():
+        found, state = _merged(targets, "--report")
         folder = Path(target).resolve()
-        state = read_state(folder)
-        found, grids, uri, run_id = load_records(folder), state["grids"], state["tracking_uri"], state["parent_run_id"]
+        grids, uri, run_id = state["grids"], state["tracking_uri"], state["parent_run_id"]
         claims = _claims(folder, state)
         report_dir, title = folder / "report", _title(state["name"], state)
-        for more in targets[1:]:  # the same grids with other seeds: one report over all of them
-            other = read_state(Path(more).resolve())
-            if other["grids"] != grids:
-                raise UserError(f"--report: {more} has other grids than {target}; merge only sweeps of one file")
-            found += load_records(Path(more).resolve())
         if len(targets) > 1:
             title += f" ({len(targets)} sweeps merged: {', '.join(Path(t).name for t in targets)})"
-    elif len(targets) > 1:
-        raise UserError("--report: several targets must all be sweep folders, not MLflow run ids")
+    elif len(targets) > 1 or against:
+        raise UserError(f"--report: {'--against needs' if against else 'several targets must all be'} sweep folders, "
+                        "not MLflow run ids")
     else:
         uri = tracking_uri(load_config(None, overrides))
         found, parent = records.records_from_mlflow(uri, target)
@@ -422,7 +425,15 @@ def report_command(targets: list[str], overrides: list[str]) -> int:
         report_dir = sweep_dir / "report" if sweep_dir.is_dir() else Path.cwd() / f"sweep-report-{target[:8]}"
         claims = _claims(sweep_dir, read_state(sweep_dir)) if sweep_dir.is_dir() else None
         title = f"Sweep {parent.info.run_name}"
-    paths = write_report(found, grids, report_dir, title, claims)
+    other = None
+    if against:
+        other_found, other_state = _merged(against, "--against")
+        other_claims = _claims(Path(against[0]).resolve(), other_state)
+        if claims is None or other_claims is None:
+            raise UserError(f"--against: {target if claims is None else against[0]} has no claims section; a "
+                            "comparison needs a sweep file with claims on both sides")
+        other = Other(other_state["name"], other_found, other_claims)
+    paths = write_report(found, grids, report_dir, title, claims, other)
     if records.holds_run(uri, run_id):
         records.log_report(uri, run_id, report_dir, _summary(report_dir))
     else:  # a sweep folder kept without its store (copied, or its machine gone): the files are the report
@@ -430,6 +441,17 @@ def report_command(targets: list[str], overrides: list[str]) -> int:
               f"{report_dir} only", file=sys.stderr)
     print("\n".join(str(p) for p in paths))
     return 0
+
+
+def _merged(folders: list[str], option: str) -> tuple[list[TrialRecord], dict[str, Any]]:
+    """The records of several sweep folders of the same grids (e.g. seeds added later), and the first's state."""
+    state = read_state(Path(folders[0]).resolve())
+    found = load_records(Path(folders[0]).resolve())
+    for more in folders[1:]:
+        if read_state(Path(more).resolve())["grids"] != state["grids"]:
+            raise UserError(f"{option}: {more} has other grids than {folders[0]}; merge only sweeps of one file")
+        found += load_records(Path(more).resolve())
+    return found, state
 
 
 def _title(name: str, state: dict[str, Any]) -> str:
