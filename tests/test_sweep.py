@@ -421,7 +421,8 @@ def test_base_key_is_the_base_defining_fields():
                  "output_dir=/elsewhere", "tracking.uri=sqlite:////x.db", "data.num_workers=2"):
         assert base_key(load_config(REPO / "configs" / "smoke.yaml", [same])) == key, same
     for different in ("seed=1", "model.backbone=resnet18", "base.epochs=3", "probe.lr=0.01", "data.root=/other",
-                      "data.image_size=48", "data.target=Young", "data.protected=Young", "grad_clip=0.5"):
+                      "data.image_size=48", "data.target=Young", "data.protected=Young", "grad_clip=0.5",
+                      "sync_batchnorm=false"):
         assert base_key(load_config(REPO / "configs" / "smoke.yaml", [different])) != key, different
 
 
@@ -434,6 +435,7 @@ def test_each_cached_stage_is_keyed_by_what_defines_it():
                             (["probe.epochs=2", "probe.backbone_lr_scale=0.5"], ("pretrain", "base")),
                             (["base.epochs=2", "base.backbone_lr_scale=0.1"], ("pretrain",)),
                             (["pretrain.attributes=[Smiling,Male]"], ()),
+                            (["sync_batchnorm=false"], ()),  # on several processes, another model at every stage
                             (["finetune.alpha=0.3"], ("pretrain", "base", "probe"))):
         cfg = load_config(smoke, [*pretrained, *overrides])
         assert {stage for stage in keys if base_key(cfg, stage) == keys[stage]} == set(same), overrides

@@ -55,14 +55,16 @@ RESERVED = ("experiment", "output_dir", "tracking", "seed")
 _PATHS = {"data.root": True, "data.cache_dir": True, "data.split_file": True, "output_dir": True,
           "base_checkpoint": True, "stage1_checkpoint": True, "pretrain.root": True, "model.weights": False}
 # What stages 0–2 read, hence what defines a base model: the data section (minus how images are loaded), the
-# model, pretrain, base and probe sections, the seed, a given stage-1 M and the optimiser settings.
+# model, pretrain, base and probe sections, the seed, a given stage-1 M, the optimiser settings and whether batch
+# norm trains over the global batch (on several processes, another model).
 _DATA_LOADER_ONLY = ("data.num_workers", "data.cache_dir")
-_BASE_TOP_LEVEL = ("seed", "grad_clip", "adam_betas", "adam_eps", "stage1_checkpoint")
+_BASE_TOP_LEVEL = ("seed", "grad_clip", "adam_betas", "adam_eps", "sync_batchnorm", "stage1_checkpoint")
 # What stage 1 does not read (stage 2's): its M is the same bit for bit whatever C is trained on it.
 _STAGE_TWO_ONLY = ("probe.", "model.protected_classifier")
 # What stage 0 reads besides its own section: its backbone and start, the look of its generated faces, the optimiser.
 _STAGE_ZERO_READS = ("model.backbone", "model.weights", "data.image_size", "data.synthetic_smile_floor",
-                     "data.synthetic_beard_strength", "data.on_bad_image", "grad_clip", "adam_betas", "adam_eps")
+                     "data.synthetic_beard_strength", "data.on_bad_image", "grad_clip", "adam_betas", "adam_eps",
+                     "sync_batchnorm")
 # The stages whose models the base cache keeps (trials.py): stage 0's θ, stage 1's M, and the base of stages 1–2.
 CACHED_STAGES = ("pretrain", "base", "probe")
 TOP_KEYS = ("name", "base_config", "experiment", "overrides", "seeds", "grids", "axes", "resources", "max_concurrent",
