@@ -105,6 +105,7 @@ COLUMNS = (
     Column("CF_flip_rate", "{:.3f}"),  # predictions that change on the counterfactual twin (evaluate.py)
     Column("IG_mouth_share", "{:.3f}"),  # the share of |Integrated Gradients| in the mouth box (analysis.py)
     Column("grad_abs_cosine_mean", "{:.3f}"),  # |cos(∇ₓ CE of the attacked C, ∇ₓ CE of M)|, mean over images (analysis.py)
+    Column("grad_abs_cosine_q75", "{:.3f}"),  # its upper quartile over images: a mean hides a tail of aligned images
     Column("asac_flips_M", "{:.3f}"),  # share of ASACs at the training ε that flip M's prediction (analysis.py)
     Column("attack_success_rate", "{:.3f}"),  # ASAC rows: C right clean and wrong attacked (stage3.measure_attack)
     Column("attacked_C_clean_accuracy", "{:.3f}"),  # ASAC rows: the attacked C's clean accuracy, beside it
