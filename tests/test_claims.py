@@ -141,7 +141,30 @@ def test_power_table_from_the_per_seed_spread(tmp_path):
     assert cells[4] == "5" and float(cells[5]) == pytest.approx(sd, rel=1e-3)
     assert int(cells[6]) == seeds_for_power(-0.038, sd) == 3  # a spread far below the effect: few seeds
     assert float(cells[7]) == pytest.approx(detectable_effect(sd, 5), rel=1e-3)
-    assert "| C1 |" not in markdown.split("### Power")[1]  # no effect given: not in the power table
+    power = markdown.split("### Power")[1].split("### Per seed")[0]
+    assert "| C1 |" not in power  # no effect given: not in the power table
+
+
+def test_per_seed_table_shows_each_seeds_base_and_differences(tmp_path):
+    """Each regime's seeds with their base's ACC and DEO and each claim's difference at that seed, in claims.md and
+    claims_per_seed.csv, against the hand-made values; a claim with no trial in a regime has no column there."""
+    claims = parse_claims("test", section([claim("C1", "DEO", "lower", {"finetune": ASAC}, "base"),
+                                           claim("C5", "DEO", "lower", {"finetune": ASAC}, {"finetune": PLAIN}),
+                                           claim("none", "DEO", "lower", {"finetune": {"mode": "x"}}, "base")]))
+    markdown, paths = write_claims(records(), claims, tmp_path)
+    assert tmp_path / "claims_per_seed.csv" in paths
+    strong = markdown.split("### Per seed, regime `strong`")[1].split("### Per seed, regime `mild`")[0]
+    assert "| Seed | Base ACC | Base DEO | C1 | C5 |" in strong
+    for s in SEEDS:
+        c1 = STRONG_DEO["asac"][s] - STRONG_DEO["base"][s]
+        c5 = STRONG_DEO["asac"][s] - STRONG_DEO["plain"][s]
+        assert f"| {s} | 80.00 | {STRONG_DEO['base'][s]:.3f} | {c1:+.3f} | {c5:+.3f} |" in strong
+    with (tmp_path / "claims_per_seed.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["regime"], r["seed"]) for r in rows] == [("strong", str(s)) for s in SEEDS] + [
+        ("mild", str(s)) for s in SEEDS]
+    assert float(rows[7]["C5"]) == pytest.approx(MILD_DEO["asac"][2] - MILD_DEO["plain"][2])
+    assert float(rows[7]["base_DEO"]) == pytest.approx(MILD_DEO["base"][2]) and "none" not in rows[0]
 
 
 def test_a_claims_effect_must_be_a_nonzero_number():

@@ -367,6 +367,8 @@ def write_claims(records: list[TrialRecord], claims: Claims, out_dir: Path) -> t
         sections += [f"### Claims table `{table}` (regimes: {', '.join(columns)})", "",
                      claims_table(measurements, claims, table), ""]
     sections += power_table(measurements)
+    per_seed_lines, per_seed_rows = per_seed_table(records, claims)
+    sections += per_seed_lines
     sections += ["![claims forest plot](claims_forest.png)", ""]
     markdown = "\n".join(sections)
     (out_dir / "claims.md").write_text(markdown)
@@ -377,8 +379,52 @@ def write_claims(records: list[TrialRecord], claims: Claims, out_dir: Path) -> t
             i = m.interval
             writer.writerow([m.claim.id, m.regime, m.claim.metric, m.claim.expect, *(
                 (i.estimate, i.low, i.high, i.n) if i is not None else ("", "", "", 0)), m.verdict])
-    return markdown, [out_dir / "claims.md", out_dir / "claims.csv",
-                      plot_forest(measurements, claims, out_dir / "claims_forest.png")]
+    paths = [out_dir / "claims.md", out_dir / "claims.csv"]
+    if per_seed_rows:
+        with (out_dir / "claims_per_seed.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(per_seed_rows[0]))
+            writer.writeheader()
+            writer.writerows(per_seed_rows)
+        paths.append(out_dir / "claims_per_seed.csv")
+    return markdown, [*paths, plot_forest(measurements, claims, out_dir / "claims_forest.png")]
+
+
+def per_seed_table(records: list[TrialRecord], claims: Claims) -> tuple[list[str], list[dict[str, Any]]]:
+    """Markdown lines and CSV rows of each regime's seeds: the base's ACC and DEO (that of the first claim measured
+    against the base; every trial of a seed on that base shares it) and each claim's treatment − reference at that
+    seed, so that a reader sees the spread behind every interval and any outlying base."""
+    finished = [r for r in records if r.status == "finished"]
+    anchor = next((c for c in claims.claims if c.reference == "base"), None)
+    lines, rows = [], []
+    for name, regime in claims.regimes.items():
+        where = f"regime {name!r}"
+        columns = {c.id: per_seed(finished, c, regime, f"claim {c.id!r}, {where}") for c in claims.claims}
+        bases = {s: r.base or {} for s, r in select(finished, regime, anchor.treatment, where).items()} if anchor else {}
+        seeds = sorted({s for values in columns.values() for s in values} | set(bases), key=str)
+        ids = [c.id for c in claims.claims if columns[c.id]]
+        if not seeds or not ids:
+            continue
+        source = f"; the base is the one {anchor.id} is measured against" if anchor else ""
+        lines += [f"### Per seed, regime `{name}`", "",
+                  f"Each claim's treatment − reference at each seed (the intervals above are over these){source}.", "",
+                  "| Seed | Base ACC | Base DEO | " + " | ".join(ids) + " |", "|" + "---|" * (3 + len(ids))]
+        for seed in seeds:
+            base = bases.get(seed, {})
+            row = {"regime": name, "seed": seed, "base_ACC": base.get("ACC"), "base_DEO": base.get("DEO"),
+                   **{i: columns[i].get(seed) for i in ids}}
+            rows.append(row)
+            cells = [_number(base.get("ACC"), 2), _number(base.get("DEO"), 3)]
+            cells += [_number(columns[c.id].get(seed), 2 if "ACC" in c.metric else 3, sign=True)
+                      for c in claims.claims if c.id in ids]
+            lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines, rows
+
+
+def _number(value: Optional[float], digits: int, sign: bool = False) -> str:
+    if value is None or not math.isfinite(value):
+        return "—"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
 @dataclass(frozen=True)
