@@ -26,9 +26,9 @@ from accelerate.utils import broadcast_object_list, gather_object
 from safetensors.torch import load_file, save_file
 
 from .analysis import analyse, curve_metrics, figure_indices, ig_maps, needs_attacker
-from .checkpoint import (PRETRAINED, WEIGHTS, check_base_folder, load_checkpoint, origin, save_checkpoint,
+from .checkpoint import (CONFIG, PRETRAINED, WEIGHTS, check_base_folder, load_checkpoint, origin, save_checkpoint,
                          save_pretrained, whole_state_dict)
-from .config import Config, check_batch_sizes, save_config
+from .config import Config, check_batch_sizes, read_saved_config, save_config
 from .config.schema import get_key
 from .data.build import build_splits
 from .data.datasets import Splits
@@ -431,6 +431,20 @@ def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optiona
     return RunOutput(run_dir, results)
 
 
+def stage_one_start(cfg: Config, run_dir: Path) -> Config:
+    """`cfg` with `model.weights` set to what stage 1 of this run's base started from, which a row that trains a model
+    anew (JTT's identification and final models) starts from too: the weights the config of the base checkpoint (or
+    of the stage-1 checkpoint) names, else this run's stage-0 θ (its stage 1 read it); else `cfg` as it is."""
+    checkpoint = cfg.base_checkpoint or cfg.stage1_checkpoint
+    if checkpoint:
+        weights = read_saved_config(Path(checkpoint) / CONFIG).model.weights
+    elif cfg.pretrain.epochs > 0:
+        weights = str(run_dir / "pretrain" / PRETRAINED)
+    else:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=weights))
+
+
 def check_run(cfg: Config, variants: Optional[list[dict]],
               accelerator: Accelerator) -> tuple[Optional[TwoHeadModel], Splits]:
     """Everything a run is refused for before its folder or any MLflow run exists: `preflight`, the base checkpoint
@@ -471,8 +485,9 @@ def train_rows(cfg: Config, variants: Optional[list[dict]], base: Optional[TwoHe
         results = {}
     else:
         base, results = train_base_and_probe(cfg, splits, accelerator, run_dir, tags, state, label, until)
+    rows_cfg = stage_one_start(cfg, run_dir)
     for overrides in [] if until else variants or [{}]:
-        variant = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, **overrides))
+        variant = dataclasses.replace(rows_cfg, finetune=dataclasses.replace(cfg.finetune, **overrides))
         if variant.finetune.mode == "base" and "base" in results:
             continue  # the base row is already evaluated
         name = row_name(variant.finetune)

@@ -2,6 +2,7 @@
 registry loads and another refuses; `backbone_lr_scale`; a run with stage 0 read back (stage 1 starts from its θ);
 and, slow, stage 0 resumed after a kill and on 1 and 2 processes."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -95,6 +96,31 @@ def test_a_run_with_stage_zero_reads_back(tmp_path, smoke_config):
     run = client.get_run(state["mlflow_runs"]["pretrain"])
     assert run.data.tags["stage"] == "pretrain" and run.data.metrics["test_ACC_Male"] == report["ACC_Male"]
     assert len(client.get_metric_history(run.info.run_id, "pretrain/valid_ACC_Male")) == 2  # one per epoch
+
+
+def test_jtt_starts_from_the_theta_its_base_started_from(tmp_path, smoke_config, monkeypatch):
+    """JTT trains its models anew from stage 1's initialisation: with stage 0 that is stage 0's θ, in a run that
+    trains its own base and in one given the base as base_checkpoint (as a sweep's trials are, whose own config
+    names no weights); the identification model it trains starts from that file, tensor for tensor."""
+    from distributed_asac.stages import STAGE_ONE
+
+    starts = []
+    initial_model = STAGE_ONE["initial_model"]
+
+    def spy(cfg, accelerator):
+        model = initial_model(cfg, accelerator)
+        starts.append((cfg.model.weights, {k: v.clone() for k, v in model.backbone.state_dict().items()}))
+        return model
+
+    monkeypatch.setitem(STAGE_ONE, "initial_model", spy)
+    cfg = smoke_config(tmp_path, *TINY, f"pretrain.root={tmp_path / 'pretrain_data'}", "jtt.identification_epochs=1")
+    out = pipeline.run(cfg, variants=[{"mode": "jtt"}])
+    theta_path = out.run_dir / "pretrain" / PRETRAINED
+    theta = load_file(str(theta_path))
+    given = pipeline.run(dataclasses.replace(cfg, base_checkpoint=str(out.run_dir / "probe")), variants=[{"mode": "jtt"}])
+    assert given.results["jtt"] and [weights for weights, _ in starts] == [str(theta_path)] * 2
+    for _, backbone in starts:
+        assert all(torch.equal(backbone[k], t) for k, t in theta.items())
 
 
 def _stage_zero_overrides(data: Path, out: Path) -> list[str]:
