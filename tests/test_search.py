@@ -15,6 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.test_sweep import REPO, _env, _marked_processes, _sweep_cli, _write_sweep, ray_tmp  # noqa: F401
+from distributed_asac.errors import UserError
 from tune import search
 from tune.records import RECORD, TrialRecord, read_state
 from tune.spec import load_sweep
@@ -131,6 +132,32 @@ def test_the_chosen_setting_has_the_best_mean_valid_score_over_its_seeds():
     assert chosen["plain"].seeds == [0, 1] and chosen["plain"].stopped == 1 and chosen["plain"].candidates == 2
     assert chosen["dro"].setting == {"finetune.lr": 0.2}  # a NaN score is never chosen
     assert search.choose(records, {"plain": ["finetune.lr"]}, "avg_valid")["plain"].setting == {"finetune.lr": 0.01}
+
+
+def test_chosen_reads_a_search_kept_elsewhere_and_refuses_another_files(tmp_path):
+    """--chosen on a search's records copied from another machine (its sweep.json names that machine's file path):
+    the search is this file's by its name and grids, so its choice is read; a search of another sweep file is
+    refused in one line naming both."""
+    from tune.records import write_json, write_record
+    from tune.sweep import chosen_settings
+
+    path = _write_sweep(tmp_path, "kept", {"plain": {"mode": ["plain"], **SPACE}}, search=SEARCH,
+                        selection="worst_group_valid")
+    sweep = load_sweep(path)
+    folder = tmp_path / "copied" / "search"
+    for trial, score in zip(sweep.trials, (40.0, 60.0, 50.0)):
+        record = _record(trial.name, "plain", trial.axes["finetune.lr"], 0, score)
+        write_record(folder / "trials" / trial.name, record)
+    state = {"name": sweep.name, "sweep_file": "/elsewhere/configs/sweeps/kept.yaml", "grids": sweep.grids,
+             "trials": sweep.trial_dicts()}
+    write_json(folder / "sweep.json", state)
+    chosen = chosen_settings(str(path), str(folder), [])
+    assert chosen["plain"].setting == {"finetune.lr": sweep.trials[1].axes["finetune.lr"]}
+    other = _write_sweep(tmp_path, "other", {"plain": {"mode": ["plain"], **SPACE}}, search=SEARCH,
+                         selection="worst_group_valid")
+    with pytest.raises(UserError, match=r"is a sweep of /elsewhere/configs/sweeps/kept\.yaml \(sweep 'kept'\), not of "
+                                        r".*other\.yaml \(sweep 'other'"):
+        chosen_settings(str(other), str(folder), [])
 
 
 class _Trial:

@@ -137,10 +137,11 @@ def chosen_settings(config: str, search_dir: str, overrides: list[str]) -> dict[
     rule (the file's `selection`, else the trials' finetune.select)."""
     folder = Path(search_dir).resolve()
     state = read_state(folder)
-    if Path(state["sweep_file"]).resolve() != Path(config).resolve():
-        raise UserError(f"--chosen: {folder} is a sweep of {state['sweep_file']}, not of {config}; give a search of "
-                        "this file")
     searched = load_sweep(config, overrides, [t["axes"]["seed"] for t in state["trials"]][:1])
+    # By name and grids, not by path: a search's records travel (kept in git, copied from another machine).
+    if (state["name"], state["grids"]) != (searched.name, searched.grids):
+        raise UserError(f"--chosen: {folder} is a sweep of {state['sweep_file']} (sweep {state['name']!r}), not of "
+                        f"{config} (sweep {searched.name!r}, other grids or axes); give a search of this file")
     if not searched.space:
         raise UserError(f"--chosen: {config} searches no axis (no grid gives a distribution); run it without --chosen")
     rule = searched.selection or load_config(searched.base_config, overrides).finetune.select
