@@ -179,6 +179,32 @@ def analyse(model: TwoHeadModel, attacker: Optional[TwoHeadModel], test: Dataset
     return out
 
 
+# The attacked C reads the protected attribute through the target when it is right on fewer than half the images
+# whose target differs from their protected label (it follows the target there), or when for a quarter of the images
+# its input gradient is within about 37° of ±M's. The paper regime's base, where ASAC raised DEO, is far past both
+# (18% and 0.91); the feature-rich regime's is far inside (98% and 0.30).
+THROUGH_TARGET_ACC = 50.0
+ALIGNED_Q75 = 0.8
+
+
+def probe_warning(report: dict[str, object], target: str, protected: str) -> Optional[str]:
+    """A warning when the attacked C, whose numbers `report` holds (the base's), reads `protected` through `target`:
+    `protected_ACC_y_ne_a` < THROUGH_TARGET_ACC (percent right on the test images whose two labels differ) or
+    `grad_abs_cosine_q75` > ALIGNED_Q75 (upper quartile over images of |cos(∇ₓ CE of C, ∇ₓ CE of M)|). None when
+    neither holds or neither number was measured."""
+    accuracy, aligned = report.get("protected_ACC_y_ne_a"), report.get("grad_abs_cosine_q75")
+    through = isinstance(accuracy, float) and accuracy < THROUGH_TARGET_ACC
+    parallel = isinstance(aligned, float) and aligned > ALIGNED_Q75
+    if not (through or parallel):
+        return None
+    measured = [f"right on {accuracy:.1f}% of the test images where {target} differs from {protected}"
+                if isinstance(accuracy, float) else "",
+                f"|cos(∇C, ∇M)| upper quartile {aligned:.2f}" if isinstance(aligned, float) else ""]
+    return (f"the attacked C reads {protected} through {target} ({', '.join(m for m in measured if m)}): its ASACs "
+            f"are adversarial examples against M, and ASAC fine-tuning is adversarial training of M's reading of "
+            f"{target} (where this held, ASAC raised DEO: docs/results.md, the paper's own regime)")
+
+
 def needs_attacker(key: str) -> bool:
     """Whether a result of a model needs the attacked C, so that the base row takes it from the probe: what
     `analyse` measures against it, and its accuracy (`protected_ACC*` of the evaluation; the base's own C is

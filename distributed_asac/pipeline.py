@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import logging
 import socket
 import time
 import uuid
@@ -25,7 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from safetensors.torch import load_file, save_file
 
-from .analysis import analyse, curve_metrics, figure_indices, ig_maps, needs_attacker
+from .analysis import analyse, curve_metrics, figure_indices, ig_maps, needs_attacker, probe_warning
 from .checkpoint import (CONFIG, PRETRAINED, WEIGHTS, check_base_folder, load_checkpoint, origin, save_checkpoint,
                          save_pretrained, whole_state_dict)
 from .config import Config, check_batch_sizes, read_saved_config, save_config
@@ -378,8 +379,13 @@ def run_finetune(cfg: Config, base: TwoHeadModel, splits: Splits, accelerator: A
 
 
 def write_summary(run_dir: Path, results: dict[str, dict], cfg: Config) -> str:
-    """The run's merged results.json, table.md and robustness.png; returns the table."""
+    """The run's merged results.json, table.md and robustness.png; returns the table (with, under it, a warning when
+    an ASAC row's attacked C reads the protected attribute through the target: `analysis.probe_warning`)."""
     table = format_table(results, cfg.data.target)
+    warning = asac_warning(results, cfg)
+    if warning:
+        logging.getLogger(__name__).warning(warning)
+        table += f"\n\n**Warning**: {warning}."
     curves = {name: {k: r[k] for k in ("robustness", "robustness_own_C") if k in r}
               for name, r in results.items() if "robustness" in r and name != "probe"}
     if curves:
@@ -387,6 +393,18 @@ def write_summary(run_dir: Path, results: dict[str, dict], cfg: Config) -> str:
     (run_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True))
     (run_dir / "table.md").write_text(table + "\n")
     return table
+
+
+def asac_warning(results: dict[str, dict], cfg: Config) -> Optional[str]:
+    """`analysis.probe_warning` of the C that the run's ASAC rows attacked (rows with an attack success rate): the
+    base's, from this run's results or the base checkpoint's probe/results.json. None without an ASAC row."""
+    if not any("attack_success_rate" in report for report in results.values()):
+        return None
+    base = results.get("base")
+    if base is None and cfg.base_checkpoint:
+        path = Path(cfg.base_checkpoint) / "results.json"
+        base = json.loads(path.read_text()).get("probe") if path.is_file() else None  # {"probe": its report}
+    return probe_warning(base or {}, cfg.data.target, cfg.data.protected)
 
 
 @dataclasses.dataclass

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from distributed_asac.analysis import box_share, gradient_alignment, ig_mouth_share, per_image_cosine, robustness_curve
+from distributed_asac.analysis import (box_share, gradient_alignment, ig_mouth_share, per_image_cosine, probe_warning,
+                                      robustness_curve)
 from distributed_asac.attacks import fgsm
 from distributed_asac.models import create_model
 
@@ -207,3 +208,45 @@ def test_figure_indices_take_the_first_images_of_each_group():
 
     # groups (y, a): 0:(1,1) 1:(0,0) 2:(0,1) 3:(1,0) 4:(0,0) 5:(1,1) 6:(0,1) 7:(1,0) 8:(1,1)
     assert figure_indices(Labels(), per_group=2) == [1, 4, 2, 6, 3, 7, 0, 5]
+
+
+@pytest.mark.parametrize("report, warns", [
+    ({"protected_ACC_y_ne_a": 18.3, "grad_abs_cosine_q75": 0.91}, True),  # the paper regime's base
+    ({"protected_ACC_y_ne_a": 97.7, "grad_abs_cosine_q75": 0.30}, False),  # the feature-rich regime's
+    ({"protected_ACC_y_ne_a": 49.9, "grad_abs_cosine_q75": 0.30}, True),  # follows the target on most such images
+    ({"protected_ACC_y_ne_a": 50.0, "grad_abs_cosine_q75": 0.80}, False),  # both at their limits: no warning
+    ({"grad_abs_cosine_q75": 0.81}, True),  # a base measured before the split accuracy existed
+    ({}, False),
+])
+def test_probe_warning_names_the_numbers_past_their_limits(report, warns):
+    warning = probe_warning(report, "Smiling", "Male")
+    assert (warning is not None) == warns
+    if warns:
+        assert warning.startswith("the attacked C reads Male through Smiling (")
+        if "protected_ACC_y_ne_a" in report:
+            assert f"right on {report['protected_ACC_y_ne_a']:.1f}% of the test images where Smiling differs" in warning
+        assert f"upper quartile {report['grad_abs_cosine_q75']:.2f}" in warning
+
+
+def test_a_runs_summary_warns_when_its_asac_rows_attacked_such_a_c(tmp_path):
+    """The warning under the run's table: from the base's numbers in the run, or from the base checkpoint's
+    probe/results.json (a sweep trial); never for a run without an ASAC row."""
+    import json
+
+    from distributed_asac import pipeline
+    from distributed_asac.config import load_config
+
+    cfg = load_config(None, [f"output_dir={tmp_path}"])
+    reads = {"protected_ACC_y_ne_a": 18.3, "grad_abs_cosine_q75": 0.91, "DEO": 0.05, "ACC": 90.0}
+    asac = {"DEO": 0.09, "ACC": 89.0, "attack_success_rate": 0.6}
+    table = pipeline.write_summary(tmp_path, {"base": reads, "asac_fgsm": asac}, cfg)
+    assert "**Warning**: the attacked C reads Male through Smiling" in table
+    assert "**Warning**" in (tmp_path / "table.md").read_text()
+    assert "Warning" not in pipeline.write_summary(tmp_path, {"base": reads, "plain": {"DEO": 0.05}}, cfg)
+    checkpoint = tmp_path / "base" / "probe"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "results.json").write_text(json.dumps({"probe": reads}))
+    given = load_config(None, [f"output_dir={tmp_path}", f"base_checkpoint={checkpoint}"])
+    assert pipeline.asac_warning({"asac_fgsm": asac}, given).startswith("the attacked C reads Male through Smiling")
+    (checkpoint / "results.json").write_text(json.dumps({"probe": {"protected_ACC_y_ne_a": 97.7}}))
+    assert pipeline.asac_warning({"asac_fgsm": asac}, given) is None
