@@ -408,4 +408,11 @@ def test_against_needs_report_and_claims_on_both_sides(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exited.value.code == 2 and err.count("\n") == 1
     assert f"--against: {folders['without']} has no claims section" in err
+    other_grids = tmp_path / "other_grids"
+    other_grids.mkdir()
+    (other_grids / "sweep.json").write_text((tmp_path / "with" / "sweep.json").read_text().replace('"g"', '"h"'))
+    with pytest.raises(SystemExit) as exited:
+        main(["--report", folders["with"], "--against", folders["with"], str(other_grids)])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and f"--against: {other_grids} has other grids than {folders['with']}" in err
     assert not (tmp_path / "with" / "report").exists()
