@@ -1,10 +1,11 @@
 """Model checkpoints as safetensors with the resolved config beside them (no pickle on load), each saying which
-stage and row wrote it; and the whole weights of a model whose parameters DeepSpeed ZeRO-3 partitioned across
-ranks."""
+stage and row wrote it; the whole weights of a model whose parameters DeepSpeed ZeRO-3 partitioned across ranks;
+and the checkpoints a run is given (`base_checkpoint`, `stage1_checkpoint`), checked against its config."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import Config, read_saved_config, save_config
+from .config.schema import get_key
 from .errors import UserError, one_line
 from .files import atomic_path
 from .models import WRITTEN_BY, TwoHeadModel, create_model, protected_classifier
@@ -169,3 +171,67 @@ def whole_model(model: TwoHeadModel, backbone: str, state: Optional[dict] = None
     for new, old in zip(fresh.parameters(), model.parameters()):
         new.requires_grad_(old.requires_grad)
     return fresh.to(model.mean.device).train(model.training)
+
+
+# ---- checkpoints given to a run: checked against its config ----
+
+BASE_KEYS = ("model.backbone", "model.protected_classifier", "data.target", "data.protected",
+             "data.image_size")  # what a base fixes
+# What a stage-1 M fixes for the stage 2 trained on it: C's own backbone (independent) starts from model.weights.
+STAGE_ONE_KEYS = (*(key for key in BASE_KEYS if key != "model.protected_classifier"), "model.weights")
+
+
+def _check_fixed(cfg: Config, saved: Config, keys: tuple[str, ...], given: str) -> None:
+    """Refuse a checkpoint (config key `given`) whose config differs from this run's on `keys`."""
+    ours, theirs = cfg.flat(), saved.flat()
+    for key in keys:
+        if ours[key] != theirs[key]:
+            raise UserError(
+                f"{given} {get_key(cfg, given)!r} was trained with {key}={theirs[key]} but this run has "
+                f"{key}={ours[key]}; set {key}={theirs[key]} or train a new base (leave {given} unset)"
+            )
+
+
+def load_base(cfg: Config) -> TwoHeadModel:
+    """The model of `cfg.base_checkpoint`, checked to match the config on every key that a base fixes."""
+    check_base_folder(Path(cfg.base_checkpoint))
+    model, saved = load_checkpoint(cfg.base_checkpoint)
+    _check_fixed(cfg, saved, BASE_KEYS, "base_checkpoint")
+    return model
+
+
+def load_stage_one(cfg: Config, model: Optional[TwoHeadModel] = None) -> dict:
+    """Check `cfg.stage1_checkpoint` (a base/ folder stage 1 wrote, of a matching config) and load its M (θ, ρ and the
+    still untrained φ) into `model`; C's own backbone (independent) stays as `initial_model` drew it, as stage 1
+    would have left it. Returns the base's report (its results.json). With no `model`, only checks."""
+    folder = Path(cfg.stage1_checkpoint)
+    given = f"stage1_checkpoint {str(folder)!r}"
+    written = origin(folder) if (folder / WEIGHTS).is_file() else None
+    if written != "base":
+        what = f"holds the model {written!r}" if written else f"holds no {WEIGHTS} written by this project"
+        raise UserError(f"{given} {what}, not stage 1's M; point stage1_checkpoint at the base/ folder of a run")
+    _, saved = load_checkpoint(folder, "stage1_checkpoint")  # a damaged file or config is one line naming it
+    _check_fixed(cfg, saved, STAGE_ONE_KEYS, "stage1_checkpoint")
+    state = {key: t for key, t in load_file(str(folder / WEIGHTS)).items()
+             if not key.startswith("protected_backbone.")}  # an independent run's stage 1 left C's own untouched
+    if model is not None:
+        missing = [key for key in model.state_dict() if not key.startswith("protected_backbone.") and key not in state]
+        if missing:
+            raise UserError(f"{given} lacks {missing[0]} ({len(missing)} tensors of M); point it at an intact base/ "
+                            "folder")
+        model.load_state_dict(state, strict=False)
+    return json.loads((folder / "results.json").read_text())["base"]
+
+
+def stage_one_start(cfg: Config, run_dir: Path) -> Config:
+    """`cfg` with `model.weights` set to what stage 1 of this run's base started from, which a row that trains a model
+    anew (JTT's identification and final models) starts from too: the weights the config of the base checkpoint (or
+    of the stage-1 checkpoint) names, else this run's stage-0 θ (its stage 1 read it); else `cfg` as it is."""
+    checkpoint = cfg.base_checkpoint or cfg.stage1_checkpoint
+    if checkpoint:
+        weights = read_saved_config(Path(checkpoint) / CONFIG).model.weights
+    elif cfg.pretrain.epochs > 0:
+        weights = str(run_dir / "pretrain" / PRETRAINED)
+    else:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=weights))

@@ -27,10 +27,9 @@ from accelerate.utils import broadcast_object_list, gather_object
 from safetensors.torch import load_file, save_file
 
 from .analysis import analyse, curve_metrics, figure_indices, ig_maps, needs_attacker, probe_warning
-from .checkpoint import (CONFIG, PRETRAINED, WEIGHTS, check_base_folder, load_checkpoint, origin, save_checkpoint,
-                         save_pretrained, whole_state_dict)
-from .config import Config, check_batch_sizes, read_saved_config, save_config
-from .config.schema import get_key
+from .checkpoint import (PRETRAINED, WEIGHTS, load_base, load_stage_one, save_checkpoint, save_pretrained,
+                         stage_one_start, whole_state_dict)
+from .config import Config, check_batch_sizes, save_config
 from .data.build import build_splits
 from .data.datasets import Splits
 from .errors import UserError, interrupted_in
@@ -312,54 +311,6 @@ def train_base_and_probe(cfg: Config, splits: Splits, accelerator: Accelerator, 
     return model, results
 
 
-BASE_KEYS = ("model.backbone", "model.protected_classifier", "data.target", "data.protected",
-             "data.image_size")  # what a base fixes
-# What a stage-1 M fixes for the stage 2 trained on it: C's own backbone (independent) starts from model.weights.
-STAGE_ONE_KEYS = (*(key for key in BASE_KEYS if key != "model.protected_classifier"), "model.weights")
-
-
-def _check_fixed(cfg: Config, saved: Config, keys: tuple[str, ...], given: str) -> None:
-    """Refuse a checkpoint (config key `given`) whose config differs from this run's on `keys`."""
-    ours, theirs = cfg.flat(), saved.flat()
-    for key in keys:
-        if ours[key] != theirs[key]:
-            raise UserError(
-                f"{given} {get_key(cfg, given)!r} was trained with {key}={theirs[key]} but this run has "
-                f"{key}={ours[key]}; set {key}={theirs[key]} or train a new base (leave {given} unset)"
-            )
-
-
-def load_base(cfg: Config) -> TwoHeadModel:
-    """The model of `cfg.base_checkpoint`, checked to match the config on every key that a base fixes."""
-    check_base_folder(Path(cfg.base_checkpoint))
-    model, saved = load_checkpoint(cfg.base_checkpoint)
-    _check_fixed(cfg, saved, BASE_KEYS, "base_checkpoint")
-    return model
-
-
-def load_stage_one(cfg: Config, model: Optional[TwoHeadModel] = None) -> dict:
-    """Check `cfg.stage1_checkpoint` (a base/ folder stage 1 wrote, of a matching config) and load its M (θ, ρ and the
-    still untrained φ) into `model`; C's own backbone (independent) stays as `initial_model` drew it, as stage 1
-    would have left it. Returns the base's report (its results.json). With no `model`, only checks."""
-    folder = Path(cfg.stage1_checkpoint)
-    given = f"stage1_checkpoint {str(folder)!r}"
-    written = origin(folder) if (folder / WEIGHTS).is_file() else None
-    if written != "base":
-        what = f"holds the model {written!r}" if written else f"holds no {WEIGHTS} written by this project"
-        raise UserError(f"{given} {what}, not stage 1's M; point stage1_checkpoint at the base/ folder of a run")
-    _, saved = load_checkpoint(folder, "stage1_checkpoint")  # a damaged file or config is one line naming it
-    _check_fixed(cfg, saved, STAGE_ONE_KEYS, "stage1_checkpoint")
-    state = {key: t for key, t in load_file(str(folder / WEIGHTS)).items()
-             if not key.startswith("protected_backbone.")}  # an independent run's stage 1 left C's own untouched
-    if model is not None:
-        missing = [key for key in model.state_dict() if not key.startswith("protected_backbone.") and key not in state]
-        if missing:
-            raise UserError(f"{given} lacks {missing[0]} ({len(missing)} tensors of M); point it at an intact base/ "
-                            "folder")
-        model.load_state_dict(state, strict=False)
-    return json.loads((folder / "results.json").read_text())["base"]
-
-
 def run_finetune(cfg: Config, base: TwoHeadModel, splits: Splits, accelerator: Accelerator, run_dir: Path,
                  generator: torch.Generator, tags: dict[str, str], state: RunState,
                  label: Optional[str] = None) -> tuple[str, dict[str, object]]:
@@ -447,20 +398,6 @@ def run(cfg: Config, variants: Optional[list[dict]] = None, accelerator: Optiona
             state = RunState.create(run_dir, "pipeline", variants, accelerator)
         results = train_rows(cfg, variants, base, splits, accelerator, run_dir, state, parent_run_id, label, until)
     return RunOutput(run_dir, results)
-
-
-def stage_one_start(cfg: Config, run_dir: Path) -> Config:
-    """`cfg` with `model.weights` set to what stage 1 of this run's base started from, which a row that trains a model
-    anew (JTT's identification and final models) starts from too: the weights the config of the base checkpoint (or
-    of the stage-1 checkpoint) names, else this run's stage-0 θ (its stage 1 read it); else `cfg` as it is."""
-    checkpoint = cfg.base_checkpoint or cfg.stage1_checkpoint
-    if checkpoint:
-        weights = read_saved_config(Path(checkpoint) / CONFIG).model.weights
-    elif cfg.pretrain.epochs > 0:
-        weights = str(run_dir / "pretrain" / PRETRAINED)
-    else:
-        return cfg
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights=weights))
 
 
 def check_run(cfg: Config, variants: Optional[list[dict]],

@@ -4,8 +4,8 @@ First, the identification model: an ERM model stopped after T epochs (`jtt.ident
 CelebA T = 1), trained as stage 1 trains the base (`stages.train_erm`: cross-entropy on train, stage 1's optimiser
 settings and data order) from the model stage 1 starts from (`stages.initial_model`: the config's seed, backbone
 and weights, which stage 3 sets to those the base's stage 1 started from, stage 0's θ included:
-`pipeline.stage_one_start`), so it is stage 1's model after epoch T. The error set is the train images it gets wrong (argmax of
-its target logits, in eval mode). Then the final model trains plain cross-entropy on minibatches drawn with
+`checkpoint.stage_one_start`), so it is stage 1's model after epoch T. The error set is the train images it gets
+wrong (argmax of its target logits, in eval mode). Then the final model trains plain cross-entropy on minibatches drawn with
 replacement, an error-set image λ (`jtt.upweight`) times as likely as any other: in expectation the paper's
 upsampled set D_up, the error set repeated λ times. One epoch draws len(train) images (not |D_up|): len(train) // k
 minibatches, |E| optimizer steps on each, plain fine-tuning's cost, plus T epochs of stage 1 for the identification.
