@@ -234,7 +234,7 @@ def measure(records: list[TrialRecord], claims: Claims) -> list[Measurement]:
     for claim in claims.claims:
         for name, regime in claims.regimes.items():
             differences = list(per_seed(finished, claim, regime, f"claim {claim.id!r}, regime {name!r}").values())
-            interval = paired_difference(differences, [0.0] * len(differences)) if differences else None
+            interval = t_interval(differences) if differences else None  # the per-seed differences' interval
             sd = statistics.stdev(differences) if len(differences) >= 2 else math.nan
             out.append(Measurement(claim, name, interval, verdict(interval, claim.expect), sd))
     return out
