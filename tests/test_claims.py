@@ -167,6 +167,21 @@ def test_per_seed_table_shows_each_seeds_base_and_differences(tmp_path):
     assert float(rows[7]["base_DEO"]) == pytest.approx(MILD_DEO["base"][2]) and "none" not in rows[0]
 
 
+def test_per_seed_table_lists_seeds_in_numeric_order(tmp_path):
+    """Seeds 10 and 2 read 2 before 10 in the table and the CSV (the 30-seed paper-regime table listed 0, 1, 10, 11,
+    ..., 19, 2, 20 when seeds were sorted as text)."""
+    base = {"DEO": 0.1, "ACC": 80.0}
+    trials = [record(STRONG, ASAC, s, {"DEO": 0.1 + s / 100, "ACC": 81.0}, base) for s in (10, 2, 1)]
+    claims = parse_claims("test", section([claim("C1", "DEO", "lower", {"finetune": ASAC}, "base")],
+                                          tables={"main": ["strong"]}))
+    markdown, _ = write_claims(trials, claims, tmp_path)
+    rows = [line.split("|")[1].strip() for line in markdown.split("### Per seed, regime `strong`")[1].splitlines()
+            if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
+    assert rows == ["1", "2", "10"]
+    with (tmp_path / "claims_per_seed.csv").open() as f:
+        assert [r["seed"] for r in csv.DictReader(f)] == ["1", "2", "10"]
+
+
 def test_a_claims_effect_must_be_a_nonzero_number():
     with pytest.raises(UserError, match="'effect' must be a non-zero number"):
         parse_claims("claims.yaml", section([claim("C1", "DEO", "lower", {"finetune": ASAC}, "base", effect=0)]))

@@ -208,6 +208,11 @@ def verdict(interval: Optional[Interval], expect: str) -> str:
     return SUPPORTED if side == expect else CONTRADICTED
 
 
+def seed_order(seed: Any) -> tuple:
+    """Sort key of seeds: integers in numeric order (2 before 10), then anything else by its text."""
+    return (0, seed, "") if isinstance(seed, int) else (1, 0, str(seed))
+
+
 def per_seed(finished: list[TrialRecord], claim: Claim, regime: dict[str, Any], where: str) -> dict[Any, float]:
     """seed → treatment − reference of the claim's metric in one regime (finished trials only; a seed with the
     metric missing on either side is left out)."""
@@ -219,7 +224,7 @@ def per_seed(finished: list[TrialRecord], claim: Claim, regime: dict[str, Any], 
     else:
         references = {seed: r.metrics for seed, r in select(finished, regime, claim.reference, where).items()}
     out = {}
-    for seed in sorted(treated, key=str):
+    for seed in sorted(treated, key=seed_order):
         t = claim_metrics(treated[seed].metrics).get(claim.metric)
         r = claim_metrics(references.get(seed)).get(claim.reference_metric or claim.metric)
         if seed in references and t is not None and r is not None:
@@ -400,7 +405,7 @@ def per_seed_table(records: list[TrialRecord], claims: Claims) -> tuple[list[str
         where = f"regime {name!r}"
         columns = {c.id: per_seed(finished, c, regime, f"claim {c.id!r}, {where}") for c in claims.claims}
         bases = {s: r.base or {} for s, r in select(finished, regime, anchor.treatment, where).items()} if anchor else {}
-        seeds = sorted({s for values in columns.values() for s in values} | set(bases), key=str)
+        seeds = sorted({s for values in columns.values() for s in values} | set(bases), key=seed_order)
         ids = [c.id for c in claims.claims if columns[c.id]]
         if not seeds or not ids:
             continue
