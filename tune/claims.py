@@ -33,7 +33,7 @@ import csv
 import json
 import math
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
@@ -80,6 +80,7 @@ class Measurement:
     interval: Optional[Interval]  # None: no trial in this regime matches the claim
     verdict: str
     sd: float = math.nan  # standard deviation of the per-seed differences (NaN below two seeds)
+    per_seed: dict[Any, float] = field(default_factory=dict)  # seed → treatment − reference (what the interval is over)
 
 
 def parse_claims(where: str, data: Any) -> Claims:
@@ -238,10 +239,11 @@ def measure(records: list[TrialRecord], claims: Claims) -> list[Measurement]:
     out = []
     for claim in claims.claims:
         for name, regime in claims.regimes.items():
-            differences = list(per_seed(finished, claim, regime, f"claim {claim.id!r}, regime {name!r}").values())
+            seeds = per_seed(finished, claim, regime, f"claim {claim.id!r}, regime {name!r}")
+            differences = list(seeds.values())
             interval = t_interval(differences) if differences else None  # the per-seed differences' interval
             sd = statistics.stdev(differences) if len(differences) >= 2 else math.nan
-            out.append(Measurement(claim, name, interval, verdict(interval, claim.expect), sd))
+            out.append(Measurement(claim, name, interval, verdict(interval, claim.expect), sd, seeds))
     return out
 
 
@@ -372,7 +374,7 @@ def write_claims(records: list[TrialRecord], claims: Claims, out_dir: Path) -> t
         sections += [f"### Claims table `{table}` (regimes: {', '.join(columns)})", "",
                      claims_table(measurements, claims, table), ""]
     sections += power_table(measurements)
-    per_seed_lines, per_seed_rows = per_seed_table(records, claims)
+    per_seed_lines, per_seed_rows = per_seed_table(records, claims, measurements)
     sections += per_seed_lines
     sections += ["![claims forest plot](claims_forest.png)", ""]
     markdown = "\n".join(sections)
@@ -394,16 +396,17 @@ def write_claims(records: list[TrialRecord], claims: Claims, out_dir: Path) -> t
     return markdown, [*paths, plot_forest(measurements, claims, out_dir / "claims_forest.png")]
 
 
-def per_seed_table(records: list[TrialRecord], claims: Claims) -> tuple[list[str], list[dict[str, Any]]]:
+def per_seed_table(records: list[TrialRecord], claims: Claims,
+                   measurements: list[Measurement]) -> tuple[list[str], list[dict[str, Any]]]:
     """Markdown lines and CSV rows of each regime's seeds: the base's ACC and DEO (that of the first claim measured
     against the base; every trial of a seed on that base shares it) and each claim's treatment − reference at that
-    seed, so that a reader sees the spread behind every interval and any outlying base."""
+    seed (`measurements`' own), so that a reader sees the spread behind every interval and any outlying base."""
     finished = [r for r in records if r.status == "finished"]
     anchor = next((c for c in claims.claims if c.reference == "base"), None)
     lines, rows = [], []
     for name, regime in claims.regimes.items():
         where = f"regime {name!r}"
-        columns = {c.id: per_seed(finished, c, regime, f"claim {c.id!r}, {where}") for c in claims.claims}
+        columns = {m.claim.id: m.per_seed for m in measurements if m.regime == name}
         bases = {s: r.base or {} for s, r in select(finished, regime, anchor.treatment, where).items()} if anchor else {}
         seeds = sorted({s for values in columns.values() for s in values} | set(bases), key=seed_order)
         ids = [c.id for c in claims.claims if columns[c.id]]
