@@ -181,8 +181,9 @@ def analyse(model: TwoHeadModel, attacker: Optional[TwoHeadModel], test: Dataset
 
 # The attacked C reads the protected attribute through the target when it is right on fewer than half the images
 # whose target differs from their protected label (it follows the target there), or when for a quarter of the images
-# its input gradient is within about 37° of ±M's. The paper regime's base, where ASAC raised DEO, is far past both
-# (18% and 0.91); the feature-rich regime's is far inside (98% and 0.30).
+# its input gradient is within about 37° of ±M's. The paper regime's bases, where ASAC raised DEO, are far past both
+# (8–18% and ≈ 0.9); the feature-rich regime's, where ASAC lowered DEO as much as plain fine-tuning, far inside
+# (97–98% and 0.27–0.35).
 THROUGH_TARGET_ACC = 50.0
 ALIGNED_Q75 = 0.8
 
@@ -202,7 +203,9 @@ def probe_warning(report: dict[str, object], target: str, protected: str) -> Opt
                 f"|cos(∇C, ∇M)| upper quartile {aligned:.2f}" if isinstance(aligned, float) else ""]
     return (f"the attacked C reads {protected} through {target} ({', '.join(m for m in measured if m)}): its ASACs "
             f"are adversarial examples against M, and ASAC fine-tuning is adversarial training of M's reading of "
-            f"{target} (where this held, ASAC raised DEO: docs/results.md, the paper's own regime)")
+            f"{target}; expect it to raise DEO, not lower it (where this held, ASAC raised DEO against the base and "
+            f"against plain fine-tuning; where C read {protected} itself, ASAC lowered DEO only as much as plain "
+            f"fine-tuning: docs/results.md, the paper's own regime and the feature-rich one)")
 
 
 def needs_attacker(key: str) -> bool:

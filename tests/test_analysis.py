@@ -223,6 +223,7 @@ def test_probe_warning_names_the_numbers_past_their_limits(report, warns):
     assert (warning is not None) == warns
     if warns:
         assert warning.startswith("the attacked C reads Male through Smiling (")
+        assert "expect it to raise DEO, not lower it" in warning  # what the paper regime measured
         if "protected_ACC_y_ne_a" in report:
             assert f"right on {report['protected_ACC_y_ne_a']:.1f}% of the test images where Smiling differs" in warning
         assert f"upper quartile {report['grad_abs_cosine_q75']:.2f}" in warning
