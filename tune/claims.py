@@ -21,7 +21,7 @@ A sweep file may hold a `claims:` section (configs/sweeps/claims.yaml is the stu
 
 In each regime a claim's measurement is the mean over seeds of treatment − reference, each seed's pair
 sharing its base model and test images, with the 95% Student-t interval of the per-seed differences
-(`stats.paired_difference`). Verdict: `supported` when the interval lies wholly on the claimed side of 0,
+(`stats.t_interval`). Verdict: `supported` when the interval lies wholly on the claimed side of 0,
 `contradicted` when it lies wholly on the other side, `not detectable` otherwise (and always with fewer than
 two seeds). A selector that matches several settings in a regime is an error, one that matches none leaves
 the cell empty.
