@@ -12,8 +12,9 @@ from scipy import stats as scipy_stats
 
 from distributed_asac.config import load_config
 from distributed_asac.errors import UserError
-from tune.claims import (CONTRADICTED, NOT_DETECTABLE, SUPPORTED, Other, between, claim_metrics, matches, measure,
-                         metric_unit, parse_claims, select, write_claims)
+from tune.between import Other, between
+from tune.claims import (CONTRADICTED, NOT_DETECTABLE, SUPPORTED, claim_metrics, matches, measure, metric_unit,
+                         parse_claims, select, write_claims)
 from tune.records import TrialRecord
 from tune.report import write_report
 from tune.spec import base_key, load_sweep

@@ -19,7 +19,8 @@ from typing import Any, Optional
 from distributed_asac.metrics import COLUMNS
 from distributed_asac.stats import paired_difference, t_interval
 
-from .claims import Claims, Other, between, write_between, write_claims
+from .between import Other, between, write_between
+from .claims import Claims, write_claims
 from .records import TrialRecord, status_counts
 from .spec import AXES, is_base_key
 

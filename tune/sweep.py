@@ -35,7 +35,8 @@ from distributed_asac.locks import locked
 from distributed_asac.logs import setup_logging
 from distributed_asac.tracking import probe_store, tracking_uri
 from tune import records, registered, search, trials
-from tune.claims import Claims, Other, parse_claims
+from tune.between import Other
+from tune.claims import Claims, parse_claims
 from tune.records import TrialRecord, load_records, read_state, status_counts
 from tune.report import format_setting, write_report
 from tune.search import Choice, choose, describe_space
