@@ -159,19 +159,21 @@ def swept(tmp_path_factory, ray_tmp, process_running, marker_of) -> SimpleNamesp
 def test_sweep_finishes_and_records_the_failed_trial(swept):
     assert swept.resumed.returncode == 1, swept.resumed.stderr[-3000:]  # 1: it ran to the end; a trial failed
     records = {r["name"]: r for r in map(json.loads, (p.read_text() for p in swept.folder.glob(f"trials/*/{RECORD}")))}
-    assert len(records) == 3
+    # each record's status and error in the message: a failure shows which trial went wrong, and how
+    outcome = {name: (r["status"], (r["error"] or "")[-500:]) for name, r in records.items()}
+    assert len(records) == 3, outcome
     failed = [r for r in records.values() if r["status"] == "failed"]
-    assert len(failed) == 1 and "no_such_base" in failed[0]["error"]
+    assert len(failed) == 1 and "no_such_base" in failed[0]["error"], outcome
     error_file = swept.folder / "trials" / failed[0]["name"] / "error.txt"
     assert error_file.read_text().strip()
     # one line names it, in the sweep folder; Ray's traceback and its error file (in Ray's session folder,
     # deleted when the sweep ends) are not shown
     output = swept.resumed.stdout + swept.resumed.stderr
-    assert [line for line in output.splitlines() if "failed: " in line] == [
-        f"trial {failed[0]['name']} failed: {failed[0]['error'].splitlines()[0]}; traceback: {error_file}"]
-    assert "Traceback" not in output and "error file" not in output.lower()
+    expected = f"trial {failed[0]['name']} failed: {failed[0]['error'].splitlines()[0]}; traceback: {error_file}"
+    assert [line for line in output.splitlines() if "failed: " in line] == [expected], output[-3000:]
+    assert "Traceback" not in output and "error file" not in output.lower(), output[-3000:]
     finished = [r for r in records.values() if r["status"] == "finished"]
-    assert sorted(r["axes"]["finetune.epochs"] for r in finished) == [1, 3]
+    assert sorted(r["axes"]["finetune.epochs"] for r in finished) == [1, 3], outcome
     for r in finished:
         assert 0 <= r["metrics"]["DEO"] <= 1 and 0 <= r["metrics"]["ACC"] <= 100
     # That two trials ran at once (writing to one sqlite store) is established by the fixture, not by the clock:
