@@ -133,7 +133,7 @@ def test_power_table_from_the_per_seed_spread(tmp_path):
     claims = parse_claims("test", section([claim("C5", "DEO", "lower", {"finetune": ASAC}, {"finetune": PLAIN},
                                                  effect=-0.038),
                                            claim("C1", "DEO", "lower", {"finetune": ASAC}, "base")]))
-    markdown, _ = write_claims(records(), claims, tmp_path)
+    markdown, _ = write_claims(records(), claims, measure(records(), claims), tmp_path)
     differences = [a - p for a, p in zip(STRONG_DEO["asac"], STRONG_DEO["plain"])]
     mean = sum(differences) / 5
     sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / 4)  # 0.00837 by hand
@@ -152,7 +152,7 @@ def test_per_seed_table_shows_each_seeds_base_and_differences(tmp_path):
     claims = parse_claims("test", section([claim("C1", "DEO", "lower", {"finetune": ASAC}, "base"),
                                            claim("C5", "DEO", "lower", {"finetune": ASAC}, {"finetune": PLAIN}),
                                            claim("none", "DEO", "lower", {"finetune": {"mode": "x"}}, "base")]))
-    markdown, paths = write_claims(records(), claims, tmp_path)
+    markdown, paths = write_claims(records(), claims, measure(records(), claims), tmp_path)
     assert tmp_path / "claims_per_seed.csv" in paths
     strong = markdown.split("### Per seed, regime `strong`")[1].split("### Per seed, regime `mild`")[0]
     assert "| Seed | Base ACC | Base DEO | C1 | C5 |" in strong
@@ -175,7 +175,7 @@ def test_per_seed_table_lists_seeds_in_numeric_order(tmp_path):
     trials = [record(STRONG, ASAC, s, {"DEO": 0.1 + s / 100, "ACC": 81.0}, base) for s in (10, 2, 1)]
     claims = parse_claims("test", section([claim("C1", "DEO", "lower", {"finetune": ASAC}, "base")],
                                           tables={"main": ["strong"]}))
-    markdown, _ = write_claims(trials, claims, tmp_path)
+    markdown, _ = write_claims(trials, claims, measure(trials, claims), tmp_path)
     rows = [line.split("|")[1].strip() for line in markdown.split("### Per seed, regime `strong`")[1].splitlines()
             if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
     assert rows == ["1", "2", "10"]
@@ -218,7 +218,7 @@ def test_each_metric_is_drawn_on_the_axis_of_its_unit(metric, panel):
 
 def test_write_claims_without_any_finished_trial(tmp_path):
     claims = parse_claims("test", section([claim("C1", "DEO", "lower", {"finetune": ASAC}, "base")]))
-    markdown, paths = write_claims([], claims, tmp_path)
+    markdown, paths = write_claims([], claims, measure([], claims), tmp_path)
     assert "| **C1**" not in markdown and all(p.is_file() for p in paths)
 
 
@@ -262,7 +262,7 @@ def test_a_claim_compared_between_two_sweeps_pairs_by_seed(tmp_path):
     here = parse_claims("here", section([claim("C1", "DEO", "lower", {"finetune": ASAC}, "base"),
                                           claim("C5a", "DEO", "lower", {"finetune": ASAC}, {"finetune": PLAIN}),
                                           claim("C2", "ACC", "higher", {"finetune": ASAC}, "base")]))
-    comparisons, skipped = between(records(), here, other_sweep())
+    comparisons, skipped = between(measure(records(), here), here, other_sweep())
     assert [(c.claim.id, c.regime) for c in comparisons] == [("C1", "strong"), ("C1", "mild"), ("C2", "strong"),
                                                                ("C2", "mild")]
     assert skipped == []
@@ -279,7 +279,7 @@ def test_a_claim_compared_between_two_sweeps_pairs_by_seed(tmp_path):
     accuracy = comparisons[2]  # ASAC 1 point above its base in every seed here, level with it there
     assert accuracy.difference.estimate == pytest.approx(1.0) and accuracy.verdict == "higher"
 
-    _, skipped = between(records(), here, other_sweep(c1_metric="ACC"))
+    _, skipped = between(measure(records(), here), here, other_sweep(c1_metric="ACC"))
     assert skipped == ["C1: measures DEO here and ACC in paper_regime (or against another kind of reference); "
                        "not compared"]
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from distributed_asac.stats import Interval, paired_difference, t_interval
 
-from .claims import Claim, Claims, per_seed, verdict
+from .claims import Claim, Claims, Measurement, per_seed, verdict
 
 if TYPE_CHECKING:
     from .records import TrialRecord
@@ -45,13 +45,14 @@ def _measurement(claim: Claim) -> tuple[str, str, str]:
     return claim.metric, claim.reference_metric or claim.metric, kind
 
 
-def between(records: list[TrialRecord], claims: Claims, other: Other) -> tuple[list[Between], list[str]]:
+def between(measurements: list[Measurement], claims: Claims, other: Other) -> tuple[list[Between], list[str]]:
     """Each claim that both sweeps state under one id with the same metric and kind of reference, compared between
     every regime here and every regime there that measured it on common seeds: per seed s, d(s) = (treatment −
     reference here) − (treatment − reference there), and the 95% t-interval of d over the common seeds (the same
     seed number in both: valid whatever the two seeds share, and where they share data or shuffles it removes what
-    those do to both). Returns the comparisons and one line per shared claim id left out, saying why."""
-    finished = [r for r in records if r.status == "finished"]
+    those do to both). `measurements` are this sweep's (`claims.measure`). Returns the comparisons and one line per
+    shared claim id left out, saying why."""
+    ours = {(m.claim.id, m.regime): m.per_seed for m in measurements}
     theirs = {c.id: c for c in other.claims.claims}
     other_finished = [r for r in other.records if r.status == "finished"]
     out, skipped = [], []
@@ -62,8 +63,8 @@ def between(records: list[TrialRecord], claims: Claims, other: Other) -> tuple[l
             skipped.append(f"{claim.id}: measures {claim.metric} here and {theirs[claim.id].metric} in {other.name} "
                            "(or against another kind of reference); not compared")
             continue
-        for name, regime in claims.regimes.items():
-            here = per_seed(finished, claim, regime, f"claim {claim.id!r}, regime {name!r}")
+        for name in claims.regimes:
+            here = ours[claim.id, name]
             for other_name, other_regime in other.claims.regimes.items():
                 there = per_seed(other_finished, theirs[claim.id], other_regime,
                                  f"{other.name}: claim {claim.id!r}, regime {other_name!r}")

@@ -360,11 +360,11 @@ def power_table(measurements: list[Measurement]) -> list[str]:
     return lines + [""]
 
 
-def write_claims(records: list[TrialRecord], claims: Claims, out_dir: Path) -> tuple[str, list[Path]]:
-    """claims.md (every table), claims.csv (one line per claim and regime) and claims_forest.png in `out_dir`;
-    returns the markdown and the paths."""
+def write_claims(records: list[TrialRecord], claims: Claims, measurements: list[Measurement],
+                 out_dir: Path) -> tuple[str, list[Path]]:
+    """claims.md (every table), claims.csv (one line per claim and regime) and claims_forest.png in `out_dir`, from
+    `measure(records, claims)`; returns the markdown and the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    measurements = measure(records, claims)
     sections = ["## Claims", "",
                 "Each cell: mean over seeds of treatment − reference, paired by seed (same base model and test images), "
                 "± half-width of the 95% Student-t interval of the per-seed differences, the number of seeds, and the "

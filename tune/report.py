@@ -20,7 +20,7 @@ from distributed_asac.metrics import COLUMNS
 from distributed_asac.stats import paired_difference, t_interval
 
 from .between import Other, between, write_between
-from .claims import Claims, write_claims
+from .claims import Claims, measure, write_claims
 from .records import TrialRecord, status_counts
 from .spec import AXES, is_base_key
 
@@ -41,11 +41,12 @@ def write_report(records: list[TrialRecord], grids: dict[str, list[str]], out_di
     out_dir.mkdir(parents=True, exist_ok=True)
     sections, paths = [f"# {title}", "", _summary(records), ""], []
     if claims is not None:
-        markdown, claim_paths = write_claims(records, claims, out_dir)
+        measurements = measure(records, claims)
+        markdown, claim_paths = write_claims(records, claims, measurements, out_dir)
         sections += [markdown, ""]
         paths += claim_paths
     if claims is not None and against is not None:
-        comparisons, skipped = between(records, claims, against)
+        comparisons, skipped = between(measurements, claims, against)
         sections += [write_between(comparisons, skipped, against.name, out_dir), ""]
         paths.append(out_dir / "between.csv")
     for grid, axes in grids.items():
